@@ -1,0 +1,32 @@
+# The README's commands. Each one sets up what it needs first (scripts/env.sh is idempotent and
+# reuses the environment built for the same lock file), so each works on a fresh machine.
+SHELL := /bin/bash
+VENV = $(shell scripts/env.sh)
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-fast lint format bench-merge bench-search
+
+env:
+	@scripts/env.sh
+
+demo:
+	@v=$$(scripts/env.sh) && scripts/demo.sh "$$v"
+
+test:
+	@v=$$(scripts/env.sh) && "$$v/bin/ruff" check . && "$$v/bin/ruff" format --check . \
+		&& "$$v/bin/python" -m pytest $(PYTEST_ARGS)
+
+test-fast:
+	@v=$$(scripts/env.sh) && "$$v/bin/python" -m pytest -m unit $(PYTEST_ARGS)
+
+lint:
+	@v=$$(scripts/env.sh) && "$$v/bin/ruff" check . && "$$v/bin/ruff" format --check .
+
+format:
+	@v=$$(scripts/env.sh) && "$$v/bin/ruff" check --fix . && "$$v/bin/ruff" format .
+
+bench-merge:
+	@v=$$(scripts/env.sh) && "$$v/bin/python" bench/merge.py
+
+bench-search:
+	@v=$$(scripts/env.sh) && "$$v/bin/python" bench/search.py

@@ -1,0 +1,1 @@
+"""MergeSearch: CMA-ES search over linear merges of LLM checkpoints."""

@@ -1,0 +1,1 @@
+"""The trial program: fetch checkpoints, merge them linearly, evaluate the merge."""
