@@ -1,0 +1,121 @@
+"""`mergerunner`: the command every trial pod runs.
+
+Exit codes are part of the contract: 0 the trial succeeded, 1 a step failed (the result says
+which), 2 the trial document itself is bad. A result is written in every case, to stdout, to
+the result file and to the termination-message path, so that the operator never has to parse
+logs to learn what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from mergerunner.trial import TrialDocument, TrialResult, parse_trial
+
+EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _read_document(args: argparse.Namespace) -> str:
+    if args.trial:
+        return Path(args.trial).read_text()
+    text = os.environ.get("MERGERUNNER_TRIAL")
+    if not text:
+        raise ValueError("no trial document: pass --trial FILE or set MERGERUNNER_TRIAL")
+    return text
+
+
+def _input_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+    return str(exc)
+
+
+def _emit(result: TrialResult, args: argparse.Namespace) -> None:
+    text = result.to_json()
+    print(text, flush=True)
+    if args.result:
+        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result).write_text(text + "\n")
+    termination = Path(args.termination_log) if args.termination_log else None
+    if termination is None and DEFAULT_TERMINATION_LOG.exists():
+        termination = DEFAULT_TERMINATION_LOG  # the kubelet mounts it in every container
+    if termination is not None:
+        try:
+            termination.write_text(result.termination_message())
+        except OSError as exc:
+            logging.warning("could not write the termination message to %s: %s", termination, exc)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        doc = parse_trial(_read_document(args))
+    except (OSError, ValueError, ValidationError) as exc:
+        _emit(
+            TrialResult(
+                id="?", status="failed", failed_step="input", error=_input_error(exc)[:2000]
+            ),
+            args,
+        )
+        return EXIT_BAD_INPUT
+    from mergerunner.run import run_trial
+
+    cache = Path(
+        args.cache_dir
+        or os.environ.get("MERGERUNNER_CACHE_DIR")
+        or Path.home() / ".cache" / "mergerunner"
+    )
+    work = Path(args.work_dir) if args.work_dir else None
+    result = run_trial(doc, cache_dir=cache, work_dir=work)
+    _emit(result, args)
+    return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    model = TrialDocument if args.which == "trial" else TrialResult
+    print(json.dumps(model.model_json_schema(by_alias=True), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergerunner", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one trial document")
+    run.add_argument("--trial", help="trial document (JSON); default: $MERGERUNNER_TRIAL")
+    run.add_argument("--result", default=os.environ.get("MERGERUNNER_RESULT"), help="result file")
+    run.add_argument(
+        "--termination-log",
+        default=os.environ.get("MERGERUNNER_TERMINATION_LOG"),
+        help="termination-message path (default: /dev/termination-log when it exists)",
+    )
+    run.add_argument("--cache-dir", help="checkpoint cache (default: $MERGERUNNER_CACHE_DIR)")
+    run.add_argument("--work-dir", help="scratch space for the merged model (default: $TMPDIR)")
+    run.set_defaults(func=_cmd_run)
+    schema = sub.add_parser("schema", help="print the JSON schema of the trial contract")
+    schema.add_argument("which", choices=["trial", "result"])
+    schema.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("MERGERUNNER_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Scoring a model already in memory with lm-evaluation-harness.
+
+Tasks are loaded once (`TaskSuite`) and reused for every candidate: loading task configs and
+data sets costs far more than scoring a tiny model, and reuse also guarantees that every
+candidate sees exactly the same examples. Per-task `limit` becomes a fixed, seeded subset of
+example indices rather than lm-eval's "first N", so a subset is a fair sample of the task and
+the same seed always picks the same examples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergerunner.trial import EvaluatorSpec, TaskSpec
+
+log = logging.getLogger(__name__)
+
+# Evaluation must never reach a hub: tasks and models are local by contract.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+class EvaluationError(Exception):
+    """A task, metric or model problem, with the task named."""
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    spec: TaskSpec
+    indices: list[int] | None
+
+
+def subset_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
+    """A fixed subset of `limit` example indices out of `n_docs`, seeded by (seed, task).
+
+    Seeding by the task name too keeps a task's subset the same whatever other tasks run
+    beside it.
+    """
+    if limit is None or limit >= n_docs:
+        return None
+    rng = random.Random(f"{seed}:{task}")
+    return sorted(rng.sample(range(n_docs), limit))
+
+
+def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
+    """Map a user's metric (`acc`, `exact_match,strict-match`) to lm-eval's result key."""
+    keys = [k for k in available if "," in k and not k.split(",")[0].endswith("_stderr")]
+    candidates = [wanted] if "," in wanted else [f"{wanted},none"]
+    if "," not in wanted:
+        candidates += sorted(k for k in keys if k.split(",")[0] == wanted)
+    for key in candidates:
+        if key in keys:
+            return key
+    raise EvaluationError(
+        f"task {task!r}: metric {wanted!r} not among its results ({', '.join(sorted(keys))})"
+    )
+
+
+def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
+    """A TaskManager that knows every requested task.
+
+    Indexing lm-eval's thousands of built-in task YAMLs takes seconds, so custom tasks alone are
+    tried first and the built-ins are indexed only when a requested task needs them.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(name in manager.all_tasks for name in names):
+            return manager
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        where = f" (custom tasks from {include_path})" if include_path else ""
+        raise EvaluationError(f"unknown lm-eval task(s): {', '.join(unknown)}{where}")
+    return manager
+
+
+class TaskSuite:
+    """The tasks of a search, loaded once and scored many times."""
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        *,
+        include_path: Path | None = None,
+        seed: int = 1234,
+    ) -> None:
+        self.seed = seed
+        names = [t.task for t in tasks]
+        manager = _task_manager(include_path, names)
+        loaded = manager.load(names)
+        self._task_dict = loaded
+        self._tasks: dict[str, Any] = loaded["tasks"]
+        self.resolved: list[ResolvedTask] = []
+        for spec in tasks:
+            task = self._tasks[spec.task]
+            if spec.num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+            n_docs = len(task.eval_docs)
+            if n_docs == 0:
+                raise EvaluationError(f"task {spec.task!r} has no evaluation examples")
+            indices = subset_indices(spec.task, n_docs, spec.limit, seed)
+            self.resolved.append(ResolvedTask(spec, indices=indices))
+
+    @property
+    def task_names(self) -> list[str]:
+        return [r.spec.task for r in self.resolved]
+
+    def score(self, lm: Any) -> dict[str, float]:
+        """Score `lm` (an lm-eval LM) on every task; returns task → score as plain floats."""
+        from lm_eval.evaluator import evaluate
+
+        samples = {
+            r.spec.task: r.indices
+            if r.indices is not None
+            else list(range(len(self._tasks[r.spec.task].eval_docs)))
+            for r in self.resolved
+        }
+        out = evaluate(
+            lm=lm,
+            task_dict=self._task_dict,
+            samples=samples,
+            bootstrap_iters=0,
+            log_samples=False,
+            verbosity="WARNING",
+        )
+        if out is None:  # only non-zero ranks of a distributed run get None
+            raise EvaluationError("lm-eval returned no results")
+        results = out["results"]
+        scores: dict[str, float] = {}
+        for r in self.resolved:
+            task_results = results.get(r.spec.task)
+            if task_results is None:
+                raise EvaluationError(f"task {r.spec.task!r}: lm-eval returned no results")
+            key = resolve_metric(r.spec.task, r.spec.metric, task_results)
+            value = task_results[key]
+            if not isinstance(value, int | float):
+                raise EvaluationError(f"task {r.spec.task!r}: metric {key!r} is not a number")
+            scores[r.spec.task] = float(value)
+        return scores
+
+
+def pick_device(spec: EvaluatorSpec) -> str:
+    """`auto` means the first GPU when torch sees one, else the CPU."""
+    if spec.device != "auto":
+        return spec.device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec) -> Any:
+    """Wrap an in-memory transformers model for lm-eval, so candidates never reload it."""
+    if spec.backend != "hf":
+        raise EvaluationError(
+            f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'"
+        )
+    from lm_eval.models.huggingface import HFLM
+
+    kwargs: dict[str, Any] = {"batch_size": spec.batch_size, "device": pick_device(spec)}
+    if spec.max_length is not None:
+        kwargs["max_length"] = spec.max_length
+    return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)

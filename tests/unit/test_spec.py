@@ -1,0 +1,117 @@
+"""The MergeSearch spec: defaults, and errors that name the field a user must fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mergesearch.spec import SpecError, load_manifest, parse_manifest, parse_spec
+
+pytestmark = pytest.mark.unit
+
+GOOD: dict[str, Any] = {
+    "apiVersion": "mergesearch.io/v1alpha1",
+    "kind": "MergeSearch",
+    "metadata": {"name": "demo"},
+    "spec": {
+        "checkpoints": [{"name": "a", "uri": "s3://ckpt/a/"}, {"name": "b", "uri": "/data/b"}],
+        "objective": {"heldIn": [{"task": "add", "metric": "exact_match"}]},
+    },
+}
+
+
+def with_spec(**changes: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(GOOD)
+    doc["spec"].update(changes)
+    return doc
+
+
+def errors_of(doc: dict[str, Any]) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_manifest(doc)
+    return info.value.errors
+
+
+def test_defaults_follow_the_paper() -> None:
+    spec = parse_manifest(GOOD).spec
+    assert spec.merge.parameterization == "simplex"
+    assert spec.merge.method == "linear"
+    assert spec.search.baselines == ["each", "uniform", "merge-best"]
+    assert spec.search.population_size is None  # engine picks 4 + 3 ln N
+    assert spec.objective.evaluator.trust_remote_code is False
+    assert spec.suspend is False
+    assert spec.checkpoint_names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"search": {"sigma0": 0}}, "spec.search.sigma0: must be > 0"),
+        ({"search": {"populationSize": 1}}, "spec.search.populationSize: must be >= 2"),
+        ({"search": {"popSize": 4}}, "spec.search.popSize: unknown field"),
+        ({"execution": {"parallelism": 0}}, "spec.execution.parallelism: must be >= 1"),
+        (
+            {"checkpoints": [{"name": "a", "uri": "x"}]},
+            "spec.checkpoints: must have at least 2 item(s)",
+        ),
+        (
+            {"checkpoints": [{"name": "a", "uri": "x"}, {"name": "a", "uri": "y"}]},
+            "spec.checkpoints: names must be unique: ['a']",
+        ),
+        (
+            {"checkpoints": [{"name": "a", "uri": "x"}, {"name": "B!", "uri": "y"}]},
+            "spec.checkpoints[1].name: must match",
+        ),
+        ({"objective": {"heldIn": []}}, "spec.objective.heldIn: must have at least 1 item(s)"),
+        (
+            {"objective": {"heldIn": [{"task": "t", "limit": 0}]}},
+            "spec.objective.heldIn[0].limit: must be >= 1",
+        ),
+        (
+            {"objective": {"heldIn": [{"task": "t"}], "heldOut": [{"task": "t"}]}},
+            "spec.objective: each task may appear once",
+        ),
+        ({"merge": {"dtype": "int8"}}, "spec.merge.dtype: Input should be"),
+        ({"search": {"baselines": ["each", "each"]}}, "spec.search: baselines: each baseline"),
+    ],
+)
+def test_errors_name_the_field(changes: dict[str, Any], expected: str) -> None:
+    errors = errors_of(with_spec(**changes))
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    errors = errors_of(with_spec(search={"sigma0": -1, "maxTrials": 0}))
+    assert len(errors) == 2
+
+
+def test_missing_spec_and_wrong_kind() -> None:
+    doc = copy.deepcopy(GOOD)
+    del doc["spec"]
+    doc["kind"] = "Job"
+    errors = errors_of(doc)
+    assert any(e.startswith("spec: is required") for e in errors)
+    assert any(e.startswith("kind:") for e in errors)
+
+
+def test_parse_spec_prefixes_paths() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({"checkpoints": [], "objective": {"heldIn": [{"task": "t"}]}})
+    assert info.value.errors == ["spec.checkpoints: must have at least 2 item(s)"]
+
+
+def test_yaml_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml"):
+        load_manifest(path)
+
+
+def test_yaml_tags_are_not_executed(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yaml"
+    path.write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_manifest(path)
