@@ -1,0 +1,59 @@
+"""`mergesearch`: the command line for people.
+
+Exit codes: 0 done, 1 the search (or a step of it) failed, 2 bad input (an invalid manifest,
+an unreachable checkpoint, an unknown task), so scripts can tell "fix your file" from "retry".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from mergesearch.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergesearch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    crd = sub.add_parser("crd", help="print the MergeSearch CustomResourceDefinition")
+    crd.add_argument("-o", "--output", help="write to this file instead of stdout")
+    crd.set_defaults(func=_cmd_crd)
+    _add_local_commands(sub)
+    return parser
+
+
+def _add_local_commands(sub: argparse._SubParsersAction) -> None:
+    """Local mode's commands live in their own module; it is imported only when used."""
+    try:
+        from mergesearch.local_cli import add_commands
+    except ImportError:  # pragma: no cover - local mode not built yet
+        return
+    add_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("MERGESEARCH_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The MergeSearch CustomResourceDefinition, generated from the spec model.
+
+Generating the openAPI schema from `mergesearch.spec` (rather than writing it by hand) is what
+keeps the API server's validation and the operator's in step: `crds/mergesearch.yaml` and the
+chart's copy are this function's output, and a unit test fails when either drifts.
+
+Pydantic's JSON Schema is turned into a *structural* schema (no $ref, every node typed,
+`nullable` instead of `anyOf: [.., null]`), then the API-server-only parts are added: CEL rules
+for what JSON Schema cannot say (unique names, immutability), defaults for nested objects so
+that the API server fills them, the status subresource and the printer columns.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
+
+PLURAL = "mergesearches"
+SINGULAR = "mergesearch"
+SHORT_NAMES = ["msearch", "ms"]
+CATEGORIES = ["mergesearch"]
+
+_DROP = {"title", "additionalProperties", "$defs"}
+
+# CEL rules keyed by the JSON path of the node they sit on.
+_RULES: dict[str, list[dict[str, str]]] = {
+    "spec.checkpoints": [
+        {
+            "rule": "self.all(c, self.exists_one(d, d.name == c.name))",
+            "message": "checkpoint names must be unique",
+        },
+        {"rule": "self == oldSelf", "message": "checkpoints are immutable"},
+    ],
+    "spec.merge": [{"rule": "self == oldSelf", "message": "merge is immutable"}],
+    "spec.objective": [
+        {"rule": "self == oldSelf", "message": "objective is immutable"},
+        {
+            "rule": "!has(self.heldOut) || self.heldOut.all(o, !self.heldIn.exists(i, "
+            "i.task == o.task))",
+            "message": "a task may not be both held-in and held-out",
+        },
+        {
+            "rule": "self.heldIn.all(t, self.heldIn.exists_one(u, u.task == t.task))",
+            "message": "held-in tasks must be unique",
+        },
+    ],
+    "spec.objective.customTasks": [
+        {
+            "rule": "has(self.configMapRef) != has(self.path)",
+            "message": "set exactly one of configMapRef and path",
+        }
+    ],
+    "spec.search": [
+        {
+            "rule": "!has(self.baselines) || self.baselines.all(b, "
+            "self.baselines.exists_one(c, c == b))",
+            "message": "each baseline may be listed once",
+        },
+        {
+            "rule": "self.seed == oldSelf.seed && self.sigma0 == oldSelf.sigma0 && "
+            "self.baselines == oldSelf.baselines && self.failurePolicy == oldSelf.failurePolicy",
+            "message": "seed, sigma0, baselines and failurePolicy are immutable "
+            "(budgets may change)",
+        },
+        {
+            "rule": "has(self.populationSize) == has(oldSelf.populationSize) && "
+            "(!has(self.populationSize) || self.populationSize == oldSelf.populationSize)",
+            "message": "populationSize is immutable",
+        },
+    ],
+}
+
+# Bounds the CEL cost estimator needs (it assumes the worst for unbounded lists and strings).
+_MAX_ITEMS = {"spec.objective.heldIn": 64, "spec.objective.heldOut": 64, "spec.search.baselines": 3}
+_MAX_LENGTH = {"spec.checkpoints[].name": 63, "spec.checkpoints[].uri": 2048, "task": 256}
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+            extra = {k: v for k, v in node.items() if k != "$ref"}
+            return _resolve({**target, **extra}, defs)
+        return {k: _resolve(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, defs) for v in node]
+    return node
+
+
+def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
+    """One JSON-Schema node → one structural openAPI node."""
+    node = {k: v for k, v in node.items() if k not in _DROP}
+    nullable = False
+    if "anyOf" in node:
+        any_of = node.pop("anyOf")
+        options = [o for o in any_of if o.get("type") != "null"]
+        nullable = len(options) < len(any_of)
+        types = {o.get("type") for o in options}
+        if types == {"integer", "string"}:
+            node["x-kubernetes-int-or-string"] = True
+            if node.get("default") is None:
+                node.pop("default", None)
+        else:
+            (only,) = options
+            node = {**only, **node}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if node.get("default", 0) is None:
+        node.pop("default")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: _structural(child, f"{path}.{name}") for name, child in value.items()}
+        elif key == "items":
+            out[key] = _structural(value, f"{path}[]")
+        elif key in {"exclusiveMinimum", "exclusiveMaximum"}:
+            # JSON Schema's numeric form → openAPI v3.0's boolean flag beside minimum/maximum.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "properties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    if nullable:
+        out["nullable"] = True
+    if path in _MAX_ITEMS:
+        out["maxItems"] = _MAX_ITEMS[path]
+    leaf = path.rsplit(".", 1)[-1]
+    if out.get("type") == "string" and "enum" not in out:
+        out.setdefault("maxLength", _MAX_LENGTH.get(path, _MAX_LENGTH.get(leaf, 4096)))
+    if path in _RULES:
+        out["x-kubernetes-validations"] = _RULES[path]
+    return out
+
+
+def _default_empty_objects(node: dict[str, Any]) -> None:
+    """Give optional object fields a `{}` default so the API server fills their defaults too."""
+    required = set(node.get("required", []))
+    for name, child in node.get("properties", {}).items():
+        if (
+            child.get("type") == "object"
+            and "properties" in child
+            and name not in required
+            and not child.get("nullable")
+            and "default" not in child
+        ):
+            child["default"] = {}
+        _default_empty_objects(child)
+        if "items" in child:
+            _default_empty_objects(child["items"])
+
+
+def spec_schema() -> dict[str, Any]:
+    raw = MergeSearchSpec.model_json_schema(by_alias=True)
+    resolved = _resolve(raw, raw.get("$defs", {}))
+    schema = _structural(resolved, "spec")
+    _default_empty_objects(schema)
+    return schema
+
+
+STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {
+        "phase": {
+            "type": "string",
+            "enum": ["Pending", "Running", "Suspended", "Succeeded", "Failed"],
+        },
+        "iteration": {"type": "integer"},
+        "observedGeneration": {"type": "integer"},
+        "trials": {
+            "type": "object",
+            "properties": {
+                k: {"type": "integer"}
+                for k in ("total", "running", "succeeded", "failed", "finished")
+            },
+        },
+        "best": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "conditions": {
+            "type": "array",
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+            "items": {
+                "type": "object",
+                "required": ["type", "status"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                    "reason": {"type": "string"},
+                    "message": {"type": "string"},
+                    "lastTransitionTime": {"type": "string", "format": "date-time"},
+                    "observedGeneration": {"type": "integer"},
+                },
+            },
+        },
+    },
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration"},
+    {"name": "Trials", "type": "integer", "jsonPath": ".status.trials.finished"},
+    {"name": "Best", "type": "number", "jsonPath": ".status.best.fitness"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition as a plain dict."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A CMA-ES search over linear merges of checkpoints.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": STATUS_SCHEMA,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `mergesearch crd` from operator/mergesearch/spec.py: do not edit.\n"
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Repeated nodes are written out in full: anchors confuse readers of a CRD."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def crd_yaml() -> str:
+    return HEADER + yaml.dump(crd(), Dumper=_NoAliases, sort_keys=False, width=100)

@@ -1,0 +1,103 @@
+"""The CRD is generated from the spec model; the committed copy must not drift from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
+
+import pytest
+from pydantic import BaseModel
+
+from mergesearch.crd import crd, crd_yaml
+from mergesearch.spec import MergeSearchSpec
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    if (isinstance(node, dict) and "type" in node) or "x-kubernetes-int-or-string" in node:
+        out.append((path, node))
+    for key, child in node.get("properties", {}).items():
+        out += _walk(child, f"{path}.{key}")
+    if "items" in node:
+        out += _walk(node["items"], f"{path}[]")
+    return out
+
+
+def _keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node).union(*(_keys(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_keys(v) for v in node))
+    return set()
+
+
+def spec_schema() -> dict[str, Any]:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def test_committed_crd_is_generated() -> None:
+    committed = (ROOT / "crds" / "mergesearch.yaml").read_text()
+    assert committed == crd_yaml(), "run `mergesearch crd -o crds/mergesearch.yaml`"
+
+
+def test_schema_is_structural() -> None:
+    assert not _keys(spec_schema()) & {"$ref", "anyOf", "oneOf", "const", "$defs", "title"}
+    for path, node in _walk(spec_schema()):
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), path
+        if node.get("type") == "object":
+            assert "properties" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+
+
+def _model_fields(model: type[BaseModel], path: str = "") -> set[str]:
+    """Every field path of the pydantic model, by wire name ("[]" marks list items)."""
+    out = set()
+    for name, field in model.model_fields.items():
+        wire = f"{path}.{field.alias or name}"
+        out |= {wire} | _annotation_fields(field.annotation, wire)
+    return out
+
+
+def _annotation_fields(annotation: Any, path: str) -> set[str]:
+    origin = get_origin(annotation)
+    if origin is list:
+        return _annotation_fields(get_args(annotation)[0], f"{path}[]")
+    if origin in (Union, UnionType):
+        return set().union(*(_annotation_fields(a, path) for a in get_args(annotation)))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _model_fields(annotation, path)
+    return set()
+
+
+def test_crd_and_model_agree_field_by_field() -> None:
+    crd_fields = {path for path, _ in _walk(spec_schema()) if path}
+    model_fields = _model_fields(MergeSearchSpec)
+    # List item nodes appear in the CRD as "x[]"; compare the named fields only.
+    crd_named = {p for p in crd_fields if not p.endswith("[]")}
+    assert crd_named == model_fields
+    assert ".checkpoints[].uri" in crd_named
+
+
+def test_cel_rules_and_columns() -> None:
+    schema = spec_schema()
+    rules = schema["properties"]["checkpoints"]["x-kubernetes-validations"]
+    assert any("exists_one" in r["rule"] for r in rules)
+    assert any(r["rule"] == "self == oldSelf" for r in rules)
+    version = crd()["spec"]["versions"][0]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Iteration",
+        "Trials",
+        "Best",
+        "Age",
+    ]
+    assert version["subresources"] == {"status": {}}
+    assert "msearch" in crd()["spec"]["names"]["shortNames"]
+
+
+def test_exclusive_bounds_use_openapi_v3_form() -> None:
+    sigma0 = spec_schema()["properties"]["search"]["properties"]["sigma0"]
+    assert sigma0["minimum"] == 0 and sigma0["exclusiveMinimum"] is True
