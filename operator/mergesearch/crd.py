@@ -106,7 +106,7 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
                 node.pop("default", None)
         else:
             (only,) = options
-            node = {**only, **node}
+            node = {k: v for k, v in {**only, **node}.items() if k not in _DROP}
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if node.get("default", 0) is None:
