@@ -1,0 +1,721 @@
+"""Fetch safetensors checkpoints from object storage into a local cache, and upload results.
+
+A checkpoint is a "directory": `model.safetensors`, or `model.safetensors.index.json` and the
+shards it names, plus the JSON and tokenizer files beside them. Only those are transferred;
+pickled weights (`*.bin`, `*.pt`, `*.pkl`, ...) never are, so nothing downstream can be tempted
+to unpickle them.
+
+Cache layout: `<cache>/<key>/` holds the files under their own names (so it loads like any
+local checkpoint), `<key>/.fetch-manifest.json` what was verified (size, ETag, local mtime), and
+`<cache>/<key>.lock` serialises processes fetching the same checkpoint. The key is the SHA-256
+of the normalised URI and of the store's identity (endpoint or account), so one spelling of a
+checkpoint maps to one entry and two servers never share one. A fetch whose remote listing
+matches the manifest transfers nothing but that listing.
+
+Local paths and `file://` URIs are validated and used in place, never copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mergerunner.storage import (
+    FetchError,
+    Location,
+    StorageConfig,
+    make_store,
+    parse_uri,
+    storage_error,
+)
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = [
+    "FetchError",
+    "FetchResult",
+    "StorageConfig",
+    "cache_key",
+    "fetch_checkpoint",
+    "fetch_checkpoint_result",
+    "fetch_checkpoints",
+    "fetch_checkpoints_async",
+    "upload_directory",
+    "upload_directory_async",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = ".fetch-manifest.json"
+MANIFEST_VERSION = 1
+# Everything a loader needs besides the weights: config, generation config, tokenizer files
+# (JSON, sentencepiece `.model`, BPE merges/vocab `.txt`, tiktoken, chat templates).
+AUX_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".jinja")
+PART_SIZE = 64 * 2**20
+STREAM_CHUNK = 8 * 2**20
+MAX_CONCURRENCY = 8
+LOCK_TIMEOUT_S = 3600.0
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One object of a listing, by its name relative to the checkpoint's prefix."""
+
+    name: str
+    size: int
+    etag: str | None
+    modified: str
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What a fetch did; `downloaded` empty means only a listing crossed the network."""
+
+    uri: str
+    path: Path
+    downloaded: tuple[str, ...] = ()
+    reused: tuple[str, ...] = ()
+    bytes_downloaded: int = 0
+    local: bool = False
+
+
+# --- functional core: names, plans, manifests -------------------------------------------------
+
+
+def cache_key(location: Location, config: StorageConfig | None = None) -> str:
+    """SHA-256 of the normalised URI and of the store it lives in (two servers, two keys)."""
+    return hashlib.sha256(
+        f"{_store_identity(location, config)}\n{location.uri}".encode()
+    ).hexdigest()
+
+
+def _store_identity(location: Location, config: StorageConfig | None) -> str:
+    config = config or StorageConfig()
+    if location.scheme == "file":
+        return location.scheme
+    if location.scheme == "s3":
+        return f"s3 {(config.endpoint or 'aws').rstrip('/')}"
+    if location.scheme == "az":
+        return f"az {config.azure.get('azure_storage_account_name', '')}"
+    return f"gs {config.gcs.get('google_base_url', '')}"
+
+
+def is_aux_file(name: str) -> bool:
+    """A top-level non-weight file a loader may read (config, tokenizer, generation config)."""
+    return "/" not in name and name != INDEX_NAME and name.endswith(AUX_SUFFIXES)
+
+
+def shard_names(uri: str, index_text: str | bytes) -> list[str]:
+    """The shard files an index's `weight_map` names; each must be a plain file name.
+
+    Rejecting anything with a path separator keeps a hostile index from writing outside the
+    cache entry (`../../somewhere`).
+    """
+    try:
+        weight_map = json.loads(index_text)["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise FetchError(
+            uri, "invalid-checkpoint", f"{INDEX_NAME} is unreadable: {error}"
+        ) from error
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FetchError(uri, "invalid-checkpoint", f"{INDEX_NAME} has an empty weight_map")
+    shards = sorted({str(shard) for shard in weight_map.values()})
+    for shard in shards:
+        if (
+            "/" in shard
+            or "\\" in shard
+            or shard in ("", ".", "..")
+            or not shard.endswith(".safetensors")
+        ):
+            raise FetchError(
+                uri, "invalid-checkpoint", f"{INDEX_NAME} names an invalid shard {shard!r}"
+            )
+    return shards
+
+
+def plan_checkpoint(uri: str, names: Iterable[str], shards: Sequence[str] | None) -> list[str]:
+    """The files to have locally, weights first; fails if it is not a safetensors checkpoint.
+
+    `model.safetensors` wins over an index when both exist, as it does in transformers.
+    `shards` is the index's list, needed only when there is an index and no single file.
+    """
+    available = set(names)
+    aux = sorted(name for name in available if is_aux_file(name))
+    if WEIGHTS_NAME in available:
+        return [WEIGHTS_NAME, *aux]
+    if INDEX_NAME not in available:
+        found = ", ".join(sorted(available)[:8]) or "nothing"
+        raise FetchError(
+            uri,
+            "invalid-checkpoint",
+            f"not a safetensors checkpoint: no {WEIGHTS_NAME} nor {INDEX_NAME} (found {found})",
+        )
+    if shards is None:
+        raise ValueError("the index's shards are needed to plan a sharded checkpoint")
+    missing = [shard for shard in shards if shard not in available]
+    if missing:
+        raise FetchError(
+            uri, "invalid-checkpoint", f"{INDEX_NAME} names missing shard(s): {', '.join(missing)}"
+        )
+    return [*shards, INDEX_NAME, *aux]
+
+
+def needs_sharded_plan(names: Iterable[str]) -> bool:
+    available = set(names)
+    return WEIGHTS_NAME not in available and INDEX_NAME in available
+
+
+def manifest_entry(remote: RemoteObject, mtime_ns: int) -> dict[str, Any]:
+    return {
+        "size": remote.size,
+        "etag": remote.etag,
+        "modified": remote.modified,
+        "mtime_ns": mtime_ns,
+    }
+
+
+def is_current(
+    entry: Mapping[str, Any] | None, remote: RemoteObject, local: os.stat_result | None
+) -> bool:
+    """Whether the cached copy is the remote object, as verified when it was downloaded.
+
+    Remote: same size and ETag (or modification time where the store gives no ETag). Local: the
+    file is the one written then (same size and mtime), not since truncated or replaced.
+    """
+    if entry is None or local is None:
+        return False
+    same_remote = entry.get("size") == remote.size and (
+        entry.get("etag") == remote.etag
+        if remote.etag
+        else entry.get("modified") == remote.modified
+    )
+    same_local = local.st_size == remote.size and local.st_mtime_ns == entry.get("mtime_ns")
+    return same_remote and same_local
+
+
+def md5_expected(remote: RemoteObject, enabled: bool) -> str | None:
+    """The MD5 to verify against: a single-part S3 ETag is the MD5 of the content.
+
+    Multipart ETags (`…-N`), GCS and Azure ETags are opaque; for those, the size and the
+    `If-Match` on every request (same object version throughout) are the verification.
+    """
+    if not enabled or remote.etag is None:
+        return None
+    etag = remote.etag.strip('"').lower()
+    return etag if _MD5_ETAG.match(etag) else None
+
+
+def normalise_etag(etag: str | None) -> str | None:
+    if not etag:
+        return None
+    return etag.removeprefix("W/").strip('"') or None
+
+
+def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
+    """Half-open byte ranges covering `size` in parts of at most `part_size`."""
+    return [(start, min(start + part_size, size)) for start in range(0, size, part_size)]
+
+
+# --- imperative shell: cache directory, lock, transfers ---------------------------------------
+
+
+@dataclass
+class _Transfer:
+    """Per-call shared state: the request limiter and the tuning knobs."""
+
+    limiter: asyncio.Semaphore
+    part_size: int = PART_SIZE
+    lock_timeout_s: float = LOCK_TIMEOUT_S
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path, uri: str, timeout_s: float) -> AsyncIterator[None]:
+    """An exclusive `flock`, polled so that a wait never blocks the event loop.
+
+    flock locks belong to the open file description, so two threads of one process exclude
+    each other as two processes do.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        uri, "io", f"cache entry still locked after {timeout_s:.0f}s: {path}"
+                    ) from None
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """The verified entries, or none if the manifest is missing or unreadable (refetch then)."""
+    try:
+        data = json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _write_manifest(directory: Path, uri: str, files: Mapping[str, Any]) -> None:
+    body = json.dumps(
+        {"version": MANIFEST_VERSION, "uri": uri, "files": dict(sorted(files.items()))}, indent=1
+    )
+    temporary = directory / f".manifest.tmp-{secrets.token_hex(4)}"
+    temporary.write_text(body)
+    temporary.replace(directory / MANIFEST_NAME)
+
+
+def _local_stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _prune(directory: Path, keep: Iterable[str]) -> None:
+    """Remove what the plan no longer names (old shards, interrupted downloads)."""
+    wanted = {*keep, MANIFEST_NAME}
+    for entry in directory.iterdir():
+        if entry.name in wanted:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+async def _list_top_level(
+    store: ObjectStore, uri: str, config: StorageConfig
+) -> dict[str, RemoteObject]:
+    import obstore
+
+    try:
+        listing = await obstore.list_with_delimiter_async(store, None)
+    except Exception as error:
+        raise storage_error(uri, error, config) from error
+    objects = {}
+    for meta in listing["objects"]:
+        name = meta["path"]
+        objects[name] = RemoteObject(
+            name=name,
+            size=int(meta["size"]),
+            etag=normalise_etag(meta.get("e_tag")),
+            modified=meta["last_modified"].isoformat(),
+        )
+    return objects
+
+
+async def _download(
+    store: ObjectStore,
+    uri: str,
+    remote: RemoteObject,
+    directory: Path,
+    transfer: _Transfer,
+    config: StorageConfig,
+) -> None:
+    """Download to a temporary name, verify, then rename: a cache file is always complete."""
+    temporary = directory / f".{remote.name}.part-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            ranges = part_ranges(remote.size, transfer.part_size) or [(0, 0)]
+            await _gather(
+                _fetch_range(store, uri, remote, fd, span, transfer, config) for span in ranges
+            )
+            # Durable before it is renamed and recorded as verified; in a worker thread so that
+            # other transfers keep going while the disk catches up.
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            os.close(fd)
+        md5 = md5_expected(remote, config.verify_md5_etag)
+        await asyncio.to_thread(_verify, uri, remote, temporary, md5)
+        temporary.replace(directory / remote.name)
+    except OSError as error:
+        raise FetchError(uri, "io", f"writing {remote.name} to the cache: {error}") from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+async def _fetch_range(
+    store: ObjectStore,
+    uri: str,
+    remote: RemoteObject,
+    fd: int,
+    span: tuple[int, int],
+    transfer: _Transfer,
+    config: StorageConfig,
+) -> None:
+    """GET one byte range (the whole object when it is small) and write it at its offset.
+
+    `If-Match` pins every part to the listed version: an object replaced mid-download fails
+    with a precondition error instead of yielding a file spliced from two versions. Writes
+    happen on the event loop's thread on purpose: a write left running in a worker thread by a
+    cancelled task could land in a reused file descriptor.
+    """
+    import obstore
+
+    start, end = span
+    options: dict[str, Any] = {}
+    if remote.etag:
+        options["if_match"] = f'"{remote.etag}"'
+    if end > start and span != (0, remote.size):
+        options["range"] = span
+    offset = start
+    async with transfer.limiter:
+        try:
+            result = await obstore.get_async(store, remote.name, options=options)
+            stream = result.stream(min_chunk_size=STREAM_CHUNK)
+        except Exception as error:
+            raise storage_error(uri, error, config) from error
+        while True:
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
+            except Exception as error:
+                raise storage_error(uri, error, config) from error
+            offset += os.pwrite(fd, chunk, offset)
+    if offset != end:
+        cause = f"{remote.name}: received {offset - start} bytes of {end - start}"
+        raise FetchError(uri, "storage", cause)
+
+
+def _verify(uri: str, remote: RemoteObject, path: Path, md5: str | None) -> None:
+    size = path.stat().st_size
+    if size != remote.size:
+        raise FetchError(
+            uri, "storage", f"{remote.name}: size {size} differs from listed {remote.size}"
+        )
+    if md5 is None:
+        return
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        while block := handle.read(STREAM_CHUNK):
+            digest.update(block)
+    if digest.hexdigest() != md5:
+        raise FetchError(
+            uri, "storage", f"{remote.name}: MD5 {digest.hexdigest()} differs from ETag {md5}"
+        )
+
+
+async def _gather(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest and raise that failure itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_as_coroutine(item)) for item in awaitables]
+    except BaseExceptionGroup as group_error:
+        raise _first_leaf(group_error) from None
+    return [task.result() for task in tasks]
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        fetch_errors = [e for e in error.exceptions if isinstance(e, FetchError)]
+        error = (fetch_errors or list(error.exceptions))[0]
+    return error
+
+
+class _CheckpointSync:
+    """Brings one remote checkpoint's cache entry up to date (under the entry's lock)."""
+
+    def __init__(
+        self, location: Location, cache_dir: Path, config: StorageConfig, transfer: _Transfer
+    ) -> None:
+        self.location = location
+        self.uri = location.uri
+        self.config = config
+        self.transfer = transfer
+        key = cache_key(location, config)
+        self.directory = cache_dir / key
+        self.lock_path = cache_dir / f"{key}.lock"
+        self.manifest: dict[str, dict[str, Any]] = {}
+        self.downloaded: list[str] = []
+        self.bytes_downloaded = 0
+
+    async def run(self) -> FetchResult:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        async with _file_lock(self.lock_path, self.uri, self.transfer.lock_timeout_s):
+            store = make_store(self.location, self.config)
+            listing = await _list_top_level(store, self.uri, self.config)
+            if not listing:
+                raise FetchError(self.uri, "not-found", "no objects under this prefix")
+            self.directory.mkdir(exist_ok=True)
+            self.manifest = _read_manifest(self.directory)
+            try:
+                plan = await self._plan(store, listing)
+                stale = [name for name in plan if not self._current(listing[name])]
+                for name in stale:
+                    self.manifest.pop(name, None)
+                await _gather(self._fetch_one(store, listing[name]) for name in stale)
+                self.manifest = {name: self.manifest[name] for name in plan}
+                _prune(self.directory, plan)
+            finally:
+                _write_manifest(self.directory, self.uri, self.manifest)
+        reused = tuple(name for name in plan if name not in self.downloaded)
+        return FetchResult(
+            self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
+        )
+
+    async def _plan(self, store: ObjectStore, listing: Mapping[str, RemoteObject]) -> list[str]:
+        if not needs_sharded_plan(listing):
+            return plan_checkpoint(self.uri, listing, None)
+        index = listing[INDEX_NAME]
+        if not self._current(index):
+            self.manifest.pop(INDEX_NAME, None)
+            await self._fetch_one(store, index)
+        text = (self.directory / INDEX_NAME).read_bytes()
+        return plan_checkpoint(self.uri, listing, shard_names(self.uri, text))
+
+    def _current(self, remote: RemoteObject) -> bool:
+        local = _local_stat(self.directory / remote.name)
+        return is_current(self.manifest.get(remote.name), remote, local)
+
+    async def _fetch_one(self, store: ObjectStore, remote: RemoteObject) -> None:
+        started = time.monotonic()
+        await _download(store, self.uri, remote, self.directory, self.transfer, self.config)
+        stat = (self.directory / remote.name).stat()
+        self.manifest[remote.name] = manifest_entry(remote, stat.st_mtime_ns)
+        self.downloaded.append(remote.name)
+        self.bytes_downloaded += remote.size
+        log.info(
+            "fetched %s%s (%d bytes, %.1fs)",
+            self.uri,
+            remote.name,
+            remote.size,
+            time.monotonic() - started,
+        )
+
+
+def validate_local(location: Location) -> FetchResult:
+    """Check a local checkpoint directory in place: complete and safetensors, nothing copied."""
+    path = Path(location.prefix)
+    if not path.is_dir():
+        raise FetchError(location.uri, "not-found", "no such directory")
+    try:
+        names = [entry.name for entry in path.iterdir() if entry.is_file()]
+        index = (path / INDEX_NAME).read_bytes() if needs_sharded_plan(names) else None
+    except OSError as error:
+        raise FetchError(location.uri, "io", f"cannot read the directory: {error}") from error
+    shards = shard_names(location.uri, index) if index is not None else None
+    plan = plan_checkpoint(location.uri, names, shards)
+    return FetchResult(location.uri, path, reused=tuple(plan), local=True)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+async def fetch_checkpoints_async(
+    uris: Sequence[str],
+    cache_dir: Path,
+    *,
+    config: StorageConfig | None = None,
+    max_concurrency: int = MAX_CONCURRENCY,
+    part_size: int = PART_SIZE,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+) -> list[FetchResult]:
+    """Fetch several checkpoints concurrently, sharing one limit on concurrent requests.
+
+    Files of one checkpoint, checkpoints, and parts of large files all run at once up to
+    `max_concurrency` requests. A URI given twice is fetched once.
+    """
+    locations = [parse_uri(uri) for uri in uris]
+    remote = [location for location in locations if not location.is_local]
+    if remote and config is None:
+        config = StorageConfig.from_env()
+    transfer = _Transfer(asyncio.Semaphore(max_concurrency), part_size, lock_timeout_s)
+    cache_dir = Path(cache_dir)
+    unique = {location.uri: location for location in locations}
+    results = await _gather(
+        _fetch_location(location, cache_dir, config, transfer) for location in unique.values()
+    )
+    by_uri = dict(zip(unique, results, strict=True))
+    return [by_uri[location.uri] for location in locations]
+
+
+async def _fetch_location(
+    location: Location, cache_dir: Path, config: StorageConfig | None, transfer: _Transfer
+) -> FetchResult:
+    if location.is_local:
+        return validate_local(location)
+    assert config is not None
+    try:
+        return await _CheckpointSync(location, cache_dir, config, transfer).run()
+    except OSError as error:
+        raise FetchError(location.uri, "io", f"cache directory {cache_dir}: {error}") from error
+
+
+def fetch_checkpoints(
+    uris: Sequence[str],
+    cache_dir: Path,
+    *,
+    config: StorageConfig | None = None,
+    max_concurrency: int = MAX_CONCURRENCY,
+) -> list[Path]:
+    """Local directories ready for loading, in the order of `uris`."""
+    results = _run(
+        fetch_checkpoints_async(uris, cache_dir, config=config, max_concurrency=max_concurrency)
+    )
+    return [result.path for result in results]
+
+
+def fetch_checkpoint(uri: str, cache_dir: Path, *, config: StorageConfig | None = None) -> Path:
+    """The local directory holding the checkpoint at `uri`, fetched or reused from the cache."""
+    return fetch_checkpoint_result(uri, cache_dir, config=config).path
+
+
+def fetch_checkpoint_result(
+    uri: str, cache_dir: Path, *, config: StorageConfig | None = None, part_size: int = PART_SIZE
+) -> FetchResult:
+    """`fetch_checkpoint` with the account of what was transferred and what was reused."""
+    return _run(fetch_checkpoints_async([uri], cache_dir, config=config, part_size=part_size))[0]
+
+
+async def upload_directory_async(
+    local_dir: Path,
+    uri: str,
+    *,
+    config: StorageConfig | None = None,
+    max_concurrency: int = MAX_CONCURRENCY,
+) -> list[str]:
+    """Upload every non-hidden file under `local_dir` to the prefix `uri`; return the names.
+
+    `config.json` goes last, so that a reader waiting for it finds the weights already there;
+    a listing afterwards checks that every object arrived with its size.
+    """
+    source = Path(local_dir)
+    location = parse_uri(uri)
+    if not source.is_dir():
+        raise FetchError(location.uri, "not-found", f"no local directory {source} to upload")
+    files = _files_to_upload(source)
+    if not files:
+        raise FetchError(location.uri, "not-found", f"nothing to upload in {source}")
+    if location.is_local:
+        await asyncio.to_thread(_copy_tree, source, Path(location.prefix), files, location.uri)
+        return files
+    config = config or StorageConfig.from_env()
+    store = make_store(location, config)
+    limiter = asyncio.Semaphore(max_concurrency)
+    first = [name for name in files if name != "config.json"]
+    last = [name for name in files if name == "config.json"]
+    for batch in (first, last):
+        await _gather(_put(store, location.uri, source, name, limiter, config) for name in batch)
+    await _check_uploaded(store, location.uri, source, files, config)
+    return [*first, *last]
+
+
+def upload_directory(
+    local_dir: Path,
+    uri: str,
+    *,
+    config: StorageConfig | None = None,
+    max_concurrency: int = MAX_CONCURRENCY,
+) -> list[str]:
+    """Synchronous `upload_directory_async` (the runner writes merged models with it)."""
+    return _run(
+        upload_directory_async(local_dir, uri, config=config, max_concurrency=max_concurrency)
+    )
+
+
+def _files_to_upload(source: Path) -> list[str]:
+    names = []
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            names.append(relative.as_posix())
+    return names
+
+
+async def _put(
+    store: ObjectStore,
+    uri: str,
+    source: Path,
+    name: str,
+    limiter: asyncio.Semaphore,
+    config: StorageConfig,
+) -> None:
+    import obstore
+
+    async with limiter:
+        try:
+            await obstore.put_async(
+                store, name, source / name, chunk_size=16 * 2**20, max_concurrency=4
+            )
+        except Exception as error:
+            raise storage_error(uri, error, config) from error
+
+
+async def _check_uploaded(
+    store: ObjectStore, uri: str, source: Path, files: Sequence[str], config: StorageConfig
+) -> None:
+    import obstore
+
+    try:
+        listed = await obstore.list(store, None).collect_async()
+    except Exception as error:
+        raise storage_error(uri, error, config) from error
+    sizes = {meta["path"]: int(meta["size"]) for meta in listed}
+    wrong = [name for name in files if sizes.get(name) != (source / name).stat().st_size]
+    if wrong:
+        raise FetchError(
+            uri, "storage", f"upload incomplete, size mismatch for: {', '.join(wrong[:5])}"
+        )
+
+
+def _copy_tree(source: Path, target: Path, files: Sequence[str], uri: str) -> None:
+    """Copy into a local destination, each file through a temporary name."""
+    try:
+        for name in files:
+            destination = target / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            temporary = destination.with_name(f".{destination.name}.part-{secrets.token_hex(4)}")
+            shutil.copyfile(source / name, temporary)
+            temporary.replace(destination)
+    except OSError as error:
+        raise FetchError(uri, "io", f"copy failed: {error}") from error
+
+
+def _run(coroutine: Awaitable[T]) -> T:
+    """Run a coroutine from synchronous code, even when called inside a running event loop."""
+
+    async def main() -> T:
+        return await coroutine
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, main()).result()
