@@ -1,0 +1,48 @@
+"""The search engine: pure ask/tell CMA-ES over merge weights, state in and state out.
+
+No Kubernetes, no torch, no I/O: the operator keeps the state in its resource's status and
+local mode in a file; both call the same functions. See docs/engine.md.
+"""
+
+from mergesearch.engine.config import EngineConfig, HeldInTask
+from mergesearch.engine.engine import (
+    EngineStatus,
+    ask,
+    done,
+    init,
+    pending_candidates,
+    slot_id,
+    status,
+    tell,
+    tell_with_report,
+)
+from mergesearch.engine.parameterization import (
+    Parameterization,
+    SimplexIlr,
+    Unconstrained,
+    make_parameterization,
+)
+from mergesearch.engine.records import Candidate, Result, TellReport
+from mergesearch.engine.state import EngineState
+
+__all__ = [
+    "Candidate",
+    "EngineConfig",
+    "EngineState",
+    "EngineStatus",
+    "HeldInTask",
+    "Parameterization",
+    "Result",
+    "SimplexIlr",
+    "TellReport",
+    "Unconstrained",
+    "ask",
+    "done",
+    "init",
+    "make_parameterization",
+    "pending_candidates",
+    "slot_id",
+    "status",
+    "tell",
+    "tell_with_report",
+]

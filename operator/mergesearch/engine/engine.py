@@ -1,0 +1,669 @@
+"""Ask/tell search over merge weights: pure functions from state to state.
+
+Every call rebuilds what it needs from the state (a CMA-ES strategy, the random stream) and
+returns a new state; nothing survives between calls, so a state read back from JSON behaves
+exactly like the one that was written. The flow:
+
+- `init` issues the baselines and opens generation 0 (CMA-ES is asked for a population);
+- `ask` lists the candidates still waiting for a result (baselines first), changing nothing,
+  so asking twice yields the same candidates;
+- `tell` records results; a failure may be resampled; merge-best is issued once every 'each'
+  result is in; when a generation's last result arrives, CMA-ES is told the whole generation
+  and the next generation is opened at once, unless a budget or stop rule says otherwise.
+
+A generation's population is told in slot order whatever order its results came in, and a
+failed candidate's penalty is fixed by the generation's own results, so the candidates depend on
+the set of results, not on their arrival order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cma
+import numpy as np
+
+from mergesearch.engine import cmastate, pareto
+from mergesearch.engine.baselines import (
+    baseline_weights,
+    each_resolved,
+    initial_baselines,
+    merge_best_members,
+)
+from mergesearch.engine.codec import (
+    decode_f8,
+    decode_f8_rows,
+    encode_f8,
+    generator_from_state,
+    generator_state,
+)
+from mergesearch.engine.config import EngineConfig
+from mergesearch.engine.parameterization import Parameterization, make_parameterization
+from mergesearch.engine.records import (
+    Candidate,
+    Outcome,
+    Result,
+    TellReport,
+    TrialRecord,
+    score_result,
+)
+from mergesearch.engine.state import (
+    BaselineRecord,
+    EngineState,
+    FailureNote,
+    Finish,
+    GenerationSummary,
+    OpenGeneration,
+    Replacement,
+    RngState,
+    SlotRecord,
+    TrialCounters,
+)
+from mergesearch.engine.streams import main_generator, replacement_generator
+
+RECENT_FAILURES = 10
+MIN_STEP = 1e-12
+MAX_CONDITION = 1e14
+_SLOT_ID = re.compile(r"^g(\d+)-c(\d+)(?:-r(\d+))?$")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def init(config: EngineConfig) -> EngineState:
+    """A new search: baselines issued, generation 0 asked (when the budgets allow one)."""
+    with cmastate.single_threaded_blas():
+        return _init(config)
+
+
+def _init(config: EngineConfig) -> EngineState:
+    main = main_generator(config.seed)
+    source = cmastate.NormalSource(main)
+    es = cmastate.new_strategy(_settings(config), source)
+    baselines = initial_baselines(config, first_seq=0)
+    state = EngineState(
+        config=config,
+        cma=cmastate.snapshot(es),
+        rng=RngState(**generator_state(main)),
+        baselines=baselines,
+        trials=TrialCounters(issued=sum(b.seq is not None for b in baselines)),
+    )
+    state = _open_generation(state, _Live(es, main, source))
+    return _settle(state)
+
+
+def ask(state: EngineState, k: int | None = None) -> tuple[EngineState, list[Candidate]]:
+    """The candidates still to evaluate, baselines first, at most `k`; the state is unchanged."""
+    if k is not None and k < 0:
+        raise ValueError("k must be >= 0")
+    candidates = pending_candidates(state)
+    return state, candidates if k is None else candidates[:k]
+
+
+def pending_candidates(state: EngineState) -> list[Candidate]:
+    if state.finished is not None:
+        return []
+    config = state.config
+    out = [
+        Candidate(
+            id=b.id,
+            kind="baseline",
+            generation=None,
+            weights=_named(config, baseline_weights(config, b)),
+            baseline=b.kind,
+        )
+        for b in state.baselines
+        if b.status == "pending"
+    ]
+    gen = state.generation
+    if gen is not None:
+        rows = _stored_rows(state)
+        param = _param(config)
+        out.extend(
+            Candidate(
+                id=slot_id(gen.index, s.slot, s.attempt),
+                kind="search",
+                generation=gen.index,
+                weights=_named(config, param.to_weights(rows[s.slot])),
+            )
+            for s in gen.slots
+            if s.status == "pending"
+        )
+    return out
+
+
+def tell(state: EngineState, results: Iterable[Result | Mapping[str, Any]]) -> EngineState:
+    """Record results; see `tell_with_report` for which results are applied."""
+    return tell_with_report(state, results)[0]
+
+
+def tell_with_report(
+    state: EngineState, results: Iterable[Result | Mapping[str, Any]]
+) -> tuple[EngineState, TellReport]:
+    """Record results, in the order given.
+
+    A result is applied only if its id is pending (issued and not yet told); any other result
+    (an unknown id, an id already told, a candidate replaced by resampling, a closed generation,
+    a finished search) is ignored and listed with the reason. So telling the same result twice
+    is harmless: the operator may collect a finished trial on two reconciles.
+    """
+    with cmastate.single_threaded_blas():
+        return _tell(state, results)
+
+
+def _tell(
+    state: EngineState, results: Iterable[Result | Mapping[str, Any]]
+) -> tuple[EngineState, TellReport]:
+    applied: list[str] = []
+    ignored: list[tuple[str, str]] = []
+    live: _Live | None = None
+    for raw in results:
+        result = Result.coerce(raw)
+        cid = result.candidate_id
+        if state.finished is not None:
+            ignored.append((cid, "the search has finished"))
+            continue
+        where = _locate(state, cid)
+        if where is None:
+            ignored.append((cid, _not_pending_reason(state, cid)))
+            continue
+        outcome = score_result(state.config, result)
+        if where[0] == "baseline":
+            state = _tell_baseline(state, where[1], outcome)
+        else:
+            state, live = _tell_slot(state, where[1], outcome, live)
+        applied.append(cid)
+        state = _finish_early(state)
+    if state.finished is None:
+        state = _advance(state, live)
+    return _settle(state), TellReport(applied=tuple(applied), ignored=tuple(ignored))
+
+
+def done(state: EngineState) -> tuple[bool, str | None]:
+    """Whether the search is over, and why (a budget, a stop rule, or a failure)."""
+    if state.finished is None:
+        return False, None
+    return True, state.finished.reason
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A read-only summary for status fields, metrics and reports."""
+
+    phase: Literal["running", "succeeded", "failed"]
+    reason: str | None
+    message: str | None
+    generation: int
+    generations_completed: int
+    trials_issued: int
+    trials_succeeded: int
+    trials_failed: int
+    trials_pending: int
+    sigma: float
+    mean_weights: dict[str, float]
+    best: dict[str, Any] | None
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    recent_failures: list[dict[str, str]] = field(default_factory=list)
+    replay_mismatches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def status(state: EngineState) -> EngineStatus:
+    config = state.config
+    gen = state.generation
+    mean = decode_f8(state.cma.mean, state.cma.dim)
+    finished = state.finished
+    return EngineStatus(
+        phase="running" if finished is None else finished.phase,
+        reason=None if finished is None else finished.reason,
+        message=None if finished is None else finished.message,
+        generation=gen.index if gen is not None else state.generations_completed,
+        generations_completed=state.generations_completed,
+        trials_issued=state.trials.issued,
+        trials_succeeded=state.trials.succeeded,
+        trials_failed=state.trials.failed,
+        trials_pending=len(pending_candidates(state)),
+        sigma=gen.sigma if gen is not None else state.cma.sigma,
+        mean_weights=_named(config, _param(config).to_weights(mean)),
+        best=None if state.best is None else state.best.to_public(config.checkpoints),
+        baselines=[_baseline_public(config, b) for b in state.baselines],
+        pareto=[p.to_public(config.checkpoints) for p in state.pareto],
+        history=[h.model_dump(mode="json") for h in state.history],
+        recent_failures=[f.model_dump(mode="json") for f in state.recent_failures],
+        replay_mismatches=state.replay_mismatches,
+    )
+
+
+def slot_id(generation: int, slot: int, attempt: int) -> str:
+    base = f"g{generation:03d}-c{slot:02d}"
+    return base if attempt == 0 else f"{base}-r{attempt}"
+
+
+# --------------------------------------------------------------------------- strategy plumbing
+
+
+@dataclass
+class _Live:
+    """A strategy rebuilt for one engine call, with the main stream it samples from."""
+
+    es: cma.CMAEvolutionStrategy
+    main: np.random.Generator
+    source: cmastate.NormalSource
+    mismatch: bool = False
+
+
+def _param(config: EngineConfig) -> Parameterization:
+    return make_parameterization(config.parameterization, config.n_checkpoints)
+
+
+def _settings(config: EngineConfig) -> cmastate.StrategySettings:
+    param = _param(config)
+    if config.start == "uniform":
+        x0 = param.origin()
+    else:
+        x0 = param.from_weights(np.array([config.start[n] for n in config.checkpoints]))
+    return cmastate.StrategySettings(tuple(float(v) for v in x0), config.sigma0, config.popsize)
+
+
+def _stored_rows(state: EngineState) -> np.ndarray:
+    """The open generation's search vectors, one per slot (its latest attempt)."""
+    gen = state.generation
+    assert gen is not None
+    return decode_f8_rows(gen.samples, len(gen.slots), state.cma.dim)
+
+
+def _ask_replacement(
+    live: _Live, seed: int, generation: int, slot: int, attempt: int
+) -> np.ndarray:
+    live.source.generator = replacement_generator(seed, generation, slot, attempt)
+    try:
+        return cmastate.ask(live.es, 1)[0]
+    finally:
+        live.source.generator = live.main
+
+
+def _live(state: EngineState) -> _Live:
+    """Rebuild the strategy at the last boundary and replay the open generation's asks.
+
+    The replay puts the strategy exactly where the uninterrupted one was (cma remembers what it
+    sent); comparing the replayed samples with the stored ones checks that bit for bit.
+    """
+    config = state.config
+    main = generator_from_state(state.rng.model_dump())
+    source = cmastate.NormalSource(main)
+    live = _Live(cmastate.restore(_settings(config), state.cma, source), main, source)
+    gen = state.generation
+    if gen is not None:
+        replayed = cmastate.ask(live.es, len(gen.slots))
+        for r in gen.replacements:
+            replayed[r.slot] = _ask_replacement(live, config.seed, gen.index, r.slot, r.attempt)
+        stored = _stored_rows(state)
+        live.mismatch = not np.array_equal(replayed.view(np.uint64), stored.view(np.uint64))
+    return live
+
+
+def _open_generation(state: EngineState, live: _Live) -> EngineState:
+    """Ask CMA-ES for the next population, or record why no generation opens."""
+    reason = _search_stop_reason(state, live.es)
+    if reason is not None:
+        return state.model_copy(update={"search_stop": reason})
+    config = state.config
+    rng_before = RngState(**generator_state(live.main))
+    rows = cmastate.ask(live.es, config.popsize)
+    first = state.trials.issued
+    gen = OpenGeneration(
+        index=state.generations_completed,
+        sigma=float(live.es.sigma),
+        samples=encode_f8(rows),
+        slots=tuple(
+            SlotRecord(slot=i, attempt=0, seq=first + i, status="pending") for i in range(len(rows))
+        ),
+        penalty_floor=state.worst_fitness if state.worst_fitness is not None else 0.0,
+    )
+    trials = state.trials.model_copy(update={"issued": first + len(rows)})
+    return state.model_copy(
+        update={"rng": rng_before, "generation": gen, "search_stop": None, "trials": trials}
+    )
+
+
+def _close_generation(state: EngineState, live: _Live) -> EngineState:
+    """Tell CMA-ES the whole generation (in slot order), snapshot, open the next one."""
+    gen = state.generation
+    assert gen is not None
+    config = state.config
+    stored = _stored_rows(state)
+    mismatches = state.replay_mismatches
+    if live.mismatch:
+        # The replay differs from what was evaluated (another platform's floating point):
+        # tell the evaluated samples, registered as sampled so that cma does not repair them.
+        for row in stored:
+            live.es.sent_solutions.insert(row, geno=row.copy(), iteration=live.es.countiter)
+        mismatches += 1
+    slots = sorted(gen.slots, key=lambda s: s.slot)
+    fits = [s.fitness for s in slots if s.status == "succeeded" and s.fitness is not None]
+    penalty = min([gen.penalty_floor, *fits])
+    losses = [-(s.fitness if s.fitness is not None else penalty) for s in slots]
+    cmastate.tell(live.es, [stored[s.slot] for s in slots], losses)
+
+    completed = gen.index + 1
+    best_so_far = state.best.fitness if state.best is not None else None
+    summary = GenerationSummary(
+        generation=gen.index,
+        sigma=gen.sigma,
+        best=max(fits) if fits else None,
+        mean=math.fsum(fits) / len(fits) if fits else None,
+        worst=min(fits) if fits else None,
+        succeeded=len(fits),
+        failed=len(gen.replacements) + sum(s.status == "failed" for s in slots),
+        best_so_far=best_so_far,
+    )
+    improved = best_so_far is not None and (
+        state.best_reference is None
+        or best_so_far > state.best_reference + config.stagnation_tolerance
+    )
+    state = state.model_copy(
+        update={
+            "cma": cmastate.snapshot(live.es),
+            "rng": RngState(**generator_state(live.main)),
+            "generation": None,
+            "generations_completed": completed,
+            "history": (*state.history, summary)[-config.history_limit :],
+            "best_reference": best_so_far if improved else state.best_reference,
+            "last_improvement": completed if improved else state.last_improvement,
+            "replay_mismatches": mismatches,
+        }
+    )
+    live.mismatch = False
+    return _open_generation(state, live)
+
+
+def _advance(state: EngineState, live: _Live | None) -> EngineState:
+    """Close a fully told generation; reopen when freed budget now fits one."""
+    gen = state.generation
+    if gen is not None:
+        if all(s.status != "pending" for s in gen.slots):
+            return _close_generation(state, live or _live(state))
+        return state
+    if state.search_stop == "max_trials" and _budget_allows(state, state.config.popsize):
+        return _open_generation(state, live or _live(state))
+    return state
+
+
+# --------------------------------------------------------------------------- budgets and stops
+
+
+def _reserved(state: EngineState) -> int:
+    """Trials kept for merge-best until it is issued (it may turn out to need none)."""
+    return sum(b.status == "waiting" for b in state.baselines)
+
+
+def _budget_allows(state: EngineState, count: int) -> bool:
+    limit = state.config.max_trials
+    return limit is None or state.trials.issued + _reserved(state) + count <= limit
+
+
+def _search_stop_reason(state: EngineState, es: cma.CMAEvolutionStrategy) -> str | None:
+    config = state.config
+    if state.finished is not None:
+        return state.finished.reason
+    if _target_reached(state):
+        return "target_fitness"
+    if config.max_generations is not None and state.generations_completed >= config.max_generations:
+        return "max_generations"
+    if not _budget_allows(state, config.popsize):
+        return "max_trials"
+    stagnant_for = state.generations_completed - state.last_improvement
+    if (
+        config.stagnation_generations is not None
+        and state.generations_completed > 0
+        and stagnant_for >= config.stagnation_generations
+    ):
+        return "stagnation"
+    if cmastate.step_size_scale(es) < MIN_STEP:
+        return "converged"
+    if cmastate.condition_number(es) > MAX_CONDITION:
+        return "ill_conditioned"
+    return None
+
+
+def _target_reached(state: EngineState) -> bool:
+    target = state.config.target_fitness
+    return target is not None and state.best is not None and state.best.fitness >= target
+
+
+def _finish_early(state: EngineState) -> EngineState:
+    """Stops that do not wait for running trials: too many failures, or the target reached."""
+    if state.finished is not None:
+        return state
+    limit = state.config.max_failed_trials
+    if limit is not None and state.trials.failed > limit:
+        message = f"{state.trials.failed} trials failed, more than max_failed_trials={limit}"
+        return _finish(state, "failed", "max_failed_trials", message)
+    if _target_reached(state):
+        assert state.best is not None
+        message = f"trial {state.best.id} reached fitness {state.best.fitness:.6g}"
+        return _finish(state, "succeeded", "target_fitness", message)
+    return state
+
+
+def _settle(state: EngineState) -> EngineState:
+    state = _finish_early(state)
+    if state.finished is not None or _anything_pending(state) or state.generation is not None:
+        return state
+    if state.best is None:
+        return _finish(state, "failed", "no_successful_trial", "no trial succeeded")
+    reason = state.search_stop or "completed"
+    message = f"stopped on {reason} after {state.generations_completed} generations"
+    return _finish(state, "succeeded", reason, message)
+
+
+def _finish(
+    state: EngineState, phase: Literal["succeeded", "failed"], reason: str, message: str
+) -> EngineState:
+    return state.model_copy(
+        update={"finished": Finish(phase=phase, reason=reason, message=message)}
+    )
+
+
+def _anything_pending(state: EngineState) -> bool:
+    return any(b.status in ("pending", "waiting") for b in state.baselines)
+
+
+# --------------------------------------------------------------------------- telling results
+
+
+def _locate(state: EngineState, cid: str) -> tuple[str, int] | None:
+    for i, b in enumerate(state.baselines):
+        if b.id == cid and b.status == "pending":
+            return "baseline", i
+    gen = state.generation
+    if gen is not None:
+        for i, s in enumerate(gen.slots):
+            if s.status == "pending" and slot_id(gen.index, s.slot, s.attempt) == cid:
+                return "slot", i
+    return None
+
+
+def _not_pending_reason(state: EngineState, cid: str) -> str:
+    for b in state.baselines:
+        if b.id == cid:
+            return "not issued yet" if b.status == "waiting" else "already told"
+    match = _SLOT_ID.match(cid)
+    if match is None:
+        return "unknown candidate"
+    generation, slot, attempt = int(match[1]), int(match[2]), int(match[3] or 0)
+    gen = state.generation
+    current = gen.index if gen is not None else state.generations_completed
+    if generation < current:
+        return "its generation is closed"
+    if gen is not None and generation == gen.index and slot < len(gen.slots):
+        latest = next(s for s in gen.slots if s.slot == slot)
+        if attempt < latest.attempt:
+            return "replaced by a resample"
+        if attempt == latest.attempt:
+            return "already told"
+    return "unknown candidate"
+
+
+def _record_success(state: EngineState, record: TrialRecord) -> EngineState:
+    config = state.config
+    best = state.best
+    if (
+        best is None
+        or record.fitness > best.fitness
+        or (record.fitness == best.fitness and record.seq < best.seq)
+    ):
+        best = record
+    front = pareto.insert(
+        state.pareto, record, [t.name for t in config.tasks], config.pareto_limit, best.id
+    )
+    worst = state.worst_fitness
+    return state.model_copy(
+        update={
+            "best": best,
+            "pareto": front,
+            "worst_fitness": record.fitness if worst is None else min(worst, record.fitness),
+            "trials": state.trials.model_copy(update={"succeeded": state.trials.succeeded + 1}),
+        }
+    )
+
+
+def _record_failure(state: EngineState, cid: str, reason: str) -> EngineState:
+    notes = (*state.recent_failures, FailureNote(id=cid, reason=reason))[-RECENT_FAILURES:]
+    return state.model_copy(
+        update={
+            "recent_failures": notes,
+            "trials": state.trials.model_copy(update={"failed": state.trials.failed + 1}),
+        }
+    )
+
+
+def _tell_baseline(state: EngineState, index: int, outcome: Outcome) -> EngineState:
+    config = state.config
+    record = state.baselines[index]
+    if outcome.failed:
+        updated = record.model_copy(update={"status": "failed", "reason": outcome.reason})
+        state = _record_failure(state, record.id, outcome.reason or "failed")
+    else:
+        assert outcome.fitness is not None and record.seq is not None
+        updated = record.model_copy(
+            update={"status": "succeeded", "fitness": outcome.fitness, "scores": outcome.scores}
+        )
+        trial = TrialRecord(
+            id=record.id,
+            seq=record.seq,
+            kind="baseline",
+            generation=None,
+            fitness=outcome.fitness,
+            scores=outcome.scores,
+            weights=encode_f8(baseline_weights(config, record)),
+        )
+        state = _record_success(state, trial)
+    baselines = (*state.baselines[:index], updated, *state.baselines[index + 1 :])
+    return _issue_merge_best(state.model_copy(update={"baselines": baselines}))
+
+
+def _issue_merge_best(state: EngineState) -> EngineState:
+    """Once every 'each' result is in: issue merge-best, reuse a single winner, or skip."""
+    index = next((i for i, b in enumerate(state.baselines) if b.status == "waiting"), None)
+    if index is None or not each_resolved(state.baselines):
+        return state
+    record = state.baselines[index]
+    members = merge_best_members(state.config, state.baselines)
+    trials = state.trials
+    if not members:
+        update: dict[str, Any] = {"status": "skipped", "reason": "no 'each' baseline succeeded"}
+    elif len(members) == 1:
+        alone = next(b for b in state.baselines if b.kind == "each" and b.members == members)
+        update = {
+            "status": "succeeded",
+            "members": members,
+            "fitness": alone.fitness,
+            "scores": alone.scores,
+            "same_as": alone.id,
+        }
+    else:
+        update = {"status": "pending", "members": members, "seq": trials.issued}
+        trials = trials.model_copy(update={"issued": trials.issued + 1})
+    baselines = list(state.baselines)
+    baselines[index] = record.model_copy(update=update)
+    return state.model_copy(update={"baselines": tuple(baselines), "trials": trials})
+
+
+def _tell_slot(
+    state: EngineState, index: int, outcome: Outcome, live: _Live | None
+) -> tuple[EngineState, _Live | None]:
+    config = state.config
+    gen = state.generation
+    assert gen is not None
+    slot = gen.slots[index]
+    cid = slot_id(gen.index, slot.slot, slot.attempt)
+    if not outcome.failed:
+        assert outcome.fitness is not None
+        row = _stored_rows(state)[slot.slot]
+        trial = TrialRecord(
+            id=cid,
+            seq=slot.seq,
+            kind="search",
+            generation=gen.index,
+            fitness=outcome.fitness,
+            scores=outcome.scores,
+            weights=encode_f8(_param(config).to_weights(row)),
+        )
+        done_slot = slot.model_copy(update={"status": "succeeded", "fitness": outcome.fitness})
+        state = _replace_slot(state, index, done_slot)
+        return _record_success(state, trial), live
+    reason = outcome.reason or "failed"
+    state = _record_failure(state, cid, reason)
+    can_resample = (
+        config.failure_policy == "resample"
+        and slot.attempt < config.max_resamples
+        and _budget_allows(state, 1)
+    )
+    if not can_resample:
+        failed_slot = slot.model_copy(update={"status": "failed", "reason": reason})
+        return _replace_slot(state, index, failed_slot), live
+    live = live or _live(state)
+    attempt = slot.attempt + 1
+    row = _ask_replacement(live, config.seed, gen.index, slot.slot, attempt)
+    rows = _stored_rows(state)
+    rows[slot.slot] = row
+    fresh = SlotRecord(slot=slot.slot, attempt=attempt, seq=state.trials.issued, status="pending")
+    gen = gen.model_copy(
+        update={
+            "samples": encode_f8(rows),
+            "replacements": (*gen.replacements, Replacement(slot=slot.slot, attempt=attempt)),
+        }
+    )
+    trials = state.trials.model_copy(update={"issued": state.trials.issued + 1})
+    state = state.model_copy(update={"generation": gen, "trials": trials})
+    return _replace_slot(state, index, fresh), live
+
+
+def _replace_slot(state: EngineState, index: int, slot: SlotRecord) -> EngineState:
+    gen = state.generation
+    assert gen is not None
+    slots = (*gen.slots[:index], slot, *gen.slots[index + 1 :])
+    return state.model_copy(update={"generation": gen.model_copy(update={"slots": slots})})
+
+
+# --------------------------------------------------------------------------- presentation
+
+
+def _named(config: EngineConfig, weights: np.ndarray) -> dict[str, float]:
+    return {name: float(w) for name, w in zip(config.checkpoints, weights, strict=True)}
+
+
+def _baseline_public(config: EngineConfig, record: BaselineRecord) -> dict[str, Any]:
+    data = record.model_dump(mode="json", exclude={"seq"})
+    if record.members:
+        data["weights"] = _named(config, baseline_weights(config, record))
+    return data
