@@ -20,7 +20,7 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q "uv==$uv_version" >&2
-  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --link-mode=copy -r "$root/requirements/dev.lock" >&2
+  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --link-mode=copy --compile-bytecode -r "$root/requirements/dev.lock" >&2
   touch "$venv/.complete"
 fi
 # The project itself is installed editable on every call: it is cheap, and the clone may have moved.

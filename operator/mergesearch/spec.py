@@ -88,7 +88,7 @@ class ObjectiveSpec(_Spec):
 
 class SearchSpec(_Spec):
     population_size: int | None = Field(
-        default=None, ge=2, le=1000, description="CMA-ES population; default 4+⌊3 ln N⌋."
+        default=None, ge=3, le=1000, description="CMA-ES population; default 4+⌊3 ln N⌋."
     )
     sigma0: float = Field(default=0.2, gt=0, le=10, description="Initial CMA-ES step size.")
     max_generations: int = Field(default=30, ge=1, le=100000, description="Generation budget.")

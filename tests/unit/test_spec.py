@@ -50,7 +50,7 @@ def test_defaults_follow_the_paper() -> None:
     ("changes", "expected"),
     [
         ({"search": {"sigma0": 0}}, "spec.search.sigma0: must be > 0"),
-        ({"search": {"populationSize": 1}}, "spec.search.populationSize: must be >= 2"),
+        ({"search": {"populationSize": 2}}, "spec.search.populationSize: must be >= 3"),
         ({"search": {"popSize": 4}}, "spec.search.popSize: unknown field"),
         ({"execution": {"parallelism": 0}}, "spec.execution.parallelism: must be >= 1"),
         (
