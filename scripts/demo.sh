@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The demo: build the toy checkpoint pool (cached outside the clone) and run the example
+# MergeSearch on it locally, ending with the table of baselines against the best merge.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${1:-$("$root/scripts/env.sh")}
+cache=${MERGESEARCH_CACHE:-$HOME/.cache/mergesearch}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+pool="$cache/toys/demo-paper"
+"$venv/bin/python" -m mergerunner.toys build "$pool" --preset paper >&2
+# The example manifest names its checkpoints relative to itself: examples/toy-pool/...
+ln -sfn "$pool" "$root/examples/toy-pool"
+"$venv/bin/mergesearch" run "$root/examples/toy-pool-search.yaml" "${@:2}"
+"$venv/bin/mergesearch" report "$root/examples/.mergesearch/toy-pool-search" -o "$root/out/demo"
