@@ -26,7 +26,12 @@ CATEGORIES = ["mergesearch"]
 
 _DROP = {"title", "additionalProperties", "$defs"}
 
+
 # CEL rules keyed by the JSON path of the node they sit on.
+def _immutable(what: str) -> list[dict[str, str]]:
+    return [{"rule": "self == oldSelf", "message": f"{what} is immutable"}]
+
+
 _RULES: dict[str, list[dict[str, str]]] = {
     "spec.checkpoints": [
         {
@@ -60,19 +65,18 @@ _RULES: dict[str, list[dict[str, str]]] = {
             "self.baselines.exists_one(c, c == b))",
             "message": "each baseline may be listed once",
         },
-        {
-            "rule": "self.seed == oldSelf.seed && self.sigma0 == oldSelf.sigma0 && "
-            "self.baselines == oldSelf.baselines && self.failurePolicy == oldSelf.failurePolicy",
-            "message": "seed, sigma0, baselines and failurePolicy are immutable "
-            "(budgets may change)",
-        },
-        {
-            "rule": "has(self.populationSize) == has(oldSelf.populationSize) && "
-            "(!has(self.populationSize) || self.populationSize == oldSelf.populationSize)",
-            "message": "populationSize is immutable",
-        },
     ],
 }
+
+# What the optimizer's state depends on may not change under it; budgets may.
+# (Rules on the fields themselves, not on `search`: a transition rule there would be checked
+# against the `{}` default, where the fields are absent.)
+_RULES.update(
+    {
+        f"spec.search.{name}": _immutable(f"search.{name}")
+        for name in ("seed", "sigma0", "populationSize", "baselines", "failurePolicy")
+    }
+)
 
 # Bounds the CEL cost estimator needs (it assumes the worst for unbounded lists and strings).
 _MAX_ITEMS = {"spec.objective.heldIn": 64, "spec.objective.heldOut": 64, "spec.search.baselines": 3}

@@ -91,14 +91,16 @@ class OpenGeneration(_Frozen):
 
 
 class GenerationSummary(_Frozen):
+    """None (a generation without a success) is left out of the JSON, so it must default."""
+
     generation: int
     sigma: float
-    best: float | None
-    mean: float | None
-    worst: float | None
+    best: float | None = None
+    mean: float | None = None
+    worst: float | None = None
     succeeded: int
     failed: int
-    best_so_far: float | None
+    best_so_far: float | None = None
 
 
 class TrialCounters(_Frozen):

@@ -1,0 +1,414 @@
+"""Trial Job manifests: deterministic names, owner references, labels, and the enforced pod.
+
+Pure: a function of the search, the candidate and the operator's settings, so that two
+reconciles asking for the same trial build the same Job (same name, same trial document) and a
+repeated create is answered AlreadyExists, never a second trial.
+
+The pod is the user's template (spec.execution.template) with the operator's rules applied on
+top; what the operator enforces always wins over the template (see docs/operator.md):
+the runner's command, no service-account token, non-root, read-only root file system with
+writable emptyDirs for the cache and /tmp, no privilege escalation, all capabilities dropped,
+the RuntimeDefault seccomp profile, restartPolicy Never, and storage credentials only by
+reference to spec.storage.secretRef.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
+from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
+
+LABEL_SEARCH = f"{API_GROUP}/search"
+LABEL_ITERATION = f"{API_GROUP}/iteration"
+LABEL_CANDIDATE = f"{API_GROUP}/candidate"
+LABEL_ROLE = f"{API_GROUP}/role"
+ANNOTATION_CANDIDATE = f"{API_GROUP}/candidate-id"
+ANNOTATION_SEARCH = f"{API_GROUP}/search-name"
+ANNOTATION_DIGEST = f"{API_GROUP}/trial-digest"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "mergesearch-operator"}
+
+RUNNER_CONTAINER = "runner"
+FINAL_CANDIDATE = "final"
+Role = Literal["trial", "final"]
+
+NAME_LIMIT = 63
+_HASH = 6
+_CANDIDATE_PART = 28
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+# Operator-owned environment variables and volumes: the template cannot override them.
+ENV_TRIAL = "MERGERUNNER_TRIAL"
+ENV_CACHE = "MERGERUNNER_CACHE_DIR"
+ENV_CREDENTIALS = "MERGESEARCH_CREDENTIALS_DIR"
+VOLUME_PREFIX = "mergesearch-"
+DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
+FALLBACK_IMAGE = "mergesearch-runner:latest"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What the operator's deployment decides for every trial pod (not the user)."""
+
+    default_image: str = FALLBACK_IMAGE
+    command: tuple[str, ...] = ("mergerunner", "run")
+    cache_dir: str = "/var/cache/mergerunner"
+    tmp_dir: str = "/tmp"  # noqa: S108 - a path inside the trial container, an emptyDir
+    credentials_dir: str = "/var/run/secrets/mergesearch/storage"
+    custom_tasks_dir: str = "/etc/mergesearch/custom-tasks"
+    extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> JobSettings:
+        env = os.environ if environ is None else environ
+        image = env.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
+        command = tuple(env.get("MERGESEARCH_RUNNER_COMMAND", "").split()) or cls.command
+        return cls(default_image=image, command=command)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The MergeSearch a Job belongs to (for names, labels and the owner reference)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+# --------------------------------------------------------------------------- names and labels
+
+
+def short_hash(text: str, n: int = _HASH) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _dns_part(text: str) -> str:
+    """Lower-case letters, digits and '-' only; other characters become '-'."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
+def label_value(text: str) -> str:
+    """`text` when it is a valid label value, else a readable prefix plus a hash of it."""
+    if _LABEL_VALUE.match(text) and len(text) <= NAME_LIMIT:
+        return text
+    head = _dns_part(text)[: NAME_LIMIT - _HASH - 1].strip("-")
+    return f"{head}-{short_hash(text)}" if head else short_hash(text)
+
+
+def candidate_part(candidate_id: str) -> str:
+    """The candidate's part of a Job name: the id itself when it is short and DNS-safe
+    (`g003-c07`, `b-uniform`), else a prefix and a hash of the full id, so that two ids that
+    sanitise alike (`b-each-sft_a`, `b-each-sft-a`) never share a Job."""
+    clean = _dns_part(candidate_id)
+    if clean == candidate_id and len(clean) <= _CANDIDATE_PART:
+        return clean
+    head = clean[: _CANDIDATE_PART - _HASH - 1].strip("-")
+    return f"{head}-{short_hash(candidate_id)}" if head else short_hash(candidate_id)
+
+
+def job_name(owner: Owner, candidate_id: str) -> str:
+    """`<search name, truncated>-<hash of namespace/name/uid>-<candidate>`, at most 63 chars.
+
+    The hash includes the search's uid: a search deleted and re-created under the same name
+    never adopts (or collides with) its predecessor's Jobs while they are garbage-collected.
+    """
+    search_hash = short_hash(f"{owner.namespace}/{owner.name}/{owner.uid}")
+    tail = f"{search_hash}-{candidate_part(candidate_id)}"
+    room = NAME_LIMIT - len(tail) - 1
+    head = _dns_part(owner.name)[:room].strip("-") or "ms"
+    return f"{head}-{tail}"
+
+
+def iteration_label(generation: int | None, role: Role) -> str:
+    if role == "final":
+        return "final"
+    return "baseline" if generation is None else str(generation)
+
+
+# --------------------------------------------------------------------------- trial documents
+
+
+def trial_document(
+    spec: MergeSearchSpec,
+    trial_id: str,
+    weights: dict[str, float],
+    settings: JobSettings,
+    *,
+    final: bool = False,
+) -> TrialDocument:
+    """The runner's input for a candidate; for the final trial: held-out tasks and the export.
+
+    A search trial is scored on held-in tasks only (held-out tasks never feed the search). The
+    final trial scores the held-out tasks (held-in too when there are none, since a trial needs
+    a task) and writes the merged model to spec.output.uri when one is set.
+    """
+    objective = spec.objective
+    held_in: list[TaskSpec] = list(objective.held_in)
+    held_out: list[TaskSpec] = []
+    output = OutputSpec()
+    if final:
+        held_out = list(objective.held_out)
+        held_in = [] if held_out else held_in
+        if spec.output.uri:
+            output = OutputSpec(uri=spec.output.uri, save_model=True)
+    custom = objective.custom_tasks
+    custom_dir = settings.custom_tasks_dir if custom and custom.config_map_ref else None
+    return TrialDocument(
+        id=trial_id,
+        checkpoints=[CheckpointRef(name=c.name, uri=c.uri) for c in spec.checkpoints],
+        weights={c.name: float(weights[c.name]) for c in spec.checkpoints},
+        dtype=spec.merge.dtype,
+        held_in=held_in,
+        held_out=held_out,
+        custom_tasks_dir=custom_dir,
+        evaluator=objective.evaluator,
+        output=output,
+    )
+
+
+def document_json(doc: TrialDocument) -> str:
+    """Canonical JSON (sorted keys, compact): equal documents give equal bytes and digests."""
+    return json.dumps(doc.to_wire(), sort_keys=True, separators=(",", ":"))
+
+
+def document_digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the Job
+
+
+def build_job(
+    owner: Owner,
+    spec: MergeSearchSpec,
+    *,
+    candidate_id: str,
+    generation: int | None,
+    document: TrialDocument,
+    settings: JobSettings,
+    role: Role = "trial",
+) -> dict[str, Any]:
+    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id)`."""
+    name = job_name(owner, candidate_id)
+    if document.id != name:
+        raise ValueError(f"trial document id {document.id!r} is not the Job name {name!r}")
+    text = document_json(document)
+    labels = {
+        **MANAGED_BY,
+        LABEL_SEARCH: label_value(owner.name),
+        LABEL_ITERATION: iteration_label(generation, role),
+        LABEL_CANDIDATE: label_value(candidate_id),
+        LABEL_ROLE: role,
+    }
+    annotations = {
+        ANNOTATION_CANDIDATE: candidate_id,
+        ANNOTATION_SEARCH: owner.name,
+        ANNOTATION_DIGEST: document_digest(text),
+    }
+    execution = spec.execution
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "backoffLimit": execution.backoff_limit,
+            "activeDeadlineSeconds": execution.trial_timeout_seconds,
+            "completions": 1,
+            "parallelism": 1,
+            "podFailurePolicy": _pod_failure_policy(),
+            "template": pod_template(spec, text, settings, labels, annotations),
+        },
+    }
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    """A runner that reports a failed step (exit 1) or a bad document (exit 2) would fail the
+    same way again: fail the Job at once. Crashes (OOM kills, signals) use backoffLimit, and
+    evictions and preemptions (DisruptionTarget) do not count at all."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": RUNNER_CONTAINER,
+                    "operator": "In",
+                    "values": [1, 2],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
+def _template_parts(template: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, pod spec) of spec.execution.template: a PodTemplateSpec ({metadata, spec}),
+    or, for convenience, a bare pod spec ({containers: …})."""
+    template = copy.deepcopy(template or {})
+    if "spec" in template or "metadata" in template:
+        return dict(template.get("metadata") or {}), dict(template.get("spec") or {})
+    return {}, template
+
+
+def pod_template(
+    spec: MergeSearchSpec,
+    document_text: str,
+    settings: JobSettings,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+) -> dict[str, Any]:
+    meta, pod = _template_parts(spec.execution.template)
+    containers = [dict(c) for c in pod.get("containers") or []] or [{}]
+    index = next((i for i, c in enumerate(containers) if c.get("name") == RUNNER_CONTAINER), 0)
+    containers = [
+        _runner_container(c, spec, document_text, settings) if i == index else _harden_container(c)
+        for i, c in enumerate(containers)
+    ]
+    runner = containers[index]
+    pod["containers"] = containers
+    if pod.get("initContainers"):
+        pod["initContainers"] = [_harden_container(dict(c)) for c in pod["initContainers"]]
+    pod["volumes"] = _volumes(pod.get("volumes") or [], runner, spec, settings)
+    pod["restartPolicy"] = "Never"
+    pod["automountServiceAccountToken"] = False
+    for host in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
+        pod.pop(host, None)
+    pod_security = dict(pod.get("securityContext") or {})
+    pod_security.update(runAsNonRoot=True, seccompProfile={"type": "RuntimeDefault"})
+    pod["securityContext"] = pod_security
+    return {
+        "metadata": {
+            "labels": {**(meta.get("labels") or {}), **labels},
+            "annotations": {**(meta.get("annotations") or {}), **annotations},
+        },
+        "spec": pod,
+    }
+
+
+def _harden_container(container: dict[str, Any]) -> dict[str, Any]:
+    """The enforced container security context; the template keeps runAsUser/runAsGroup."""
+    security = {
+        k: v
+        for k, v in (container.get("securityContext") or {}).items()
+        if k in ("runAsUser", "runAsGroup")
+    }
+    security.update(
+        runAsNonRoot=True,
+        readOnlyRootFilesystem=True,
+        allowPrivilegeEscalation=False,
+        privileged=False,
+        capabilities={"drop": ["ALL"]},
+        seccompProfile={"type": "RuntimeDefault"},
+    )
+    return {**container, "securityContext": security}
+
+
+def _reserved_env(spec: MergeSearchSpec, document_text: str, settings: JobSettings) -> list[dict]:
+    env = [
+        {"name": ENV_TRIAL, "value": document_text},
+        {"name": ENV_CACHE, "value": settings.cache_dir},
+        {"name": "TMPDIR", "value": settings.tmp_dir},
+        {"name": "HOME", "value": settings.tmp_dir},
+        *({"name": k, "value": v} for k, v in settings.extra_env),
+    ]
+    storage = spec.storage
+    if storage is not None:
+        if storage.endpoint:
+            env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        if storage.region:
+            env.append({"name": "AWS_REGION", "value": storage.region})
+        if storage.secret_ref is not None:
+            env.append({"name": ENV_CREDENTIALS, "value": settings.credentials_dir})
+    return env
+
+
+def _runner_container(
+    container: dict[str, Any], spec: MergeSearchSpec, document_text: str, settings: JobSettings
+) -> dict[str, Any]:
+    reserved = _reserved_env(spec, document_text, settings)
+    names = {e["name"] for e in reserved}
+    kept_env = [e for e in container.get("env") or [] if e.get("name") not in names]
+    mounts = [
+        m
+        for m in container.get("volumeMounts") or []
+        if not str(m.get("name", "")).startswith(VOLUME_PREFIX)
+    ]
+    mounted = {m.get("mountPath") for m in mounts}
+    for volume, path in _operator_mounts(spec, settings):
+        if path not in mounted:  # a template volume at the cache path (a shared cache) wins
+            mounts.append({"name": volume, "mountPath": path, "readOnly": _read_only(volume)})
+    runner = {k: v for k, v in container.items() if k not in ("command", "args", "env")}
+    runner.update(
+        name=RUNNER_CONTAINER,
+        image=container.get("image") or settings.default_image,
+        command=list(settings.command),
+        args=[],
+        env=[*reserved, *kept_env],
+        volumeMounts=mounts,
+        terminationMessagePath="/dev/termination-log",
+        terminationMessagePolicy="File",
+    )
+    return _harden_container(runner)
+
+
+def _read_only(volume: str) -> bool:
+    return volume in (f"{VOLUME_PREFIX}storage-credentials", f"{VOLUME_PREFIX}custom-tasks")
+
+
+def _operator_mounts(spec: MergeSearchSpec, settings: JobSettings) -> list[tuple[str, str]]:
+    mounts = [
+        (f"{VOLUME_PREFIX}cache", settings.cache_dir),
+        (f"{VOLUME_PREFIX}tmp", settings.tmp_dir),
+    ]
+    if spec.storage is not None and spec.storage.secret_ref is not None:
+        mounts.append((f"{VOLUME_PREFIX}storage-credentials", settings.credentials_dir))
+    custom = spec.objective.custom_tasks
+    if custom is not None and custom.config_map_ref is not None:
+        mounts.append((f"{VOLUME_PREFIX}custom-tasks", settings.custom_tasks_dir))
+    return mounts
+
+
+def _volumes(
+    template_volumes: list[dict[str, Any]],
+    runner: dict[str, Any],
+    spec: MergeSearchSpec,
+    settings: JobSettings,
+) -> list[dict[str, Any]]:
+    kept = [v for v in template_volumes if not str(v.get("name", "")).startswith(VOLUME_PREFIX)]
+    used = {m["name"] for m in runner["volumeMounts"]}
+    ours: list[dict[str, Any]] = []
+    for volume, _ in _operator_mounts(spec, settings):
+        if volume not in used:
+            continue
+        if volume.endswith("storage-credentials"):
+            assert spec.storage is not None and spec.storage.secret_ref is not None
+            source: dict[str, Any] = {"secret": {"secretName": spec.storage.secret_ref.name}}
+        elif volume.endswith("custom-tasks"):
+            custom = spec.objective.custom_tasks
+            assert custom is not None and custom.config_map_ref is not None
+            source = {"configMap": {"name": custom.config_map_ref.name}}
+        else:
+            source = {"emptyDir": {}}
+        ours.append({"name": volume, **source})
+    return [*kept, *ours]

@@ -1,0 +1,237 @@
+"""What the operator reads back from the cluster: Job and pod summaries, and trial outcomes.
+
+Pure. The kopf indexes store these small summaries (not whole bodies), so memory stays
+proportional to the trial Jobs that exist, each entry a few hundred bytes plus at most one
+termination message (< 4 KiB). A trial's result is the runner's JSON in its pod's termination
+message; it is parsed as data (json + pydantic), never evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from mergerunner.trial import RESULT_API_VERSION, TrialResult
+from mergesearch.operator.jobs import (
+    ANNOTATION_CANDIDATE,
+    LABEL_ROLE,
+    RUNNER_CONTAINER,
+)
+
+JobState = Literal["active", "succeeded", "failed"]
+ERROR_CHARS = 300
+_RESULT_FIELDS = set(TrialResult.model_fields) | {
+    f.alias for f in TrialResult.model_fields.values() if f.alias
+}
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A trial Job as the reconcile needs it."""
+
+    name: str
+    owner_uid: str | None
+    candidate: str
+    role: str
+    state: JobState
+    started: bool = False
+    reason: str | None = None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    """A trial pod whose runner container has terminated."""
+
+    name: str
+    job: str
+    exit_code: int
+    reason: str | None = None
+    message: str | None = None
+    finished_at: str = ""
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """A finished trial: its scores, or why it failed (`failed_step` as the runner says)."""
+
+    candidate: str
+    job: str
+    succeeded: bool
+    held_in: dict[str, float] = field(default_factory=dict)
+    held_out: dict[str, float] = field(default_factory=dict)
+    fitness: float | None = None
+    digest: str | None = None
+    output_uri: str | None = None
+    failed_step: str | None = None
+    error: str | None = None
+
+    @property
+    def reason(self) -> str:
+        """One line for the engine's failure record, events and the status."""
+        if self.succeeded:
+            return "succeeded"
+        step = f"{self.failed_step}: " if self.failed_step else ""
+        return cut(f"{step}{self.error or 'failed'}")
+
+
+def cut(text: str, limit: int = ERROR_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- Jobs
+
+
+def _controller_uid(meta: Mapping[str, Any]) -> str | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def job_state(status: Mapping[str, Any]) -> tuple[JobState, str | None]:
+    """From the Job's conditions: finished only when Complete or Failed is True (the Job
+    controller sets them once its pods are accounted for)."""
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return "succeeded", None
+        if cond.get("type") == "Failed":
+            reason = cond.get("reason") or "Failed"
+            message = cond.get("message")
+            return "failed", cut(f"{reason}: {message}" if message else reason)
+    return "active", None
+
+
+def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
+    """None for a Job that is not a trial Job (no candidate annotation)."""
+    meta = body.get("metadata") or {}
+    candidate = (meta.get("annotations") or {}).get(ANNOTATION_CANDIDATE)
+    if not candidate:
+        return None
+    status = body.get("status") or {}
+    state, reason = job_state(status)
+    started = bool(
+        status.get("ready") or status.get("succeeded") or status.get("failed") or state != "active"
+    )
+    return JobSummary(
+        name=meta["name"],
+        owner_uid=_controller_uid(meta),
+        candidate=candidate,
+        role=(meta.get("labels") or {}).get(LABEL_ROLE, "trial"),
+        state=state,
+        started=started,
+        reason=reason,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
+    """The runner container's terminated state, or None while it has not terminated."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    if not job:
+        return None
+    statuses = (body.get("status") or {}).get("containerStatuses") or []
+    for status in statuses:
+        if status.get("name") != RUNNER_CONTAINER:
+            continue
+        terminated = (status.get("state") or {}).get("terminated")
+        if not terminated:
+            return None
+        return PodSummary(
+            name=meta.get("name", ""),
+            job=job,
+            exit_code=int(terminated.get("exitCode", -1)),
+            reason=terminated.get("reason"),
+            message=terminated.get("message"),
+            finished_at=str(terminated.get("finishedAt") or ""),
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- results
+
+
+def parse_result(message: str | None, job: str) -> tuple[TrialResult | None, str | None]:
+    """(result, None) or (None, why not). Unknown fields of a newer runner are ignored; a
+    result for another trial id is refused."""
+    if not message or not message.strip():
+        return None, "no result in the termination message"
+    try:
+        data = json.loads(message)
+    except json.JSONDecodeError as exc:
+        return None, f"termination message is not JSON ({exc.msg})"
+    if not isinstance(data, dict):
+        return None, "termination message is not a JSON object"
+    if data.get("apiVersion") != RESULT_API_VERSION:
+        return None, f"unknown result apiVersion {str(data.get('apiVersion'))[:60]!r}"
+    try:
+        result = TrialResult.model_validate({k: v for k, v in data.items() if k in _RESULT_FIELDS})
+    except ValidationError as exc:
+        return None, cut(f"invalid result: {exc.errors()[0]['msg']}")
+    if result.id not in (job, "?"):
+        return None, f"result is for trial {result.id[:80]!r}, not {job!r}"
+    return result, None
+
+
+def _latest(pods: Iterable[PodSummary]) -> list[PodSummary]:
+    return sorted(pods, key=lambda p: (p.finished_at, p.name), reverse=True)
+
+
+def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | None:
+    """The outcome of a finished Job from its pods' termination messages; None while active.
+
+    A Complete Job's result comes from its pod that exited 0; a Failed Job's from its latest
+    pod that left a result (the runner's failedStep and error), else from the pod's or the
+    Job's reason (OOMKilled, DeadlineExceeded, BackoffLimitExceeded …).
+    """
+    if job.state == "active":
+        return None
+    pods = _latest(pods)
+    base = {"candidate": job.candidate, "job": job.name}
+    if job.state == "succeeded":
+        problems = []
+        for pod in (p for p in pods if p.exit_code == 0):
+            result, problem = parse_result(pod.message, job.name)
+            if result is not None and result.status == "succeeded":
+                return _success(base, result)
+            problems.append(problem or "the runner reported a failure but exited 0")
+        error = problems[0] if problems else "no terminated pod found for the Job"
+        return TrialOutcome(**base, succeeded=False, error=error)
+    for pod in pods:
+        result, _ = parse_result(pod.message, job.name)
+        if result is not None and result.status == "failed":
+            return TrialOutcome(
+                **base,
+                succeeded=False,
+                failed_step=result.failed_step,
+                error=cut(result.error or "failed"),
+            )
+    detail = [job.reason or "Job failed"]
+    if pods:
+        pod = pods[0]
+        detail.append(f"pod {pod.name}: {pod.reason or 'Error'} (exit code {pod.exit_code})")
+    return TrialOutcome(**base, succeeded=False, error=cut("; ".join(detail)))
+
+
+def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:
+    return TrialOutcome(
+        **base,
+        succeeded=True,
+        held_in=dict(result.held_in),
+        held_out=dict(result.held_out),
+        fitness=result.fitness,
+        digest=result.digest,
+        output_uri=result.output_uri,
+    )

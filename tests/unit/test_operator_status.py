@@ -1,0 +1,173 @@
+"""Status document: size bound, conditions and their transitions, milestones as events."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergesearch.engine import EngineConfig, EngineState, Result, ask, done, init, tell
+from mergesearch.engine.synthetic import SyntheticObjective
+from mergesearch.operator.events import milestones
+from mergesearch.operator.status import (
+    SIZE_BUDGET,
+    build_status,
+    condition,
+    phase_conditions,
+    set_condition,
+    size_of,
+)
+
+pytestmark = pytest.mark.unit
+
+T0, T1 = "2025-01-01T00:00:00Z", "2025-01-01T01:00:00Z"
+
+
+def _status(state: EngineState, active: list[str], previous: dict | None = None) -> dict:
+    return build_status(
+        state=state,
+        phase="Running",
+        reason="Searching",
+        message="x" * 5000,  # long messages are cut
+        previous=previous or {},
+        active=active,
+        now=T0,
+        generation=3,
+        final={"job": "j" * 63, "trial": "g300-c10", "state": "Running"},
+        output={"uri": "s3://" + "o" * 200, "digest": "sha256:" + "a" * 64},
+        held_out={f"held-out-task-{i}": 0.5 for i in range(8)},
+    )
+
+
+@pytest.mark.slow
+def test_status_for_64_checkpoints_and_5000_trials_stays_under_the_budget() -> None:
+    checkpoints = tuple(f"checkpoint-{i:02d}" for i in range(64))
+    tasks = ("gsm8k", "mbpp", "ifeval", "arc_challenge")
+    config = EngineConfig(
+        checkpoints=checkpoints,
+        tasks=dict.fromkeys(tasks, 1.0),
+        max_trials=5000,
+        failure_policy="resample",
+        seed=3,
+    )
+    objective = SyntheticObjective.random(checkpoints, tasks, 5)
+    state = init(config)
+    sizes: list[tuple[int, int]] = []
+    told = 0
+    while not done(state)[0]:
+        _, candidates = ask(state)
+        results = [
+            Result(c.id, failed=True, reason="y" * 2000)
+            if (told + i) % 29 == 3
+            else objective.evaluate(c)
+            for i, c in enumerate(candidates)
+        ]
+        told += len(results)
+        active = [c.id for c in candidates][:64]  # a wide parallelism: 64 active trials
+        status = _status(state, active)
+        sizes.append((state.trials.issued, size_of(status)))
+        state = tell(state, results)
+    final = _status(state, [])
+    sizes.append((state.trials.issued, size_of(final)))
+    assert state.trials.issued >= 4900
+    largest = max(size for _, size in sizes)
+    print(f"largest status: {largest} bytes")
+    assert largest < SIZE_BUDGET * 0.75, f"largest status {largest} bytes"
+    early = max(size for issued, size in sizes if issued < 1000)
+    late = max(size for issued, size in sizes if issued > 4000)
+    assert late < early * 1.25  # bounded: it does not grow with the number of trials
+    assert len(final["history"]) <= 50 and len(final["paretoFront"]) <= 16
+    assert len(final["recentFailures"]) <= 10
+    assert all(len(f["reason"]) <= 300 for f in final["recentFailures"])
+    assert len(condition(final, "Ready")["message"]) <= 1000
+    assert EngineState.from_dict(final["optimizer"]) == state  # the state survives the status
+
+
+def test_status_fields_and_printer_columns() -> None:
+    config = EngineConfig(checkpoints=("a", "b", "c"), tasks={"t": 1.0}, max_generations=2)
+    state = init(config)
+    status = build_status(
+        state=state,
+        phase="Pending",
+        reason="Baselines",
+        message="m",
+        previous={},
+        active=["b-each-a"],
+        now=T0,
+        generation=1,
+    )
+    assert status["phase"] == "Pending" and status["iteration"] == 0
+    assert status["trials"] == {
+        "total": 11,  # 3 each + uniform + a population of 4+⌊3 ln 3⌋ = 7
+        "succeeded": 0,
+        "failed": 0,
+        "finished": 0,
+        "running": 1,
+    }
+    assert status["observedGeneration"] == 1 and status["activeTrials"] == ["b-each-a"]
+    assert [b["id"] for b in status["baselines"]][:2] == ["b-each-a", "b-each-b"]
+    assert "weights" not in status["baselines"][0]  # implied by members: kept small
+    assert "best" not in status and "completionTime" not in status
+
+
+def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
+    conds = set_condition(
+        [], type="Ready", status=False, reason="Searching", message="a", now=T0, generation=1
+    )
+    same = set_condition(
+        conds, type="Ready", status=False, reason="Finalizing", message="b", now=T1, generation=2
+    )
+    assert same[0]["lastTransitionTime"] == T0
+    assert same[0]["reason"] == "Finalizing" and same[0]["observedGeneration"] == 2
+    flipped = set_condition(
+        same, type="Ready", status=True, reason="Succeeded", message="c", now=T1, generation=2
+    )
+    assert flipped[0]["status"] == "True" and flipped[0]["lastTransitionTime"] == T1
+
+
+@pytest.mark.parametrize(
+    ("phase", "ready", "progressing", "failed"),
+    [
+        ("Pending", "False", "True", "False"),
+        ("Running", "False", "True", "False"),
+        ("Suspended", "False", "False", "False"),
+        ("Succeeded", "True", "False", "False"),
+        ("Failed", "False", "False", "True"),
+    ],
+)
+def test_conditions_follow_the_phase(phase: str, ready: str, progressing: str, failed: str) -> None:
+    conds = phase_conditions([], phase=phase, reason="R", message="m", now=T0, generation=4)
+    by_type = {c["type"]: c for c in conds}
+    assert by_type["Ready"]["status"] == ready
+    assert by_type["Progressing"]["status"] == progressing
+    assert by_type["Failed"]["status"] == failed
+    assert by_type["Failed"]["reason"] == ("R" if failed == "True" else "NoFailure")
+    assert all(c["observedGeneration"] == 4 for c in conds)
+
+
+def test_milestones() -> None:
+    def status(phase: str, best: str | None, baselines: str, failed_reason: str = "") -> dict:
+        conds = phase_conditions(
+            [], phase=phase, reason=failed_reason or "R", message="why", now=T0, generation=1
+        )
+        out = {
+            "phase": phase,
+            "optimizer": {"x": 1},
+            "baselines": [{"id": "b-uniform", "status": baselines, "fitness": 0.4}],
+            "conditions": conds,
+        }
+        if best:
+            out["best"] = {"trial": best, "fitness": 0.5}
+        return out
+
+    first = milestones({}, status("Pending", None, "pending"))
+    assert [e.reason for e in first] == ["Started"]
+    progress = milestones(
+        status("Running", None, "pending"), status("Running", "g000-c01", "succeeded")
+    )
+    assert [e.reason for e in progress] == ["BaselinesDone", "NewBest"]
+    same = status("Running", "g000-c01", "succeeded")
+    assert milestones(same, same) == []
+    failed = milestones(same, status("Failed", "g000-c01", "succeeded", "MaxFailedTrials"))
+    assert [(e.type, e.reason) for e in failed] == [("Warning", "MaxFailedTrials")]
+    assert [e.reason for e in milestones(same, status("Suspended", "g000-c01", "succeeded"))] == [
+        "Suspended"
+    ]
