@@ -1,0 +1,273 @@
+"""Local mode: the whole search on one machine, no cluster, resumable at any moment.
+
+The engine is the operator's; trials run in-process on a resident model. What survives a kill
+is on disk in the state directory: `state.json` (the engine state, the same JSON the operator
+keeps in a resource's status), `trials.jsonl` (every finished trial, appended and fsynced before
+the state that counts it) and `final.json` (held-out scores and export of the best). A trial
+found in the log but not yet in the state is told from the log, not evaluated again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergesearch import engine
+from mergesearch.engine.records import fitness_of
+from mergesearch.records import TrialRecord, append_record, read_records, write_json_atomic
+from mergesearch.searchconfig import engine_config
+from mergesearch.spec import MergeSearch, MergeSearchSpec
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+class LocalInputError(Exception):
+    """Bad input found before the search starts: a checkpoint, a task, a state directory."""
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials.jsonl"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final.json"
+
+
+def resolve_location(uri: str, base: Path) -> str:
+    """Relative paths in a manifest are relative to the manifest's directory."""
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def spec_fingerprint(spec: MergeSearchSpec) -> str:
+    """What a search's results depend on; a state made under another fingerprint is refused."""
+    relevant = spec.model_dump(
+        mode="json", by_alias=True, include={"checkpoints", "merge", "objective", "search"}
+    )
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_state(paths: StatePaths, spec: MergeSearchSpec) -> engine.EngineState | None:
+    if not paths.state.exists():
+        return None
+    data = json.loads(paths.state.read_text())
+    if data.get("fingerprint") != spec_fingerprint(spec):
+        raise LocalInputError(
+            f"{paths.state} belongs to a search with a different spec; "
+            "rerun with --fresh to start over, or use another --state-dir"
+        )
+    return engine.EngineState.from_json(json.dumps(data["engine"]))
+
+
+def save_state(paths: StatePaths, spec: MergeSearchSpec, state: engine.EngineState) -> None:
+    write_json_atomic(
+        paths.state,
+        {
+            "version": STATE_VERSION,
+            "fingerprint": spec_fingerprint(spec),
+            "engine": json.loads(state.to_json()),
+        },
+    )
+
+
+def record_of(
+    candidate: engine.Candidate, scores: Any | None, error: str | None, fitness: float | None
+) -> TrialRecord:
+    if scores is None:
+        return TrialRecord(
+            id=candidate.id,
+            kind=candidate.kind,
+            generation=candidate.generation if candidate.generation is not None else -1,
+            weights=dict(candidate.weights),
+            status="failed",
+            error=error,
+        )
+    return TrialRecord(
+        id=candidate.id,
+        kind=candidate.kind,
+        generation=candidate.generation if candidate.generation is not None else -1,
+        weights=dict(candidate.weights),
+        status="succeeded",
+        held_in=scores.held_in,
+        held_out=scores.held_out,
+        fitness=fitness,
+        merge_s=round(scores.merge_s, 4),
+        evaluate_s=round(scores.evaluate_s, 4),
+        digest=scores.digest,
+    )
+
+
+def result_of(record: TrialRecord) -> engine.Result:
+    if record.status != "succeeded":
+        return engine.Result(candidate_id=record.id, failed=True, reason=record.error)
+    return engine.Result(candidate_id=record.id, scores=record.held_in)
+
+
+Progress = Callable[[engine.EngineState, TrialRecord | None], None]
+
+
+class LocalSearch:
+    """The imperative shell around the engine for one manifest."""
+
+    def __init__(
+        self,
+        manifest: MergeSearch,
+        manifest_dir: Path,
+        *,
+        state_dir: Path,
+        cache_dir: Path,
+        fresh: bool = False,
+    ) -> None:
+        self.manifest = manifest
+        self.spec = manifest.spec
+        self.base = manifest_dir
+        self.paths = StatePaths(state_dir)
+        self.cache_dir = cache_dir
+        self.config = engine_config(self.spec, source="manifest")
+        if fresh:
+            for path in (self.paths.state, self.paths.trials, self.paths.final):
+                path.unlink(missing_ok=True)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.state = load_state(self.paths, self.spec) or engine.init(self.config)
+        self.records = {r.id: r for r in read_records(self.paths.trials)}
+        self.dirs: list[Path] = []
+        self.evaluator: Any = None
+
+    # -- preflight -------------------------------------------------------------------------
+    def custom_tasks_dir(self) -> Path | None:
+        custom = self.spec.objective.custom_tasks
+        if custom is None:
+            return None
+        if custom.path is None:
+            raise LocalInputError(
+                "spec.objective.customTasks.configMapRef works on a cluster only; "
+                "locally, use customTasks.path"
+            )
+        return Path(resolve_location(custom.path, self.base))
+
+    def prepare(self) -> None:
+        """Fetch and check everything before the first trial, so bad input fails fast."""
+        from mergerunner.checkpoint import CheckpointError, validate_checkpoints
+        from mergerunner.evaluate import EvaluationError
+        from mergerunner.fetch import FetchError, fetch_checkpoint
+        from mergerunner.resident import ResidentEvaluator
+
+        dirs = []
+        for ref in self.spec.checkpoints:
+            try:
+                dirs.append(fetch_checkpoint(resolve_location(ref.uri, self.base), self.cache_dir))
+            except FetchError as exc:
+                raise LocalInputError(f"checkpoint {ref.name!r}: {exc}") from None
+        try:
+            validate_checkpoints(dirs)
+        except CheckpointError as exc:
+            raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
+        self.dirs = dirs
+        try:
+            self.evaluator = ResidentEvaluator(
+                dirs,
+                held_in=self.spec.objective.held_in,
+                held_out=self.spec.objective.held_out,
+                evaluator=self.spec.objective.evaluator,
+                custom_tasks_dir=self.custom_tasks_dir(),
+                dtype=self.spec.merge.dtype,
+            )
+        except EvaluationError as exc:
+            raise LocalInputError(str(exc)) from None
+
+    # -- the loop --------------------------------------------------------------------------
+    def evaluate(self, candidate: engine.Candidate) -> TrialRecord:
+        weights = [candidate.weights[name] for name in self.config.checkpoints]
+        try:
+            scores = self.evaluator.score(weights, with_held_out=candidate.kind == "baseline")
+        except Exception as exc:  # a failed trial is data for the engine, not a crash
+            log.warning("trial %s failed: %s", candidate.id, exc)
+            return record_of(candidate, None, f"{type(exc).__name__}: {exc}", None)
+        fitness = fitness_of(self.config, scores.held_in)
+        return record_of(candidate, scores, None, fitness)
+
+    def run(self, progress: Progress | None = None) -> engine.EngineState:
+        while not engine.done(self.state)[0]:
+            self.state, candidates = engine.ask(self.state)
+            if not candidates:
+                break
+            for candidate in candidates:
+                record = self.records.get(candidate.id)
+                if record is None:
+                    record = self.evaluate(candidate)
+                    append_record(self.paths.trials, record)
+                    self.records[record.id] = record
+                self.state = engine.tell(self.state, [result_of(record)])
+                save_state(self.paths, self.spec, self.state)
+                if progress:
+                    progress(self.state, record)
+        return self.state
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Held-out scores of the best merge, and its export to spec.output.uri."""
+        best = engine.status(self.state).best
+        if best is None:
+            return {}
+        final: dict[str, Any] = {}
+        if self.paths.final.exists():
+            final = json.loads(self.paths.final.read_text())
+        if final.get("best") != best["id"]:
+            weights = [best["weights"][n] for n in self.config.checkpoints]
+            scores = self.evaluator.score(weights, with_held_out=True)
+            final = {"best": best["id"], "heldOut": scores.held_out, "digest": scores.digest}
+            write_json_atomic(self.paths.final, final)
+        uri = self.spec.output.uri
+        if uri and final.get("output", {}).get("uri") != uri:
+            final["output"] = self.export(best["weights"], resolve_location(uri, self.base))
+            write_json_atomic(self.paths.final, final)
+        return final
+
+    def export(self, weights: dict[str, float], uri: str) -> dict[str, Any]:
+        from mergerunner.fetch import upload_directory
+        from mergerunner.merge import merge_to_directory
+
+        vector = [weights[n] for n in self.config.checkpoints]
+        dtype = self.spec.merge.dtype
+        if "://" not in uri or uri.startswith("file://"):
+            target = Path(uri.removeprefix("file://"))
+            report = merge_to_directory(self.dirs, vector, target, dtype=dtype)
+            return {"uri": uri, "digest": report.digest}
+        with tempfile.TemporaryDirectory(prefix="mergesearch-export-") as tmp:
+            report = merge_to_directory(self.dirs, vector, Path(tmp) / "model", dtype=dtype)
+            upload_directory(Path(tmp) / "model", uri)
+        return {"uri": uri, "digest": report.digest}
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """lm-eval and transformers log per call; hundreds of trials would bury the progress bar."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call progress bars
+    names = ["lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "httpx"]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

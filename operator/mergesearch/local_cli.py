@@ -1,0 +1,175 @@
+"""`mergesearch run` and `mergesearch report`: local mode's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mergesearch.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+
+
+def default_cache() -> Path:
+    root = os.environ.get("MERGESEARCH_CACHE") or Path.home() / ".cache" / "mergesearch"
+    return Path(root) / "checkpoints"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run a MergeSearch manifest on this machine")
+    run.add_argument("manifest", type=Path)
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where the search's state lives (default: .mergesearch/NAME beside the manifest); "
+        "run again with the same directory to resume",
+    )
+    run.add_argument("--cache-dir", type=Path, help="checkpoint cache (default: ~/.cache)")
+    run.add_argument("--fresh", action="store_true", help="discard saved state and start over")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="draw PNG pictures of a local search")
+    report.add_argument("state_dir", type=Path)
+    report.add_argument("-o", "--output", type=Path, help="folder for the PNGs (default: STATE)")
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from mergesearch.local import LocalInputError, LocalSearch, quiet_libraries
+    from mergesearch.spec import SpecError, load_manifest
+
+    console = Console(stderr=True)
+    try:
+        manifest = load_manifest(args.manifest)
+        base = args.manifest.resolve().parent
+        state_dir = args.state_dir or base / ".mergesearch" / manifest.metadata.name
+        search = LocalSearch(
+            manifest,
+            base,
+            state_dir=state_dir,
+            cache_dir=args.cache_dir or default_cache(),
+            fresh=args.fresh,
+        )
+        with quiet_libraries():
+            console.print(f"[bold]{manifest.metadata.name}[/]: preparing checkpoints and tasks…")
+            search.prepare()
+    except (SpecError, LocalInputError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return EXIT_BAD_INPUT
+    with quiet_libraries():
+        state = _run_with_progress(search, console, show=not args.no_progress)
+        final = search.finish()
+    from mergesearch import engine
+
+    status = engine.status(state)
+    print_summary(search, status, final)
+    console.print(f"state: {state_dir}  (pictures: mergesearch report {state_dir})")
+    return EXIT_OK if status.phase == "succeeded" else EXIT_FAILED
+
+
+def _run_with_progress(search: Any, console: Any, *, show: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from mergesearch import engine
+
+    budget = search.config.max_trials or 0
+    columns = [
+        TextColumn("[bold]trials"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("best {task.fields[best]}"),
+        TextColumn("gen {task.fields[gen]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+        task = bar.add_task("search", total=budget, best="-", gen=0)
+
+        def update(state: Any, record: Any) -> None:
+            status = engine.status(state)
+            best = status.best["fitness"] if status.best else None
+            done = status.trials_succeeded + status.trials_failed
+            bar.update(
+                task,
+                completed=min(done, budget),
+                best=f"{best:.4f}" if best is not None else "-",
+                gen=status.generation,
+            )
+
+        update(search.state, None)
+        started = time.monotonic()
+        state = search.run(progress=update)
+        bar.update(task, completed=budget)
+    console.print(f"search finished in {time.monotonic() - started:.0f}s")
+    return state
+
+
+def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergesearch.summary import check_claims, table_rows
+
+    console = Console()
+    records = list(search.records.values())
+    best = status.best
+    held_out = final.get("heldOut", {})
+    held_in_tasks = [t.task for t in search.spec.objective.held_in]
+    held_out_tasks = [t.task for t in search.spec.objective.held_out]
+    table = Table(title=f"{search.manifest.metadata.name}: baselines against the best merge")
+    table.add_column("merge")
+    for name in held_in_tasks:
+        table.add_column(name, justify="right")
+    table.add_column("held-in avg", justify="right", style="bold")
+    for name in held_out_tasks:
+        table.add_column(f"{name} (held-out)", justify="right", style="cyan")
+    for row in table_rows(records, best["id"] if best else None, held_out):
+        cells = [f"{row.held_in.get(t, float('nan')):.3f}" for t in held_in_tasks]
+        outs = [f"{row.held_out[t]:.3f}" if t in row.held_out else "-" for t in held_out_tasks]
+        table.add_row(row.label, *cells, f"{row.fitness:.4f}", *outs)
+    console.print(table)
+    console.print(f"stopped: {status.reason or status.phase}  ({status.message or ''})")
+    if best is None:
+        return
+    weights = ", ".join(f"{k} {v:.3f}" for k, v in best["weights"].items())
+    console.print(f"best weights: {weights}")
+    claims = check_claims(records, best["id"], best["weights"], held_out)
+    console.print("the paper's claims, on this search:")
+    for line in claims.lines():
+        console.print(f"  {line}")
+    if final.get("output"):
+        console.print(f"best merged model: {final['output']['uri']} ({final['output']['digest']})")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mergesearch import engine
+    from mergesearch.local import StatePaths
+    from mergesearch.records import read_records
+    from mergesearch.report import draw_all
+
+    paths = StatePaths(args.state_dir)
+    if not paths.state.exists():
+        print(f"error: no search state in {args.state_dir}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    data = json.loads(paths.state.read_text())
+    state = engine.EngineState.from_json(json.dumps(data["engine"]))
+    status = engine.status(state)
+    if status.best is None:
+        print("error: no finished trial to draw yet", file=sys.stderr)
+        return EXIT_FAILED
+    tasks = [t.name for t in state.config.tasks]
+    out = args.output or args.state_dir
+    for path in draw_all(read_records(paths.trials), status.best["weights"], tasks, out):
+        print(path)
+    return EXIT_OK

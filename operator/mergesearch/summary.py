@@ -1,0 +1,98 @@
+"""The end-of-search table and the paper's three claims, computed from trial records (pure).
+
+The claims are checked, not asserted: the table says for this search whether the optimised
+merge beat every baseline, kept held-out scores at least as good as the uniform merge's, and
+spread its weight over most checkpoints (Khalifa et al., arXiv 2412.04144, §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import fmean
+
+from mergesearch.records import TrialRecord
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    held_in: dict[str, float]
+    fitness: float
+    held_out: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Claims:
+    beats_best_single: bool
+    beats_uniform: bool
+    beats_merge_best: bool | None
+    held_out_no_worse: bool | None
+    nonnegligible_weights: int
+    checkpoints: int
+
+    @property
+    def weights_spread(self) -> bool:
+        return self.nonnegligible_weights > self.checkpoints / 2
+
+    def lines(self) -> list[str]:
+        def mark(ok: bool | None) -> str:
+            return "n/a" if ok is None else ("yes" if ok else "NO")
+
+        return [
+            f"(a) beats the best single checkpoint: {mark(self.beats_best_single)}; "
+            f"the uniform merge: {mark(self.beats_uniform)}; "
+            f"merge-best: {mark(self.beats_merge_best)}",
+            f"(b) held-out no worse than the uniform merge: {mark(self.held_out_no_worse)}",
+            f"(c) weight over 1/(10N) on {self.nonnegligible_weights} of {self.checkpoints} "
+            f"checkpoints: {mark(self.weights_spread)}",
+        ]
+
+
+def baseline_label(record: TrialRecord) -> str:
+    if record.id.startswith("b-each-"):
+        return record.id.removeprefix("b-each-")
+    return record.id.removeprefix("b-")
+
+
+def table_rows(
+    records: Sequence[TrialRecord], best_id: str | None, best_held_out: Mapping[str, float]
+) -> list[Row]:
+    """Baselines in the order they ran, then the best merge."""
+    rows = [
+        Row(baseline_label(r), r.held_in, r.fitness or 0.0, r.held_out)
+        for r in records
+        if r.kind == "baseline" and r.status == "succeeded"
+    ]
+    best = next((r for r in records if r.id == best_id), None)
+    if best is not None:
+        rows.append(
+            Row(f"best ({best.id})", best.held_in, best.fitness or 0.0, dict(best_held_out))
+        )
+    return rows
+
+
+def check_claims(
+    records: Sequence[TrialRecord],
+    best_id: str,
+    best_weights: Mapping[str, float],
+    best_held_out: Mapping[str, float],
+) -> Claims:
+    done = {r.id: r for r in records if r.status == "succeeded"}
+    best = done[best_id]
+    singles = [r.fitness or 0.0 for r in done.values() if r.id.startswith("b-each-")]
+    uniform = done.get("b-uniform")
+    merge_best = done.get("b-merge-best")
+    fitness = best.fitness or 0.0
+    held_out_ok = None
+    if uniform is not None and uniform.held_out and best_held_out:
+        held_out_ok = fmean(best_held_out.values()) >= fmean(uniform.held_out.values())
+    n = len(best_weights)
+    return Claims(
+        beats_best_single=bool(singles) and fitness > max(singles),
+        beats_uniform=uniform is not None and fitness > (uniform.fitness or 0.0),
+        beats_merge_best=None if merge_best is None else fitness > (merge_best.fitness or 0.0),
+        held_out_no_worse=held_out_ok,
+        nonnegligible_weights=sum(1 for w in best_weights.values() if w > 1 / (10 * n)),
+        checkpoints=n,
+    )
