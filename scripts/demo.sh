@@ -6,7 +6,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${1:-$("$root/scripts/env.sh")}
 cache=${MERGESEARCH_CACHE:-$HOME/.cache/mergesearch}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-pool="$cache/toys/demo-paper"
+# The same cached pool the tests use: toys/<preset>-<recipe key>.
+key=$("$venv/bin/python" -c "from mergerunner.toys import get_preset; print(get_preset('paper').key())")
+pool="$cache/toys/paper-$key"
 "$venv/bin/python" -m mergerunner.toys build "$pool" --preset paper >&2
 # The example manifest names its checkpoints relative to itself: examples/toy-pool/...
 ln -sfn "$pool" "$root/examples/toy-pool"

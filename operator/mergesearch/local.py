@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from mergesearch.spec import MergeSearch, MergeSearchSpec
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 class LocalInputError(Exception):
@@ -250,12 +252,32 @@ class LocalSearch:
         dtype = self.spec.merge.dtype
         if "://" not in uri or uri.startswith("file://"):
             target = Path(uri.removeprefix("file://"))
-            report = merge_to_directory(self.dirs, vector, target, dtype=dtype)
+            staging = target.with_name(f".{target.name}.new")
+            shutil.rmtree(staging, ignore_errors=True)
+            report = merge_to_directory(self.dirs, vector, staging, dtype=dtype)
+            replace_model_dir(staging, target)
             return {"uri": uri, "digest": report.digest}
         with tempfile.TemporaryDirectory(prefix="mergesearch-export-") as tmp:
             report = merge_to_directory(self.dirs, vector, Path(tmp) / "model", dtype=dtype)
             upload_directory(Path(tmp) / "model", uri)
         return {"uri": uri, "digest": report.digest}
+
+
+def replace_model_dir(new: Path, target: Path) -> None:
+    """Put a freshly merged model at `target`, replacing an earlier export but nothing else."""
+    if target.exists() and any(target.iterdir()):
+        if not any((target / f).exists() for f in MODEL_FILES):
+            raise LocalInputError(f"spec.output.uri: {target} exists and is not a model directory")
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+        return
+    if target.exists():
+        target.rmdir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new.rename(target)
 
 
 @contextmanager

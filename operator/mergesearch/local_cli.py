@@ -121,7 +121,7 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
 
     from mergesearch.summary import check_claims, table_rows
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     records = list(search.records.values())
     best = status.best
     held_out = final.get("heldOut", {})

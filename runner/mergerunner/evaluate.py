@@ -9,10 +9,11 @@ the same seed always picks the same examples.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,18 @@ def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
     return manager
 
 
+@contextlib.contextmanager
+def _in_directory(path: Path | None) -> Iterator[None]:
+    """Run the data loading inside the custom-task directory, so that a task YAML's relative
+    `data_files` (datasets resolves them against the working directory) name files beside it:
+    task YAMLs and their JSONL files then travel together, in one ConfigMap, to any mount."""
+    if path is None:
+        yield
+        return
+    with contextlib.chdir(path):
+        yield
+
+
 class TaskSuite:
     """The tasks of a search, loaded once and scored many times."""
 
@@ -95,7 +108,8 @@ class TaskSuite:
         self.seed = seed
         names = [t.task for t in tasks]
         manager = _task_manager(include_path, names)
-        loaded = manager.load(names)
+        with _in_directory(include_path):
+            loaded = manager.load(names)
         self._task_dict = loaded
         self._tasks: dict[str, Any] = loaded["tasks"]
         self.resolved: list[ResolvedTask] = []
@@ -159,7 +173,24 @@ def pick_device(spec: EvaluatorSpec) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec) -> Any:
+def _quiet(base: type) -> type:
+    """lm-eval draws a progress bar per request type per call; a search makes thousands of
+    calls, so in-process searches use this subclass, which always passes disable_tqdm."""
+
+    class QuietHFLM(base):  # type: ignore[misc, valid-type]
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool = True) -> Any:
     """Wrap an in-memory transformers model for lm-eval, so candidates never reload it."""
     if spec.backend != "hf":
         raise EvaluationError(
@@ -170,4 +201,5 @@ def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec) -> Any:
     kwargs: dict[str, Any] = {"batch_size": spec.batch_size, "device": pick_device(spec)}
     if spec.max_length is not None:
         kwargs["max_length"] = spec.max_length
-    return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
+    cls = HFLM if progress else _quiet(HFLM)
+    return cls(pretrained=model, tokenizer=tokenizer, **kwargs)

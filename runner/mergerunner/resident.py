@@ -65,7 +65,7 @@ class ResidentEvaluator:
         self.model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=trust)
         self.merger = ResidentMerger(list(checkpoint_dirs), device=device)
-        self.lm = make_lm(self.model, tokenizer, self.spec)
+        self.lm = make_lm(self.model, tokenizer, self.spec, progress=False)
         seed = self.spec.seed
         self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
         self.held_out = (
