@@ -1,0 +1,147 @@
+"""`mergerunner run`, the trial program, on real parts: S3 server, toy checkpoints, lm-eval.
+
+It runs as a separate process, as in a pod: credentials only from the environment, the trial
+document from a file, the result on stdout, in the result file and in the termination message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LIMIT = 12
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: Any, toy_pool: Any) -> str:
+    name = s3_server.create_bucket()
+    client = s3_server.client()
+    for ckpt, path in toy_pool.checkpoints.items():
+        for file in Path(path).iterdir():
+            client.upload_file(str(file), name, f"pool/{ckpt}/{file.name}")
+    return name
+
+
+def trial(toy_pool: Any, bucket: str, **changes: Any) -> dict[str, Any]:
+    names = list(toy_pool.checkpoints)
+    weights = {n: round(1 / len(names), 6) for n in names}
+    doc: dict[str, Any] = {
+        "apiVersion": "mergerunner.mergesearch.io/v1",
+        "id": "t-g000-c00",
+        "checkpoints": [{"name": n, "uri": f"s3://{bucket}/pool/{n}/"} for n in names],
+        "weights": weights,
+        "dtype": "float32",
+        "heldIn": [{"task": t, "metric": m, "limit": LIMIT} for t, m in toy_pool.heldin.items()],
+        "heldOut": [{"task": t, "metric": m, "limit": LIMIT} for t, m in toy_pool.heldout.items()],
+        "customTasksDir": str(toy_pool.tasks_dir),
+        "evaluator": {"batchSize": 32, "device": "cpu"},
+        "output": {"uri": f"s3://{bucket}/merged/t-g000-c00/", "saveModel": True},
+    }
+    doc.update(changes)
+    return doc
+
+
+def run_trial(
+    tmp: Path, doc: dict[str, Any], env: dict[str, str]
+) -> tuple[int, dict[str, Any], Path]:
+    (tmp / "trial.json").write_text(json.dumps(doc))
+    term = tmp / "termination-log"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "mergerunner", "run", "--trial", str(tmp / "trial.json")),
+            *("--result", str(tmp / "result.json"), "--termination-log", str(term)),
+            *("--cache-dir", str(tmp / "cache"), "--work-dir", str(tmp)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env},
+        check=False,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads((tmp / "result.json").read_text()) == result
+    assert json.loads(term.read_text())["status"] == result["status"]
+    assert len(term.read_bytes()) < 4096
+    return proc.returncode, result, term
+
+
+def test_trial_fetches_merges_scores_and_uploads(
+    s3_server: Any, toy_pool: Any, bucket: str, tmp_path: Path
+) -> None:
+    from mergerunner.resident import ResidentEvaluator
+    from mergerunner.trial import EvaluatorSpec, TaskSpec
+
+    code, result, _ = run_trial(tmp_path, trial(toy_pool, bucket), s3_server.env())
+    assert code == 0, result
+    assert result["status"] == "succeeded"
+    assert set(result["heldIn"]) == set(toy_pool.heldin)
+    assert set(result["heldOut"]) == set(toy_pool.heldout)
+    mean = sum(result["heldIn"].values()) / len(result["heldIn"])
+    assert result["fitness"] == pytest.approx(mean)
+    assert result["digest"].startswith("sha256:")
+    assert result["timings"]["fetchS"] > 0 and result["timings"]["evaluateS"] > 0
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="merged/t-g000-c00/")
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= keys
+
+    # The in-process path of local mode scores the same merge identically.
+    resident = ResidentEvaluator(
+        list(toy_pool.checkpoints.values()),
+        held_in=[TaskSpec(task=t, metric=m, limit=LIMIT) for t, m in toy_pool.heldin.items()],
+        evaluator=EvaluatorSpec(batch_size=32, device="cpu"),
+        custom_tasks_dir=toy_pool.tasks_dir,
+        dtype="float32",
+    )
+    n = len(toy_pool.checkpoints)
+    scores = resident.score([1 / n] * n)
+    assert scores.held_in == result["heldIn"]
+
+
+def test_second_trial_reuses_the_cache(
+    s3_server: Any, toy_pool: Any, bucket: str, tmp_path: Path
+) -> None:
+    doc = trial(toy_pool, bucket, output={})
+    first = run_trial(tmp_path, doc, s3_server.env())[1]
+    second = run_trial(tmp_path, doc, s3_server.env())[1]
+    assert first["digest"] == second["digest"]
+    assert second["timings"]["fetchS"] < max(first["timings"]["fetchS"], 0.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "step", "words"),
+    [
+        ({"checkpoints": "missing"}, "fetch", ["s3://", "not-there", "not found"]),
+        ({"heldIn": [{"task": "toy_nonesuch"}]}, "evaluate", ["toy_nonesuch"]),
+        ({"secret": "wrong"}, "fetch", ["denied"]),
+    ],
+)
+def test_failures_name_the_step_and_the_cause(
+    s3_server: Any,
+    toy_pool: Any,
+    bucket: str,
+    tmp_path: Path,
+    change: dict[str, Any],
+    step: str,
+    words: list[str],
+) -> None:
+    env = s3_server.env()
+    doc = trial(toy_pool, bucket, output={})
+    if change.get("checkpoints") == "missing":
+        doc["checkpoints"][0]["uri"] = f"s3://{bucket}/pool/not-there/"
+    elif change.get("secret"):
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret"
+    else:
+        doc.update(change)
+    code, result, _ = run_trial(tmp_path, doc, env)
+    assert code == 1
+    assert result["failedStep"] == step
+    for word in words:
+        assert word.lower() in result["error"].lower(), result["error"]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in result["error"]
