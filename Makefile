@@ -29,7 +29,7 @@ format:
 	@v=$$(scripts/env.sh) && "$$v/bin/ruff" check --fix . && "$$v/bin/ruff" format .
 
 bench-merge:
-	@v=$$(scripts/env.sh) && "$$v/bin/python" bench/merge.py
+	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/merge.py
 
 bench-search:
-	@v=$$(scripts/env.sh) && "$$v/bin/python" bench/search.py
+	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/search.py

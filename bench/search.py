@@ -1,0 +1,248 @@
+"""Search benchmark: our CMA-ES against random search and Optuna's CMA-ES, at equal budgets.
+
+All methods score candidates on the same resident toy model and the same fixed examples, in
+one process, so they differ only in which weights they ask for. Budgets count every
+evaluation a method makes; for ours that includes its baselines (each checkpoint, uniform,
+merge-best), which makes the comparison strict for ours. For every (method, seed) one run of
+the largest budget is made and its best-so-far read at each smaller budget.
+
+Also measured: how a local trial's time splits between merging into the resident model (plus
+the engine's bookkeeping) and evaluation.
+
+    python bench/search.py [--seeds 3] [--budgets 25,50,100] [--limit 50]
+
+Writes bench/results/search.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runner")]
+
+from mergerunner.resident import ResidentEvaluator  # noqa: E402
+from mergerunner.toys import build_pool, get_preset  # noqa: E402
+from mergerunner.trial import EvaluatorSpec, TaskSpec  # noqa: E402
+from mergesearch import engine  # noqa: E402
+from mergesearch.engine.parameterization import make_parameterization  # noqa: E402
+
+SIGMA0 = 0.3
+
+
+class Scorer:
+    """One resident model; counts evaluations and keeps the timings of each."""
+
+    def __init__(self, pool: Any, limit: int) -> None:
+        self.names = list(pool.checkpoints)
+        spec = EvaluatorSpec(batch_size=3 * limit, device="cpu")
+        self.heldin = list(pool.heldin)
+        self.evaluator = ResidentEvaluator(
+            list(pool.checkpoints.values()),
+            held_in=[TaskSpec(task=t, metric=m, limit=limit) for t, m in pool.heldin.items()],
+            held_out=[TaskSpec(task=t, metric=m, limit=limit) for t, m in pool.heldout.items()],
+            evaluator=spec,
+            custom_tasks_dir=pool.tasks_dir,
+            dtype="float32",
+        )
+        self.merge_s: list[float] = []
+        self.evaluate_s: list[float] = []
+
+    def held_in(self, weights: np.ndarray) -> dict[str, float]:
+        scores = self.evaluator.score([float(w) for w in weights])
+        self.merge_s.append(scores.merge_s)
+        self.evaluate_s.append(scores.evaluate_s)
+        return scores.held_in
+
+    def fitness(self, weights: np.ndarray) -> float:
+        return statistics.fmean(self.held_in(weights).values())
+
+    def held_out(self, weights: np.ndarray) -> float:
+        scores = self.evaluator.score([float(w) for w in weights], with_held_out=True)
+        return statistics.fmean(scores.held_out.values())
+
+
+def run_ours(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[np.ndarray]]:
+    """Best-so-far fitness and weights after each evaluation; also times the engine."""
+    config = engine.EngineConfig(
+        checkpoints=tuple(scorer.names),
+        tasks=tuple(engine.HeldInTask(name=t) for t in scorer.heldin),
+        sigma0=SIGMA0,
+        seed=seed,
+        max_trials=budget,
+    )
+    state = engine.init(config)
+    trace: list[float] = []
+    best_w: list[np.ndarray] = []
+    best = (-1.0, np.zeros(len(scorer.names)))
+    bookkeeping = 0.0
+    while not engine.done(state)[0]:
+        start = time.perf_counter()
+        state, candidates = engine.ask(state)
+        bookkeeping += time.perf_counter() - start
+        if not candidates:
+            break
+        for cand in candidates:
+            w = np.array([cand.weights[n] for n in scorer.names])
+            scores = scorer.held_in(w)
+            fit = statistics.fmean(scores.values())
+            if fit > best[0]:
+                best = (fit, w)
+            trace.append(best[0])
+            best_w.append(best[1])
+            start = time.perf_counter()
+            state = engine.tell(state, [engine.Result(candidate_id=cand.id, scores=scores)])
+            bookkeeping += time.perf_counter() - start
+    run_ours.bookkeeping_s = bookkeeping  # type: ignore[attr-defined]
+    run_ours.trials = len(trace)  # type: ignore[attr-defined]
+    return trace, best_w
+
+
+def run_random(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    trace, best_w, best = [], [], (-1.0, None)
+    for _ in range(budget):
+        w = rng.dirichlet(np.ones(len(scorer.names)))
+        fit = scorer.fitness(w)
+        if fit > best[0]:
+            best = (fit, w)
+        trace.append(best[0])
+        best_w.append(best[1])
+    return trace, best_w
+
+
+def run_optuna(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[np.ndarray]]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    param = make_parameterization("simplex", len(scorer.names))
+    dim = param.dim
+    sampler = optuna.samplers.CmaEsSampler(
+        x0={f"z{i}": 0.0 for i in range(dim)}, sigma0=SIGMA0, seed=seed
+    )
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    trace, best_w, best = [], [], (-1.0, None)
+    for _ in range(budget):
+        t = study.ask({f"z{i}": optuna.distributions.FloatDistribution(-6, 6) for i in range(dim)})
+        w = param.to_weights(np.array([t.params[f"z{i}"] for i in range(dim)]))
+        fit = scorer.fitness(w)
+        study.tell(t, fit)
+        if fit > best[0]:
+            best = (fit, w)
+        trace.append(best[0])
+        best_w.append(best[1])
+    return trace, best_w
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budgets", default="25,50,100")
+    parser.add_argument("--limit", type=int, default=50, help="examples per task")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
+    args = parser.parse_args()
+    budgets = [int(b) for b in args.budgets.split(",")]
+    cache = Path(os.environ.get("MERGESEARCH_CACHE", Path.home() / ".cache" / "mergesearch"))
+    pool = build_pool(cache / "toys" / f"paper-{get_preset('paper').key()}", "paper")
+    scorer = Scorer(pool, args.limit)
+
+    methods = {"cmaes": run_ours, "random": run_random, "optuna_cmaes": run_optuna}
+    results: dict[str, Any] = {m: {str(b): {"runs": []} for b in budgets} for m in methods}
+    ours_split: list[tuple[float, float, float, int]] = []
+    started = time.monotonic()
+    for seed in range(args.seeds):
+        for method, fn in methods.items():
+            merge_mark = len(scorer.merge_s)
+            trace, best_w = fn(scorer, seed, max(budgets))
+            if method == "cmaes":
+                merge = sum(scorer.merge_s[merge_mark:])
+                evaluate = sum(scorer.evaluate_s[merge_mark:])
+                ours_split.append((merge, evaluate, run_ours.bookkeeping_s, run_ours.trials))  # type: ignore[attr-defined]
+            for b in budgets:
+                k = min(b, len(trace)) - 1
+                results[method][str(b)]["runs"].append(
+                    {"seed": seed, "best": trace[k], "heldout": scorer.held_out(best_w[k])}
+                )
+            print(f"seed {seed} {method}: best@{max(budgets)} {trace[-1]:.4f}", flush=True)
+
+    for method in methods:
+        for b in budgets:
+            runs = results[method][str(b)]["runs"]
+            bests = [r["best"] for r in runs]
+            results[method][str(b)].update(
+                mean=statistics.fmean(bests),
+                sd=statistics.stdev(bests) if len(bests) > 1 else 0.0,
+                heldout=statistics.fmean(r["heldout"] for r in runs),
+            )
+
+    baselines = {}
+    n = len(scorer.names)
+    per_task: dict[str, list[float]] = {t: [] for t in scorer.heldin}
+    for i, name in enumerate(scorer.names):
+        w = np.eye(n)[i]
+        scores = scorer.held_in(w)
+        for task, value in scores.items():
+            per_task[task].append(value)
+        baselines[name] = {
+            "fitness": statistics.fmean(scores.values()),
+            "heldout": scorer.held_out(w),
+        }
+    chosen = sorted({int(np.argmax(values)) for values in per_task.values()})
+    merge_best = np.zeros(n)
+    merge_best[chosen] = 1 / len(chosen)
+    baselines["merge-best"] = {
+        "fitness": scorer.fitness(merge_best),
+        "heldout": scorer.held_out(merge_best),
+    }
+    uniform = np.full(n, 1 / n)
+    baselines["uniform"] = {"fitness": scorer.fitness(uniform), "heldout": scorer.held_out(uniform)}
+
+    merge = sum(s[0] for s in ours_split)
+    evaluate = sum(s[1] for s in ours_split)
+    bookkeeping = sum(s[2] for s in ours_split)
+    summary = {
+        **results,
+        "baselines": baselines,
+        "merge_fraction": (merge + bookkeeping) / (merge + evaluate + bookkeeping),
+        "trial_split_s": {
+            "merge": merge / sum(s[3] for s in ours_split),
+            "evaluate": evaluate / sum(s[3] for s in ours_split),
+            "bookkeeping": bookkeeping / sum(s[3] for s in ours_split),
+        },
+        "settings": {
+            "pool": f"toy paper preset {pool.key}",
+            "checkpoints": n,
+            "limit_per_task": args.limit,
+            "seeds": args.seeds,
+            "sigma0": SIGMA0,
+            "budget_counts_our_baselines": True,
+        },
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    best_baseline = max(v["fitness"] for v in baselines.values())
+    print(f"\n{'method':<14}" + "".join(f"{'@' + str(b):>22}" for b in budgets))
+    for method in methods:
+        cells = "".join(
+            f"{results[method][str(b)]['mean']:>10.4f} ± {results[method][str(b)]['sd']:.4f}  "
+            for b in budgets
+        )
+        print(f"{method:<14}{cells}")
+    print(f"best baseline  {best_baseline:.4f}   uniform {baselines['uniform']['fitness']:.4f}")
+    print(f"merge + bookkeeping fraction of a trial: {summary['merge_fraction']:.3%}")
+
+
+if __name__ == "__main__":
+    main()
