@@ -20,7 +20,7 @@ test:
 		&& "$$v/bin/python" -m pytest $(PYTEST_ARGS)
 
 test-fast:
-	@v=$$(scripts/env.sh) && "$$v/bin/python" -m pytest -m unit $(PYTEST_ARGS)
+	@v=$$(scripts/env.sh) && "$$v/bin/python" -m pytest -m "unit and not slow" $(PYTEST_ARGS)
 
 lint:
 	@v=$$(scripts/env.sh) && "$$v/bin/ruff" check . && "$$v/bin/ruff" format --check .
