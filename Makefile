@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV = $(shell scripts/env.sh)
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-fast lint format bench-merge bench-search
+.PHONY: env demo test test-fast lint format bench-merge bench-search bench-operator
 
 env:
 	@scripts/env.sh
@@ -33,3 +33,6 @@ bench-merge:
 
 bench-search:
 	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/search.py
+
+bench-operator:
+	@v=$$(scripts/env.sh) && scripts/build-testbin.sh >/dev/null && "$$v/bin/python" -P bench/operator_bench.py

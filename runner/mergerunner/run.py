@@ -8,18 +8,21 @@ that report; a traceback in a pod log helps nobody who only reads the resource's
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
 from mergerunner.trial import Step, StepTimings, TrialDocument, TrialResult, fitness_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CUSTOM_TASKS_ENV = "MERGERUNNER_CUSTOM_TASKS_DIR"
 
 
 class StepFailed(Exception):
@@ -62,6 +65,18 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {text}"
 
 
+def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The document's customTasksDir, else $MERGERUNNER_CUSTOM_TASKS_DIR.
+
+    On a cluster the operator mounts the custom-task ConfigMap and names the mount in the
+    environment, like the cache directory: where a volume sits in the pod is the pod's layout,
+    not part of what the trial evaluates.
+    """
+    env = os.environ if environ is None else environ
+    where = doc.custom_tasks_dir or env.get(CUSTOM_TASKS_ENV)
+    return Path(where) if where else None
+
+
 def load_merged_model(model_dir: Path, doc: TrialDocument) -> tuple[Any, Any]:
     """Load the merged model and its tokenizer onto the evaluation device."""
     import torch
@@ -85,6 +100,8 @@ def run_trial(
     now: Callable[[], float] = time.perf_counter,
 ) -> TrialResult:
     """Run one trial and report it; never raises for a failure of a step."""
+    if doc.evaluator.backend == ANALYTIC_BACKEND:
+        return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
     from mergerunner.evaluate import TaskSuite, make_lm
     from mergerunner.fetch import fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
@@ -99,7 +116,7 @@ def run_trial(
             with clock.step("merge"):
                 report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
             with clock.step("evaluate"):
-                custom = Path(doc.custom_tasks_dir) if doc.custom_tasks_dir else None
+                custom = custom_tasks_dir(doc)
                 suite = TaskSuite(
                     [*doc.held_in, *doc.held_out], include_path=custom, seed=doc.evaluator.seed
                 )

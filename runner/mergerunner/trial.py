@@ -79,7 +79,12 @@ class TaskSpec(_Model):
 class EvaluatorSpec(_Model):
     """How the runner evaluates a merged model."""
 
-    backend: Literal["hf", "vllm"] = Field(default="hf", description="lm-eval model backend.")
+    backend: Literal["hf", "vllm", "analytic"] = Field(
+        default="hf",
+        description='lm-eval model backend. "analytic" is the benchmarking mode: no checkpoint is '
+        "fetched or merged and no model is evaluated; the weights are scored by a fixed analytic "
+        "function (docs/trial-contract.md). Never use it for a real search.",
+    )
     batch_size: int | Literal["auto"] = Field(default="auto", description="Batch size or auto.")
     device: str = Field(default="auto", description='"auto" (CUDA when present), "cpu", "cuda:0".')
     seed: int = Field(default=1234, ge=0, description="Seed of example subsets and few-shot.")

@@ -163,7 +163,8 @@ def test_the_trial_document_travels_in_env_with_its_digest() -> None:
     assert doc.id == job["metadata"]["name"]
     assert doc.weights == {"sft_a": 0.25, "po-b": 0.75}
     assert [t.task for t in doc.held_in] == ["gsm8k"] and doc.held_out == []
-    assert doc.custom_tasks_dir == SETTINGS.custom_tasks_dir
+    assert doc.custom_tasks_dir is None  # the mount is named in env: the pod's layout
+    assert env[jobspec.ENV_CUSTOM_TASKS] == SETTINGS.custom_tasks_dir
     assert not doc.output.save_model
     digest = job["metadata"]["annotations"][jobspec.ANNOTATION_DIGEST]
     assert digest == jobspec.document_digest(env[jobspec.ENV_TRIAL])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
+from mergesearch.entrypoints import RUNNER_COMMAND
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
 LABEL_SEARCH = f"{API_GROUP}/search"
@@ -47,6 +48,7 @@ _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 ENV_TRIAL = "MERGERUNNER_TRIAL"
 ENV_CACHE = "MERGERUNNER_CACHE_DIR"
 ENV_CREDENTIALS = "MERGESEARCH_CREDENTIALS_DIR"
+ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
 FALLBACK_IMAGE = "mergesearch-runner:latest"
@@ -57,7 +59,7 @@ class JobSettings:
     """What the operator's deployment decides for every trial pod (not the user)."""
 
     default_image: str = FALLBACK_IMAGE
-    command: tuple[str, ...] = ("mergerunner", "run")
+    command: tuple[str, ...] = RUNNER_COMMAND
     cache_dir: str = "/var/cache/mergerunner"
     tmp_dir: str = "/tmp"  # noqa: S108 - a path inside the trial container, an emptyDir
     credentials_dir: str = "/var/run/secrets/mergesearch/storage"
@@ -167,8 +169,6 @@ def trial_document(
         held_in = [] if held_out else held_in
         if spec.output.uri:
             output = OutputSpec(uri=spec.output.uri, save_model=True)
-    custom = objective.custom_tasks
-    custom_dir = settings.custom_tasks_dir if custom and custom.config_map_ref else None
     return TrialDocument(
         id=trial_id,
         checkpoints=[CheckpointRef(name=c.name, uri=c.uri) for c in spec.checkpoints],
@@ -176,7 +176,6 @@ def trial_document(
         dtype=spec.merge.dtype,
         held_in=held_in,
         held_out=held_out,
-        custom_tasks_dir=custom_dir,
         evaluator=objective.evaluator,
         output=output,
     )
@@ -340,6 +339,10 @@ def _reserved_env(spec: MergeSearchSpec, document_text: str, settings: JobSettin
             env.append({"name": "AWS_REGION", "value": storage.region})
         if storage.secret_ref is not None:
             env.append({"name": ENV_CREDENTIALS, "value": settings.credentials_dir})
+    custom = spec.objective.custom_tasks
+    if custom is not None and custom.config_map_ref is not None:
+        # The mount's path is the pod's layout, so it is env (like the cache), not document.
+        env.append({"name": ENV_CUSTOM_TASKS, "value": settings.custom_tasks_dir})
     return env
 
 
