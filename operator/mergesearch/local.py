@@ -94,20 +94,17 @@ def save_state(paths: StatePaths, spec: MergeSearchSpec, state: engine.EngineSta
 def record_of(
     candidate: engine.Candidate, scores: Any | None, error: str | None, fitness: float | None
 ) -> TrialRecord:
+    """A finished trial as the log keeps it; `scores` is None for a failed one."""
+    common = {
+        "id": candidate.id,
+        "kind": candidate.kind,
+        "generation": candidate.generation if candidate.generation is not None else -1,
+        "weights": dict(candidate.weights),
+    }
     if scores is None:
-        return TrialRecord(
-            id=candidate.id,
-            kind=candidate.kind,
-            generation=candidate.generation if candidate.generation is not None else -1,
-            weights=dict(candidate.weights),
-            status="failed",
-            error=error,
-        )
+        return TrialRecord(**common, status="failed", error=error)
     return TrialRecord(
-        id=candidate.id,
-        kind=candidate.kind,
-        generation=candidate.generation if candidate.generation is not None else -1,
-        weights=dict(candidate.weights),
+        **common,
         status="succeeded",
         held_in=scores.held_in,
         held_out=scores.held_out,
