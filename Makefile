@@ -12,11 +12,11 @@ env:
 demo:
 	@v=$$(scripts/env.sh) && scripts/demo.sh "$$v"
 
-# The control plane's binaries are built (once per machine, cached) before pytest starts, so
+# System packages (Prometheus) are installed and the control plane's binaries are built (once per machine, cached) before pytest starts, so
 # a cold Go build never runs inside a test's timeout.
 test:
 	@v=$$(scripts/env.sh) && "$$v/bin/ruff" check . && "$$v/bin/ruff" format --check . \
-		&& scripts/build-testbin.sh >/dev/null \
+		&& scripts/install-system-deps.sh && scripts/build-testbin.sh >/dev/null \
 		&& "$$v/bin/python" -m pytest $(PYTEST_ARGS)
 
 test-fast:

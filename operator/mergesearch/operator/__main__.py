@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=int(os.environ.get("MERGESEARCH_METRICS_PORT", "0")) or None,
-        help="Prometheus metrics port (reserved; metrics are served by a later release)",
+        help="serve Prometheus metrics on this port ($MERGESEARCH_METRICS_PORT; off when unset)",
     )
     parser.add_argument("--runner-image", help="default trial image ($MERGESEARCH_RUNNER_IMAGE)")
     parser.add_argument(
@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         runtime.settings = dataclasses.replace(runtime.settings, default_image=args.runner_image)
     runtime.poll_s = args.poll_seconds
     runtime.metrics_port = args.metrics_port
+    if args.metrics_port:
+        from mergesearch import metrics
+
+        metrics.install(runtime)
+        metrics.serve(args.metrics_port)
     kopf.run(
         standalone=True,
         clusterwide=bool(args.all_namespaces),
