@@ -32,17 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crd", help="print the MergeSearch CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(func=_cmd_crd)
-    _add_local_commands(sub)
+    from mergesearch import cluster_cli, local_cli
+
+    local_cli.add_commands(sub)
+    cluster_cli.add_commands(sub)
     return parser
-
-
-def _add_local_commands(sub: argparse._SubParsersAction) -> None:
-    """Local mode's commands live in their own module; it is imported only when used."""
-    try:
-        from mergesearch.local_cli import add_commands
-    except ImportError:  # pragma: no cover - local mode not built yet
-        return
-    add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--fresh", action="store_true", help="discard saved state and start over")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
-    report = sub.add_parser("report", help="draw PNG pictures of a local search")
-    report.add_argument("state_dir", type=Path)
+    report = sub.add_parser(
+        "report", help="draw PNG pictures of a local search, or of one on a cluster (--name)"
+    )
+    report.add_argument("state_dir", type=Path, nargs="?", help="a local search's state")
+    report.add_argument("--name", help="a MergeSearch on the cluster (read with kubectl)")
+    report.add_argument("-n", "--namespace", help="its namespace")
     report.add_argument("-o", "--output", type=Path, help="folder for the PNGs (default: STATE)")
     report.set_defaults(func=cmd_report)
 
@@ -153,6 +157,19 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.name:
+        from mergesearch.cluster_cli import ClusterReadError, report_from_cluster
+
+        try:
+            paths = report_from_cluster(args.name, args.namespace, args.output or Path())
+        except ClusterReadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print("\n".join(str(p) for p in paths))
+        return EXIT_OK
+    if args.state_dir is None:
+        print("error: give a state directory or --name", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from mergesearch import engine
     from mergesearch.local import StatePaths
     from mergesearch.records import read_records
