@@ -188,8 +188,14 @@ class SearchMetrics(Collector):
             self._status[key] = dict(status)
 
     def observe_result(self, key: Key, pod_uid: str, result: Mapping[str, Any]) -> bool:
-        """Observe a trial result's step durations once per pod; False if already seen."""
+        """Observe a trial result's step durations once per pod; False if already seen.
+
+        Only for a search this collector knows (its status was reported): the garbage
+        collector deletes a deleted search's pods after the search, and those pod events must
+        not bring its series back."""
         with self._lock:
+            if key not in self._status:
+                return False
             seen = self._seen_pods.setdefault(key, set())
             if pod_uid in seen:
                 return False

@@ -454,7 +454,8 @@ def test_concurrent_fetches_in_processes_configured_from_env(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(s3_server.env(), PYTHONPATH=str(ROOT / "runner"))
-    command = [sys.executable, "-c", FETCH_IN_CHILD, sharded_uri, str(tmp_path / "cache")]
+    command = [sys.executable, "-X", "faulthandler", "-c", FETCH_IN_CHILD, sharded_uri]
+    command.append(str(tmp_path / "cache"))
     children = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(3)
@@ -462,7 +463,7 @@ def test_concurrent_fetches_in_processes_configured_from_env(
     outputs: list[dict[str, Any]] = []
     for child in children:
         stdout, stderr = child.communicate(timeout=120)
-        assert child.returncode == 0, stderr.decode()
+        assert child.returncode == 0, (stdout.decode(), stderr.decode())
         outputs.append(json.loads(stdout))
     assert len({output["path"] for output in outputs}) == 1
     downloads = sorted(name for output in outputs for name in output["downloaded"])

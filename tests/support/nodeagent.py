@@ -159,13 +159,26 @@ def rewrite_paths(text: str, mounts: Sequence[tuple[str, str]]) -> str:
     """Replaces container paths by host paths where a path starts: at the start of the text or
     after '=', ':', ',' or whitespace, and ending at '/', the end, or one of those separators.
     One pass, longest container path first: /data/cache wins over /data, and a host path put in
-    (under /tmp, say) is never rewritten again by a mount at /tmp."""
+    (under /tmp, say) is never rewritten again by a mount at /tmp.
+
+    A path below a mount point that already exists on this host is left alone: pods run here
+    as local processes, so a command may name a file of the checkout, which may itself live
+    under /tmp (a CI clone, say) while the pod mounts an emptyDir at /tmp."""
     if not mounts:
         return text
     table = {container.rstrip("/") or "/": host for container, host in mounts}
     alternatives = "|".join(re.escape(p) for p in sorted(table, key=len, reverse=True))
-    pattern = re.compile(r"(?:^|(?<=[=:,\s]))(" + alternatives + r")(?=$|[/=:,\s])")
-    return pattern.sub(lambda match: table[match.group(1)], text)
+    pattern = re.compile(
+        r"(?:^|(?<=[=:,\s]))(" + alternatives + r")(?=$|[/=:,\s])((?:/[^=:,\s]*)?)"
+    )
+
+    def replace(match: re.Match[str]) -> str:
+        mount, rest = match.group(1), match.group(2)
+        if rest.strip("/") and Path(mount + rest).exists():
+            return match.group(0)
+        return table[mount] + rest
+
+    return pattern.sub(replace, text)
 
 
 def field_ref_value(pod: Mapping[str, Any], field_path: str, node_name: str) -> str:

@@ -103,6 +103,8 @@ def test_exposition_labels_each_series_by_namespace_and_search() -> None:
 def test_trial_timings_are_observed_once_per_pod() -> None:
     metrics = SearchMetrics()
     result = {"timings": {"mergeS": 2.0, "evaluateS": 40.0}}
+    assert not metrics.observe_result(("ns", "s"), "pod-uid-0", result)  # search not known yet
+    metrics.update_status(("ns", "s"), STATUS)
     assert metrics.observe_result(("ns", "s"), "pod-uid-1", result)
     assert not metrics.observe_result(("ns", "s"), "pod-uid-1", result)  # a repeated event
     assert metrics.observe_result(("ns", "s"), "pod-uid-2", {"timings": {"mergeS": 4.0}})
@@ -127,7 +129,11 @@ def test_a_deleted_search_leaves_no_series() -> None:
     searches = {dict(labels).get("search") for _, labels in got}
     assert searches == {"kept"}
     assert metrics.keys() == {("ns", "kept")}
-    # a pod seen before the deletion counts again for a re-created search of the same name
+    # the garbage collector deletes the search's pods after it: their events add nothing
+    assert not metrics.observe_result(("ns", "gone"), "uid-2", {"timings": {"mergeS": 1.0}})
+    assert {dict(labels).get("search") for _, labels in scrape(metrics)} == {"kept"}
+    # a re-created search of the same name is observed again once its status is reported
+    metrics.update_status(("ns", "gone"), STATUS)
     assert metrics.observe_result(("ns", "gone"), "uid", {"timings": {"mergeS": 1.0}})
 
 
