@@ -131,6 +131,32 @@ def namespaces(k8s_cluster: KubeCluster) -> Iterator[tuple[str, str]]:
         k8s_cluster.api().delete(f"/api/v1/namespaces/{name}")
 
 
+def assert_exporter_matches_status(
+    text: str, namespace: str, search: str, status: dict[str, Any]
+) -> None:
+    """The exporter's values for a search are its status's, read back from the endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("namespace", None) == namespace and labels.pop("search", None) == search:
+                got[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    best = status["best"]
+    assert got[("mergesearch_best_fitness", ())] == pytest.approx(best["fitness"])
+    assert got[("mergesearch_iteration", ())] == status["iteration"]
+    for outcome in ("succeeded", "failed"):
+        key = ("mergesearch_trials_total", (("outcome", outcome),))
+        assert got[key] == status["trials"][outcome]
+    for checkpoint, weight in best["weights"].items():
+        key = ("mergesearch_checkpoint_weight", (("checkpoint", checkpoint),))
+        assert got[key] == pytest.approx(weight)
+    for task, score in best["scores"].items():
+        key = ("mergesearch_task_score", (("split", "held_in"), ("task", task)))
+        assert got[key] == pytest.approx(score)
+
+
 def start_operator(
     tmp_path: Path,
     runner_dir: Path,
@@ -340,6 +366,12 @@ def test_install_run_a_search_upgrade_uninstall(
             status = json.loads(text)["status"]
             pytest.fail(f"search failed: {status.get('recentFailures')}")
         assert http_get(f"http://127.0.0.1:{liveness_port}/healthz")[0] == 200
+        status = json.loads(
+            k8s_cluster.kubectl("get", "msearch", search, "-n", work, "-o", "json")
+        )["status"]
+        assert_exporter_matches_status(
+            http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1], work, search, status
+        )
 
         # Every dashboard panel's query returns data for this search.
         assert wait_for(prometheus.targets_up, timeout_s=30, what="the scrape target up")
