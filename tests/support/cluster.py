@@ -22,7 +22,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from support.net import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-testbin.sh"
@@ -225,18 +226,6 @@ class Ports:
     etcd_client: int
     etcd_peer: int
     apiserver: int
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel reports free right now (held open together so that they differ)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def etcd_command(bindir: Path, data_dir: Path, ports: Ports) -> list[str]:

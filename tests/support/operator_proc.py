@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from support.cluster import ApiError, KubeCluster
+from support.nodeagent import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "mergesearch.yaml"
@@ -241,13 +241,7 @@ def wait_until(
     condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.3
 ) -> Any:
     """Polls `condition` until it returns something truthy, which is returned."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    return wait_for(condition, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
 @dataclass

