@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesearch.records import TrialRecord
+from mergesearch.summary import baseline_label
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -73,11 +74,7 @@ def score_rows(obj: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, dict[
     spec, status = obj.get("spec", {}), obj.get("status") or {}
     tasks = [t["task"] for t in (spec.get("objective") or {}).get("heldIn", [])]
     rows = [
-        (
-            b["id"].removeprefix("b-each-").removeprefix("b-"),
-            b.get("scores") or {},
-            b.get("fitness"),
-        )
+        (baseline_label(b["id"]), b.get("scores") or {}, b.get("fitness"))
         for b in status.get("baselines") or []
         if b.get("status") == "succeeded"
     ]
@@ -85,10 +82,6 @@ def score_rows(obj: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, dict[
     if best:
         rows.append((f"best ({best['trial']})", best.get("scores") or {}, best.get("fitness")))
     return tasks, rows
-
-
-def _label(baseline_id: str) -> str:
-    return baseline_id.removeprefix("b-each-").removeprefix("b-")
 
 
 def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:

@@ -10,21 +10,18 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergesearch.engine.pareto import dominates
 from mergesearch.records import TrialRecord
+from mergesearch.summary import baseline_label
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
     """Indices of the points no other point dominates (all objectives maximised)."""
-    front = []
-    for i, p in enumerate(points):
-        dominated = any(
-            all(q[k] >= p[k] for k in range(len(p))) and any(q[k] > p[k] for k in range(len(p)))
-            for j, q in enumerate(points)
-            if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
+    return [
+        i
+        for i, p in enumerate(points)
+        if not any(dominates(q, p) for j, q in enumerate(points) if j != i)
+    ]
 
 
 def best_so_far(values: Sequence[float]) -> list[float]:
@@ -50,7 +47,7 @@ def draw_fitness(records: Sequence[TrialRecord], path: Path) -> Path:
     for r in done:
         if r.id in {"b-uniform", "b-merge-best"}:
             ax.axhline(r.fitness or 0.0, ls="--", lw=1, color="tab:orange")
-            ax.annotate(r.id.removeprefix("b-"), (xs[-1], r.fitness or 0.0), fontsize=8)
+            ax.annotate(baseline_label(r.id), (xs[-1], r.fitness or 0.0), fontsize=8)
     ax.set_xlabel("trial")
     ax.set_ylabel("held-in fitness")
     ax.set_title("Fitness per trial (orange: baselines)")
@@ -103,7 +100,7 @@ def draw_scores(records: Sequence[TrialRecord], tasks: Sequence[str], path: Path
             if r.kind == "baseline":
                 ax.scatter(r.held_in[a], r.held_in[b], marker="x", color="tab:orange")
                 ax.annotate(
-                    r.id.removeprefix("b-").removeprefix("each-"),
+                    baseline_label(r.id),
                     (r.held_in[a], r.held_in[b]),
                     fontsize=7,
                 )

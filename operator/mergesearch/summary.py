@@ -49,10 +49,10 @@ class Claims:
         ]
 
 
-def baseline_label(record: TrialRecord) -> str:
-    if record.id.startswith("b-each-"):
-        return record.id.removeprefix("b-each-")
-    return record.id.removeprefix("b-")
+def baseline_label(trial_id: str) -> str:
+    """`b-each-sft-a` → `sft-a`, `b-uniform` → `uniform`: how tables and pictures name a
+    baseline."""
+    return trial_id.removeprefix("b-each-").removeprefix("b-")
 
 
 def table_rows(
@@ -60,7 +60,7 @@ def table_rows(
 ) -> list[Row]:
     """Baselines in the order they ran, then the best merge."""
     rows = [
-        Row(baseline_label(r), r.held_in, r.fitness or 0.0, r.held_out)
+        Row(baseline_label(r.id), r.held_in, r.fitness or 0.0, r.held_out)
         for r in records
         if r.kind == "baseline" and r.status == "succeeded"
     ]
