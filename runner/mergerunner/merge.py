@@ -3,11 +3,12 @@
 Two outputs share one arithmetic, so that they produce bit-identical tensors:
 
 * `merge_to_directory` streams the merge to an HF-format directory. It writes the safetensors
-  format itself (header first, computed from the known shapes, then the tensor bytes in order)
-  because safetensors' own writer wants the whole model in memory. Tensors are cut into
-  windows, mapped from every input at once, and windows into spans of a bounded number of
-  elements, so memory stays a few tens of MiB whatever the model. One thread maps the next
-  window while a few threads accumulate spans, and one writes and hashes them in order.
+  format itself (header first, computed from the known shapes, then every span of tensor bytes
+  at its known offset) because safetensors' own writer wants the whole model in memory.
+  Tensors are cut into windows, mapped from every input at once, and windows into spans of a
+  bounded number of elements, so memory stays a few tens of MiB whatever the model. A few
+  workers each claim a window, map it, accumulate its spans, hash them block by block and
+  write them: no stage waits for another, nothing is handed between threads.
 * `ResidentMerger` keeps every checkpoint in memory once and writes a merge straight into an
   already loaded model, so that a search evaluates a candidate without touching the disk.
 
@@ -19,17 +20,18 @@ evaluates that elementwise, so the result does not depend on how the work is spl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import mmap
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from blake3 import blake3
 
 from mergerunner.checkpoint import (
     CONFIG_FILE,
@@ -70,6 +73,12 @@ CHUNK_ELEMS = 1 << 18
 # Input bytes mapped per window, all checkpoints together (at most three windows are mapped).
 MAP_BUDGET_BYTES = 32 << 20
 MIN_WINDOW_ELEMS = 1 << 16
+# Elements per block of the content digest: every tensor is hashed block by block (see
+# `content_digest`), so that blocks can be hashed in parallel. Spans start on block bounds.
+DIGEST_BLOCK = 1 << 16
+# BLAKE3, not sha256: 2.2x faster here (256 MiB in 0.08 s against 0.18 s with SHA-NI), which
+# made the digest the merge's costliest stage after the arithmetic.
+DIGEST_SCHEME = "blake3:"
 # Files copied from the first checkpoint besides config.json (which is rewritten).
 SIDE_FILES = (
     "generation_config.json",
@@ -235,7 +244,7 @@ def plan_shards(
 
 
 def digest_prefix(name: str, code: str, shape: Sequence[int]) -> bytes:
-    """What the content digest hashes before a tensor's bytes: its name, dtype and shape."""
+    """What the content digest hashes before a tensor's block digests: name, dtype and shape."""
     return json.dumps([name, code, list(shape)]).encode() + b"\n"
 
 
@@ -247,17 +256,28 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
 
 
+def block_digests(raw: memoryview, itemsize: int) -> bytes:
+    """BLAKE3 of each DIGEST_BLOCK-element block of `raw` (the last one may be shorter),
+    concatenated. `raw` must start on a block boundary of its tensor."""
+    step = DIGEST_BLOCK * itemsize
+    return b"".join(blake3(raw[i : i + step]).digest() for i in range(0, len(raw), step))
+
+
+def blocks_of(numel: int) -> int:
+    return -(-numel // DIGEST_BLOCK)
+
+
 def content_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of tensors in the given order.
+    """The content digest of tensors in the given order (see `merge_to_directory`).
 
     `merge_to_directory` computes the same digest while it writes, so a resident merge and a
     written one of the same weights and dtype have equal digests."""
-    hasher = hashlib.sha256()
+    hasher = blake3()
     for name, tensor in named:
         hasher.update(digest_prefix(name, CODE_OF_TORCH[tensor.dtype], tensor.shape))
         if tensor.numel():
-            hasher.update(tensor_bytes(tensor))
-    return "sha256:" + hasher.hexdigest()
+            hasher.update(block_digests(tensor_bytes(tensor), tensor.element_size()))
+    return DIGEST_SCHEME + hasher.hexdigest()
 
 
 def updated_config(config: dict[str, Any], dtype: str, untie_head: bool) -> dict[str, Any]:
@@ -294,8 +314,8 @@ def stream_geometry(active_inputs: int, itemsize: int) -> tuple[int, int]:
     """(window, chunk) sizes in elements. A window is mapped from every input at once and
     bounds the mapped bytes to MAP_BUDGET_BYTES; a chunk is what one accumulator pass covers."""
     window = max(MIN_WINDOW_ELEMS, MAP_BUDGET_BYTES // (max(1, active_inputs) * itemsize))
-    chunk = min(CHUNK_ELEMS, window)
-    return window // chunk * chunk, chunk
+    chunk = max(DIGEST_BLOCK, min(CHUNK_ELEMS, window) // DIGEST_BLOCK * DIGEST_BLOCK)
+    return max(chunk, window // chunk * chunk), chunk
 
 
 def _spans(shards: Sequence[ShardSpec], size: int) -> Iterator[_Span]:
@@ -322,6 +342,7 @@ class _Files:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> _Files:
         return self
@@ -332,10 +353,11 @@ class _Files:
         self._fds.clear()
 
     def fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
-        return fd
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
 
 
 class _Mapped:
@@ -390,66 +412,98 @@ def accumulate(acc: torch.Tensor, terms: Iterable[tuple[float, torch.Tensor]]) -
     return acc
 
 
-class _ShardWriter:
-    """Writes shards in order, hashing tensors as they go; verifies each file's final size."""
+class _Outputs:
+    """The output shards, created with their headers, written at known offsets from any thread.
+
+    Every tensor's place in its file is fixed by the header, so spans are written with
+    `pwrite` as soon as they are merged, in whatever order the workers finish them: no thread
+    has to wait for another to keep the file in order.
+    """
 
     def __init__(self, directory: Path, shards: Sequence[ShardSpec], code: str) -> None:
-        self._directory = directory
         self._shards = shards
-        self._code = code
-        self._current = -1
-        self._handle: Any = None
-        self._hasher = hashlib.sha256()
-        self.bytes_written = 0
+        self._itemsize = FLOAT_ITEMSIZE[code]
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        for index, spec in enumerate(shards):
+            fd = os.open(directory / spec.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            _write_all(fd, memoryview(spec.header), 0)
+            offset = len(spec.header)
+            for tensor in spec.tensors:
+                self._where[tensor.name] = (index, offset)
+                offset += tensor.numel * self._itemsize
 
-    def __enter__(self) -> _ShardWriter:
+    def __enter__(self) -> _Outputs:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
-    def _advance_to(self, shard: int) -> None:
-        while self._current < shard:
-            self._close_current()
-            self._current += 1
-            spec = self._shards[self._current]
-            self._handle = (self._directory / spec.file).open("wb")
-            self._handle.write(spec.header)
-            self.bytes_written += len(spec.header)
+    def write(self, span: _Span, raw: memoryview) -> None:
+        index, offset = self._where[span.tensor.name]
+        _write_all(self._fds[index], raw, offset + span.start * self._itemsize)
 
-    def _close_current(self) -> None:
-        if self._handle is None:
-            return
-        spec = self._shards[self._current]
-        size = self._handle.tell()
-        self._handle.close()
-        self._handle = None
-        if size != spec.size:
-            raise OSError(f"{spec.file}: wrote {size} bytes, expected {spec.size}")
+    def finish(self) -> int:
+        """Check every file's size against its header; return the bytes written."""
+        for spec, fd in zip(self._shards, self._fds, strict=True):
+            size = os.fstat(fd).st_size
+            if size != spec.size:
+                raise OSError(f"{spec.file}: wrote {size} bytes, expected {spec.size}")
+        return sum(spec.size for spec in self._shards)
 
-    def write(self, span: _Span, data: torch.Tensor) -> None:
-        self._advance_to(span.shard)
-        if span.start == 0:
-            tensor = span.tensor
-            self._hasher.update(digest_prefix(tensor.name, self._code, tensor.shape))
-        if span.size:
-            raw = memoryview(data.view(torch.uint8).numpy())
-            self._hasher.update(raw)
-            self._handle.write(raw)
-            self.bytes_written += len(raw)
+
+def _write_all(fd: int, raw: memoryview, offset: int) -> None:
+    while raw:
+        done = os.pwrite(fd, raw, offset)
+        raw, offset = raw[done:], offset + done
+
+
+class _Digests:
+    """Block digests of every output tensor, in write order, filled in by the workers.
+
+    The content digest hashes each tensor's blocks separately, so that the workers hash the
+    spans they merged in parallel and in any order; only the final, short pass over the
+    block digests is serial. One slot of 32 bytes per DIGEST_BLOCK elements: 0.02% of a bf16
+    model's size.
+    """
+
+    def __init__(self, shards: Sequence[ShardSpec], code: str) -> None:
+        self._code = code
+        self._itemsize = FLOAT_ITEMSIZE[code]
+        self._order = [t for spec in shards for t in spec.tensors]
+        self._base: dict[str, int] = {}
+        slots = 0
+        for tensor in self._order:
+            self._base[tensor.name] = slots
+            slots += blocks_of(tensor.numel)
+        self._slots = bytearray(32 * slots)
+
+    def record(self, span: _Span, raw: memoryview) -> None:
+        if span.start % DIGEST_BLOCK or (
+            span.stop % DIGEST_BLOCK and span.stop != span.tensor.numel
+        ):
+            raise AssertionError(f"span {span.start}:{span.stop} is not on digest block bounds")
+        slot = self._base[span.tensor.name] + span.start // DIGEST_BLOCK
+        digests = block_digests(raw, self._itemsize)
+        self._slots[32 * slot : 32 * slot + len(digests)] = digests
 
     def finish(self) -> str:
-        self._advance_to(len(self._shards) - 1)
-        self._close_current()
-        return "sha256:" + self._hasher.hexdigest()
+        hasher = blake3()
+        view = memoryview(self._slots)
+        for tensor in self._order:
+            hasher.update(digest_prefix(tensor.name, self._code, tensor.shape))
+            base = 32 * self._base[tensor.name]
+            hasher.update(view[base : base + 32 * blocks_of(tensor.numel)])
+        return DIGEST_SCHEME + hasher.hexdigest()
 
 
 @contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
-    """Run torch ops on `count` intra-op threads. The merge parallelises over spans with its own
-    threads; intra-op threads on top of those, for spans this small, only add contention."""
+    """Run torch ops on `count` intra-op threads. The merge parallelises over windows with its
+    own threads; intra-op threads on top of those, for spans this small, only add contention."""
     before = torch.get_num_threads()
     if before != count:
         torch.set_num_threads(count)
@@ -460,52 +514,57 @@ def _torch_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _merge_span(
-    acc: torch.Tensor, out: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]
-) -> torch.Tensor:
-    out.copy_(accumulate(acc, terms))
-    return out
+@dataclass
+class _Job:
+    """What every worker of one streaming merge shares."""
+
+    windows: Sequence[_Span]
+    chunk: int
+    weights: Sequence[float]
+    active: Sequence[int]
+    out: torch.dtype
+    files: _Files
+    outputs: _Outputs
+    digests: _Digests
+    claim: Iterator[int] = field(default_factory=itertools.count)
+    failed: threading.Event = field(default_factory=threading.Event)
 
 
-def _write_when_ready(writer: _ShardWriter, span: _Span, merged: Future[torch.Tensor]) -> None:
-    writer.write(span, merged.result())
+def _worker(job: _Job) -> None:
+    """Claim windows one at a time; map each, merge it span by span, hash and write the spans.
 
-
-class _Pipeline:
-    """Spans in flight: each owns one of RING accumulator/output buffer pairs until written.
-
-    The writer is a single thread fed in submission order, so spans computed out of order by
-    the compute threads are still written (and hashed) in order.
+    Each worker owns one accumulator and one output buffer (L2-sized), and at most one mapped
+    window. `next()` on an itertools.count is atomic under the GIL, so no window is claimed
+    twice. torch, hashlib (on buffers over 2 KiB), pwrite and mmap release the GIL, so the
+    workers run in parallel on the heavy parts.
     """
-
-    def __init__(self, chunk: int, out: torch.dtype, computers: int) -> None:
-        self.ring = 2 * computers + 2
-        self.buffers = [
-            (torch.empty(chunk, dtype=torch.float32), torch.empty(chunk, dtype=out))
-            for _ in range(self.ring)
-        ]
-        self.writes: deque[Future[None]] = deque()
-        self.count = 0
-
-    def submit(
-        self,
-        computers: ThreadPoolExecutor,
-        scribe: ThreadPoolExecutor,
-        writer: _ShardWriter,
-        span: _Span,
-        terms: list[tuple[float, torch.Tensor]],
-    ) -> Future[torch.Tensor]:
-        if len(self.writes) == self.ring:
-            self.writes.popleft().result()  # frees the buffers this span reuses
-        acc, out = self.buffers[self.count % self.ring]
-        self.count += 1
-        merged = computers.submit(_merge_span, acc[: span.size], out[: span.size], terms)
-        self.writes.append(scribe.submit(_write_when_ready, writer, span, merged))
-        return merged
-
-    def drain(self) -> None:
-        while self.writes:
-            self.writes.popleft().result()
+    acc = torch.empty(job.chunk, dtype=torch.float32)
+    buffer = torch.empty(job.chunk, dtype=job.out)
+    try:
+        while not job.failed.is_set():
+            k = next(job.claim)
+            if k >= len(job.windows):
+                return
+            window = job.windows[k]
+            mapped = _Mapped(job.files, window, job.active)
+            try:
+                for span in _split(window, job.chunk):
+                    lo, hi = span.start - window.start, span.stop - window.start
+                    terms = [
+                        (job.weights[i], v[lo:hi])
+                        for i, v in zip(job.active, mapped.views, strict=True)
+                    ]
+                    merged = buffer[: span.size]
+                    merged.copy_(accumulate(acc[: span.size], terms))
+                    raw = memoryview(merged.view(torch.uint8).numpy())
+                    if span.size:
+                        job.digests.record(span, raw)
+                        job.outputs.write(span, raw)
+            finally:
+                mapped.release()
+    except BaseException:
+        job.failed.set()
+        raise
 
 
 def _stream(
@@ -517,48 +576,34 @@ def _stream(
     directory: Path,
     threads: int,
 ) -> tuple[str, int]:
-    """Map, accumulate and convert, write and hash, each stage on its own thread(s): mapping the
-    next window and writing finished spans overlap with accumulating the current ones."""
+    """Merge every window with `threads` workers, each mapping, accumulating, hashing and
+    writing its own windows: no stage waits on another, and nothing is copied between threads.
+    """
     active = [i for i, w in enumerate(weights) if w != 0.0]
     itemsize = max((FLOAT_ITEMSIZE[t.dtype] for t in plan.tensors), default=4)
     window_size, chunk_size = stream_geometry(len(active), itemsize)
-    pipeline = _Pipeline(chunk_size, out, threads)
-    windows = list(_spans(shards, window_size))
-    live: deque[tuple[_Mapped, list[Future[torch.Tensor]]]] = deque()
     with (
         _Files() as files,
-        _ShardWriter(directory, shards, code) as writer,
-        ThreadPoolExecutor(1, thread_name_prefix="merge-map") as mapper,
-        ThreadPoolExecutor(threads, thread_name_prefix="merge-add") as computers,
-        ThreadPoolExecutor(1, thread_name_prefix="merge-write") as scribe,
+        _Outputs(directory, shards, code) as outputs,
         _torch_threads(1),
     ):
-        mapping = mapper.submit(_Mapped, files, windows[0], active) if windows else None
-        for k, window in enumerate(windows):
-            assert mapping is not None
-            mapped = mapping.result()
-            if k + 1 < len(windows):
-                mapping = mapper.submit(_Mapped, files, windows[k + 1], active)
-            merged = []
-            for span in _split(window, chunk_size):
-                lo, hi = span.start - window.start, span.stop - window.start
-                terms = [(weights[i], v[lo:hi]) for i, v in zip(active, mapped.views, strict=True)]
-                merged.append(pipeline.submit(computers, scribe, writer, span, terms))
-            live.append((mapped, merged))
-            _release(live, keep=1)
-        pipeline.drain()
-        _release(live, keep=0)
-        digest = writer.finish()
-    return digest, writer.bytes_written
-
-
-def _release(live: deque[tuple[_Mapped, list[Future[torch.Tensor]]]], keep: int) -> None:
-    """Unmap windows whose spans are all accumulated, keeping the newest `keep`."""
-    while len(live) > keep:
-        mapped, merged = live.popleft()
-        for future in merged:
+        digests = _Digests(shards, code)
+        job = _Job(
+            list(_spans(shards, window_size)),
+            chunk_size,
+            weights,
+            active,
+            out,
+            files,
+            outputs,
+            digests,
+        )
+        with ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
+            futures = [pool.submit(_worker, job) for _ in range(threads)]
+        for future in futures:
             future.result()
-        mapped.release()
+        written = outputs.finish()
+    return digests.finish(), written
 
 
 # ---------------------------------------------------------------------------------------------

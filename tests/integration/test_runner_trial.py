@@ -85,7 +85,7 @@ def test_trial_fetches_merges_scores_and_uploads(
     assert set(result["heldOut"]) == set(toy_pool.heldout)
     mean = sum(result["heldIn"].values()) / len(result["heldIn"])
     assert result["fitness"] == pytest.approx(mean)
-    assert result["digest"].startswith("sha256:")
+    assert result["digest"].startswith("blake3:")
     assert result["timings"]["fetchS"] > 0 and result["timings"]["evaluateS"] > 0
     listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="merged/t-g000-c00/")
     keys = {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}

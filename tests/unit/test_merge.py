@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -129,6 +130,7 @@ def test_merge_of_many_checkpoints(tmp_path: Path, n: int) -> None:
 def test_chunked_tensors_give_the_unchunked_result(tmp_path: Path, monkeypatch) -> None:
     dirs = _checkpoints(tmp_path, 3)
     weights = [0.2, 0.3, 0.5]
+    monkeypatch.setattr(merge, "DIGEST_BLOCK", 7)  # tensors of several digest blocks
     whole = merge_to_directory(dirs, weights, tmp_path / "whole")
     monkeypatch.setattr(merge, "stream_geometry", lambda *_: (21, 7))  # windows of 3 chunks
     chunked = merge_to_directory(dirs, weights, tmp_path / "chunked")
@@ -136,6 +138,27 @@ def test_chunked_tensors_give_the_unchunked_result(tmp_path: Path, monkeypatch) 
     wide = merge_to_directory(dirs, weights, tmp_path / "wide", threads=4)
     assert chunked.digest == whole.digest == serial.digest == wide.digest
     assert _load(tmp_path / "chunked").keys() == _load(tmp_path / "whole").keys()
+
+
+@pytest.mark.parametrize("block", [7, 16, 1 << 16])
+def test_digest_is_of_the_written_tensors_block_by_block(
+    tmp_path: Path, monkeypatch, block: int
+) -> None:
+    """The streamed digest, hashed by several workers in any order, equals content_digest of
+    the tensors read back, and is BLAKE3 of (prefix, BLAKE3 of each block) in name order."""
+    monkeypatch.setattr(merge, "DIGEST_BLOCK", block)
+    monkeypatch.setattr(merge, "stream_geometry", lambda *_: (2 * block, block))
+    dirs = _checkpoints(tmp_path, 3)
+    report = merge_to_directory(dirs, [0.2, 0.3, 0.5], tmp_path / "out", threads=3)
+    tensors = sorted(_load(tmp_path / "out").items())
+    assert report.digest == merge.content_digest(tensors)
+    by_hand = blake3()
+    for name, tensor in tensors:
+        by_hand.update(json.dumps([name, "BF16", list(tensor.shape)]).encode() + b"\n")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        for i in range(0, len(raw), 2 * block):
+            by_hand.update(blake3(raw[i : i + 2 * block]).digest())
+    assert report.digest == "blake3:" + by_hand.hexdigest()
 
 
 def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
@@ -244,16 +267,25 @@ def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
     _assert_nothing_written(tmp_path, {"ckpt0", "pickled"})
 
 
-def test_failure_while_writing_leaves_no_output(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("threads", [1, 3])
+def test_failure_while_writing_leaves_no_output(tmp_path: Path, monkeypatch, threads: int) -> None:
     dirs = _checkpoints(tmp_path, 2)
+    calls = []
+    write = merge._Outputs.write
 
-    def broken(self, chunk, data) -> None:
-        raise OSError("disk full")
+    def fails_on_the_fifth(self, span, raw) -> None:
+        calls.append(span)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        write(self, span, raw)
 
-    monkeypatch.setattr(merge._ShardWriter, "write", broken)
+    monkeypatch.setattr(merge, "DIGEST_BLOCK", 8)
+    monkeypatch.setattr(merge, "stream_geometry", lambda *_: (16, 8))  # many windows
+    monkeypatch.setattr(merge._Outputs, "write", fails_on_the_fifth)
     with pytest.raises(OSError, match="disk full"):
-        merge_to_directory(dirs, [0.5, 0.5], tmp_path / "out")
+        merge_to_directory(dirs, [0.5, 0.5], tmp_path / "out", threads=threads)
     _assert_nothing_written(tmp_path, {"ckpt0", "ckpt1"})
+    assert len(calls) < 5 + 2 * threads  # the other workers stopped at their next window
 
 
 def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
