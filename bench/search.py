@@ -3,13 +3,18 @@
 All methods score candidates on the same resident toy model and the same fixed examples, in
 one process, so they differ only in which weights they ask for. Budgets count every
 evaluation a method makes; for ours that includes its baselines (each checkpoint, uniform,
-merge-best), which makes the comparison strict for ours. For every (method, seed) one run of
-the largest budget is made and its best-so-far read at each smaller budget.
+merge-best: 11 of the pool's 9 checkpoints), which makes the comparison strict for ours. For
+every (method, seed) one run of the largest budget is made and its best-so-far read at each
+smaller budget.
+
+Ours runs with the product's defaults (what a MergeSearch without `search` settings gets):
+the mean starts from the best baseline, sigma0 is the simplex default. Optuna's CMA-ES gets
+the same parameterisation and sigma0, starting at the uniform merge (it has no baselines).
 
 Also measured: how a local trial's time splits between merging into the resident model (plus
 the engine's bookkeeping) and evaluation.
 
-    python bench/search.py [--seeds 3] [--budgets 25,50,100] [--limit 50]
+    python bench/search.py [--seeds 3] [--budgets 25,50,100] [--limit 50] [--sigma0 S]
 
 Writes bench/results/search.json and prints a table.
 """
@@ -36,9 +41,10 @@ from mergerunner.resident import ResidentEvaluator  # noqa: E402
 from mergerunner.toys import build_pool, get_preset  # noqa: E402
 from mergerunner.trial import EvaluatorSpec, TaskSpec  # noqa: E402
 from mergesearch import engine  # noqa: E402
+from mergesearch.engine.config import SIMPLEX_SIGMA0  # noqa: E402
 from mergesearch.engine.parameterization import make_parameterization  # noqa: E402
 
-SIGMA0 = 0.3
+SIGMA0 = SIMPLEX_SIGMA0
 
 
 class Scorer:
@@ -79,6 +85,7 @@ def run_ours(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[
         checkpoints=tuple(scorer.names),
         tasks=tuple(engine.HeldInTask(name=t) for t in scorer.heldin),
         sigma0=SIGMA0,
+        start="best-baseline",
         seed=seed,
         max_trials=budget,
     )
@@ -150,12 +157,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budgets", default="25,50,100")
     parser.add_argument("--limit", type=int, default=50, help="examples per task")
+    parser.add_argument("--sigma0", type=float, default=SIMPLEX_SIGMA0, help="for both CMA-ES")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     cache = Path(os.environ.get("MERGESEARCH_CACHE", Path.home() / ".cache" / "mergesearch"))
     pool = build_pool(cache / "toys" / f"paper-{get_preset('paper').key()}", "paper")
     scorer = Scorer(pool, args.limit)
+    global SIGMA0
+    SIGMA0 = args.sigma0
 
     methods = {"cmaes": run_ours, "random": run_random, "optuna_cmaes": run_optuna}
     results: dict[str, Any] = {m: {str(b): {"runs": []} for b in budgets} for m in methods}
@@ -226,6 +236,7 @@ def main() -> None:
             "limit_per_task": args.limit,
             "seeds": args.seeds,
             "sigma0": SIGMA0,
+            "ours_start": "best-baseline",
             "budget_counts_our_baselines": True,
         },
         "seconds": round(time.monotonic() - started, 1),

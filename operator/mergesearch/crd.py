@@ -65,6 +65,11 @@ _RULES: dict[str, list[dict[str, str]]] = {
             "self.baselines.exists_one(c, c == b))",
             "message": "each baseline may be listed once",
         },
+        {
+            "rule": "!has(self.baselines) || size(self.baselines) > 0 "
+            "|| (has(self.start) && self.start == 'uniform')",
+            "message": "start: best-baseline needs at least one baseline",
+        },
     ],
 }
 
@@ -74,7 +79,7 @@ _RULES: dict[str, list[dict[str, str]]] = {
 _RULES.update(
     {
         f"spec.search.{name}": _immutable(f"search.{name}")
-        for name in ("seed", "sigma0", "populationSize", "baselines", "failurePolicy")
+        for name in ("seed", "sigma0", "start", "populationSize", "baselines", "failurePolicy")
     }
 )
 

@@ -90,7 +90,13 @@ class SearchSpec(_Spec):
     population_size: int | None = Field(
         default=None, ge=3, le=1000, description="CMA-ES population; default 4+⌊3 ln N⌋."
     )
-    sigma0: float = Field(default=0.2, gt=0, le=10, description="Initial CMA-ES step size.")
+    sigma0: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Initial CMA-ES step size; default 1.0 on the simplex (log-ratio units), "
+        "0.5/N unconstrained (weight units).",
+    )
     max_generations: int = Field(default=30, ge=1, le=100000, description="Generation budget.")
     max_trials: int = Field(default=400, ge=1, le=1000000, description="Trial budget.")
     target_fitness: float | None = Field(default=None, description="Stop at this fitness.")
@@ -98,6 +104,12 @@ class SearchSpec(_Spec):
         default=None, ge=1, description="Stop after this many generations without improvement."
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the whole search.")
+    start: Literal["best-baseline", "uniform"] = Field(
+        default="best-baseline",
+        description="Initial CMA-ES mean. best-baseline: halfway between the best baseline "
+        "and the uniform merge, once the baselines are in; uniform: the uniform merge, with "
+        "generation 0 evaluated alongside the baselines.",
+    )
     baselines: list[Baseline] = Field(
         default_factory=lambda: ["each", "uniform", "merge-best"],
         description="Baselines evaluated before the search.",
@@ -112,6 +124,8 @@ class SearchSpec(_Spec):
     def _checks(self) -> SearchSpec:
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError("baselines: each baseline may be listed once")
+        if self.start == "best-baseline" and not self.baselines:
+            raise ValueError("start: best-baseline needs at least one baseline")
         if self.target_fitness is not None and not math.isfinite(self.target_fitness):
             raise ValueError("targetFitness must be a finite number")
         return self

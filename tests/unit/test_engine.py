@@ -161,6 +161,51 @@ def test_baselines_can_be_chosen() -> None:
 # --------------------------------------------------------------------------- ask and tell
 
 
+def _all_baselines(state: EngineState, scores: dict[str, dict[str, float]]) -> EngineState:
+    """Tell every pending baseline: 'each' ones from `scores`, the others a fixed 0.3."""
+    while True:
+        _, pending = ask(state)
+        baselines = [c for c in pending if c.kind == "baseline"]
+        if not baselines:
+            return state
+        state = tell(
+            state,
+            [
+                Result(c.id, scores=scores.get(c.id.removeprefix("b-each-"), {"a": 0.3, "b": 0.3}))
+                for c in baselines
+            ],
+        )
+
+
+def test_best_baseline_start_opens_generation_zero_at_the_best_baseline() -> None:
+    config = make_config(4, start="best-baseline")
+    state = init(config)
+    _, first = ask(state)
+    assert all(c.kind == "baseline" for c in first)  # generation 0 waits for the baselines
+    scores = {f"ck{i}": {"a": 0.1 * i, "b": 0.1 * i} for i in range(4)}  # ck3 is best, 0.3
+    scores["ck3"] = {"a": 0.9, "b": 0.7}
+    state = _all_baselines(roundtrip(state), scores)
+    _, candidates = ask(state)
+    assert [c.generation for c in candidates] == [0] * config.popsize
+    mean = status(state).mean_weights
+    assert mean == pytest.approx({"ck0": 0.125, "ck1": 0.125, "ck2": 0.125, "ck3": 0.625})
+    assert state.trials.issued == 4 + 1 + config.popsize  # merge-best is ck3 alone: no trial
+
+
+def test_best_baseline_start_falls_back_to_uniform_when_every_baseline_failed() -> None:
+    config = make_config(3, start="best-baseline", baselines=["each", "uniform"])
+    state = init(config)
+    _, pending = ask(state)
+    state = tell(state, [Result(c.id, failed=True, reason="oom") for c in pending])
+    assert status(state).mean_weights == pytest.approx({f"ck{i}": 1 / 3 for i in range(3)})
+    assert ask(state)[1][0].id == "g000-c00"
+
+
+def test_best_baseline_start_needs_a_baseline() -> None:
+    with pytest.raises(ValidationError, match="needs at least one baseline"):
+        make_config(3, start="best-baseline", baselines=[])
+
+
 def test_ask_is_idempotent_and_does_not_change_the_state() -> None:
     state = init(make_config(5))
     state2, first = ask(state)

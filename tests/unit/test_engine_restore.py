@@ -25,6 +25,7 @@ from mergesearch.engine import (
     tell,
 )
 from mergesearch.engine.cmastate import NormalSource, StrategySettings, strategy_options
+from mergesearch.engine.engine import start_weights
 from mergesearch.engine.parameterization import make_parameterization
 from mergesearch.engine.records import fitness_of
 from mergesearch.engine.streams import main_generator
@@ -94,8 +95,11 @@ def drive(
 
 
 @pytest.mark.parametrize(("n", "generations"), CASES)
-def test_restoring_at_every_ask_and_tell_changes_nothing(n: int, generations: int) -> None:
-    config = make_config(n, generations)
+@pytest.mark.parametrize("start", ["uniform", "best-baseline"])
+def test_restoring_at_every_ask_and_tell_changes_nothing(
+    n: int, generations: int, start: str
+) -> None:
+    config = make_config(n, generations, start=start)
     straight_log, straight = drive(config, interrupt=False)
     restored_log, restored = drive(config, interrupt=True)
     assert len(straight_log) == config.baseline_trials - 1 + generations * config.popsize + 1
@@ -107,8 +111,11 @@ def test_restoring_at_every_ask_and_tell_changes_nothing(n: int, generations: in
 
 @pytest.mark.parametrize(("n", "generations"), CASES)
 @pytest.mark.parametrize("policy", ["penalize", "resample"])
-def test_restoring_around_failures_changes_nothing(n: int, generations: int, policy: str) -> None:
-    config = make_config(n, generations, failure_policy=policy)
+@pytest.mark.parametrize("start", ["uniform", "best-baseline"])
+def test_restoring_around_failures_changes_nothing(
+    n: int, generations: int, policy: str, start: str
+) -> None:
+    config = make_config(n, generations, failure_policy=policy, start=start)
     straight_log, straight = drive(config, interrupt=False, with_failures=True)
     restored_log, restored = drive(config, interrupt=True, with_failures=True)
     assert restored_log == straight_log
@@ -120,12 +127,19 @@ def test_restoring_around_failures_changes_nothing(n: int, generations: int, pol
 
 
 @pytest.mark.parametrize(("n", "generations"), CASES)
-def test_search_candidates_are_what_a_single_live_cma_run_asks(n: int, generations: int) -> None:
+@pytest.mark.parametrize("start", ["uniform", "best-baseline"])
+def test_search_candidates_are_what_a_single_live_cma_run_asks(
+    n: int, generations: int, start: str
+) -> None:
     """The reference never serialises anything: one `CMAEvolutionStrategy`, ask and tell."""
-    config = make_config(n, generations)
+    config = make_config(n, generations, start=start)
     objective = objective_for(config)
     param = make_parameterization(config.parameterization, n)
-    settings = StrategySettings(tuple(param.origin()), config.sigma0, config.popsize)
+    log, final = drive(config, interrupt=True)
+    x0 = param.origin()
+    if start == "best-baseline":
+        x0 = param.from_weights(start_weights(config, final.baselines))
+    settings = StrategySettings(tuple(x0), config.step_size, config.popsize)
     source = NormalSource(main_generator(config.seed))
     live = cma.CMAEvolutionStrategy(
         list(settings.x0), settings.sigma0, strategy_options(settings, source)
@@ -138,7 +152,6 @@ def test_search_candidates_are_what_a_single_live_cma_run_asks(n: int, generatio
         fitness = [fitness_of(config, objective.scores(w)) for w in weights]
         live.tell(samples, [-f for f in fitness])  # cma minimises
 
-    log, _ = drive(config, interrupt=True)
     seen: dict[int, dict[str, bytes]] = {}
     for entry in log:
         for cid, blob in entry:

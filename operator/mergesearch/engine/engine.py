@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,6 +66,8 @@ from mergesearch.engine.state import (
 from mergesearch.engine.streams import main_generator, replacement_generator
 
 RECENT_FAILURES = 10
+# How far a best-baseline start is moved towards the uniform merge (see `start_weights`).
+START_SHRINK = 0.5
 MIN_STEP = 1e-12
 MAX_CONDITION = 1e14
 _SLOT_ID = re.compile(r"^g(\d+)-c(\d+)(?:-r(\d+))?$")
@@ -92,7 +94,8 @@ def _init(config: EngineConfig) -> EngineState:
         baselines=baselines,
         trials=TrialCounters(issued=sum(b.seq is not None for b in baselines)),
     )
-    state = _open_generation(state, _Live(es, main, source))
+    if not _awaits_start(state):
+        state = _open_generation(state, _Live(es, main, source))
     return _settle(state)
 
 
@@ -264,13 +267,53 @@ def _param(config: EngineConfig) -> Parameterization:
     return make_parameterization(config.parameterization, config.n_checkpoints)
 
 
-def _settings(config: EngineConfig) -> cmastate.StrategySettings:
+def _settings(config: EngineConfig, start: str | None = None) -> cmastate.StrategySettings:
+    """The strategy's construction settings; `start` is a state's recorded start point."""
     param = _param(config)
-    if config.start == "uniform":
-        x0 = param.origin()
-    else:
+    if start is not None:
+        x0 = decode_f8(start, param.dim)
+    elif isinstance(config.start, dict):
         x0 = param.from_weights(np.array([config.start[n] for n in config.checkpoints]))
-    return cmastate.StrategySettings(tuple(float(v) for v in x0), config.sigma0, config.popsize)
+    else:  # uniform, or best-baseline until the baselines are in
+        x0 = param.origin()
+    return cmastate.StrategySettings(tuple(float(v) for v in x0), config.step_size, config.popsize)
+
+
+def _awaits_start(state: EngineState) -> bool:
+    """Generation 0 waits for the baselines when it starts from the best of them."""
+    return (
+        state.config.start == "best-baseline"
+        and state.start is None
+        and state.generation is None
+        and state.generations_completed == 0
+    )
+
+
+def start_weights(config: EngineConfig, baselines: Sequence[BaselineRecord]) -> np.ndarray:
+    """The best succeeded baseline's weights, moved START_SHRINK of the way to uniform.
+
+    The best baseline is often a single checkpoint or merge-best, on the simplex's boundary,
+    where the log-ratio coordinates are infinite; shrinking puts the start inside, near it.
+    Ties go to the earlier baseline; with no successful baseline, the start is uniform.
+    """
+    n = config.n_checkpoints
+    done = [b for b in baselines if b.status == "succeeded" and b.fitness is not None]
+    if not done:
+        return np.full(n, 1.0 / n)
+    best = max(done, key=lambda b: b.fitness)  # max keeps the first of equals
+    return (1.0 - START_SHRINK) * baseline_weights(config, best) + START_SHRINK / n
+
+
+def _start_from_baselines(state: EngineState) -> EngineState:
+    """All baselines are in: build the strategy at the best of them and open generation 0."""
+    config = state.config
+    x0 = _param(config).from_weights(start_weights(config, state.baselines))
+    start = encode_f8(x0)
+    main = generator_from_state(state.rng.model_dump())
+    source = cmastate.NormalSource(main)
+    es = cmastate.new_strategy(_settings(config, start), source)
+    state = state.model_copy(update={"cma": cmastate.snapshot(es), "start": start})
+    return _open_generation(state, _Live(es, main, source))
 
 
 def _stored_rows(state: EngineState) -> np.ndarray:
@@ -299,7 +342,8 @@ def _live(state: EngineState) -> _Live:
     config = state.config
     main = generator_from_state(state.rng.model_dump())
     source = cmastate.NormalSource(main)
-    live = _Live(cmastate.restore(_settings(config), state.cma, source), main, source)
+    settings = _settings(config, state.start)
+    live = _Live(cmastate.restore(settings, state.cma, source), main, source)
     gen = state.generation
     if gen is not None:
         replayed = cmastate.ask(live.es, len(gen.slots))
@@ -386,7 +430,10 @@ def _close_generation(state: EngineState, live: _Live) -> EngineState:
 
 
 def _advance(state: EngineState, live: _Live | None) -> EngineState:
-    """Close a fully told generation; reopen when freed budget now fits one."""
+    """Close a fully told generation; reopen when freed budget now fits one; open the first
+    once the baselines it starts from are in."""
+    if _awaits_start(state):
+        return state if _anything_pending(state) else _start_from_baselines(state)
     gen = state.generation
     if gen is not None:
         if all(s.status != "pending" for s in gen.slots):

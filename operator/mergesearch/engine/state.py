@@ -128,6 +128,9 @@ class EngineState(_Frozen):
     cma: CmaSnapshot
     rng: RngState
     generations_completed: int = Field(default=0, ge=0)
+    # The start point (base64 float64 search vector) when it was chosen from the baselines'
+    # results; None while it follows from the config alone.
+    start: str | None = None
     generation: OpenGeneration | None = None
     search_stop: str | None = None
     baselines: tuple[BaselineRecord, ...] = ()
