@@ -12,5 +12,7 @@ pool="$cache/toys/paper-$key"
 "$venv/bin/python" -m mergerunner.toys build "$pool" --preset paper >&2
 # The example manifest names its checkpoints relative to itself: examples/toy-pool/...
 ln -sfn "$pool" "$root/examples/toy-pool"
-"$venv/bin/mergesearch" run "$root/examples/toy-pool-search.yaml" "${@:2}"
+# Run again, it resumes (or just prints the result); after the manifest or the defaults
+# changed, it starts over instead of refusing the old state.
+"$venv/bin/mergesearch" run "$root/examples/toy-pool-search.yaml" --fresh-if-changed "${@:2}"
 "$venv/bin/mergesearch" report "$root/examples/.mergesearch/toy-pool-search" -o "$root/out/demo"

@@ -68,6 +68,14 @@ def spec_fingerprint(spec: MergeSearchSpec) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def saved_under_other_spec(paths: StatePaths, spec: MergeSearchSpec) -> bool:
+    """Whether a saved state exists and was made for another spec (or another version's
+    defaults of it)."""
+    if not paths.state.exists():
+        return False
+    return json.loads(paths.state.read_text()).get("fingerprint") != spec_fingerprint(spec)
+
+
 def load_state(paths: StatePaths, spec: MergeSearchSpec) -> engine.EngineState | None:
     if not paths.state.exists():
         return None
@@ -135,6 +143,7 @@ class LocalSearch:
         state_dir: Path,
         cache_dir: Path,
         fresh: bool = False,
+        fresh_if_changed: bool = False,
     ) -> None:
         self.manifest = manifest
         self.spec = manifest.spec
@@ -142,7 +151,7 @@ class LocalSearch:
         self.paths = StatePaths(state_dir)
         self.cache_dir = cache_dir
         self.config = engine_config(self.spec, source="manifest")
-        if fresh:
+        if fresh or (fresh_if_changed and saved_under_other_spec(self.paths, self.spec)):
             for path in (self.paths.state, self.paths.trials, self.paths.final):
                 path.unlink(missing_ok=True)
         self.paths.root.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--cache-dir", type=Path, help="checkpoint cache (default: ~/.cache)")
     run.add_argument("--fresh", action="store_true", help="discard saved state and start over")
+    run.add_argument(
+        "--fresh-if-changed",
+        action="store_true",
+        help="start over only if the saved state is of a different spec (else resume)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
     report = sub.add_parser(
@@ -58,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             state_dir=state_dir,
             cache_dir=args.cache_dir or default_cache(),
             fresh=args.fresh,
+            fresh_if_changed=args.fresh_if_changed,
         )
         with quiet_libraries():
             console.print(f"[bold]{manifest.metadata.name}[/]: preparing checkpoints and tasks…")

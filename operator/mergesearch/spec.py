@@ -104,11 +104,11 @@ class SearchSpec(_Spec):
         default=None, ge=1, description="Stop after this many generations without improvement."
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the whole search.")
-    start: Literal["best-baseline", "uniform"] = Field(
-        default="best-baseline",
-        description="Initial CMA-ES mean. best-baseline: halfway between the best baseline "
-        "and the uniform merge, once the baselines are in; uniform: the uniform merge, with "
-        "generation 0 evaluated alongside the baselines.",
+    start: Literal["uniform", "best-baseline"] = Field(
+        default="uniform",
+        description="Initial CMA-ES mean. uniform: the uniform merge, with generation 0 "
+        "evaluated alongside the baselines; best-baseline: halfway between the best baseline "
+        "and the uniform merge, once the baselines are in.",
     )
     baselines: list[Baseline] = Field(
         default_factory=lambda: ["each", "uniform", "merge-best"],

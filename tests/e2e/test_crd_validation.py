@@ -77,7 +77,8 @@ def test_valid_manifest_is_accepted_with_defaults(k8s_cluster: KubeCluster, crd_
         "parameterization": "simplex",
         "dtype": "bfloat16",
     }
-    assert got["spec"]["search"]["sigma0"] == 0.2
+    assert got["spec"]["search"]["start"] == "uniform"
+    assert "sigma0" not in got["spec"]["search"]  # its default depends on the parameterization
     assert got["spec"]["objective"]["heldIn"][0]["weight"] == 1.0
     table = k8s_cluster.kubectl("get", "msearch", "-n", crd_namespace)
     assert table.split()[:6] == ["NAME", "PHASE", "ITERATION", "TRIALS", "BEST", "AGE"]
@@ -110,6 +111,11 @@ INVALID = [
     ({"search": {"populationSize": 2}}, "spec.search.populationSize"),
     ({"search": {"baselines": ["each", "each"]}}, "each baseline may be listed once"),
     ({"search": {"baselines": ["best"]}}, "spec.search.baselines[0]"),
+    (
+        {"search": {"baselines": [], "start": "best-baseline"}},
+        "start: best-baseline needs at least one baseline",
+    ),
+    ({"search": {"start": "median"}}, "spec.search.start"),
     ({"execution": {"parallelism": 0}}, "spec.execution.parallelism"),
     ({"search": {"maxTrials": "many"}}, "spec.search.maxTrials"),
 ]
@@ -142,6 +148,10 @@ def test_immutable_fields(k8s_cluster: KubeCluster, crd_namespace: str) -> None:
     reseeded["spec"]["search"] = {"seed": 5}
     proc = apply(k8s_cluster, crd_namespace, reseeded)
     assert proc.returncode != 0 and "search.seed is immutable" in proc.stderr
+    restarted = copy.deepcopy(doc)
+    restarted["spec"]["search"] = {"start": "best-baseline"}  # from the default uniform
+    proc = apply(k8s_cluster, crd_namespace, restarted)
+    assert proc.returncode != 0 and "search.start is immutable" in proc.stderr
     budget = copy.deepcopy(doc)
     budget["spec"]["search"] = {"maxTrials": 999}
     proc = apply(k8s_cluster, crd_namespace, budget)

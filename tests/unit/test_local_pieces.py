@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from mergesearch.local import resolve_location, spec_fingerprint
+from mergesearch import engine
+from mergesearch.local import (
+    LocalInputError,
+    StatePaths,
+    load_state,
+    resolve_location,
+    save_state,
+    saved_under_other_spec,
+    spec_fingerprint,
+)
 from mergesearch.records import TrialRecord, append_record, read_records
 from mergesearch.report import best_so_far, draw_all, pareto_front
 from mergesearch.searchconfig import engine_config
@@ -73,6 +82,32 @@ def test_fingerprint_ignores_execution_but_not_objective() -> None:
     assert spec_fingerprint(parse_manifest(doc).spec) == spec_fingerprint(spec)
     doc["spec"]["objective"]["heldIn"][0]["limit"] = 5
     assert spec_fingerprint(parse_manifest(doc).spec) != spec_fingerprint(spec)
+
+
+def test_saved_state_under_another_spec_is_detected(tmp_path: Path) -> None:
+    spec = parse_manifest(MANIFEST).spec
+    paths = StatePaths(tmp_path)
+    assert not saved_under_other_spec(paths, spec)  # nothing saved
+    save_state(paths, spec, engine.init(engine_config(spec)))
+    assert not saved_under_other_spec(paths, spec)
+    doc = copy.deepcopy(MANIFEST)
+    doc["spec"]["search"]["start"] = "best-baseline"
+    other = parse_manifest(doc).spec
+    assert saved_under_other_spec(paths, other)
+    with pytest.raises(LocalInputError, match="different spec"):
+        load_state(paths, other)
+
+
+def test_spec_defaults_start_from_uniform_with_sigma_one() -> None:
+    config = engine_config(parse_manifest(MANIFEST).spec)
+    assert config.start == "uniform" and config.sigma0 is None
+    assert config.step_size == 1.0
+    doc = copy.deepcopy(MANIFEST)
+    doc["spec"]["merge"] = {"parameterization": "unconstrained"}
+    assert engine_config(parse_manifest(doc).spec).step_size == pytest.approx(0.5 / 3)
+    doc["spec"]["search"].update(start="best-baseline", baselines=[])
+    with pytest.raises(SpecError, match=r"spec\.search: start: best-baseline needs"):
+        parse_manifest(doc)
 
 
 def test_relative_locations_follow_the_manifest(tmp_path: Path) -> None:
