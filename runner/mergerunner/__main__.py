@@ -1,7 +1,5 @@
 """`python -m mergerunner` is the same as the `mergerunner` command."""
 
-import sys
+from mergerunner.cli import run_and_exit
 
-from mergerunner.cli import main
-
-sys.exit(main())
+run_and_exit()

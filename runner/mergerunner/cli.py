@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -117,5 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args))
 
 
+def run_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """The command's entry point: `main`, then exit without interpreter finalization.
+
+    By the time `main` returns, the result and the termination message are written and
+    flushed. Finalization would only tear down native threads that are still alive, such as the
+    Tokio runtime behind obstore; that teardown raced once in our test suite and aborted the
+    process (SIGABRT, after a complete result), which a Job would count as a crash. An
+    exception from `main` still propagates with its traceback.
+    """
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

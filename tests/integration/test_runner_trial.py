@@ -65,6 +65,7 @@ def run_trial(
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env},
         check=False,
     )
+    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}:\n{proc.stderr[-3000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads((tmp / "result.json").read_text()) == result
     assert json.loads(term.read_text())["status"] == result["status"]

@@ -127,7 +127,12 @@ def test_the_distribution_provides_the_commands() -> None:
     for name in entrypoints.CONSOLE_SCRIPTS:
         assert name in scripts, f"[project.scripts] lacks {name}"
     # `mergerunner run` is a subcommand of that script
-    assert scripts[entrypoints.RUNNER_SCRIPT] == "mergerunner.cli:main"
+    assert scripts[entrypoints.RUNNER_SCRIPT] == "mergerunner.cli:run_and_exit"
+    for argv, code in ((["schema", "result"], 0), (["run", "--trial", "/nonexistent"], 2)):
+        exited = subprocess.run(
+            [sys.executable, "-m", "mergerunner", *argv], capture_output=True, check=False
+        )
+        assert exited.returncode == code, exited.stderr  # exit codes survive os._exit
     args = runner_parser().parse_args(list(entrypoints.RUNNER_COMMAND[1:]))
     assert args.command == "run"
     # `python -m mergesearch.operator` is a runnable module

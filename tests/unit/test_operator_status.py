@@ -71,9 +71,11 @@ def test_status_for_64_checkpoints_and_5000_trials_stays_under_the_budget() -> N
     largest = max(size for _, size in sizes)
     print(f"largest status: {largest} bytes")
     assert largest < SIZE_BUDGET * 0.75, f"largest status {largest} bytes"
-    early = max(size for issued, size in sizes if issued < 1000)
+    # Bounded: once the Pareto front and the history have filled up (well before 2000 trials),
+    # the size does not grow with the number of trials.
+    early = max(size for issued, size in sizes if 1000 <= issued < 2000)
     late = max(size for issued, size in sizes if issued > 4000)
-    assert late < early * 1.25  # bounded: it does not grow with the number of trials
+    assert late < early * 1.1
     assert len(final["history"]) <= 50 and len(final["paretoFront"]) <= 16
     assert len(final["recentFailures"]) <= 10
     assert all(len(f["reason"]) <= 300 for f in final["recentFailures"])
