@@ -10,6 +10,7 @@ import pytest
 from mergesearch import engine
 from mergesearch.local import (
     LocalInputError,
+    LocalSearch,
     StatePaths,
     load_state,
     resolve_location,
@@ -96,6 +97,31 @@ def test_saved_state_under_another_spec_is_detected(tmp_path: Path) -> None:
     assert saved_under_other_spec(paths, other)
     with pytest.raises(LocalInputError, match="different spec"):
         load_state(paths, other)
+
+
+def test_fresh_if_changed_starts_over_only_for_another_spec(tmp_path: Path) -> None:
+    manifest = parse_manifest(MANIFEST)
+    paths = StatePaths(tmp_path)
+    save_state(paths, manifest.spec, tell_first_baseline(engine.init(engine_config(manifest.spec))))
+    kept = LocalSearch(
+        manifest, tmp_path, state_dir=tmp_path, cache_dir=tmp_path, fresh_if_changed=True
+    )
+    assert kept.state.trials.succeeded == 1  # same spec: resumed
+    doc = copy.deepcopy(MANIFEST)
+    doc["spec"]["search"]["seed"] = 8
+    other = parse_manifest(doc)
+    with pytest.raises(LocalInputError, match="different spec"):
+        LocalSearch(other, tmp_path, state_dir=tmp_path, cache_dir=tmp_path)
+    fresh = LocalSearch(
+        other, tmp_path, state_dir=tmp_path, cache_dir=tmp_path, fresh_if_changed=True
+    )
+    assert fresh.state.trials.succeeded == 0 and not paths.state.exists()
+
+
+def tell_first_baseline(state: engine.EngineState) -> engine.EngineState:
+    _, candidates = engine.ask(state)
+    scores = {"x": 0.5, "y": 0.5}
+    return engine.tell(state, [engine.Result(candidate_id=candidates[0].id, scores=scores)])
 
 
 def test_spec_defaults_start_from_uniform_with_sigma_one() -> None:
