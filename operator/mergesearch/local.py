@@ -68,18 +68,21 @@ def spec_fingerprint(spec: MergeSearchSpec) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _saved(paths: StatePaths) -> dict[str, Any] | None:
+    return json.loads(paths.state.read_text()) if paths.state.exists() else None
+
+
 def saved_under_other_spec(paths: StatePaths, spec: MergeSearchSpec) -> bool:
     """Whether a saved state exists and was made for another spec (or another version's
     defaults of it)."""
-    if not paths.state.exists():
-        return False
-    return json.loads(paths.state.read_text()).get("fingerprint") != spec_fingerprint(spec)
+    data = _saved(paths)
+    return data is not None and data.get("fingerprint") != spec_fingerprint(spec)
 
 
 def load_state(paths: StatePaths, spec: MergeSearchSpec) -> engine.EngineState | None:
-    if not paths.state.exists():
+    data = _saved(paths)
+    if data is None:
         return None
-    data = json.loads(paths.state.read_text())
     if data.get("fingerprint") != spec_fingerprint(spec):
         raise LocalInputError(
             f"{paths.state} belongs to a search with a different spec; "
