@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crd", help="print the MergeSearch CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(func=_cmd_crd)
-    from mergesearch import cluster_cli, local_cli
+    from mergesearch import cluster_cli, datasets_cli, local_cli
 
     local_cli.add_commands(sub)
     cluster_cli.add_commands(sub)
+    datasets_cli.add_commands(sub)
     return parser
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "fetch_checkpoint_result",
     "fetch_checkpoints",
     "fetch_checkpoints_async",
+    "fetch_tree",
     "upload_directory",
     "upload_directory_async",
 ]
@@ -343,8 +344,10 @@ async def _download(
     config: StorageConfig,
 ) -> None:
     """Download to a temporary name, verify, then rename: a cache file is always complete."""
-    temporary = directory / f".{remote.name}.part-{secrets.token_hex(4)}"
+    target = directory / remote.name
+    temporary = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # nested names: data bundles
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             ranges = part_ranges(remote.size, transfer.part_size) or [(0, 0)]
@@ -358,7 +361,7 @@ async def _download(
             os.close(fd)
         md5 = md5_expected(remote, config.verify_md5_etag)
         await asyncio.to_thread(_verify, uri, remote, temporary, md5)
-        temporary.replace(directory / remote.name)
+        temporary.replace(target)
     except OSError as error:
         raise FetchError(uri, "io", f"writing {remote.name} to the cache: {error}") from error
     finally:
@@ -517,6 +520,110 @@ class _CheckpointSync:
             remote.size,
             time.monotonic() - started,
         )
+
+
+async def _list_tree(
+    store: ObjectStore, uri: str, config: StorageConfig
+) -> dict[str, RemoteObject]:
+    """Every object under the prefix, by its path relative to it (a data bundle's tree)."""
+    import obstore
+
+    objects = {}
+    try:
+        async for batch in obstore.list(store, None, chunk_size=1000):
+            for meta in batch:
+                name = meta["path"]
+                objects[name] = RemoteObject(
+                    name=name,
+                    size=int(meta["size"]),
+                    etag=normalise_etag(meta.get("e_tag")),
+                    modified=meta["last_modified"].isoformat(),
+                )
+    except Exception as error:
+        raise storage_error(uri, error, config) from error
+    return objects
+
+
+def plan_tree(uri: str, names: Iterable[str], required: str) -> list[str]:
+    """The files of a data bundle: every object but hidden ones, names checked to stay inside
+    the cache entry; `required` (the bundle's manifest) must be among them."""
+    plan = []
+    for name in sorted(names):
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in name:
+            raise FetchError(uri, "invalid-checkpoint", f"object name {name!r} is not a plain path")
+        if any(p.startswith(".") for p in parts):
+            continue
+        plan.append(name)
+    if required not in plan:
+        raise FetchError(uri, "not-found", f"no {required} under this prefix (not a data bundle)")
+    return plan
+
+
+def _prune_tree(directory: Path, keep: Iterable[str]) -> None:
+    wanted = {*keep, MANIFEST_NAME}
+    for path in sorted(directory.rglob("*"), reverse=True):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name not in wanted:
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+class _TreeSync(_CheckpointSync):
+    """A data bundle: a whole tree of files under a prefix, kept like a checkpoint (verified
+    by size and ETag, reused when the listing matches)."""
+
+    def __init__(self, *args: Any, required: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.required = required
+
+    async def run(self) -> FetchResult:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        async with _file_lock(self.lock_path, self.uri, self.transfer.lock_timeout_s):
+            store = make_store(self.location, self.config)
+            listing = await _list_tree(store, self.uri, self.config)
+            plan = plan_tree(self.uri, listing, self.required)
+            self.directory.mkdir(exist_ok=True)
+            self.manifest = _read_manifest(self.directory)
+            try:
+                stale = [name for name in plan if not self._current(listing[name])]
+                for name in stale:
+                    self.manifest.pop(name, None)
+                await _gather(self._fetch_one(store, listing[name]) for name in stale)
+                self.manifest = {name: self.manifest[name] for name in plan}
+                _prune_tree(self.directory, plan)
+            finally:
+                _write_manifest(self.directory, self.uri, self.manifest)
+        reused = tuple(name for name in plan if name not in self.downloaded)
+        return FetchResult(
+            self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
+        )
+
+
+def fetch_tree(
+    uri: str, cache_dir: Path, *, required: str, config: StorageConfig | None = None
+) -> FetchResult:
+    """A directory tree (a data bundle) at `uri`, fetched into the verified cache or, for a
+    local path, checked and used in place. `required` is a file that must be in it."""
+    location = parse_uri(uri)
+    if location.is_local:
+        path = Path(location.prefix)
+        if not (path / required).is_file():
+            raise FetchError(location.uri, "not-found", f"no {required} in {path}")
+        return FetchResult(location.uri, path, local=True)
+    config = config or StorageConfig.from_env()
+
+    async def sync() -> FetchResult:
+        transfer = _Transfer(asyncio.Semaphore(MAX_CONCURRENCY), PART_SIZE, LOCK_TIMEOUT_S)
+        try:
+            return await _TreeSync(
+                location, Path(cache_dir), config, transfer, required=required
+            ).run()
+        except OSError as error:
+            raise FetchError(location.uri, "io", f"cache directory {cache_dir}: {error}") from error
+
+    return _run(sync())
 
 
 def validate_local(location: Location) -> FetchResult:

@@ -48,6 +48,8 @@ class ResidentEvaluator:
         evaluator: EvaluatorSpec | None = None,
         custom_tasks_dir: Path | None = None,
         dtype: str = "bfloat16",
+        bundle: Path | None = None,
+        allow_code_execution: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,6 +57,16 @@ class ResidentEvaluator:
         from mergerunner.merge import ResidentMerger
 
         self.spec = evaluator or EvaluatorSpec()
+        common = {
+            "include_path": custom_tasks_dir,
+            "seed": self.spec.seed,
+            "evaluator": self.spec,
+            "bundle": bundle,
+            "allow_code_execution": allow_code_execution,
+        }
+        # Tasks first: a task, data or code-execution error is found before the model loads.
+        self.held_in = TaskSuite(held_in, **common)
+        self.held_out = TaskSuite(held_out, **common) if held_out else None
         device = pick_device(self.spec)
         trust = self.spec.trust_remote_code
         self.dtype = _eval_dtype(dtype, device.split(":")[0])
@@ -66,11 +78,6 @@ class ResidentEvaluator:
         tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=trust)
         self.merger = ResidentMerger(list(checkpoint_dirs), device=device)
         self.lm = make_lm(self.model, tokenizer, self.spec, progress=False)
-        seed = self.spec.seed
-        self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
-        self.held_out = (
-            TaskSuite(held_out, include_path=custom_tasks_dir, seed=seed) if held_out else None
-        )
 
     def score(self, weights: Sequence[float], *, with_held_out: bool = False) -> ResidentScores:
         """Merge `weights` into the resident model and score it."""

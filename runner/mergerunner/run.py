@@ -84,6 +84,14 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
     return Path(where) if where else None
 
 
+def fetch_bundle(uri: str, cache_dir: Path) -> Path:
+    """The data bundle at `uri`, in the verified cache beside the checkpoints."""
+    from mergerunner.bundle import BUNDLE_MANIFEST
+    from mergerunner.fetch import fetch_tree
+
+    return fetch_tree(uri, cache_dir, required=BUNDLE_MANIFEST).path
+
+
 def load_merged_model(model_dir: Path, doc: TrialDocument) -> tuple[Any, Any]:
     """Load the merged model and its tokenizer onto the evaluation device."""
     import torch
@@ -119,16 +127,23 @@ def run_trial(
         with tempfile.TemporaryDirectory(prefix="merge-", dir=work_dir) as tmp:
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
+                bundle = fetch_bundle(doc.datasets_uri, cache_dir) if doc.datasets_uri else None
             merged_dir = Path(tmp) / "merged"
             with clock.step("merge"):
                 report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
             with clock.step("evaluate"):
                 custom = custom_tasks_dir(doc)
                 suite = TaskSuite(
-                    [*doc.held_in, *doc.held_out], include_path=custom, seed=doc.evaluator.seed
+                    [*doc.held_in, *doc.held_out],
+                    include_path=custom,
+                    seed=doc.evaluator.seed,
+                    evaluator=doc.evaluator,
+                    bundle=bundle,
+                    allow_code_execution=doc.allow_code_execution,
                 )
                 model, tokenizer = load_merged_model(merged_dir, doc)
-                scores = suite.score(make_lm(model, tokenizer, doc.evaluator))
+                detailed = suite.score_detailed(make_lm(model, tokenizer, doc.evaluator))
+                scores = detailed.scores
             output_uri = None
             if doc.output.save_model and doc.output.uri:
                 with clock.step("upload"):
@@ -150,6 +165,8 @@ def run_trial(
         status="succeeded",
         held_in=held_in,
         held_out={t.task: scores[t.task] for t in doc.held_out},
+        subtasks=detailed.subtasks,
+        prompt=doc.evaluator.prompt_settings(),
         fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
         digest=report.digest,
         timings=clock.timings(now() - start),

@@ -177,6 +177,8 @@ def trial_document(
         held_in=held_in,
         held_out=held_out,
         evaluator=objective.evaluator,
+        datasets_uri=objective.datasets.uri if objective.datasets else None,
+        allow_code_execution=objective.allow_code_execution,
         output=output,
     )
 
