@@ -455,6 +455,66 @@ def test_a_malformed_pod_template_is_a_condition_not_a_crash() -> None:
     assert failed["reason"] == "TemplateInvalid" and "template" in failed["message"]
 
 
+def test_a_template_outside_the_allow_list_is_refused_before_any_job() -> None:
+    """The confused-deputy attack: a sidecar reading a Secret and a hostPath. Refused in the
+    first reconcile, naming each field; no Job, no engine state; fixing the spec resumes."""
+    hostile = {
+        "spec": {
+            "containers": [
+                {"name": "runner", "resources": {"requests": {"cpu": "1"}}},
+                {"name": "thief", "image": "busybox", "command": ["cat", "/s/token"]},
+            ],
+            "volumes": [
+                {"name": "s", "secret": {"secretName": "db-password"}},
+                {"name": "h", "hostPath": {"path": "/etc/kubernetes"}},
+            ],
+        }
+    }
+    cluster = Cluster(make_spec(**{"execution.template": hostile}))
+    plan = cluster.step()
+    assert plan.create == () and cluster.created == []
+    failed = condition(cluster.status, "Failed")
+    assert cluster.status["phase"] == "Failed" and failed["reason"] == "TemplateInvalid"
+    for field_path in (
+        "spec.execution.template.spec.containers[1]",
+        "spec.execution.template.spec.volumes[0].secret",
+        "spec.execution.template.spec.volumes[1].hostPath",
+    ):
+        assert field_path in failed["message"]
+    assert "optimizer" not in cluster.status
+    assert cluster.reconcile().create == ()  # blocked until the spec changes
+    cluster.spec["execution"]["template"] = {
+        "spec": {"containers": [hostile["spec"]["containers"][0]]}
+    }
+    cluster.generation = 2
+    plan = cluster.step()
+    assert len(plan.create) == 3 and cluster.status["phase"] == "Pending"
+    assert ("Warning", "NoResourceRequests") not in cluster.events  # it asks for a CPU
+
+
+def test_a_root_user_in_the_template_is_refused_up_front() -> None:
+    """runAsNonRoot is enforced, so runAsUser 0 would never start on a kubelet: the trial would
+    wait for its deadline. Refused instead, naming the field."""
+    template = {"spec": {"containers": [{"securityContext": {"runAsUser": 0}}]}}
+    cluster = Cluster(make_spec(**{"execution.template": template}))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "TemplateInvalid" and cluster.created == []
+    assert (
+        "spec.execution.template.spec.containers[0].securityContext.runAsUser"
+        in (failed["message"])
+    )
+
+
+def test_a_template_without_resource_requests_is_warned_about_once() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.finish_all()
+    cluster.step()
+    assert cluster.events.count(("Warning", "NoResourceRequests")) == 1
+    assert cluster.status["phase"] == "Running"
+
+
 def test_budgets_may_change_while_running_but_other_fields_may_not() -> None:
     cluster = Cluster(make_spec())
     cluster.step()
