@@ -165,7 +165,7 @@ def run_trial(
         status="succeeded",
         held_in=held_in,
         held_out={t.task: scores[t.task] for t in doc.held_out},
-        subtasks=detailed.subtasks,
+        subtasks=detailed.subtasks or None,
         prompt=doc.evaluator.prompt_settings(),
         fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
         digest=report.digest,

@@ -316,8 +316,8 @@ class TrialResult(_Model):
     error: str | None = None
     held_in: dict[str, float] = Field(default_factory=dict)
     held_out: dict[str, float] = Field(default_factory=dict)
-    subtasks: dict[str, float] = Field(
-        default_factory=dict,
+    subtasks: dict[str, float] | None = Field(
+        default=None,
         description="Scores of the members of group tasks (result file only, never in the "
         "termination message).",
     )
@@ -341,7 +341,7 @@ class TrialResult(_Model):
         tail, then held-out scores), and `truncated` says so; the full result stays in the result
         file and on stdout.
         """
-        slim = self.model_copy(update={"subtasks": {}})  # the result file keeps them
+        slim = self.model_copy(update={"subtasks": None})  # the result file keeps them
         text = slim.to_json()
         if len(text.encode()) <= limit:
             return text
