@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy
 from mergesearch import engine
 from mergesearch.operator import jobs as jobspec
+from mergesearch.operator import podpolicy
 from mergesearch.operator.events import Event, milestones
 from mergesearch.operator.jobs import FINAL_CANDIDATE, JobSettings, Owner
 from mergesearch.operator.observe import (
@@ -39,9 +40,15 @@ from mergesearch.operator.observe import (
     cut,
     outcome_of,
 )
-from mergesearch.operator.status import Phase, build_status, condition, wait_conditions
+from mergesearch.operator.status import (
+    Phase,
+    build_status,
+    condition,
+    decode_state,
+    wait_conditions,
+)
 from mergesearch.searchconfig import engine_config
-from mergesearch.spec import MergeSearchSpec, SpecError, parse_spec
+from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_spec
 
 # Failures a user can repair by editing the spec (the generation changes); others are final.
 # `SpecChanged` too: a spec edited back to what the search started with carries on. The pod
@@ -75,6 +82,14 @@ _BUDGETS = (
     "target_fitness",
     "stagnation_generations",
     "max_failed_trials",
+)
+# Posted once, with the search's first status: without requests the scheduler may put a trial
+# where a merge does not fit (or several on one GPU node's memory).
+NO_REQUESTS = Event(
+    "Warning",
+    "NoResourceRequests",
+    "spec.execution.template sets no resources for the runner: trials get no CPU, memory or GPU "
+    "reservation (set resources.requests/limits, e.g. nvidia.com/gpu: 1)",
 )
 _ENGINE_REASONS = {
     "max_failed_trials": "MaxFailedTrials",
@@ -191,6 +206,11 @@ def reconcile(
         config = engine_config(spec)
     except SpecError as exc:
         return blocked(view, "SpecInvalid", "; ".join(exc.errors), now)
+    if cluster_errors(spec):
+        return blocked(view, "SpecInvalid", "; ".join(cluster_errors(spec)), now)
+    refused = podpolicy.check_template(spec.execution.template, settings.service_account)
+    if refused:  # before any Job: a refused template costs nothing
+        return blocked(view, "TemplateInvalid", "; ".join(refused), now)
     try:
         state = _load_state(previous, config)
     except StateInvalid as exc:
@@ -203,6 +223,8 @@ def reconcile(
         held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
         retries={r["trial"]: dict(r) for r in previous.get("retries") or [] if "trial" in r},
     )
+    if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
+        draft.events.append(NO_REQUESTS)
     try:
         _collect(draft, mine, pods, now)
         _check_blockers(draft, mine, pods)
@@ -345,7 +367,7 @@ def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> eng
     if not data:
         return engine.init(config)
     try:
-        state = engine.EngineState.from_dict(dict(data))
+        state = decode_state(data)
     except (ValidationError, ValueError, TypeError) as exc:
         message = f"status.optimizer is unusable: {cut(str(exc))}"
         raise StateInvalid("StateInvalid", message) from None
