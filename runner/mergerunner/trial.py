@@ -170,6 +170,10 @@ class TaskSpec(_Document):
     weight: float = Field(default=1.0, gt=0, description="Weight in the held-in macro-average.")
 
 
+# What lm-eval's device option accepts and the runner can place a model on.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
 class EvaluatorSpec(_Document):
     """How the runner evaluates a merged model."""
 
@@ -179,8 +183,14 @@ class EvaluatorSpec(_Document):
         "fetched or merged and no model is evaluated; the weights are scored by a fixed analytic "
         "function (docs/trial-contract.md). Never use it for a real search.",
     )
-    batch_size: int | Literal["auto"] = Field(default="auto", description="Batch size or auto.")
-    device: str = Field(default="auto", description='"auto" (CUDA when present), "cpu", "cuda:0".')
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description='Batch size (at least 1) or "auto".'
+    )
+    device: str = Field(
+        default="auto",
+        pattern=DEVICE_PATTERN,
+        description='"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
+    )
     seed: int = Field(default=1234, ge=0, description="Seed of example subsets and few-shot.")
     max_length: int | None = Field(default=None, ge=1, description="Context length override.")
     trust_remote_code: bool = Field(

@@ -28,12 +28,13 @@ from pydantic import ValidationError
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy
 from mergesearch import engine
 from mergesearch.operator import jobs as jobspec
+from mergesearch.operator import podpolicy
 from mergesearch.operator.events import Event, milestones
 from mergesearch.operator.jobs import FINAL_CANDIDATE, JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary, TrialOutcome, cut, outcome_of
-from mergesearch.operator.status import Phase, build_status, condition
+from mergesearch.operator.status import Phase, build_status, condition, decode_state
 from mergesearch.searchconfig import engine_config
-from mergesearch.spec import MergeSearchSpec, SpecError, parse_spec
+from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_spec
 
 # Failures a user can repair by editing the spec (the generation changes); others are final.
 RECOVERABLE = frozenset({"SpecInvalid", "TemplateInvalid", "InternalError"})
@@ -43,6 +44,14 @@ _BUDGETS = (
     "target_fitness",
     "stagnation_generations",
     "max_failed_trials",
+)
+# Posted once, with the search's first status: without requests the scheduler may put a trial
+# where a merge does not fit (or several on one GPU node's memory).
+NO_REQUESTS = Event(
+    "Warning",
+    "NoResourceRequests",
+    "spec.execution.template sets no resources for the runner: trials get no CPU, memory or GPU "
+    "reservation (set resources.requests/limits, e.g. nvidia.com/gpu: 1)",
 )
 _ENGINE_REASONS = {
     "max_failed_trials": "MaxFailedTrials",
@@ -121,6 +130,11 @@ def reconcile(
         config = engine_config(spec)
     except SpecError as exc:
         return blocked(view, "SpecInvalid", "; ".join(exc.errors), now)
+    if cluster_errors(spec):
+        return blocked(view, "SpecInvalid", "; ".join(cluster_errors(spec)), now)
+    refused = podpolicy.check_template(spec.execution.template, settings.service_account)
+    if refused:  # before any Job: a refused template costs nothing
+        return blocked(view, "TemplateInvalid", "; ".join(refused), now)
     try:
         state = _load_state(previous, config)
     except StateInvalid as exc:
@@ -132,6 +146,8 @@ def reconcile(
         output=dict(previous["output"]) if previous.get("output") else None,
         held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
     )
+    if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
+        draft.events.append(NO_REQUESTS)
     try:
         _collect(draft, mine, pods)
         phase, reason, message = _advance(draft, view, spec, mine, pods, settings)
@@ -218,7 +234,7 @@ def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> eng
     if not data:
         return engine.init(config)
     try:
-        state = engine.EngineState.from_dict(dict(data))
+        state = decode_state(data)
     except (ValidationError, ValueError, TypeError) as exc:
         message = f"status.optimizer is unusable: {cut(str(exc))}"
         raise StateInvalid("StateInvalid", message) from None
