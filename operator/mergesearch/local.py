@@ -183,6 +183,7 @@ class LocalSearch:
         from mergerunner.fetch import FetchError, fetch_checkpoint
         from mergerunner.resident import ResidentEvaluator
 
+        self.check_headers()
         dirs = []
         for ref in self.spec.checkpoints:
             try:
@@ -209,6 +210,25 @@ class LocalSearch:
             )
         except (EvaluationError, BundleError) as exc:
             raise LocalInputError(str(exc)) from None
+
+    def check_headers(self) -> None:
+        """Checkpoints that cannot be merged are found from their headers (ranged reads),
+        before a byte of weights is downloaded."""
+        from mergerunner.checkpoint import CheckpointError
+        from mergerunner.fetch import FetchError
+        from mergerunner.preflight import check_checkpoints
+        from mergerunner.storage import parse_uri
+
+        uris = [resolve_location(ref.uri, self.base) for ref in self.spec.checkpoints]
+        names = {
+            parse_uri(u).uri: ref.name for u, ref in zip(uris, self.spec.checkpoints, strict=True)
+        }
+        try:
+            check_checkpoints(uris)
+        except FetchError as exc:
+            raise LocalInputError(f"checkpoint {names.get(exc.uri, exc.uri)!r}: {exc}") from None
+        except CheckpointError as exc:
+            raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
 
     def data_bundle(self) -> Path | None:
         """spec.objective.datasets fetched into the cache (a local path is used in place)."""

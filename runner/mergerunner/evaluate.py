@@ -67,6 +67,33 @@ def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
     )
 
 
+def metric_keys(task: Any) -> list[str]:
+    """The result keys lm-eval will report for a loaded task, known before any model runs.
+
+    lm-eval reports each metric of the task under each of its filters as `metric,filter`, and
+    aggregates a per-document metric only through `task.aggregation()`, so the keys are exactly
+    aggregation x filters.
+    """
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f"{metric},{name}" for metric in task.aggregation() for name in filters]
+
+
+def group_metric_keys(group: Any, leaf_keys: Mapping[str, Sequence[str]]) -> list[str]:
+    """The keys a group's `aggregate_metric_list` reports: `metric,filter` for its listed
+    filters, or for every filter its members report that metric under when it lists none."""
+    keys: list[str] = []
+    for agg in group.aggregate_metric_list or []:
+        filters = agg.filter_list
+        if filters is None:
+            found = {k for ks in leaf_keys.values() for k in ks if k.split(",")[0] == agg.metric}
+            keys += sorted(found)
+        else:
+            keys += [
+                f"{agg.metric},{f}" for f in ([filters] if isinstance(filters, str) else filters)
+            ]
+    return keys
+
+
 def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
     """A TaskManager that knows every requested task or group.
 
@@ -231,6 +258,27 @@ class TaskSuite:
                     )
                 self._leaves[leaf] = subset_indices(leaf, n_docs, spec.limit, seed)
             self.resolved.append(ResolvedTask(spec, indices=self._leaves.get(spec.task)))
+        self.metric_keys = self.check_metrics()  # an unknown metric fails here, not after a trial
+
+    def check_metrics(self) -> dict[str, str]:
+        """Each entry's metric resolved against the keys its task (or group aggregate) will
+        report, before any model runs: `unknown-metric` names the entry and what it offers."""
+        resolved = {}
+        for r in self.resolved:
+            name = r.spec.task
+            if name in self._groups:
+                leaves = {leaf: metric_keys(self._tasks[leaf]) for leaf in self.leaves_of(name)}
+                keys = group_metric_keys(self._groups[name], leaves)
+                if not keys:
+                    raise EvaluationError(
+                        f"group {name!r} has no aggregate metric (aggregate_metric_list); list "
+                        "its tasks instead",
+                        kind=FailureKind.UNKNOWN_METRIC,
+                    )
+            else:
+                keys = metric_keys(self._tasks[name])
+            resolved[name] = resolve_metric(name, r.spec.metric, keys)
+        return resolved
 
     def leaves_of(self, name: str) -> list[str]:
         """The leaf tasks an entry scores: itself, or every task under a group."""

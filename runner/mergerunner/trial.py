@@ -38,7 +38,7 @@ MESSAGE_ERROR_CHARS = 500
 MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
-Step = Literal["input", "fetch", "merge", "evaluate", "upload"]
+Step = Literal["input", "preflight", "fetch", "merge", "evaluate", "upload"]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
 GenValue = str | int | float | bool | list[str]
 

@@ -125,3 +125,15 @@ def write_punkt_tab(nltk_root: Path) -> Path:
 
 def source_args(sources: dict[str, Path]) -> list[str]:
     return [arg for path, folder in sources.items() for arg in ("--source", f"{path}={folder}")]
+
+
+def build_bundle(out: Path, scratch: Path, tasks: Iterable[str] = PAPER_TASKS) -> Path:
+    """`mergesearch datasets pack TASKS -o OUT` from local copies written under `scratch`."""
+    from mergesearch.cli import main
+
+    sources = write_sources(scratch / "sources")
+    nltk = write_punkt_tab(scratch / "nltk")
+    args = ["datasets", "pack", *tasks, "-o", str(out), *source_args(sources)]
+    if main([*args, "--nltk-source", str(nltk)]) != 0:
+        raise RuntimeError(f"packing {list(tasks)} failed")
+    return out
