@@ -98,10 +98,11 @@ class CheckpointLayout:
     # nothing and the file has no head): the head, stored or not, is then the embedding.
     ties_head: bool
     embedding: str | None
+    source: str | None = None  # the URI, when read from object storage (the preflight)
 
     @property
     def label(self) -> str:
-        return str(self.path)
+        return self.source or str(self.path)
 
 
 @dataclass(frozen=True)
@@ -354,14 +355,16 @@ def _find_embedding(tensors: Mapping[str, TensorInfo]) -> str | None:
 
 
 def layout_of(
-    path: Path, tensors: Mapping[str, TensorInfo], config: Mapping[str, Any]
+    path: Path,
+    tensors: Mapping[str, TensorInfo],
+    config: Mapping[str, Any],
+    source: str | None = None,
 ) -> CheckpointLayout:
     """A layout from headers and a config.json read elsewhere (the preflight reads both with
     ranged requests from object storage, never downloading weights)."""
     embedding = _find_embedding(tensors)
-    return CheckpointLayout(
-        path, tensors, _ties_from_config(path, config, tensors, embedding), embedding
-    )
+    ties = _ties_from_config(path, config, tensors, embedding)
+    return CheckpointLayout(path, tensors, ties, embedding, source)
 
 
 def _ties_head(path: Path, tensors: Mapping[str, TensorInfo], embedding: str | None) -> bool:

@@ -129,7 +129,7 @@ async def _listing(store: ObjectStore, uri: str) -> dict[str, int]:
 async def _header(
     store: ObjectStore, uri: str, name: str, size: int, stats: ReadStats
 ) -> dict[str, Any]:
-    label = Path(uri) / name
+    label = f"{uri.rstrip('/')}/{name}"
     if size < 8:
         raise CheckpointError(f"{label}: too short to be a safetensors file")
     first = await _get(store, uri, name, (0, min(size, FIRST_READ)), stats)
@@ -139,7 +139,7 @@ async def _header(
     raw = first[8 : 8 + length]
     if len(raw) < length:
         raw += await _get(store, uri, name, (len(first), 8 + length), stats)
-    tensors, _ = parse_header(raw, label, size)
+    tensors, _ = parse_header(raw, Path(label), size)
     return tensors
 
 
@@ -178,7 +178,7 @@ async def remote_layout(
             raise CheckpointError(f"{uri}: tensor {absent[0]!r} is in the index but no shard")
     else:
         raise CheckpointError(f"checkpoint {uri}: no {SINGLE_FILE} and no {INDEX_FILE}")
-    return layout_of(Path(uri), tensors, cfg if isinstance(cfg, dict) else {})
+    return layout_of(Path(uri), tensors, cfg if isinstance(cfg, dict) else {}, source=uri)
 
 
 def _weight_map(uri: str, raw: bytes) -> Mapping[str, str]:

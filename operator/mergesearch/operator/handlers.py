@@ -315,7 +315,7 @@ async def _observe(
     out_jobs: list[JobSummary] = []
     out: dict[str, list[PodSummary]] = {}
     for job in jobs:
-        if not (job.candidate in active or job.role == "final"):
+        if not (job.candidate in active or job.role in ("final", "preflight")):
             out_jobs.append(job)
             continue
         pods = list(index.get((namespace, job.name), []))
