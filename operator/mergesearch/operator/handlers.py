@@ -22,8 +22,14 @@ from typing import Any
 import aiohttp
 import kopf
 
-from mergesearch.operator import observe, reconcile
-from mergesearch.operator.jobs import ANNOTATION_SEARCH, LABEL_SEARCH, JobSettings, Owner
+from mergesearch.operator import observe, reconcile, server, warm
+from mergesearch.operator.jobs import (
+    ANNOTATION_SEARCH,
+    LABEL_ROLE,
+    LABEL_SEARCH,
+    JobSettings,
+    Owner,
+)
 from mergesearch.operator.kube import PLURAL, ApiError, KubeClient
 from mergesearch.operator.observe import JobSummary, PodSummary
 from mergesearch.operator.reconcile import Plan, SearchView
@@ -49,6 +55,10 @@ class Runtime:
     login_settings: Any = None
     client: KubeClient | None = None
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
+    # Warm mode: the evaluator endpoint's port (None: not served) and its inboxes.
+    evaluator_port: int | None = None
+    inboxes: server.Inboxes = field(default_factory=server.Inboxes)
+    endpoint: Any = None
 
     def wakeup(self, key: Key) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -113,8 +123,18 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 10
 
 
+@kopf.on.startup()
+async def serve_evaluators(**_: Any) -> None:
+    """The warm evaluators' endpoint (operator/server.py), when a port is configured."""
+    if RUNTIME.evaluator_port:
+        app = server.make_app(RUNTIME.inboxes, lambda: RUNTIME.settings.evaluator_key, RUNTIME.poke)
+        RUNTIME.endpoint = await server.start(app, RUNTIME.evaluator_port)
+
+
 @kopf.on.cleanup()
 async def close_client(**_: Any) -> None:
+    if RUNTIME.endpoint is not None:
+        await RUNTIME.endpoint.cleanup()
     if RUNTIME.client is not None:
         await RUNTIME.client.close()
 
@@ -143,6 +163,16 @@ async def trial_pods(namespace: str, body: kopf.Body, **_: Any) -> dict[Key, Pod
     termination message (the result); None (not indexed) until then."""
     summary = observe.pod_summary(body)
     return {(namespace, summary.job): summary} if summary else None
+
+
+@kopf.index("v1", "pods", labels={LABEL_ROLE: warm.EVALUATOR_ROLE})
+async def evaluator_pods(
+    namespace: str, meta: Mapping[str, Any], body: kopf.Body, **_: Any
+) -> dict[Key, warm.EvaluatorPod] | None:
+    """(namespace, search name) → the search's evaluator pods (warm mode), alive or ended."""
+    key = _search_key(namespace, meta)
+    pod = warm.evaluator_pod(body)
+    return {key: pod} if key and pod else None
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SEARCH: kopf.PRESENT})
@@ -182,6 +212,7 @@ async def run_search(
     name: str,
     trial_jobs: kopf.Index[Key, JobSummary],
     trial_pods: kopf.Index[Key, PodSummary],
+    evaluator_pods: kopf.Index[Key, warm.EvaluatorPod],
     **_: Any,
 ) -> None:
     key = (namespace, name)
@@ -191,7 +222,7 @@ async def run_search(
         while not stopped:
             wake.clear()
             try:
-                wait = await reconcile_once(namespace, name, trial_jobs, trial_pods)
+                wait = await reconcile_once(namespace, name, trial_jobs, trial_pods, evaluator_pods)
                 backoff = 1.0
             except (ApiError, aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
                 log.warning("%s/%s: reconcile failed, retrying in %.0fs: %s", *key, backoff, exc)
@@ -201,6 +232,7 @@ async def run_search(
                 await asyncio.sleep(RUNTIME.batch_s)  # let the rest of a burst arrive
     finally:
         RUNTIME.wakeups.pop(key, None)
+        RUNTIME.inboxes.forget(key)
 
 
 async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
@@ -217,6 +249,7 @@ async def reconcile_once(
     name: str,
     jobs_index: kopf.Index[Key, JobSummary],
     pods_index: kopf.Index[Key, PodSummary],
+    evaluators_index: kopf.Index[Key, warm.EvaluatorPod] | None = None,
 ) -> float:
     """One reconcile; returns how long to wait before the next one unless poked."""
     api = RUNTIME.api()
@@ -232,12 +265,21 @@ async def reconcile_once(
     )
     jobs = [j for j in jobs_index.get((namespace, name), []) if j.owner_uid == view.owner.uid]
     pods = await _pods(api, namespace, jobs, pods_index, view.status)
+    key = (namespace, name)
+    RUNTIME.inboxes.owners[key] = view.owner
+    inbox, taken = RUNTIME.inboxes.snapshot(key)
+    evaluators = tuple(evaluators_index.get(key, [])) if evaluators_index is not None else ()
     try:
-        plan = reconcile.reconcile(view, jobs, pods, RUNTIME.settings, now())
+        plan = reconcile.reconcile(
+            view, jobs, pods, RUNTIME.settings, now(), inbox=inbox, evaluators=evaluators
+        )
     except Exception as exc:  # a bug met this resource: record it, never crash-loop
         log.exception("%s/%s: reconcile raised", namespace, name)
         plan = reconcile.internal_error(view, f"{type(exc).__name__}: {exc}", now())
-    return await _apply(api, body, view, plan)
+    wait = await _apply(api, body, view, plan)
+    if wait != CONFLICT_RETRY_S:
+        RUNTIME.inboxes.settle(key, plan, taken)
+    return wait
 
 
 async def _pods(
@@ -271,9 +313,11 @@ async def _apply(api: KubeClient, body: Mapping[str, Any], view: SearchView, pla
             written = await api.replace_status(_status_body(meta, plan.status))
         except ApiError as exc:
             if exc.conflict:
-                return 0.2  # someone wrote first: decide again from the new status
+                return CONFLICT_RETRY_S  # someone wrote first: decide again from the new status
             raise
         meta = written.get("metadata") or meta
+    for secret in plan.secrets:  # before the evaluator Job, whose pods mount it
+        await api.create_secret(secret)
     for manifest in plan.create:
         try:
             await api.create_job(manifest)
@@ -303,6 +347,9 @@ async def _reject(
     ref = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": dict(meta)}
     for event in rejected.events:
         kopf.event(ref, type=event.type, reason=event.reason, message=event.message)
+
+
+CONFLICT_RETRY_S = 0.2
 
 
 def _status_body(meta: Mapping[str, Any], status: dict[str, Any]) -> dict[str, Any]:

@@ -191,7 +191,8 @@ def collect_posted(
     for posted in inbox.results:
         cid = posted.candidate
         job = job_of.get(cid, "")
-        if cid not in active or cid in told or posted.result.id != job:
+        # "?": a runner that could not read the document's id (as in a termination message)
+        if cid not in active or cid in told or posted.result.id not in (job, "?"):
             ignored.append(cid)
             continue
         told[cid] = outcome_of_result(cid, job, posted.result)
