@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -280,16 +280,18 @@ def assign(
     requests: Iterable[str],
     now: str,
     deadline_s: int,
+    due: Callable[[str], bool] = lambda _: True,
 ) -> dict[str, str]:
     """Evaluator → candidate for every request: the lease it already holds (a retried request
-    gets the same answer), else the first active candidate nobody holds, in `active` order."""
+    gets the same answer), else the first active candidate nobody holds and that is `due` (not
+    waiting out a retry's backoff after an outage), in `active` order."""
     for cid in active:
         leases.setdefault(cid, Lease(trial=cid))
     for cid in [c for c in leases if c not in active]:
         del leases[cid]
     holding = {lease.evaluator: cid for cid, lease in leases.items() if lease.evaluator}
     out: dict[str, str] = {}
-    free = [cid for cid in active if leases[cid].evaluator is None]
+    free = [cid for cid in active if leases[cid].evaluator is None and due(cid)]
     for evaluator in sorted(set(requests)):
         if evaluator in holding:
             out[evaluator] = holding[evaluator]
