@@ -12,6 +12,7 @@ translates a task between two slightly different definitions.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,10 +184,26 @@ class MergeSearchSpec(_Spec):
         return [c.name for c in self.checkpoints]
 
 
+# A Kubernetes object name (DNS-1123 subdomain): what the API server accepts, and in local mode
+# a safe directory name (.mergesearch/NAME): no "/", no "..", no leading dot.
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=253)
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns1123(cls, name: str) -> str:
+        if not DNS1123_SUBDOMAIN.match(name):
+            raise ValueError(
+                f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit (a DNS-1123 subdomain, as Kubernetes "
+                "requires)"
+            )
+        return name
 
 
 class MergeSearch(BaseModel):
