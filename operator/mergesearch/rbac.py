@@ -2,13 +2,14 @@
 
 Least privilege for what the operator really does (docs/operator.md, "RBAC"):
 
-- mergesearches: watch them (kopf), read one fresh per reconcile, patch metadata (kopf adds and
-  removes its finalizer, which the per-resource daemon needs); the status subresource is
+- mergesearches: watch them (kopf), read one fresh per reconcile, patch metadata (kopf removes
+  the finalizer earlier versions added; none is added any more); the status subresource is
   replaced under a resourceVersion precondition; `mergesearches/finalizers: update` is what the
   OwnerReferencesPermissionEnforcement admission plugin asks of whoever creates a Job with
   `blockOwnerDeletion: true` pointing at a MergeSearch.
 - jobs: the trial Jobs (index, create, delete); pods: read the termination messages;
-  events: milestones (kopf posts them, and creates or patches aggregated ones).
+  events: milestones (kopf posts them, and creates or patches aggregated ones), and reading
+  the Warning events of a trial pod or Job that does not start (FailedMount, FailedCreate).
 - kopf itself: list/watch CustomResourceDefinitions and namespaces (its dynamic scanning of
   the cluster; without them it serves only what it saw at start and logs warnings).
 - No coordination leases or kopf peering resources: the operator runs `--standalone`.
@@ -39,6 +40,7 @@ def rules() -> list[dict[str, Any]]:
         _rule(["batch"], ["jobs"], ["get", "list", "watch", "create", "delete"]),
         _rule([""], ["pods"], ["get", "list", "watch"]),
         _rule(["", "events.k8s.io"], ["events"], ["create", "patch"]),
+        _rule([""], ["events"], ["list"]),
         _rule(["apiextensions.k8s.io"], ["customresourcedefinitions"], ["get", "list", "watch"]),
         _rule([""], ["namespaces"], ["get", "list", "watch"]),
     ]

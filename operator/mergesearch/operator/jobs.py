@@ -34,6 +34,7 @@ LABEL_ROLE = f"{API_GROUP}/role"
 ANNOTATION_CANDIDATE = f"{API_GROUP}/candidate-id"
 ANNOTATION_SEARCH = f"{API_GROUP}/search-name"
 ANNOTATION_DIGEST = f"{API_GROUP}/trial-digest"
+ANNOTATION_ATTEMPT = f"{API_GROUP}/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "mergesearch-operator"}
 
 RUNNER_CONTAINER = "runner"
@@ -144,14 +145,17 @@ def candidate_part(candidate_id: str) -> str:
     return f"{head}-{short_hash(candidate_id)}" if head else short_hash(candidate_id)
 
 
-def job_name(owner: Owner, candidate_id: str) -> str:
+def job_name(owner: Owner, candidate_id: str, attempt: int = 0) -> str:
     """`<search name, truncated>-<hash of namespace/name/uid>-<candidate>`, at most 63 chars.
 
     The hash includes the search's uid: a search deleted and re-created under the same name
     never adopts (or collides with) its predecessor's Jobs while they are garbage-collected.
+    A retry after an outage (`attempt` > 0) gets a name of its own (`…-g003-c07-r1`), so the
+    Job of the failed attempt, while it is being deleted, is never mistaken for the new one.
     """
     search_hash = short_hash(f"{owner.namespace}/{owner.name}/{owner.uid}")
-    tail = f"{search_hash}-{candidate_part(candidate_id)}"
+    candidate = candidate_id if attempt == 0 else f"{candidate_id}-r{attempt}"
+    tail = f"{search_hash}-{candidate_part(candidate)}"
     room = NAME_LIMIT - len(tail) - 1
     head = _dns_part(owner.name)[:room].strip("-") or "ms"
     return f"{head}-{tail}"
@@ -222,9 +226,10 @@ def build_job(
     document: TrialDocument,
     settings: JobSettings,
     role: Role = "trial",
+    attempt: int = 0,
 ) -> dict[str, Any]:
-    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id)`."""
-    name = job_name(owner, candidate_id)
+    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id, attempt)`."""
+    name = job_name(owner, candidate_id, attempt)
     if document.id != name:
         raise ValueError(f"trial document id {document.id!r} is not the Job name {name!r}")
     text = document_json(document)
@@ -240,6 +245,8 @@ def build_job(
         ANNOTATION_SEARCH: owner.name,
         ANNOTATION_DIGEST: document_digest(text),
     }
+    if attempt:
+        annotations[ANNOTATION_ATTEMPT] = str(attempt)
     execution = spec.execution
     return {
         "apiVersion": "batch/v1",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,13 +32,50 @@ from mergesearch.operator import jobs as jobspec
 from mergesearch.operator import podpolicy
 from mergesearch.operator.events import Event, milestones
 from mergesearch.operator.jobs import FINAL_CANDIDATE, JobSettings, Owner
-from mergesearch.operator.observe import JobSummary, PodSummary, TrialOutcome, cut, outcome_of
-from mergesearch.operator.status import Phase, build_status, condition, decode_state
+from mergesearch.operator.observe import (
+    JobSummary,
+    PodSummary,
+    TrialOutcome,
+    blocker_of,
+    cut,
+    outcome_of,
+)
+from mergesearch.operator.status import (
+    Phase,
+    build_status,
+    condition,
+    decode_state,
+    wait_conditions,
+)
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_spec
 
 # Failures a user can repair by editing the spec (the generation changes); others are final.
-RECOVERABLE = frozenset({"SpecInvalid", "TemplateInvalid", "InternalError"})
+# `SpecChanged` too: a spec edited back to what the search started with carries on. The pod
+# configuration reasons (a missing Secret or ConfigMap, an image that cannot be used, pods
+# that admission refuses) are repaired outside the spec; any edit (e.g. toggling `suspend`)
+# then resumes the search where it was.
+POD_CONFIG_REASONS = frozenset(
+    {"PodConfigInvalid", "ImageInvalid", "VolumeUnavailable", "PodRefused"}
+)
+RECOVERABLE = frozenset(
+    {"SpecInvalid", "TemplateInvalid", "InternalError", "SpecChanged", *POD_CONFIG_REASONS}
+)
+# `kubectl annotate msearch NAME mergesearch.io/retry-finalization=<any new value>` runs a
+# failed final evaluation again (docs/operator.md).
+ANNOTATION_RETRY_FINAL = "mergesearch.io/retry-finalization"
+# Trials that failed for a transient reason (FailurePolicy.RETRY: the object store could not
+# be reached) run again after a backoff and are not told to the engine: RETRY_BASE_S doubling
+# up to RETRY_CAP_S, at most RETRY_LIMIT times per trial (15 s … 300 s: ~35 min in all), after
+# which the failure counts like any other. A final evaluation that fails for a counted reason
+# (a crash, a timeout) is tried FINAL_ATTEMPTS times in all.
+RETRY_BASE_S = 15.0
+RETRY_CAP_S = 300.0
+RETRY_LIMIT = 10
+FINAL_ATTEMPTS = 3
+# A pod or a Job that shows no progress for this long has its Warning events read (the shell
+# does it: FailedMount, FailedCreate have no other trace).
+STUCK_S = 15.0
 _BUDGETS = (
     "max_trials",
     "max_generations",
@@ -67,6 +105,7 @@ class SearchView:
     generation: int | None
     spec: Mapping[str, Any]
     status: Mapping[str, Any]
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +121,7 @@ class Plan:
     events: tuple[Event, ...] = ()
     told: tuple[str, ...] = ()
     idle: bool = False
+    wake_after: float | None = None  # seconds until a retry is due, when one waits
 
 
 @dataclass
@@ -98,6 +138,28 @@ class _Draft:
     events: list[Event] = field(default_factory=list)
     told: list[str] = field(default_factory=list)
     fatal: tuple[str, str] | None = None
+    retries: dict[str, dict[str, Any]] = field(default_factory=dict)  # id → attempt, notBefore
+    waits: dict[str, tuple[bool, str, str]] = field(default_factory=dict)
+    wake_after: float | None = None
+
+    def attempt(self, cid: str) -> int:
+        if cid == FINAL_CANDIDATE:
+            return int((self.final or {}).get("attempt") or 0)
+        return int(self.retries.get(cid, {}).get("attempt") or 0)
+
+    def due(self, cid: str, now: str) -> bool:
+        """Whether the trial may run now (no retry pending, or its backoff is over)."""
+        not_before = (
+            (self.final or {}).get("notBefore")
+            if cid == FINAL_CANDIDATE
+            else self.retries.get(cid, {}).get("notBefore")
+        )
+        if not not_before:
+            return True
+        left = (parse_time(not_before) - parse_time(now)).total_seconds()
+        if left > 0:
+            self.wake_after = left if self.wake_after is None else min(self.wake_after, left)
+        return left <= 0
 
 
 class StateInvalid(Exception):
@@ -106,6 +168,19 @@ class StateInvalid(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def later(now: str, seconds: float) -> str:
+    return (parse_time(now) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def backoff_s(attempt: int) -> float:
+    """The wait before retry number `attempt` (1, 2, …)."""
+    return min(RETRY_BASE_S * 2 ** max(attempt - 1, 0), RETRY_CAP_S)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -119,6 +194,7 @@ def reconcile(
     now: str,
 ) -> Plan:
     """One convergence step; see the module docstring."""
+    view = _retry_final_if_asked(view, now)
     previous = view.status
     mine = [j for j in jobs if j.owner_uid == view.owner.uid]
     if _finished(previous):
@@ -138,19 +214,21 @@ def reconcile(
     try:
         state = _load_state(previous, config)
     except StateInvalid as exc:
-        return blocked(view, exc.reason, str(exc), now, final=True)
+        return blocked(view, exc.reason, str(exc), now, final=exc.reason not in RECOVERABLE)
     draft = _Draft(
         state=state,
         active=list(previous.get("activeTrials") or []),
         final=dict(previous["final"]) if previous.get("final") else None,
         output=dict(previous["output"]) if previous.get("output") else None,
         held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
+        retries={r["trial"]: dict(r) for r in previous.get("retries") or [] if "trial" in r},
     )
     if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
         draft.events.append(NO_REQUESTS)
     try:
-        _collect(draft, mine, pods)
-        phase, reason, message = _advance(draft, view, spec, mine, pods, settings)
+        _collect(draft, mine, pods, now)
+        _check_blockers(draft, mine, pods)
+        phase, reason, message = _advance(draft, view, spec, mine, pods, settings, now)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         # A pod template Kubernetes would refuse anyway (a malformed structure), caught here
         # rather than as a crash: the template is the only free-form part of the spec.
@@ -173,6 +251,7 @@ def blocked(view: SearchView, reason: str, message: str, now: str, *, final: boo
         generation=view.generation,
         final=previous.get("final"),
         output=previous.get("output"),
+        retries=previous.get("retries") or (),
     )
     if final:
         status["completionTime"] = previous.get("completionTime") or now
@@ -187,6 +266,35 @@ def blocked(view: SearchView, reason: str, message: str, now: str, *, final: boo
 def job_rejected(view: SearchView, message: str, now: str) -> Plan:
     """The API server refused a Job we built (422): the template is at fault."""
     return blocked(view, "TemplateInvalid", f"a trial Job was rejected: {message}", now)
+
+
+def quota_refused(view: SearchView, job: str, detail: str, waiting: int, now: str) -> Plan:
+    """A ResourceQuota refused a trial Job (403 exceeded quota): the search waits, says so
+    in the `QuotaExceeded` condition (and an event when it starts waiting), and creates the
+    Job in a later reconcile, once collected Jobs have been deleted and the quota freed."""
+    message = f"{waiting} trial Job(s) wait for quota; creating {job}: {detail}"
+    return _wait_condition(view, "QuotaExceeded", True, "JobQuota", message, now)
+
+
+def quota_cleared(view: SearchView, now: str) -> Plan:
+    """Every Job of the last reconcile could be created: the quota wait is over."""
+    return _wait_condition(view, "QuotaExceeded", False, "JobsCreated", "no Job waits", now)
+
+
+def _wait_condition(
+    view: SearchView, type: str, value: bool, reason: str, message: str, now: str
+) -> Plan:
+    previous = view.status
+    conditions = wait_conditions(
+        previous.get("conditions") or [],
+        {type: (value, reason, message)},
+        now=now,
+        generation=view.generation,
+    )
+    status = {**previous, "conditions": conditions}
+    flipped = (condition(previous, type) or {}).get("status") != ("True" if value else "False")
+    events = (Event("Warning", type, message),) if value and flipped else ()
+    return Plan(status=status, changed=status != dict(previous), events=events)
 
 
 def internal_error(view: SearchView, message: str, now: str) -> Plan:
@@ -221,6 +329,31 @@ def _blocked(view: SearchView) -> bool:
     )
 
 
+def _retry_final_if_asked(view: SearchView, now: str) -> SearchView:
+    """A search whose final evaluation failed, and whose retry annotation has a value not
+    acted on yet: back to Running with a fresh final attempt (the engine state, the best
+    trial and its scores were never lost)."""
+    status = view.status
+    final = status.get("final") or {}
+    asked = view.annotations.get(ANNOTATION_RETRY_FINAL)
+    if (
+        not asked
+        or _failed_reason(status) != "FinalizationFailed"
+        or final.get("retryRequest") == asked
+    ):
+        return view
+    retry = {
+        **{k: v for k, v in final.items() if k not in ("error", "notBefore")},
+        "state": "Running",
+        "attempt": int(final.get("attempt") or 0) + 1,
+        "retryRequest": asked,
+    }
+    conditions = [c for c in status.get("conditions") or [] if c.get("type") != "Failed"]
+    reopened = {**status, "phase": "Running", "final": retry, "conditions": conditions}
+    reopened.pop("completionTime", None)
+    return SearchView(view.owner, view.generation, view.spec, reopened, view.annotations)
+
+
 def _settled(view: SearchView, mine: Sequence[JobSummary]) -> Plan:
     """A finished search: only make sure no trial Job still runs (abandoned ones)."""
     delete = tuple(
@@ -252,21 +385,24 @@ def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> eng
 # --------------------------------------------------------------------------- collecting results
 
 
-def _by_candidate(mine: Sequence[JobSummary], role: str) -> dict[str, JobSummary]:
+def _by_candidate(mine: Sequence[JobSummary], role: str, draft: _Draft) -> dict[str, JobSummary]:
+    """Each candidate's Job of its current attempt (an earlier attempt's Job, still being
+    deleted, is not it)."""
     out: dict[str, JobSummary] = {}
     for job in mine:
-        if job.role == role and not job.deleting:
+        if job.role == role and not job.deleting and job.attempt == draft.attempt(job.candidate):
             out[job.candidate] = job
     return out
 
 
 def _collect(
-    draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]]
+    draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]], now: str
 ) -> None:
     """Tell the engine every finished active trial; a configuration error found by a trial
     (a checkpoint that cannot be fetched, checkpoints that cannot be merged, an unknown task)
-    makes the search fail at once instead of burning the failure budget."""
-    by_id = _by_candidate(mine, "trial")
+    makes the search fail at once instead of burning the failure budget, and a transient
+    one (the object store is down) runs the trial again after a backoff, untold."""
+    by_id = _by_candidate(mine, "trial", draft)
     first = draft.state.trials.succeeded == 0
     results: list[engine.Result] = []
     for cid in draft.active:
@@ -274,6 +410,10 @@ def _collect(
         outcome = outcome_of(job, pods.get(job.name, ())) if job else None
         if outcome is None:
             continue
+        if _retry_later(draft, outcome, first, now):
+            draft.delete.append(outcome.job)
+            continue
+        draft.retries.pop(cid, None)
         results.append(_engine_result(outcome))
         if not outcome.succeeded:
             draft.events.append(Event("Warning", "TrialFailed", f"{cid}: {outcome.reason}"))
@@ -284,6 +424,67 @@ def _collect(
     done = {r.candidate_id for r in results}
     draft.told = list(report.applied)
     draft.active = [cid for cid in draft.active if cid not in done]
+
+
+def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) -> bool:
+    """Schedule another attempt of a trial that failed for a transient reason; False when
+    the failure is to be told (or is fatal)."""
+    if not retryable(outcome, first_trials=first):
+        return False
+    cid = outcome.candidate
+    attempt = draft.attempt(cid) + 1
+    if attempt > RETRY_LIMIT:
+        return False
+    wait = backoff_s(attempt)
+    draft.retries[cid] = {
+        "trial": cid,
+        "attempt": attempt,
+        "notBefore": later(now, wait),
+        "reason": outcome.reason,
+    }
+    draft.events.append(
+        Event(
+            "Warning",
+            "StorageUnavailable",
+            f"{cid}: {outcome.reason}; retry {attempt} in {wait:.0f} s (not counted as a failure)",
+        )
+    )
+    return True
+
+
+def retryable(outcome: TrialOutcome, *, first_trials: bool) -> bool:
+    """A failure whose kind's policy is RETRY (an outage), except storage that was never
+    reached at all (no trial has succeeded yet): that is a misconfigured endpoint, fatal."""
+    kind = outcome.error_kind
+    if outcome.succeeded or kind is None or FAILURE_POLICY[kind] is not FailurePolicy.RETRY:
+        return False
+    return not (kind is FailureKind.STORAGE_UNAVAILABLE and first_trials)
+
+
+def _check_blockers(
+    draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]]
+) -> None:
+    """Pods of active trials (and of the final Job) that do not start: a configuration
+    cause fails the search now; a transient one is the `TrialsBlocked` condition."""
+    current = {**_by_candidate(mine, "trial", draft), **_by_candidate(mine, "final", draft)}
+    wanted = [*draft.active, *([FINAL_CANDIDATE] if draft.final else [])]
+    waiting = []
+    for cid in wanted:
+        job = current.get(cid)
+        if job is None or job.state != "active":
+            continue
+        blocker = blocker_of(job, pods.get(job.name, ()))
+        if blocker is None:
+            continue
+        if blocker.fatal:
+            draft.fatal = draft.fatal or (blocker.reason, blocker.message)
+        else:
+            waiting.append(blocker)
+    if waiting:
+        more = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
+        draft.waits["TrialsBlocked"] = (True, waiting[0].reason, waiting[0].message + more)
+    else:
+        draft.waits["TrialsBlocked"] = (False, "Running", "no trial pod is blocked")
 
 
 def _engine_result(outcome: TrialOutcome) -> engine.Result:
@@ -337,6 +538,7 @@ def _advance(
     mine: Sequence[JobSummary],
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
+    now: str,
 ) -> tuple[Phase, str, str]:
     """Decide the phase and the Jobs to launch; returns (phase, reason, message)."""
     if draft.fatal is not None:
@@ -350,10 +552,10 @@ def _advance(
         return "Failed", reason, summary.message or reason
     if finished:
         _abandon(draft)
-        return _finalize(draft, view, spec, mine, pods, settings, summary)
+        return _finalize(draft, view, spec, mine, pods, settings, summary, now)
     if spec.suspend:
         return "Suspended", "Suspended", f"{len(draft.active)} trials still running; none started"
-    _launch(draft, view.owner, spec, mine, settings)
+    _launch(draft, view.owner, spec, mine, settings, now)
     started = any(j.started for j in mine) or summary.trials_succeeded + summary.trials_failed > 0
     baselines = any(b["status"] in ("pending", "waiting") for b in summary.baselines)
     reason = "Baselines" if baselines else "Searching"
@@ -367,6 +569,7 @@ def _advance(
 def _abandon(draft: _Draft) -> None:
     """Trials that no longer matter (the search ended): forget them; their Jobs get deleted."""
     draft.active = []
+    draft.retries = {}
 
 
 def _launch(
@@ -375,19 +578,23 @@ def _launch(
     spec: MergeSearchSpec,
     mine: Sequence[JobSummary],
     settings: JobSettings,
+    now: str,
 ) -> None:
     """Create the Jobs the engine's pending candidates lack, within the parallelism cap, and
-    re-create (harmlessly) those of active trials that have no Job."""
+    re-create (harmlessly) those of active trials that have no Job — a retried trial once
+    its backoff is over."""
     pending = {c.id: c for c in engine.pending_candidates(draft.state)}
     draft.active = [cid for cid in draft.active if cid in pending]
-    existing = _by_candidate(mine, "trial")
+    draft.retries = {cid: r for cid, r in draft.retries.items() if cid in draft.active}
+    existing = _by_candidate(mine, "trial", draft)
     room = spec.execution.parallelism - len(draft.active)
     fresh = [cid for cid in pending if cid not in draft.active][: max(room, 0)]
-    missing = [cid for cid in draft.active if cid not in existing]
+    missing = [cid for cid in draft.active if cid not in existing and draft.due(cid, now)]
     draft.active.extend(fresh)
     for cid in [*missing, *fresh]:
         candidate = pending[cid]
-        name = jobspec.job_name(owner, cid)
+        attempt = draft.attempt(cid)
+        name = jobspec.job_name(owner, cid, attempt)
         doc = jobspec.trial_document(spec, name, candidate.weights, settings)
         draft.create.append(
             jobspec.build_job(
@@ -397,6 +604,7 @@ def _launch(
                 generation=candidate.generation,
                 document=doc,
                 settings=settings,
+                attempt=attempt,
             )
         )
 
@@ -409,21 +617,31 @@ def _finalize(
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
     summary: engine.EngineStatus,
+    now: str,
 ) -> tuple[Phase, str, str]:
     """The search succeeded: evaluate the best merge on held-out tasks and export it."""
     stop = summary.message or "search finished"
     if not (spec.objective.held_out or spec.output.uri) or summary.best is None:
         return "Succeeded", "Succeeded", stop
     owner = view.owner
-    name = jobspec.job_name(owner, FINAL_CANDIDATE)
-    job = _by_candidate(mine, "final").get(FINAL_CANDIDATE)
+    attempt = draft.attempt(FINAL_CANDIDATE)
+    name = jobspec.job_name(owner, FINAL_CANDIDATE, attempt)
+    job = _by_candidate(mine, "final", draft).get(FINAL_CANDIDATE)
     outcome = outcome_of(job, pods.get(job.name, ())) if job else None
     if outcome is not None:
-        return _final_outcome(draft, outcome, stop)
+        return _final_outcome(draft, outcome, stop, now)
     if spec.suspend and draft.final is None:
         return "Suspended", "Suspended", "search finished; the final evaluation waits"
-    draft.final = {"job": name, "trial": summary.best["id"], "state": "Running"}
-    if job is None:
+    previous = draft.final or {}
+    draft.final = {
+        **previous,
+        "job": name,
+        "trial": summary.best["id"],
+        "state": previous.get("state") if previous.get("state") == "Retrying" else "Running",
+    }
+    if job is None and draft.due(FINAL_CANDIDATE, now):
+        draft.final["state"] = "Running"
+        draft.final.pop("notBefore", None)
         doc = jobspec.trial_document(spec, name, summary.best["weights"], settings, final=True)
         draft.create.append(
             jobspec.build_job(
@@ -434,14 +652,48 @@ def _finalize(
                 document=doc,
                 settings=settings,
                 role="final",
+                attempt=attempt,
             )
         )
+    if draft.final["state"] == "Retrying":
+        why = draft.final.get("error", "")
+        return "Running", "Finalizing", f"{stop}; the final evaluation is retried ({why})"
     return "Running", "Finalizing", f"{stop}; evaluating {summary.best['id']} (Job {name})"
 
 
-def _final_outcome(draft: _Draft, outcome: TrialOutcome, stop: str) -> tuple[Phase, str, str]:
+def _final_outcome(
+    draft: _Draft, outcome: TrialOutcome, stop: str, now: str
+) -> tuple[Phase, str, str]:
     final = dict(draft.final or {"job": outcome.job})
     if not outcome.succeeded:
+        attempt = int(final.get("attempt") or 0) + 1
+        kind = outcome.error_kind
+        policy = FAILURE_POLICY[kind] if kind is not None else FailurePolicy.COUNTED
+        again = (policy is FailurePolicy.RETRY and attempt <= RETRY_LIMIT) or (
+            policy is FailurePolicy.COUNTED and attempt < FINAL_ATTEMPTS
+        )
+        if again:
+            wait = backoff_s(attempt)
+            draft.final = {
+                **final,
+                "state": "Retrying",
+                "attempt": attempt,
+                "notBefore": later(now, wait),
+                "error": outcome.reason,
+            }
+            if kind is not None:
+                draft.final["kind"] = str(kind)
+            draft.delete.append(outcome.job)
+            draft.due(FINAL_CANDIDATE, now)  # sets the wake-up
+            draft.events.append(
+                Event(
+                    "Warning",
+                    "FinalizationRetried",
+                    f"final evaluation failed: {outcome.reason}; attempt {attempt + 1} in "
+                    f"{wait:.0f} s",
+                )
+            )
+            return "Running", "Finalizing", f"{stop}; the final evaluation is retried"
         draft.final = {**final, "state": "Failed", "error": outcome.reason}
         return "Failed", "FinalizationFailed", f"final evaluation failed: {outcome.reason}"
     draft.final = {**final, "state": "Succeeded"}
@@ -467,6 +719,7 @@ def _plan(
     now: str,
 ) -> Plan:
     previous = view.status
+    _storage_wait(draft)
     status = build_status(
         state=draft.state,
         phase=phase,
@@ -479,16 +732,10 @@ def _plan(
         final=draft.final,
         output=draft.output,
         held_out=draft.held_out,
+        retries=list(draft.retries.values()),
+        waits=draft.waits,
     )
-    active = set(draft.active)
-    delete = [
-        j.name
-        for j in mine
-        if j.role == "trial"
-        and j.candidate not in active
-        and j.state != "failed"  # failed trial Jobs stay for `kubectl logs`
-        and not j.deleting
-    ]
+    delete = [*dict.fromkeys([*draft.delete, *_collected(draft, mine, status)])]
     events = [*draft.events, *milestones(previous, status)]
     return Plan(
         status=status,
@@ -498,4 +745,44 @@ def _plan(
         events=tuple(events),
         told=tuple(draft.told),
         idle=phase in ("Succeeded", "Failed"),
+        wake_after=draft.wake_after,
     )
+
+
+def _storage_wait(draft: _Draft) -> None:
+    """The `StorageUnavailable` condition: True while a trial (or the final evaluation)
+    waits to be retried after an object-store outage."""
+    final = draft.final or {}
+    final_waits = final.get("state") == "Retrying" and final.get("kind") == str(
+        FailureKind.STORAGE_UNAVAILABLE
+    )
+    if draft.retries or final_waits:
+        ids = [*draft.retries, *([FINAL_CANDIDATE] if final_waits else [])]
+        first = draft.retries[ids[0]] if draft.retries else final
+        draft.waits["StorageUnavailable"] = (
+            True,
+            "RetryingTrials",
+            f"{len(ids)} trial(s) wait for the object store ({', '.join(ids[:5])}); "
+            f"last error: {first.get('reason') or first.get('error')}; next attempt not "
+            f"before {first.get('notBefore')}",
+        )
+    else:
+        draft.waits["StorageUnavailable"] = (False, "Reachable", "no trial waits for storage")
+
+
+def _collected(draft: _Draft, mine: Sequence[JobSummary], status: Mapping[str, Any]) -> list[str]:
+    """Trial Jobs no longer needed: every Job of a trial that is not active, except the Jobs
+    of the most recent failures (`status.recentFailures`, at most 10), kept for `kubectl
+    logs` whether the Job failed or completed without a usable result. While a quota refuses
+    new Jobs, none are kept: a kept Job must never hold the quota a trial needs."""
+    active = set(draft.active)
+    quota = (condition(status, "QuotaExceeded") or {}).get("status") == "True"
+    keep = set() if quota else {f.get("id") for f in status.get("recentFailures") or []}
+    return [
+        j.name
+        for j in mine
+        if j.role == "trial"
+        and not j.deleting
+        and j.candidate not in active
+        and not (j.candidate in keep and j.state != "active")
+    ]
