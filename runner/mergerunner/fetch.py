@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from blake3 import blake3
 
@@ -855,6 +855,56 @@ def fetch_checkpoint_result(
 ) -> FetchResult:
     """`fetch_checkpoint` with the account of what was transferred and what was reused."""
     return _run(fetch_checkpoints_async([uri], cache_dir, config=config, part_size=part_size))[0]
+
+
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+Destination = Literal["empty", "model"]
+
+
+def check_destination(uri: str, *, config: StorageConfig | None = None) -> Destination:
+    """Check an output destination before any work is done for it; say what it holds.
+
+    Called before the first trial (local mode) and before a trial's fetch (the runner), so a
+    destination that cannot take the model fails in seconds, not after a search. Refused, as
+    `config` errors naming the URI: a URI that does not parse, a local path that is a file or
+    a directory holding files but no model, a parent that cannot be written, a bucket that is
+    missing or that these credentials cannot list. "model": an earlier export is there (what
+    replaces it is the caller's decision); "empty": nothing is there yet.
+    """
+    location = parse_uri(uri)
+    if location.is_local:
+        return _check_local_destination(Path(location.prefix), location.uri)
+    return _run(_check_remote_destination(location, config or StorageConfig.from_env()))
+
+
+def _check_local_destination(target: Path, uri: str) -> Destination:
+    if target.exists() and not target.is_dir():
+        raise FetchError(uri, "config", f"output destination {target} is a file")
+    if target.is_dir() and any(target.iterdir()):
+        if any((target / name).exists() for name in MODEL_FILES):
+            return "model"
+        raise FetchError(uri, "config", f"output destination {target} holds files but no model")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FetchError(uri, "config", f"output destination: {parent} is not writable")
+    return "empty"
+
+
+async def _check_remote_destination(location: Location, config: StorageConfig) -> Destination:
+    store = make_store(location, config)
+    try:
+        listed = await _list_top_level(store, location.uri, config)
+    except FetchError as error:
+        if error.kind in ("not-found", "access-denied"):
+            raise FetchError(location.uri, "config", f"output destination: {error.cause}") from None
+        raise
+    if any(name in listed for name in MODEL_FILES):
+        return "model"
+    if listed:
+        raise FetchError(location.uri, "config", "output destination holds objects but no model")
+    return "empty"
 
 
 async def upload_directory_async(
