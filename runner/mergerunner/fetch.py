@@ -41,6 +41,7 @@ from mergerunner.checkpoint import (
     PICKLE_SUFFIXES,
     CheckpointError,
     read_layout,
+    weights_entry,
 )
 from mergerunner.storage import (
     FetchError,
@@ -254,9 +255,10 @@ def plan_checkpoint(uri: str, names: Iterable[str], shards: Sequence[str] | None
     """
     available = set(names)
     aux = sorted(name for name in available if is_aux_file(name))
-    if WEIGHTS_NAME in available:
+    entry = weights_entry(available)
+    if entry == WEIGHTS_NAME:
         return [WEIGHTS_NAME, *aux]
-    if INDEX_NAME not in available:
+    if entry is None:
         found = ", ".join(sorted(available)[:8]) or "nothing"
         raise FetchError(
             uri,
@@ -274,8 +276,7 @@ def plan_checkpoint(uri: str, names: Iterable[str], shards: Sequence[str] | None
 
 
 def needs_sharded_plan(names: Iterable[str]) -> bool:
-    available = set(names)
-    return WEIGHTS_NAME not in available and INDEX_NAME in available
+    return weights_entry(names) == INDEX_NAME
 
 
 def manifest_entry(

@@ -865,7 +865,7 @@ class ResidentMerger:
             for target in targets:
                 self._merge_one(target, active, out, total)
             if not bool(torch.isfinite(total)):  # one check (one GPU sync) per merge
-                self._raise_non_finite(targets, active)
+                self._raise_non_finite(targets, active, out)
         if digest == "recipe":
             dtypes = sorted({str(out or t.destinations[0].dtype) for t in targets})
             return recipe_digest(self._identity, values, dtypes)
@@ -906,7 +906,10 @@ class ResidentMerger:
             alias.copy_(first)
 
     def _raise_non_finite(
-        self, targets: Sequence[_Target], active: Sequence[tuple[float, int]]
+        self,
+        targets: Sequence[_Target],
+        active: Sequence[tuple[float, int]],
+        out: torch.dtype | None,
     ) -> None:
         """Find the first tensor of the merge that is not finite and raise why; return when
         every value is finite (the sum of finite values overflowed)."""
@@ -921,7 +924,8 @@ class ResidentMerger:
             terms = [(w, rows[i][start:stop]) for w, i in active]
             acc = accumulate(self._acc[: stop - start], terms)
             sources = [i for _, i in active]
-            raise non_finite_error(target.tensor, start, merged[start:stop], acc, terms, sources)
+            stored = merged[start:stop] if out is None else merged[start:stop].to(out)
+            raise non_finite_error(target.tensor, start, stored, acc, terms, sources)
 
     def _bind(self, model: torch.nn.Module) -> list[_Target]:
         return bind_model(self.plan, model.state_dict(keep_vars=True))
