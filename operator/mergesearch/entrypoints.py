@@ -21,6 +21,8 @@ RUNNER_SCRIPT = "mergerunner"
 RUNNER_COMMAND: tuple[str, ...] = (RUNNER_SCRIPT, "run")
 # The search's preflight, once before any trial (mergerunner.preflight).
 PREFLIGHT_COMMAND: tuple[str, ...] = (RUNNER_SCRIPT, "preflight")
+# The warm evaluator (spec.execution.mode: warm): leases candidates from the operator.
+EVALUATOR_COMMAND: tuple[str, ...] = (RUNNER_SCRIPT, "evaluator")
 
 # The people's command line, also in the operator image (`mergesearch crd`, say).
 CLI_SCRIPT = "mergesearch"

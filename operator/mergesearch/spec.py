@@ -12,6 +12,7 @@ translates a task between two slightly different definitions.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,9 @@ API_VERSION = "v1alpha1"
 KIND = "MergeSearch"
 
 Baseline = Literal["each", "uniform", "merge-best"]
+# How a cluster runs candidates: one Job per trial, or warm evaluators that keep the
+# checkpoints and one model resident across candidates (docs/operator.md, "Warm evaluators").
+ExecutionMode = Literal["jobs", "warm"]
 
 
 class _Spec(BaseModel):
@@ -163,7 +167,14 @@ class SearchSpec(_Spec):
 
 
 class ExecutionSpec(_Spec):
-    parallelism: int = Field(default=4, ge=1, le=1000, description="Concurrent trials.")
+    mode: ExecutionMode = Field(
+        default="jobs",
+        description="jobs: one Job per trial; warm: evaluator pods that fetch the checkpoints "
+        "once and merge each candidate into a resident model.",
+    )
+    parallelism: int = Field(
+        default=4, ge=1, le=1000, description="Concurrent trials (warm: evaluator pods)."
+    )
     max_failed_trials: int = Field(
         default=8, ge=0, description="Failed trials tolerated before the search fails."
     )
@@ -218,6 +229,19 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=253)
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns1123(cls, name: str) -> str:
+        # What the API server accepts, and in local mode a safe directory name
+        # (.mergesearch/NAME): no "/", no "..", no leading dot.
+        if not re.match(OBJECT_NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit (a DNS-1123 subdomain, as Kubernetes "
+                "requires)"
+            )
+        return name
 
 
 class MergeSearch(BaseModel):

@@ -36,8 +36,11 @@ class EvaluationError(TrialError):
 
 @dataclass(frozen=True)
 class ResolvedTask:
+    """A task as loaded: its spec, the result key its metric maps to, its example subset."""
+
     spec: TaskSpec
     indices: list[int] | None
+    key: str
 
 
 def subset_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
@@ -71,8 +74,8 @@ def metric_keys(task: Any) -> list[str]:
     """The result keys lm-eval will report for a loaded task, known before any model runs.
 
     lm-eval reports each metric of the task under each of its filters as `metric,filter`, and
-    aggregates a per-document metric only through `task.aggregation()`, so the keys are exactly
-    aggregation x filters.
+    aggregates a per-document metric only through `task.aggregation()` (a metric missing there
+    is a KeyError inside lm-eval), so the keys are exactly aggregation × filters.
     """
     filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
     return [f"{metric},{name}" for metric in task.aggregation() for name in filters]
@@ -91,6 +94,44 @@ def group_metric_keys(group: Any, leaf_keys: Mapping[str, Sequence[str]]) -> lis
             keys += [
                 f"{agg.metric},{f}" for f in ([filters] if isinstance(filters, str) else filters)
             ]
+    return keys
+
+
+def resolve_tasks(
+    loaded: Mapping[str, Any],
+    specs: Sequence[TaskSpec],
+    groups: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Each spec's task → the result key its metric names, checked against the loaded tasks.
+
+    The one place a metric is resolved against its task: every mode calls it before the first
+    trial (local mode when it loads its suites, the runner and the preflight when they load
+    their tasks), so a metric the task does not report (`acc` on a generate_until task) fails
+    at once, as `unknown-metric`, instead of after a model was merged and scored. An entry
+    naming a group resolves against the group's aggregate metrics.
+    """
+    groups = groups or {}
+    keys: dict[str, str] = {}
+    for spec in specs:
+        if spec.task in groups:
+            leaves = {
+                t.task_name: metric_keys(loaded[t.task_name])
+                for t in groups[spec.task].get_all_tasks()
+            }
+            available = group_metric_keys(groups[spec.task], leaves)
+            if not available:
+                raise EvaluationError(
+                    f"group {spec.task!r} has no aggregate metric (aggregate_metric_list); "
+                    "list its tasks instead",
+                    kind=FailureKind.UNKNOWN_METRIC,
+                )
+        elif spec.task in loaded:
+            available = metric_keys(loaded[spec.task])
+        else:
+            raise EvaluationError(
+                f"unknown lm-eval task: {spec.task}", kind=FailureKind.UNKNOWN_TASK
+            )
+        keys[spec.task] = resolve_metric(spec.task, spec.metric, available)
     return keys
 
 
@@ -238,6 +279,7 @@ class TaskSuite:
         self._task_dict = loaded
         self._tasks: dict[str, Any] = loaded["tasks"]
         self._groups: dict[str, Any] = loaded["groups"]
+        keys = resolve_tasks(self._tasks, tasks, self._groups)
         self.resolved: list[ResolvedTask] = []
         self._leaves: dict[str, list[int] | None] = {}
         gen_kwargs = dict(self.evaluator.gen_kwargs or {})
@@ -257,28 +299,8 @@ class TaskSuite:
                         f"task {leaf!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
                     )
                 self._leaves[leaf] = subset_indices(leaf, n_docs, spec.limit, seed)
-            self.resolved.append(ResolvedTask(spec, indices=self._leaves.get(spec.task)))
-        self.metric_keys = self.check_metrics()  # an unknown metric fails here, not after a trial
-
-    def check_metrics(self) -> dict[str, str]:
-        """Each entry's metric resolved against the keys its task (or group aggregate) will
-        report, before any model runs: `unknown-metric` names the entry and what it offers."""
-        resolved = {}
-        for r in self.resolved:
-            name = r.spec.task
-            if name in self._groups:
-                leaves = {leaf: metric_keys(self._tasks[leaf]) for leaf in self.leaves_of(name)}
-                keys = group_metric_keys(self._groups[name], leaves)
-                if not keys:
-                    raise EvaluationError(
-                        f"group {name!r} has no aggregate metric (aggregate_metric_list); list "
-                        "its tasks instead",
-                        kind=FailureKind.UNKNOWN_METRIC,
-                    )
-            else:
-                keys = metric_keys(self._tasks[name])
-            resolved[name] = resolve_metric(name, r.spec.metric, keys)
-        return resolved
+            indices = self._leaves.get(spec.task)
+            self.resolved.append(ResolvedTask(spec, indices=indices, key=keys[spec.task]))
 
     def leaves_of(self, name: str) -> list[str]:
         """The leaf tasks an entry scores: itself, or every task under a group."""
@@ -324,20 +346,23 @@ class TaskSuite:
         scores: dict[str, float] = {}
         subtasks: dict[str, float] = {}
         for r in self.resolved:
-            scores[r.spec.task] = _value(r.spec.task, r.spec.metric, results)
+            scores[r.spec.task] = _value(r.spec.task, r.key, results)
             if r.spec.task in self._groups:
                 for leaf in self.leaves_of(r.spec.task):
                     with contextlib.suppress(EvaluationError):
-                        subtasks[leaf] = _value(leaf, r.spec.metric, results)
+                        subtasks[leaf] = _value(leaf, r.key, results)
         return SuiteScores(scores, subtasks)
 
 
-def _value(task: str, metric: str, results: Mapping[str, Any]) -> float:
+def _value(task: str, key: str, results: Mapping[str, Any]) -> float:
     task_results = results.get(task)
     if task_results is None:
         raise EvaluationError(f"task {task!r}: lm-eval returned no results")
-    key = resolve_metric(task, metric, task_results)
-    value = task_results[key]
+    value = task_results.get(key)
+    if value is None:
+        raise EvaluationError(
+            f"task {task!r}: lm-eval reported no {key!r}", kind=FailureKind.UNKNOWN_METRIC
+        )
     if not isinstance(value, int | float):
         raise EvaluationError(f"task {task!r}: metric {key!r} is not a number")
     return float(value)
@@ -369,6 +394,18 @@ def pick_device(spec: EvaluatorSpec) -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """The dtype a model computes in on `device`, given the merge's output dtype.
+
+    bfloat16 and float16 matrix products are emulated and slow on most CPUs (and float16 lacks
+    some CPU kernels), so on a CPU the model is held in float32; its weights are still exactly
+    the output dtype's values (widening is exact), so the model scored is the one exported.
+    Every mode loads models through this rule, so the same weights on the same device give the
+    same scores in a pod and in local mode.
+    """
+    return "float32" if device.split(":")[0] == "cpu" else dtype
 
 
 def _quiet(base: type) -> type:

@@ -19,11 +19,12 @@ import importlib.metadata
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
-from mergesearch.entrypoints import PREFLIGHT_COMMAND, RUNNER_COMMAND
+from mergesearch.entrypoints import EVALUATOR_COMMAND, PREFLIGHT_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
@@ -57,6 +58,11 @@ ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
 SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
+# Warm evaluators (operator/warm.py): where pods reach the operator's evaluator endpoint, the
+# file holding the key their per-search tokens derive from, and an optional node-local cache.
+EVALUATOR_URL_ENV = "MERGESEARCH_EVALUATOR_URL"
+EVALUATOR_KEY_FILE_ENV = "MERGESEARCH_EVALUATOR_KEY_FILE"
+NODE_CACHE_ENV = "MERGESEARCH_NODE_CACHE_DIR"
 RUNNER_REPOSITORY = "ghcr.io/mergesearch/mergesearch-runner"
 
 
@@ -89,6 +95,16 @@ class JobSettings:
     credentials_dir: str = "/var/run/secrets/mergesearch/storage"
     custom_tasks_dir: str = "/etc/mergesearch/custom-tasks"
     extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
+    evaluator_command: tuple[str, ...] = EVALUATOR_COMMAND
+    # Warm mode needs both: the endpoint URL as the evaluator pods reach it, and the key.
+    evaluator_url: str | None = None
+    evaluator_key: bytes | None = field(default=None, repr=False)
+    # A host directory for a node-local checkpoint cache shared by evaluators (opt-in).
+    node_cache_dir: str | None = None
+
+    @property
+    def serves_evaluators(self) -> bool:
+        return bool(self.evaluator_url and self.evaluator_key)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> JobSettings:
@@ -99,12 +115,21 @@ class JobSettings:
         preflight = tuple(env.get("MERGESEARCH_PREFLIGHT_COMMAND", "").split()) or (
             command if command != cls.command else cls.preflight_command
         )
+        evaluator = (
+            tuple(env.get("MERGESEARCH_EVALUATOR_COMMAND", "").split()) or cls.evaluator_command
+        )
         account = env.get(SERVICE_ACCOUNT_ENV) or podpolicy.DEFAULT_SERVICE_ACCOUNT
+        key_file = env.get(EVALUATOR_KEY_FILE_ENV)
+        key = Path(key_file).read_bytes().strip() if key_file else None
         return cls(
             default_image=image,
             command=command,
             preflight_command=preflight,
             service_account=account,
+            evaluator_command=evaluator,
+            evaluator_url=env.get(EVALUATOR_URL_ENV) or None,
+            evaluator_key=key or None,
+            node_cache_dir=env.get(NODE_CACHE_ENV) or None,
         )
 
 
