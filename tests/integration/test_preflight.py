@@ -198,5 +198,5 @@ def test_the_preflight_command_reports_like_a_trial(
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     result = json.loads(term.read_text())
-    assert result["failedStep"] == "preflight" and result["errorKind"] == "config"
+    assert result["failedStep"] == "preflight" and result["errorKind"] == "config", result
     assert "allowCodeExecution" in result["error"]
