@@ -244,3 +244,28 @@ def test_pack_from_manifest_takes_its_tasks(
     assert pack(out, sources, extra=("--from-manifest", str(path))) == 0
     assert sorted(read_manifest(out).tasks) == ["gsm8k", "leaderboard_musr"]
     assert pack(tmp_path / "x", sources, "no_such_task_zz") == 2
+
+
+def test_the_readme_manifest_is_valid_and_its_bundle_packs(
+    sources: dict[str, Any], tmp_path: Path, restored_env: None
+) -> None:
+    """The README's example manifest, as written: the schema takes it, and the documented
+    bundle step (`datasets pack --from-manifest`) packs every task it names."""
+    import re
+
+    import yaml
+
+    from mergerunner.bundle import read_manifest
+    from mergesearch.spec import parse_manifest
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "MergeSearch" in b)
+    manifest = parse_manifest(yaml.safe_load(block), "README.md")
+    assert manifest.spec.objective.datasets is not None
+    assert manifest.spec.objective.allow_code_execution
+    path = tmp_path / "my-search.yaml"
+    path.write_text(block)
+    out = tmp_path / "bundle"
+    assert pack(out, sources, extra=("--from-manifest", str(path))) == 0
+    named = {t.task for t in (*manifest.spec.objective.held_in, *manifest.spec.objective.held_out)}
+    assert set(read_manifest(out).tasks) == named
