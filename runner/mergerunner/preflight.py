@@ -158,6 +158,8 @@ async def remote_layout(
     """A checkpoint's layout from its listing, config.json, index and safetensors headers."""
     store, uri = _store(uri, config)
     names = await _listing(store, uri)
+    if not names:
+        raise FetchError(uri, "not-found", "no objects under this prefix")
     stats.checkpoint_bytes += sum(names.values())
     cfg: Any = {}
     if CONFIG_FILE in names:
@@ -257,9 +259,7 @@ def run_preflight(
                 status="failed",
                 failed_step="preflight",
                 error_kind=kind,
-                error=text
-                if isinstance(exc, TrialError | FetchError)
-                else f"{type(exc).__name__}: {text}",
+                error=text if hasattr(exc, "failure_kind") else f"{type(exc).__name__}: {text}",
                 timings=StepTimings(total_s=round(time.perf_counter() - start, 4)),
             ),
             None,

@@ -125,6 +125,7 @@ def test_a_preflight_of_a_good_search_succeeds(
     ("case", "kind", "words"),
     [
         ("shapes", "checkpoints-incompatible", ["embed_tokens", "shape"]),
+        ("missing", "checkpoint-unavailable", ["no-such-checkpoint", "no objects"]),
         ("missing-data", "data-missing", ["ifeval", "google/IFEval"]),
         ("mbpp", "config", ["mbpp", "allowCodeExecution"]),
         ("metric", "unknown-metric", ["leaderboard_musr", "exact_match"]),
@@ -153,6 +154,13 @@ def test_each_configuration_error_is_named_with_its_kind(
                 {"name": "odd", "uri": f"s3://{bucket}/pool/odd/"},
             ],
             "weights": {**base["weights"], "odd": 0.0},
+        },
+        "missing": {
+            "checkpoints": [
+                *base["checkpoints"][1:],
+                {"name": "gone", "uri": f"s3://{bucket}/pool/no-such-checkpoint/"},
+            ],
+            "weights": {**{c["name"]: 0.5 for c in base["checkpoints"][1:]}, "gone": 0.5},
         },
         "missing-data": {
             "heldIn": [*held, {"task": "ifeval", "metric": "prompt_level_strict_acc"}]

@@ -684,7 +684,7 @@ def _preflight(
         reason = "StorageUnreachable"
     else:
         reason = FATAL_REASONS.get(kind, "PreflightFailed") if kind else "PreflightFailed"
-    message = f"preflight: {outcome.reason}"
+    message = outcome.reason  # "preflight: <the cause>", the runner's failed step
     draft.waits[PREFLIGHT] = (False, reason, message)
     draft.events.append(Event("Warning", "PreflightFailed", message))
     return "Failed", reason, message
