@@ -212,6 +212,8 @@ def test_a_killed_evaluator_loses_only_its_candidate_which_is_issued_again() -> 
     cluster.requests.append("ev-3")
     plan = cluster.step()
     assert plan.assignments["ev-3"] == lost
+    (event,) = [e for e in plan.events if e.reason == "EvaluatorLost"]
+    assert event.type == "Warning" and "ev-1" in event.message and lost.candidate in event.message
     leases = {x["trial"]: x for x in cluster.status["leases"]}
     assert leases[lost.candidate]["evaluator"] == "ev-3"
     assert leases[lost.candidate]["issued"] == 2

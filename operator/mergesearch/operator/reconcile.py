@@ -503,7 +503,7 @@ def _collect_warm(
     job_of = {cid: jobspec.job_name(owner, cid, draft.attempt(cid)) for cid in draft.active}
     outcomes, _ = warm.collect_posted(draft.active, inbox, job_of)
     draft.consumed = list(_posted(inbox))
-    lost = warm.release_lost(
+    lost, released = warm.release_lost(
         draft.leases,
         evaluators,
         inbox,
@@ -511,6 +511,7 @@ def _collect_warm(
         max_issues=spec.execution.backoff_limit + 1,
         job_of=job_of,
     )
+    draft.events.extend(Event("Warning", "EvaluatorLost", line) for line in released)
     told = {o.candidate for o in outcomes}
     outcomes += [o for o in lost if o.candidate not in told]
     first = draft.state.trials.succeeded == 0

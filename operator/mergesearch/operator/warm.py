@@ -229,13 +229,15 @@ def release_lost(
     *,
     max_issues: int,
     job_of: Mapping[str, str],
-) -> list[TrialOutcome]:
-    """Release leases whose holder is gone or whose deadline passed; a candidate issued
-    `max_issues` times already fails instead (as a trial Job past its backoffLimit), and one
-    whose holder was killed for memory fails with OUT_OF_MEMORY (the next would be too)."""
+) -> tuple[list[TrialOutcome], list[str]]:
+    """Release leases whose holder is gone or whose deadline passed: (candidates that fail,
+    one line per lease released to be issued again). A candidate issued `max_issues` times
+    already fails instead (as a trial Job past its backoffLimit), and one whose holder was
+    killed for memory fails with OUT_OF_MEMORY (the next would be too)."""
     seen = {p.name: p for p in pods}
     asking = set(inbox.requests) | {p.evaluator for p in inbox.results}
     failed: list[TrialOutcome] = []
+    released: list[str] = []
     clock = parse_time(now)
     for cid, lease in list(leases.items()):
         if lease.evaluator is None:
@@ -271,7 +273,8 @@ def release_lost(
             )
         else:
             leases[cid] = Lease(trial=cid, issued=lease.issued)
-    return failed
+            released.append(f"{cid}: {why}; issued again")
+    return failed, released
 
 
 def assign(
