@@ -311,7 +311,7 @@ class TrialResult(_Model):
         `unpack_result`); then held-out scores go; last, every score goes (the compact form).
         `truncated` says that something was dropped; the full result stays on stdout and in
         the result file. The trial document's validation (`worst_case_message_bytes`) makes
-        sure the held-in scores always fit, packed.
+        sure the held-in and held-out scores always fit, packed.
         """
         text = self.to_json()
         if len(text.encode()) <= limit:
