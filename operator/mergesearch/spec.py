@@ -12,6 +12,7 @@ translates a task between two slightly different definitions.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,13 +20,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from mergerunner.trial import CheckpointRef, Dtype, EvaluatorSpec, TaskSpec
+from mergerunner.trial import (
+    TERMINATION_MESSAGE_LIMIT,
+    CheckpointRef,
+    Dtype,
+    EvaluatorSpec,
+    TaskSpec,
+    packed_result_bytes,
+)
 
 API_GROUP = "mergesearch.io"
 API_VERSION = "v1alpha1"
 KIND = "MergeSearch"
 
 Baseline = Literal["each", "uniform", "merge-best"]
+# How a cluster runs candidates: one Job per trial, or warm evaluators that keep the
+# checkpoints and one model resident across candidates (docs/operator.md, "Warm evaluators").
+ExecutionMode = Literal["jobs", "warm"]
 
 
 class _Spec(BaseModel):
@@ -94,6 +105,14 @@ class ObjectiveSpec(_Spec):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"each task may appear once across heldIn and heldOut: {twice}")
+        for field, tasks in (("heldIn", self.held_in), ("heldOut", self.held_out)):
+            needed = packed_result_bytes([t.task for t in tasks])
+            if needed > TERMINATION_MESSAGE_LIMIT:
+                raise ValueError(
+                    f"{field}: the scores of {len(tasks)} tasks may need {needed} bytes in a "
+                    f"trial's termination message (limit {TERMINATION_MESSAGE_LIMIT}) even "
+                    "packed; use fewer or shorter task names (or an lm-eval group)"
+                )
         return self
 
 
@@ -143,7 +162,14 @@ class SearchSpec(_Spec):
 
 
 class ExecutionSpec(_Spec):
-    parallelism: int = Field(default=4, ge=1, le=1000, description="Concurrent trials.")
+    mode: ExecutionMode = Field(
+        default="jobs",
+        description="jobs: one Job per trial; warm: evaluator pods that fetch the checkpoints "
+        "once and merge each candidate into a resident model.",
+    )
+    parallelism: int = Field(
+        default=4, ge=1, le=1000, description="Concurrent trials (warm: evaluator pods)."
+    )
     max_failed_trials: int = Field(
         default=8, ge=0, description="Failed trials tolerated before the search fails."
     )
@@ -198,6 +224,19 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=253)
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns1123(cls, name: str) -> str:
+        # What the API server accepts, and in local mode a safe directory name
+        # (.mergesearch/NAME): no "/", no "..", no leading dot.
+        if not re.match(OBJECT_NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit (a DNS-1123 subdomain, as Kubernetes "
+                "requires)"
+            )
+        return name
 
 
 class MergeSearch(BaseModel):

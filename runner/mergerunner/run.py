@@ -85,16 +85,18 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
 
 
 def load_merged_model(model_dir: Path, doc: TrialDocument) -> tuple[Any, Any]:
-    """Load the merged model and its tokenizer onto the evaluation device."""
+    """Load the merged model and its tokenizer onto the evaluation device, computing in
+    `compute_dtype` (float32 on a CPU: the same arithmetic as local mode's resident model)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergerunner.evaluate import pick_device
+    from mergerunner.evaluate import compute_dtype, pick_device
 
     trust = doc.evaluator.trust_remote_code
-    dtype = getattr(torch, doc.dtype)
+    device = pick_device(doc.evaluator)
+    dtype = getattr(torch, compute_dtype(doc.dtype, device))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
-    model.to(pick_device(doc.evaluator)).eval()
+    model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     return model, tokenizer
 
@@ -110,13 +112,16 @@ def run_trial(
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
     from mergerunner.evaluate import TaskSuite, make_lm
-    from mergerunner.fetch import fetch_checkpoints, upload_directory
+    from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
 
     clock = _Clock()
     start = now()
     try:
         with tempfile.TemporaryDirectory(prefix="merge-", dir=work_dir) as tmp:
+            if doc.output.save_model and doc.output.uri:
+                with clock.step("upload"):  # the destination first: a bad one costs no merge
+                    check_destination(doc.output.uri)
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
             merged_dir = Path(tmp) / "merged"

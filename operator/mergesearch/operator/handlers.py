@@ -29,8 +29,14 @@ from typing import Any
 import aiohttp
 import kopf
 
-from mergesearch.operator import observe, reconcile
-from mergesearch.operator.jobs import ANNOTATION_SEARCH, LABEL_SEARCH, JobSettings, Owner
+from mergesearch.operator import observe, reconcile, server, warm
+from mergesearch.operator.jobs import (
+    ANNOTATION_SEARCH,
+    LABEL_ROLE,
+    LABEL_SEARCH,
+    JobSettings,
+    Owner,
+)
 from mergesearch.operator.kube import PLURAL, ApiError, KubeClient
 from mergesearch.operator.observe import SILENT_WAITING, JobSummary, PodSummary
 from mergesearch.operator.reconcile import (
@@ -64,6 +70,10 @@ class Runtime:
     client: KubeClient | None = None
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     loops: dict[Key, tuple[str, asyncio.Task[None]]] = field(default_factory=dict)
+    # Warm mode: the evaluator endpoint's port (None: not served) and its inboxes.
+    evaluator_port: int | None = None
+    inboxes: server.Inboxes = field(default_factory=server.Inboxes)
+    endpoint: Any = None
     quota_retry_s: float = 5.0
 
     def wakeup(self, key: Key) -> asyncio.Event:
@@ -145,8 +155,18 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 10
 
 
+@kopf.on.startup()
+async def serve_evaluators(**_: Any) -> None:
+    """The warm evaluators' endpoint (operator/server.py), when a port is configured."""
+    if RUNTIME.evaluator_port:
+        app = server.make_app(RUNTIME.inboxes, lambda: RUNTIME.settings.evaluator_key, RUNTIME.poke)
+        RUNTIME.endpoint = await server.start(app, RUNTIME.evaluator_port)
+
+
 @kopf.on.cleanup()
 async def close_client(**_: Any) -> None:
+    if RUNTIME.endpoint is not None:
+        await RUNTIME.endpoint.cleanup()
     loops = [task for _, task in RUNTIME.loops.values()]
     for task in loops:
         task.cancel()
@@ -180,6 +200,16 @@ async def trial_pods(namespace: str, body: kopf.Body, **_: Any) -> dict[Key, Pod
     termination message (the result); None (not indexed) until then."""
     summary = observe.pod_summary(body)
     return {(namespace, summary.job): summary} if summary else None
+
+
+@kopf.index("v1", "pods", labels={LABEL_ROLE: warm.EVALUATOR_ROLE})
+async def evaluator_pods(
+    namespace: str, meta: Mapping[str, Any], body: kopf.Body, **_: Any
+) -> dict[Key, warm.EvaluatorPod] | None:
+    """(namespace, search name) → the search's evaluator pods (warm mode), alive or ended."""
+    key = _search_key(namespace, meta)
+    pod = warm.evaluator_pod(body)
+    return {key: pod} if key and pod else None
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SEARCH: kopf.PRESENT})
@@ -216,6 +246,7 @@ async def search_changed(
     status: Mapping[str, Any],
     trial_jobs: kopf.Index[Key, JobSummary],
     trial_pods: kopf.Index[Key, PodSummary],
+    evaluator_pods: kopf.Index[Key, warm.EvaluatorPod],
     **_: Any,
 ) -> None:
     """Starts the search's reconcile loop (the first event of a search, also the operator's
@@ -225,7 +256,9 @@ async def search_changed(
     if type == "DELETED":
         RUNTIME.stop_loop(key, uid)
         return
-    RUNTIME.ensure_loop(key, uid, lambda: run_search(namespace, name, trial_jobs, trial_pods))
+    RUNTIME.ensure_loop(
+        key, uid, lambda: run_search(namespace, name, trial_jobs, trial_pods, evaluator_pods)
+    )
     retry = (meta.get("annotations") or {}).get(ANNOTATION_RETRY_FINAL)
     asked = retry and retry != (status.get("final") or {}).get("retryRequest")
     if meta.get("generation") != status.get("observedGeneration") or asked:
@@ -240,6 +273,7 @@ async def run_search(
     name: str,
     trial_jobs: kopf.Index[Key, JobSummary],
     trial_pods: kopf.Index[Key, PodSummary],
+    evaluator_pods: kopf.Index[Key, warm.EvaluatorPod] | None = None,
 ) -> None:
     """Reconcile until the search is gone (a 404) or the task is cancelled (DELETED event,
     operator shutdown)."""
@@ -250,7 +284,7 @@ async def run_search(
         while True:
             wake.clear()
             try:
-                wait = await reconcile_once(namespace, name, trial_jobs, trial_pods)
+                wait = await reconcile_once(namespace, name, trial_jobs, trial_pods, evaluator_pods)
                 backoff = 1.0
             except (ApiError, aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
                 log.warning("%s/%s: reconcile failed, retrying in %.0fs: %s", *key, backoff, exc)
@@ -263,6 +297,7 @@ async def run_search(
     finally:
         if RUNTIME.wakeups.get(key) is wake:
             RUNTIME.wakeups.pop(key, None)
+            RUNTIME.inboxes.forget(key)
 
 
 async def _sleep(wake: asyncio.Event, seconds: float) -> None:
@@ -275,6 +310,7 @@ async def reconcile_once(
     name: str,
     jobs_index: kopf.Index[Key, JobSummary],
     pods_index: kopf.Index[Key, PodSummary],
+    evaluators_index: kopf.Index[Key, warm.EvaluatorPod] | None = None,
 ) -> float | None:
     """One reconcile; returns how long to wait before the next one unless poked (None: the
     search is gone)."""
@@ -292,12 +328,20 @@ async def reconcile_once(
     )
     mine = [j for j in jobs_index.get((namespace, name), []) if j.owner_uid == view.owner.uid]
     jobs, pods = await _observe(api, namespace, mine, pods_index, view.status)
+    key = (namespace, name)
+    RUNTIME.inboxes.owners[key] = view.owner
+    inbox, taken = RUNTIME.inboxes.snapshot(key)
+    evaluators = tuple(evaluators_index.get(key, [])) if evaluators_index is not None else ()
     try:
-        plan = reconcile.reconcile(view, jobs, pods, RUNTIME.settings, now())
+        plan = reconcile.reconcile(
+            view, jobs, pods, RUNTIME.settings, now(), inbox=inbox, evaluators=evaluators
+        )
     except Exception as exc:  # a bug met this resource: record it, never crash-loop
         log.exception("%s/%s: reconcile raised", namespace, name)
         plan = reconcile.internal_error(view, f"{type(exc).__name__}: {exc}", now())
-    return await _apply(api, body, view, plan)
+    return await _apply(
+        api, body, view, plan, recorded=lambda: RUNTIME.inboxes.settle(key, plan, taken)
+    )
 
 
 async def _observe(
@@ -348,10 +392,17 @@ def _stuck(created: str) -> bool:
         return False
 
 
-async def _apply(api: KubeClient, body: Mapping[str, Any], view: SearchView, plan: Plan) -> float:
+async def _apply(
+    api: KubeClient,
+    body: Mapping[str, Any],
+    view: SearchView,
+    plan: Plan,
+    recorded: Callable[[], None] = lambda: None,
+) -> float:
     """Status first (compare-and-set), then deletions, then creations, then events: a Job is
     never created for a decision that was not recorded, a lost race creates nothing, and a
-    creation that fails (a quota) never keeps a collected Job from being deleted."""
+    creation that fails (a quota) never keeps a collected Job from being deleted. `recorded`
+    runs once the plan's status is written (warm evaluators get their answers then)."""
     meta = body["metadata"]
     if plan.changed:
         try:
@@ -361,6 +412,7 @@ async def _apply(api: KubeClient, body: Mapping[str, Any], view: SearchView, pla
                 return 0.2  # someone wrote first: decide again from the new status
             raise
         meta = written.get("metadata") or meta
+    recorded()
     for job in plan.delete:
         await api.delete_job(view.owner.namespace, job)
     ref = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": dict(meta)}
@@ -374,6 +426,8 @@ async def _apply(api: KubeClient, body: Mapping[str, Any], view: SearchView, pla
     if plan.wake_after is not None:
         wait = min(wait, max(plan.wake_after, 0.5))
     after = SearchView(view.owner, view.generation, view.spec, plan.status, view.annotations)
+    for secret in plan.secrets:  # before the evaluator Job, whose pods mount it
+        await api.create_secret(secret)
     for index, manifest in enumerate(plan.create):
         try:
             await api.create_job(manifest)

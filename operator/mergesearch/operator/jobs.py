@@ -19,11 +19,12 @@ import importlib.metadata
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
-from mergesearch.entrypoints import RUNNER_COMMAND
+from mergesearch.entrypoints import EVALUATOR_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
@@ -54,6 +55,11 @@ ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
 SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
+# Warm evaluators (operator/warm.py): where pods reach the operator's evaluator endpoint, the
+# file holding the key their per-search tokens derive from, and an optional node-local cache.
+EVALUATOR_URL_ENV = "MERGESEARCH_EVALUATOR_URL"
+EVALUATOR_KEY_FILE_ENV = "MERGESEARCH_EVALUATOR_KEY_FILE"
+NODE_CACHE_ENV = "MERGESEARCH_NODE_CACHE_DIR"
 RUNNER_REPOSITORY = "ghcr.io/mergesearch/mergesearch-runner"
 
 
@@ -85,14 +91,37 @@ class JobSettings:
     credentials_dir: str = "/var/run/secrets/mergesearch/storage"
     custom_tasks_dir: str = "/etc/mergesearch/custom-tasks"
     extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
+    evaluator_command: tuple[str, ...] = EVALUATOR_COMMAND
+    # Warm mode needs both: the endpoint URL as the evaluator pods reach it, and the key.
+    evaluator_url: str | None = None
+    evaluator_key: bytes | None = field(default=None, repr=False)
+    # A host directory for a node-local checkpoint cache shared by evaluators (opt-in).
+    node_cache_dir: str | None = None
+
+    @property
+    def serves_evaluators(self) -> bool:
+        return bool(self.evaluator_url and self.evaluator_key)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> JobSettings:
         env = os.environ if environ is None else environ
         image = env.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
         command = tuple(env.get("MERGESEARCH_RUNNER_COMMAND", "").split()) or cls.command
+        evaluator = (
+            tuple(env.get("MERGESEARCH_EVALUATOR_COMMAND", "").split()) or cls.evaluator_command
+        )
         account = env.get(SERVICE_ACCOUNT_ENV) or podpolicy.DEFAULT_SERVICE_ACCOUNT
-        return cls(default_image=image, command=command, service_account=account)
+        key_file = env.get(EVALUATOR_KEY_FILE_ENV)
+        key = Path(key_file).read_bytes().strip() if key_file else None
+        return cls(
+            default_image=image,
+            command=command,
+            service_account=account,
+            evaluator_command=evaluator,
+            evaluator_url=env.get(EVALUATOR_URL_ENV) or None,
+            evaluator_key=key or None,
+            node_cache_dir=env.get(NODE_CACHE_ENV) or None,
+        )
 
 
 @dataclass(frozen=True)

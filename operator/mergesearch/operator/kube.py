@@ -161,6 +161,18 @@ class KubeClient:
             raise
         return True
 
+    async def create_secret(self, manifest: dict[str, Any]) -> bool:
+        """The warm evaluators' token Secret; False when it exists (its content is derived,
+        so an existing one holds the same token)."""
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=manifest)
+        except ApiError as exc:
+            if exc.already_exists:
+                return False
+            raise
+        return True
+
     async def delete_job(self, namespace: str, name: str) -> bool:
         """Delete a Job and (in the background) its pods; False when it was already gone."""
         try:

@@ -15,6 +15,10 @@ Bookkeeping kept in the status besides the engine's state:
   active id (a crash between the write and the create, or an index that has not seen the Job
   yet) is simply created again under its deterministic name (AlreadyExists is fine).
 - `final`: the Job evaluating the best merge on held-out tasks and exporting it.
+- `leases` (warm mode, `operator/warm.py`): which active candidate which evaluator pod holds.
+  Warm mode differs only in how an active candidate reaches a pod and how its result comes
+  back (a lease and a posted result instead of a Job and its termination message); the
+  telling, the cap and the compare-and-set are the same code.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pydantic import ValidationError
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy
 from mergesearch import engine
 from mergesearch.operator import jobs as jobspec
-from mergesearch.operator import podpolicy
+from mergesearch.operator import podpolicy, warm
 from mergesearch.operator.events import Event, milestones
 from mergesearch.operator.jobs import FINAL_CANDIDATE, JobSettings, Owner
 from mergesearch.operator.observe import (
@@ -122,6 +126,14 @@ class Plan:
     told: tuple[str, ...] = ()
     idle: bool = False
     wake_after: float | None = None  # seconds until a retry is due, when one waits
+    # Warm mode: Secrets to create (before the Jobs), the answer to each evaluator's request
+    # (evaluators without one wait), the posted results this plan handled (told or ignored as
+    # duplicates), and whether evaluators should stop (the search is not running).
+    secrets: tuple[dict[str, Any], ...] = ()
+    assignments: Mapping[str, warm.Assignment] = field(default_factory=dict)
+    consumed: tuple[str, ...] = ()
+    evaluators_done: bool = False
+    posted: tuple[warm.Posted, ...] = ()  # the posted results told (their timings: metrics)
 
 
 @dataclass
@@ -161,6 +173,14 @@ class _Draft:
             self.wake_after = left if self.wake_after is None else min(self.wake_after, left)
         return left <= 0
 
+    # warm mode only
+    leases: dict[str, warm.Lease] | None = None
+    assignments: dict[str, warm.Assignment] = field(default_factory=dict)
+    consumed: list[str] = field(default_factory=list)
+    secrets: list[dict[str, Any]] = field(default_factory=list)
+    want_evaluators: bool = False
+    posted: list[warm.Posted] = field(default_factory=list)
+
 
 class StateInvalid(Exception):
     """status.optimizer cannot be used (corrupt, or written for another configuration)."""
@@ -192,15 +212,26 @@ def reconcile(
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
     now: str,
+    *,
+    inbox: warm.Inbox | None = None,
+    evaluators: Sequence[warm.EvaluatorPod] = (),
 ) -> Plan:
-    """One convergence step; see the module docstring."""
+    """One convergence step; see the module docstring. `inbox` and `evaluators`: what warm
+    evaluators asked and posted, and their pods (warm mode only)."""
     view = _retry_final_if_asked(view, now)
     previous = view.status
+    inbox = inbox or warm.Inbox()
     mine = [j for j in jobs if j.owner_uid == view.owner.uid]
     if _finished(previous):
-        return _settled(view, mine)
+        return _settled(view, mine, inbox)
     if _blocked(view):
-        return Plan(status=dict(previous), changed=False, idle=True)
+        return Plan(
+            status=dict(previous),
+            changed=False,
+            idle=True,
+            consumed=_posted(inbox),
+            evaluators_done=True,
+        )
     try:
         spec = parse_spec(dict(view.spec))
         config = engine_config(spec)
@@ -208,6 +239,8 @@ def reconcile(
         return blocked(view, "SpecInvalid", "; ".join(exc.errors), now)
     if cluster_errors(spec):
         return blocked(view, "SpecInvalid", "; ".join(cluster_errors(spec)), now)
+    if spec.execution.mode == "warm" and not settings.serves_evaluators:
+        return blocked(view, "SpecInvalid", WARM_UNAVAILABLE, now)
     refused = podpolicy.check_template(spec.execution.template, settings.service_account)
     if refused:  # before any Job: a refused template costs nothing
         return blocked(view, "TemplateInvalid", "; ".join(refused), now)
@@ -223,17 +256,32 @@ def reconcile(
         held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
         retries={r["trial"]: dict(r) for r in previous.get("retries") or [] if "trial" in r},
     )
+    if spec.execution.mode == "warm":
+        draft.leases = warm.read_leases(previous)
     if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
         draft.events.append(NO_REQUESTS)
     try:
         _collect(draft, mine, pods, now)
+        if draft.leases is not None:
+            _collect_warm(draft, view.owner, spec, inbox, evaluators, now)
         _check_blockers(draft, mine, pods)
-        phase, reason, message = _advance(draft, view, spec, mine, pods, settings, now)
+        phase, reason, message = _advance(draft, view, spec, mine, pods, settings, inbox, now)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         # A pod template Kubernetes would refuse anyway (a malformed structure), caught here
         # rather than as a crash: the template is the only free-form part of the spec.
         return blocked(view, "TemplateInvalid", f"spec.execution.template: {exc}", now)
-    return _plan(view, draft, mine, phase, reason, message, now)
+    return _plan(view, draft, mine, phase, reason, message, now, evaluators, spec, inbox)
+
+
+WARM_UNAVAILABLE = (
+    "spec.execution.mode: warm needs the operator's evaluator endpoint, which this operator "
+    "does not serve (set MERGESEARCH_EVALUATOR_URL and MERGESEARCH_EVALUATOR_KEY_FILE, or the "
+    "chart's evaluators.enabled); use mode jobs"
+)
+
+
+def _posted(inbox: warm.Inbox) -> tuple[str, ...]:
+    return tuple(p.candidate for p in inbox.results)
 
 
 def blocked(view: SearchView, reason: str, message: str, now: str, *, final: bool = False) -> Plan:
@@ -354,12 +402,21 @@ def _retry_final_if_asked(view: SearchView, now: str) -> SearchView:
     return SearchView(view.owner, view.generation, view.spec, reopened, view.annotations)
 
 
-def _settled(view: SearchView, mine: Sequence[JobSummary]) -> Plan:
-    """A finished search: only make sure no trial Job still runs (abandoned ones)."""
+def _settled(view: SearchView, mine: Sequence[JobSummary], inbox: warm.Inbox) -> Plan:
+    """A finished search: only make sure no trial Job or evaluator still runs."""
     delete = tuple(
-        j.name for j in mine if j.role == "trial" and j.state == "active" and not j.deleting
+        j.name
+        for j in mine
+        if j.role in ("trial", warm.EVALUATOR_ROLE) and j.state == "active" and not j.deleting
     )
-    return Plan(status=dict(view.status), changed=False, delete=delete, idle=True)
+    return Plan(
+        status=dict(view.status),
+        changed=False,
+        delete=delete,
+        idle=True,
+        consumed=_posted(inbox),
+        evaluators_done=True,
+    )
 
 
 def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> engine.EngineState:
@@ -418,12 +475,67 @@ def _collect(
         if not outcome.succeeded:
             draft.events.append(Event("Warning", "TrialFailed", f"{cid}: {outcome.reason}"))
             draft.fatal = draft.fatal or classify_failure(outcome, first_trials=first)
+    _tell(draft, results)
+
+
+def _tell(draft: _Draft, results: Sequence[engine.Result]) -> None:
     if not results:
         return
     draft.state, report = engine.tell_with_report(draft.state, results)
     done = {r.candidate_id for r in results}
-    draft.told = list(report.applied)
+    draft.told = [*draft.told, *report.applied]
     draft.active = [cid for cid in draft.active if cid not in done]
+    if draft.leases is not None:
+        for cid in done:
+            draft.leases.pop(cid, None)
+
+
+def _collect_warm(
+    draft: _Draft,
+    owner: Owner,
+    spec: MergeSearchSpec,
+    inbox: warm.Inbox,
+    evaluators: Sequence[warm.EvaluatorPod],
+    now: str,
+) -> None:
+    """Tell the results evaluators posted for active candidates (a duplicate is ignored), and
+    release the leases of evaluators that are gone (their candidates are issued again, or
+    fail once issued backoffLimit + 1 times)."""
+    assert draft.leases is not None
+    job_of = {cid: jobspec.job_name(owner, cid, draft.attempt(cid)) for cid in draft.active}
+    outcomes, _ = warm.collect_posted(draft.active, inbox, job_of)
+    draft.consumed = list(_posted(inbox))
+    told_ids = {o.candidate for o in outcomes}
+    for posted in inbox.results:  # the first posting of each told candidate
+        if posted.candidate in told_ids:
+            told_ids.discard(posted.candidate)
+            draft.posted.append(posted)
+    lost, released = warm.release_lost(
+        draft.leases,
+        evaluators,
+        inbox,
+        now,
+        max_issues=spec.execution.backoff_limit + 1,
+        job_of=job_of,
+    )
+    draft.events.extend(Event("Warning", "EvaluatorLost", line) for line in released)
+    told = {o.candidate for o in outcomes}
+    outcomes += [o for o in lost if o.candidate not in told]
+    first = draft.state.trials.succeeded == 0
+    results: list[engine.Result] = []
+    for outcome in outcomes:
+        cid = outcome.candidate
+        if _retry_later(draft, outcome, first, now):  # an outage: lease it again later
+            draft.leases[cid] = warm.Lease(
+                cid, issued=draft.leases.get(cid, warm.Lease(cid)).issued
+            )
+            continue
+        draft.retries.pop(cid, None)
+        results.append(_engine_result(outcome))
+        if not outcome.succeeded:
+            draft.events.append(Event("Warning", "TrialFailed", f"{cid}: {outcome.reason}"))
+            draft.fatal = draft.fatal or classify_failure(outcome, first_trials=first)
+    _tell(draft, results)
 
 
 def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) -> bool:
@@ -538,9 +650,16 @@ def _advance(
     mine: Sequence[JobSummary],
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
+    inbox: warm.Inbox,
     now: str,
 ) -> tuple[Phase, str, str]:
     """Decide the phase and the Jobs to launch; returns (phase, reason, message)."""
+    failed_evaluators = [
+        j for j in mine if j.role == warm.EVALUATOR_ROLE and j.state == "failed" and not j.deleting
+    ]
+    if draft.leases is not None and failed_evaluators and draft.fatal is None:
+        job = failed_evaluators[0]
+        draft.fatal = ("EvaluatorsFailed", f"evaluator Job {job.name}: {job.reason or 'failed'}")
     if draft.fatal is not None:
         _abandon(draft)
         return "Failed", draft.fatal[0], draft.fatal[1]
@@ -554,8 +673,16 @@ def _advance(
         _abandon(draft)
         return _finalize(draft, view, spec, mine, pods, settings, summary, now)
     if spec.suspend:
+        if draft.leases is not None:  # evaluators stop: their leases go back to the queue
+            draft.leases = {
+                cid: warm.Lease(cid, issued=lease.issued) for cid, lease in draft.leases.items()
+            }
+            return "Suspended", "Suspended", "evaluators stopped; nothing is leased"
         return "Suspended", "Suspended", f"{len(draft.active)} trials still running; none started"
-    _launch(draft, view.owner, spec, mine, settings, now)
+    if draft.leases is not None:
+        _launch_warm(draft, view.owner, spec, mine, settings, inbox, now)
+    else:
+        _launch(draft, view.owner, spec, mine, settings, now)
     started = any(j.started for j in mine) or summary.trials_succeeded + summary.trials_failed > 0
     baselines = any(b["status"] in ("pending", "waiting") for b in summary.baselines)
     reason = "Baselines" if baselines else "Searching"
@@ -607,6 +734,43 @@ def _launch(
                 attempt=attempt,
             )
         )
+
+
+def _launch_warm(
+    draft: _Draft,
+    owner: Owner,
+    spec: MergeSearchSpec,
+    mine: Sequence[JobSummary],
+    settings: JobSettings,
+    inbox: warm.Inbox,
+    now: str,
+) -> None:
+    """Make the engine's pending candidates active up to the parallelism cap (as `_launch`,
+    without Jobs), keep the evaluator Job and its token Secret, and answer the evaluators
+    that asked for work with a lease."""
+    assert draft.leases is not None and settings.evaluator_key is not None
+    pending = {c.id: c for c in engine.pending_candidates(draft.state)}
+    draft.active = [cid for cid in draft.active if cid in pending]
+    draft.retries = {cid: r for cid, r in draft.retries.items() if cid in draft.active}
+    room = spec.execution.parallelism - len(draft.active)
+    draft.active.extend([cid for cid in pending if cid not in draft.active][: max(room, 0)])
+    draft.want_evaluators = True
+    running = [j for j in mine if j.role == warm.EVALUATOR_ROLE and not j.deleting]
+    if not running:
+        draft.secrets.append(warm.token_secret(owner, settings.evaluator_key))
+        draft.create.append(warm.evaluator_job(owner, spec, settings))
+    given = warm.assign(
+        draft.leases,
+        draft.active,
+        inbox.requests,
+        now,
+        spec.execution.trial_timeout_seconds,
+        due=lambda cid: draft.due(cid, now),
+    )
+    for evaluator, cid in given.items():
+        name = jobspec.job_name(owner, cid, draft.attempt(cid))
+        doc = jobspec.trial_document(spec, name, pending[cid].weights, settings)
+        draft.assignments[evaluator] = warm.Assignment(cid, jobspec.document_json(doc))
 
 
 def _finalize(
@@ -717,6 +881,9 @@ def _plan(
     reason: str,
     message: str,
     now: str,
+    evaluators: Sequence[warm.EvaluatorPod] = (),
+    spec: MergeSearchSpec | None = None,
+    inbox: warm.Inbox | None = None,
 ) -> Plan:
     previous = view.status
     _storage_wait(draft)
@@ -736,6 +903,19 @@ def _plan(
         waits=draft.waits,
     )
     delete = [*dict.fromkeys([*draft.delete, *_collected(draft, mine, status)])]
+    if draft.leases is not None and spec is not None:
+        status["leases"] = warm.leases_status(draft.leases, draft.active)
+        status["evaluators"] = warm.evaluators_status(
+            draft.leases, evaluators, spec.execution.parallelism, (inbox or warm.Inbox()).fetched
+        )
+        delete += [
+            j.name
+            for j in mine
+            if j.role == warm.EVALUATOR_ROLE
+            and not draft.want_evaluators
+            and j.state == "active"
+            and not j.deleting
+        ]
     events = [*draft.events, *milestones(previous, status)]
     return Plan(
         status=status,
@@ -746,6 +926,11 @@ def _plan(
         told=tuple(draft.told),
         idle=phase in ("Succeeded", "Failed"),
         wake_after=draft.wake_after,
+        secrets=tuple(draft.secrets),
+        assignments=dict(draft.assignments),
+        consumed=tuple(draft.consumed),
+        evaluators_done=not draft.want_evaluators,
+        posted=tuple(draft.posted),
     )
 
 
