@@ -119,10 +119,15 @@ def test_a_trial_job_that_completes_without_a_result_is_kept(
     assert status["phase"] == "Succeeded", status.get("conditions")
     assert [f["id"] for f in status["recentFailures"]] == ["g000-c02"]
     assert "no result" in status["recentFailures"][0]["reason"]
+
+    def candidates() -> list[str]:
+        jobs = searches.jobs("silent")
+        return [j["metadata"]["annotations"]["mergesearch.io/candidate-id"] for j in jobs]
+
+    # (the last collected Jobs are deleted just after the status that records them)
+    wait_until(lambda: len(candidates()) == 1, 30, "the collected Jobs to be deleted")
+    assert candidates() == ["g000-c02"]
     kept = searches.jobs("silent")
-    assert [j["metadata"]["annotations"]["mergesearch.io/candidate-id"] for j in kept] == [
-        "g000-c02"
-    ]
     assert kept[0]["status"].get("succeeded") == 1  # it completed; its logs are still there
 
 
