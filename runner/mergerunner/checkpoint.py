@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergerunner.trial import FailureKind
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -56,9 +58,13 @@ MAX_HEADER_BYTES = 100_000_000
 class CheckpointError(ValueError):
     """A checkpoint cannot be read: missing, not safetensors, corrupt or inconsistent."""
 
+    failure_kind = FailureKind.CHECKPOINT_INVALID
+
 
 class CheckpointMismatch(CheckpointError):
     """Checkpoints disagree on tensor names, shapes or dtypes, so they cannot be merged."""
+
+    failure_kind = FailureKind.CHECKPOINTS_INCOMPATIBLE
 
 
 @dataclass(frozen=True)

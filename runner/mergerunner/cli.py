@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from mergerunner.trial import TrialDocument, TrialResult, parse_trial
+from mergerunner.trial import FailureKind, TrialDocument, TrialResult, parse_trial
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
@@ -64,7 +64,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ValidationError) as exc:
         _emit(
             TrialResult(
-                id="?", status="failed", failed_step="input", error=_input_error(exc)[:2000]
+                id="?",
+                status="failed",
+                failed_step="input",
+                error_kind=FailureKind.INVALID_INPUT,
+                error=_input_error(exc)[:2000],
             ),
             args,
         )

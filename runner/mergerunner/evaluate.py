@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.trial import EvaluatorSpec, TaskSpec
+from mergerunner.trial import EvaluatorSpec, FailureKind, TaskSpec, TrialError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-class EvaluationError(Exception):
-    """A task, metric or model problem, with the task named."""
+class EvaluationError(TrialError):
+    """A task, metric or model problem, with the task named; `failure_kind` says which."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
         if key in keys:
             return key
     raise EvaluationError(
-        f"task {task!r}: metric {wanted!r} not among its results ({', '.join(sorted(keys))})"
+        f"task {task!r}: metric {wanted!r} not among its results ({', '.join(sorted(keys))})",
+        kind=FailureKind.UNKNOWN_METRIC,
     )
 
 
@@ -79,7 +80,9 @@ def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         where = f" (custom tasks from {include_path})" if include_path else ""
-        raise EvaluationError(f"unknown lm-eval task(s): {', '.join(unknown)}{where}")
+        raise EvaluationError(
+            f"unknown lm-eval task(s): {', '.join(unknown)}{where}", kind=FailureKind.UNKNOWN_TASK
+        )
     return manager
 
 
@@ -122,7 +125,9 @@ class TaskSuite:
             task.set_fewshot_seed(seed=seed)
             n_docs = len(task.eval_docs)
             if n_docs == 0:
-                raise EvaluationError(f"task {spec.task!r} has no evaluation examples")
+                raise EvaluationError(
+                    f"task {spec.task!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
+                )
             indices = subset_indices(spec.task, n_docs, spec.limit, seed)
             self.resolved.append(ResolvedTask(spec, indices=indices))
 
@@ -194,7 +199,8 @@ def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool =
     """Wrap an in-memory transformers model for lm-eval, so candidates never reload it."""
     if spec.backend != "hf":
         raise EvaluationError(
-            f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'"
+            f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'",
+            kind=FailureKind.CONFIG,
         )
     from lm_eval.models.huggingface import HFLM
 

@@ -51,6 +51,7 @@ from mergerunner.checkpoint import (
     PlannedTensor,
     validate_checkpoints,
 )
+from mergerunner.trial import FailureKind
 
 OUTPUT_DTYPES: Mapping[str, tuple[torch.dtype, str]] = {
     "bfloat16": (torch.bfloat16, "BF16"),
@@ -97,9 +98,13 @@ SIDE_FILE_PREFIXES = ("tokenizer",)
 class MergeWeightsError(ValueError):
     """The weights do not fit the checkpoints: wrong count or not finite."""
 
+    failure_kind = FailureKind.INVALID_INPUT
+
 
 class ModelMismatch(ValueError):
     """A loaded model does not have the checkpoints' tensors, so a merge cannot go into it."""
+
+    failure_kind = FailureKind.CHECKPOINTS_INCOMPATIBLE
 
 
 @dataclass(frozen=True)

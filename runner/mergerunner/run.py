@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
-from mergerunner.trial import Step, StepTimings, TrialDocument, TrialResult, fitness_of
+from mergerunner.trial import (
+    Step,
+    StepTimings,
+    TrialDocument,
+    TrialResult,
+    failure_kind_of,
+    fitness_of,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,6 +140,7 @@ def run_trial(
             id=doc.id,
             status="failed",
             failed_step=failure.step,
+            error_kind=failure_kind_of(failure.cause),
             error=_describe(failure.cause),
             timings=clock.timings(now() - start),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -22,8 +23,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-TRIAL_API_VERSION = "mergerunner.mergesearch.io/v1"
-RESULT_API_VERSION = "mergerunner.mergesearch.io/v1"
+TRIAL_API_VERSION = "mergerunner.mergesearch.io/v2"
+RESULT_API_VERSION = "mergerunner.mergesearch.io/v2"
 
 # Kubernetes truncates a termination message at 4096 bytes; stay under with a margin.
 TERMINATION_MESSAGE_LIMIT = 4000
@@ -31,6 +32,83 @@ TERMINATION_MESSAGE_LIMIT = 4000
 Dtype = Literal["bfloat16", "float16", "float32"]
 Step = Literal["input", "fetch", "merge", "evaluate", "upload"]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
+
+
+class FailureKind(StrEnum):
+    """Why a trial failed, as a kind: what the operator and local mode decide from.
+
+    The runner sets it from the type of the exception that stopped a step (never from message
+    text), so a reworded message cannot turn a fatal configuration error into a retried one.
+    `FAILURE_POLICY` says what each kind means for the search.
+    """
+
+    INVALID_INPUT = "invalid-input"  # the trial document itself was refused
+    CHECKPOINT_UNAVAILABLE = "checkpoint-unavailable"  # not found, access denied
+    CHECKPOINT_INVALID = "checkpoint-invalid"  # unreadable or malformed files, non-finite inputs
+    CHECKPOINTS_INCOMPATIBLE = "checkpoints-incompatible"  # tensor names or shapes disagree
+    UNKNOWN_TASK = "unknown-task"
+    UNKNOWN_METRIC = "unknown-metric"
+    DATA_MISSING = "data-missing"  # a task's data (or metric code, NLTK data) is not available
+    CONFIG = "config"  # any other configuration the trial cannot run with (backend, options)
+    OUT_OF_MEMORY = "out-of-memory"  # the model does not fit where the trial runs
+    NON_FINITE = "non-finite"  # these weights produce a NaN/Inf model (e.g. float16 overflow)
+    STORAGE_UNAVAILABLE = "storage-unavailable"  # the object store could not be reached
+    SERVER_FAILED = "server-failed"  # the inference server did not start or died
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"  # anything unexpected; counted against the failure budget
+
+
+class FailurePolicy(StrEnum):
+    """What a failure of a kind does to the search."""
+
+    FATAL = "fatal"  # every later trial would fail the same way: fail the search at once
+    RETRY = "retry"  # an outage: re-run the trial after a backoff, not counted as a failure
+    COUNTED = "counted"  # this trial failed; counts against maxFailedTrials
+
+
+FAILURE_POLICY: dict[FailureKind, FailurePolicy] = {
+    FailureKind.INVALID_INPUT: FailurePolicy.FATAL,
+    FailureKind.CHECKPOINT_UNAVAILABLE: FailurePolicy.FATAL,
+    FailureKind.CHECKPOINT_INVALID: FailurePolicy.FATAL,
+    FailureKind.CHECKPOINTS_INCOMPATIBLE: FailurePolicy.FATAL,
+    FailureKind.UNKNOWN_TASK: FailurePolicy.FATAL,
+    FailureKind.UNKNOWN_METRIC: FailurePolicy.FATAL,
+    FailureKind.DATA_MISSING: FailurePolicy.FATAL,
+    FailureKind.CONFIG: FailurePolicy.FATAL,
+    FailureKind.OUT_OF_MEMORY: FailurePolicy.FATAL,
+    FailureKind.NON_FINITE: FailurePolicy.COUNTED,
+    FailureKind.STORAGE_UNAVAILABLE: FailurePolicy.RETRY,
+    FailureKind.SERVER_FAILED: FailurePolicy.COUNTED,
+    FailureKind.TIMEOUT: FailurePolicy.COUNTED,
+    FailureKind.INTERNAL: FailurePolicy.COUNTED,
+}
+
+
+class TrialError(Exception):
+    """An error that knows its failure kind. Runner errors subclass it or carry a
+    `failure_kind` attribute, so the step that catches them reports the kind without reading
+    the message."""
+
+    failure_kind: FailureKind = FailureKind.INTERNAL
+
+    def __init__(self, message: str, *, kind: FailureKind | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.failure_kind = kind
+
+
+def failure_kind_of(exc: BaseException) -> FailureKind:
+    """The kind an exception carries (its `failure_kind`), else by its type: MemoryError and
+    torch's OutOfMemoryError are `out-of-memory`, TimeoutError `timeout`, anything else
+    `internal`."""
+    kind = getattr(exc, "failure_kind", None)
+    if isinstance(kind, FailureKind):
+        return kind
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return FailureKind.OUT_OF_MEMORY
+    if isinstance(exc, TimeoutError):
+        return FailureKind.TIMEOUT
+    return FailureKind.INTERNAL
 
 
 class _Model(BaseModel):
@@ -104,7 +182,7 @@ class OutputSpec(_Model):
 class TrialDocument(_Model):
     """Everything one trial needs, and nothing secret: credentials come from the pod's env."""
 
-    api_version: Literal["mergerunner.mergesearch.io/v1"] = TRIAL_API_VERSION
+    api_version: Literal["mergerunner.mergesearch.io/v2"] = TRIAL_API_VERSION
     id: str = Field(min_length=1, max_length=253)
     checkpoints: list[CheckpointRef] = Field(min_length=1)
     weights: dict[str, float]
@@ -165,10 +243,13 @@ class TrialResult(_Model):
     """What a trial reports. `fitness` is the weight-averaged held-in score, the number the
     search maximises; held-out scores are reported but never feed the search."""
 
-    api_version: Literal["mergerunner.mergesearch.io/v1"] = RESULT_API_VERSION
+    api_version: Literal["mergerunner.mergesearch.io/v2"] = RESULT_API_VERSION
     id: str
     status: Literal["succeeded", "failed"]
     failed_step: Step | None = None
+    error_kind: FailureKind | None = Field(
+        default=None, description="Why it failed, as a kind (docs/trial-contract.md)."
+    )
     error: str | None = None
     held_in: dict[str, float] = Field(default_factory=dict)
     held_out: dict[str, float] = Field(default_factory=dict)

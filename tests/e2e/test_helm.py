@@ -55,7 +55,7 @@ FAKE_RUNNER = textwrap.dedent(
         return 1.0 - sum((w.get(k, 0.0) - v) ** 2 for k, v in target.items())
     held_in = {t["task"]: score(t["task"]) for t in trial.get("heldIn", [])}
     held_out = {t["task"]: score(t["task"]) for t in trial.get("heldOut", [])}
-    result = {"apiVersion": "mergerunner.mergesearch.io/v1", "id": trial["id"],
+    result = {"apiVersion": "mergerunner.mergesearch.io/v2", "id": trial["id"],
               "status": "succeeded", "heldIn": held_in, "heldOut": held_out,
               "fitness": sum(held_in.values()) / len(held_in) if held_in else None,
               "digest": "sha256:" + "0" * 64,

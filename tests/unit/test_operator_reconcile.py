@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mergerunner.trial import TrialResult, parse_trial
+from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult, parse_trial
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary
@@ -78,9 +78,11 @@ def good_runner(doc_json: dict[str, Any]) -> tuple[int, str]:
     return 0, result.termination_message()
 
 
-def failing_runner(step: str, error: str) -> Runner:
+def failing_runner(step: str, error: str, kind: FailureKind | None = None) -> Runner:
     def run(doc_json: dict[str, Any]) -> tuple[int, str]:
-        result = TrialResult(id=doc_json["id"], status="failed", failed_step=step, error=error)
+        result = TrialResult(
+            id=doc_json["id"], status="failed", failed_step=step, error_kind=kind, error=error
+        )
         return 1, result.termination_message()
 
     return run
@@ -348,34 +350,53 @@ def test_a_job_that_failed_without_a_result_is_a_failed_trial_with_the_pod_reaso
     cluster.summaries[name] = replace(
         cluster.summaries[name], state="failed", reason="BackoffLimitExceeded"
     )
-    cluster.pods[name] = [PodSummary(f"{name}-p", name, 137, "OOMKilled", "", NOW)]
+    cluster.pods[name] = [PodSummary(f"{name}-p", name, 137, "Error", "", NOW)]
     cluster.step()
     assert cluster.status["trials"]["failed"] == 1
     reason = cluster.status["recentFailures"][0]["reason"]
-    assert "BackoffLimitExceeded" in reason and "OOMKilled" in reason and "137" in reason
-    assert cluster.status["phase"] == "Running"  # an OOM kill is not a configuration error
+    assert "BackoffLimitExceeded" in reason and "Error" in reason and "137" in reason
+    assert cluster.status["phase"] == "Running"  # a crash is not a configuration error
+
+
+def test_a_pod_killed_for_memory_fails_the_search_at_once() -> None:
+    # Every candidate merges a model of the same shape: the next pod is killed at the same limit.
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-b")
+    cluster.summaries[name] = replace(
+        cluster.summaries[name], state="failed", reason="BackoffLimitExceeded"
+    )
+    cluster.pods[name] = [PodSummary(f"{name}-p", name, 137, "OOMKilled", "", NOW)]
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert cluster.status["phase"] == "Failed" and failed["reason"] == "OutOfMemory"
+    assert "OOMKilled" in failed["message"]
+
+
+K = FailureKind
 
 
 @pytest.mark.parametrize(
-    ("step", "error", "reason"),
+    ("step", "kind", "error", "reason"),
     [
-        ("fetch", "FetchError: s3://ckpt/a/: not found: no such prefix", "CheckpointUnavailable"),
-        ("fetch", "FetchError: s3://ckpt/a/: unreachable: connect refused", "StorageUnreachable"),
-        (
-            "merge",
-            "ModelMismatch: tensor lm_head.weight: shape (8, 4) in b",
-            "CheckpointsIncompatible",
-        ),
-        ("evaluate", "EvaluationError: unknown lm-eval task(s): t9", "UnknownTask"),
-        ("input", "weights: missing checkpoint", "TrialRejected"),
+        ("fetch", K.CHECKPOINT_UNAVAILABLE, "s3://ckpt/a/: not found", "CheckpointUnavailable"),
+        ("fetch", K.STORAGE_UNAVAILABLE, "s3://ckpt/a/: unreachable", "StorageUnreachable"),
+        ("fetch", K.CHECKPOINT_INVALID, "s3://ckpt/a/: invalid checkpoint", "CheckpointInvalid"),
+        ("merge", K.CHECKPOINTS_INCOMPATIBLE, "tensor lm_head.weight", "CheckpointsIncompatible"),
+        ("evaluate", K.UNKNOWN_TASK, "EvaluationError: unknown task t9", "UnknownTask"),
+        ("evaluate", K.UNKNOWN_METRIC, "EvaluationError: metric acc", "UnknownMetric"),
+        ("evaluate", K.DATA_MISSING, "EvaluationError: no examples", "DataMissing"),
+        ("evaluate", K.CONFIG, "EvaluationError: backend", "ConfigInvalid"),
+        ("evaluate", K.OUT_OF_MEMORY, "OutOfMemoryError: CUDA", "OutOfMemory"),
+        ("input", K.INVALID_INPUT, "weights: missing checkpoint", "TrialRejected"),
     ],
 )
 def test_configuration_errors_from_the_first_trials_fail_the_search_in_one_reconcile(
-    step: str, error: str, reason: str
+    step: str, kind: FailureKind, error: str, reason: str
 ) -> None:
     cluster = Cluster(make_spec())
     cluster.step()
-    cluster.finish(jobspec.job_name(OWNER, "b-each-a"), failing_runner(step, error))
+    cluster.finish(jobspec.job_name(OWNER, "b-each-a"), failing_runner(step, error, kind))
     plan = cluster.step()
     failed = condition(cluster.status, "Failed")
     assert cluster.status["phase"] == "Failed" and failed["reason"] == reason
@@ -391,19 +412,36 @@ def test_unreachable_storage_after_a_success_is_an_ordinary_failure() -> None:
     cluster.step()
     cluster.finish(
         jobspec.job_name(OWNER, "b-each-b"),
-        failing_runner("fetch", "FetchError: s3://ckpt/b/: unreachable: timed out"),
+        failing_runner(
+            "fetch", "FetchError: s3://ckpt/b/: unreachable: timed out", K.STORAGE_UNAVAILABLE
+        ),
     )
     cluster.step()
     assert cluster.status["phase"] == "Running" and cluster.status["trials"]["failed"] == 1
 
 
-def test_classify_failure_leaves_ordinary_errors_to_the_failure_policy() -> None:
+def test_classify_failure_decides_from_the_kind_never_from_the_message() -> None:
     from mergesearch.operator.observe import TrialOutcome
 
-    oom = TrialOutcome("g000-c01", "j", False, failed_step="evaluate", error="CUDA OOM")
-    disk = TrialOutcome("g000-c01", "j", False, failed_step="merge", error="OSError: disk full")
-    assert classify_failure(oom, first_trials=True) is None
+    # A message that reads like a configuration error but carries no fatal kind is counted.
+    untyped = TrialOutcome("g000-c01", "j", False, failed_step="evaluate", error="unknown task")
+    disk = TrialOutcome(
+        "g000-c01", "j", False, failed_step="merge", error_kind=K.INTERNAL, error="disk full"
+    )
+    nan = TrialOutcome("g000-c01", "j", False, failed_step="merge", error_kind=K.NON_FINITE)
+    assert classify_failure(untyped, first_trials=True) is None
     assert classify_failure(disk, first_trials=True) is None
+    assert classify_failure(nan, first_trials=True) is None
+    worded = TrialOutcome("g000-c01", "j", False, error_kind=K.UNKNOWN_TASK, error="reworded")
+    assert classify_failure(worded, first_trials=False) is not None
+
+
+def test_every_fatal_failure_kind_has_a_condition_reason() -> None:
+    from mergesearch.operator.reconcile import FATAL_REASONS
+
+    fatal = {k for k, p in FAILURE_POLICY.items() if p is FailurePolicy.FATAL}
+    assert fatal == set(FATAL_REASONS)
+    assert set(FAILURE_POLICY) == set(FailureKind)
 
 
 def test_a_failed_final_evaluation_fails_the_search() -> None:
@@ -453,6 +491,66 @@ def test_a_malformed_pod_template_is_a_condition_not_a_crash() -> None:
     cluster.step()
     failed = condition(cluster.status, "Failed")
     assert failed["reason"] == "TemplateInvalid" and "template" in failed["message"]
+
+
+def test_a_template_outside_the_allow_list_is_refused_before_any_job() -> None:
+    """The confused-deputy attack: a sidecar reading a Secret and a hostPath. Refused in the
+    first reconcile, naming each field; no Job, no engine state; fixing the spec resumes."""
+    hostile = {
+        "spec": {
+            "containers": [
+                {"name": "runner", "resources": {"requests": {"cpu": "1"}}},
+                {"name": "thief", "image": "busybox", "command": ["cat", "/s/token"]},
+            ],
+            "volumes": [
+                {"name": "s", "secret": {"secretName": "db-password"}},
+                {"name": "h", "hostPath": {"path": "/etc/kubernetes"}},
+            ],
+        }
+    }
+    cluster = Cluster(make_spec(**{"execution.template": hostile}))
+    plan = cluster.step()
+    assert plan.create == () and cluster.created == []
+    failed = condition(cluster.status, "Failed")
+    assert cluster.status["phase"] == "Failed" and failed["reason"] == "TemplateInvalid"
+    for field_path in (
+        "spec.execution.template.spec.containers[1]",
+        "spec.execution.template.spec.volumes[0].secret",
+        "spec.execution.template.spec.volumes[1].hostPath",
+    ):
+        assert field_path in failed["message"]
+    assert "optimizer" not in cluster.status
+    assert cluster.reconcile().create == ()  # blocked until the spec changes
+    cluster.spec["execution"]["template"] = {
+        "spec": {"containers": [hostile["spec"]["containers"][0]]}
+    }
+    cluster.generation = 2
+    plan = cluster.step()
+    assert len(plan.create) == 3 and cluster.status["phase"] == "Pending"
+    assert ("Warning", "NoResourceRequests") not in cluster.events  # it asks for a CPU
+
+
+def test_a_root_user_in_the_template_is_refused_up_front() -> None:
+    """runAsNonRoot is enforced, so runAsUser 0 would never start on a kubelet: the trial would
+    wait for its deadline. Refused instead, naming the field."""
+    template = {"spec": {"containers": [{"securityContext": {"runAsUser": 0}}]}}
+    cluster = Cluster(make_spec(**{"execution.template": template}))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "TemplateInvalid" and cluster.created == []
+    assert (
+        "spec.execution.template.spec.containers[0].securityContext.runAsUser"
+        in (failed["message"])
+    )
+
+
+def test_a_template_without_resource_requests_is_warned_about_once() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.finish_all()
+    cluster.step()
+    assert cluster.events.count(("Warning", "NoResourceRequests")) == 1
+    assert cluster.status["phase"] == "Running"
 
 
 def test_budgets_may_change_while_running_but_other_fields_may_not() -> None:

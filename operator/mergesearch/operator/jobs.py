@@ -4,18 +4,18 @@ Pure: a function of the search, the candidate and the operator's settings, so th
 reconciles asking for the same trial build the same Job (same name, same trial document) and a
 repeated create is answered AlreadyExists, never a second trial.
 
-The pod is the user's template (spec.execution.template) with the operator's rules applied on
-top; what the operator enforces always wins over the template (see docs/operator.md):
-the runner's command, no service-account token, non-root, read-only root file system with
-writable emptyDirs for the cache and /tmp, no privilege escalation, all capabilities dropped,
-the RuntimeDefault seccomp profile, restartPolicy Never, and storage credentials only by
-reference to spec.storage.secretRef.
+The pod is built from the allowed fields of the user's template (spec.execution.template, see
+`podpolicy`: nothing else is copied) plus what the operator enforces (docs/operator.md): the
+runner's command, the operator's trial ServiceAccount with no token, non-root, read-only root
+file system with writable emptyDirs for the cache and /tmp, no privilege escalation, all
+capabilities dropped, the RuntimeDefault seccomp profile, restartPolicy Never, and storage
+credentials only by reference to spec.storage.secretRef.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
 from mergesearch.entrypoints import RUNNER_COMMAND
+from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
 LABEL_SEARCH = f"{API_GROUP}/search"
@@ -51,7 +52,22 @@ ENV_CREDENTIALS = "MERGESEARCH_CREDENTIALS_DIR"
 ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
-FALLBACK_IMAGE = "mergesearch-runner:latest"
+SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
+RUNNER_REPOSITORY = "ghcr.io/mergesearch/mergesearch-runner"
+
+
+def operator_version() -> str:
+    """This operator's release (the installed package's version)."""
+    try:
+        return importlib.metadata.version("mergesearch")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return "0.1.0"
+
+
+# The runner image of this operator's own release: an operator and a runner of different
+# releases may disagree on the trial document (the search then fails with TrialRejected), and
+# a moving tag such as `latest` would make a search's trials run different code.
+FALLBACK_IMAGE = f"{RUNNER_REPOSITORY}:{operator_version()}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,9 @@ class JobSettings:
     """What the operator's deployment decides for every trial pod (not the user)."""
 
     default_image: str = FALLBACK_IMAGE
+    # Trial pods run under this ServiceAccount (its token never mounted); the template cannot
+    # choose another. The chart makes one without any permissions in each served namespace.
+    service_account: str = podpolicy.DEFAULT_SERVICE_ACCOUNT
     command: tuple[str, ...] = RUNNER_COMMAND
     cache_dir: str = "/var/cache/mergerunner"
     tmp_dir: str = "/tmp"  # noqa: S108 - a path inside the trial container, an emptyDir
@@ -71,7 +90,8 @@ class JobSettings:
         env = os.environ if environ is None else environ
         image = env.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
         command = tuple(env.get("MERGESEARCH_RUNNER_COMMAND", "").split()) or cls.command
-        return cls(default_image=image, command=command)
+        account = env.get(SERVICE_ACCOUNT_ENV) or podpolicy.DEFAULT_SERVICE_ACCOUNT
+        return cls(default_image=image, command=command, service_account=account)
 
 
 @dataclass(frozen=True)
@@ -261,15 +281,6 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def _template_parts(template: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metadata, pod spec) of spec.execution.template: a PodTemplateSpec ({metadata, spec}),
-    or, for convenience, a bare pod spec ({containers: …})."""
-    template = copy.deepcopy(template or {})
-    if "spec" in template or "metadata" in template:
-        return dict(template.get("metadata") or {}), dict(template.get("spec") or {})
-    return {}, template
-
-
 def pod_template(
     spec: MergeSearchSpec,
     document_text: str,
@@ -277,25 +288,20 @@ def pod_template(
     labels: dict[str, str],
     annotations: dict[str, str],
 ) -> dict[str, Any]:
-    meta, pod = _template_parts(spec.execution.template)
-    containers = [dict(c) for c in pod.get("containers") or []] or [{}]
-    index = next((i for i, c in enumerate(containers) if c.get("name") == RUNNER_CONTAINER), 0)
-    containers = [
-        _runner_container(c, spec, document_text, settings) if i == index else _harden_container(c)
-        for i, c in enumerate(containers)
-    ]
-    runner = containers[index]
-    pod["containers"] = containers
-    if pod.get("initContainers"):
-        pod["initContainers"] = [_harden_container(dict(c)) for c in pod["initContainers"]]
-    pod["volumes"] = _volumes(pod.get("volumes") or [], runner, spec, settings)
+    """The trial pod: the template's allowed fields (`podpolicy.allowed_pod`; a template with
+    anything else never gets this far, `podpolicy.check_template`) plus what is enforced."""
+    meta, pod, source = podpolicy.allowed_pod(spec.execution.template)
+    runner = _runner_container(source, spec, document_text, settings)
+    pod["containers"] = [runner]
+    pod["volumes"] = _volumes(pod["volumes"], runner, spec, settings)
     pod["restartPolicy"] = "Never"
+    pod["serviceAccountName"] = settings.service_account
     pod["automountServiceAccountToken"] = False
-    for host in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
-        pod.pop(host, None)
-    pod_security = dict(pod.get("securityContext") or {})
-    pod_security.update(runAsNonRoot=True, seccompProfile={"type": "RuntimeDefault"})
-    pod["securityContext"] = pod_security
+    pod["securityContext"] = {
+        **pod["securityContext"],
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     return {
         "metadata": {
             "labels": {**(meta.get("labels") or {}), **labels},
@@ -306,7 +312,8 @@ def pod_template(
 
 
 def _harden_container(container: dict[str, Any]) -> dict[str, Any]:
-    """The enforced container security context; the template keeps runAsUser/runAsGroup."""
+    """The enforced container security context; the template keeps runAsUser/runAsGroup
+    (neither 0: podpolicy refuses that)."""
     security = {
         k: v
         for k, v in (container.get("securityContext") or {}).items()

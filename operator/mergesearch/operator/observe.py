@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from mergerunner.trial import RESULT_API_VERSION, TrialResult
+from mergerunner.trial import RESULT_API_VERSION, FailureKind, TrialResult
 from mergesearch.operator.jobs import (
     ANNOTATION_CANDIDATE,
     LABEL_ROLE,
@@ -68,6 +68,7 @@ class TrialOutcome:
     digest: str | None = None
     output_uri: str | None = None
     failed_step: str | None = None
+    error_kind: FailureKind | None = None
     error: str | None = None
 
     @property
@@ -216,13 +217,22 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
                 **base,
                 succeeded=False,
                 failed_step=result.failed_step,
+                error_kind=result.error_kind,
                 error=cut(result.error or "failed"),
             )
     detail = [job.reason or "Job failed"]
+    kind = _JOB_FAILURE_KINDS.get(job.reason or "")
     if pods:
         pod = pods[0]
         detail.append(f"pod {pod.name}: {pod.reason or 'Error'} (exit code {pod.exit_code})")
-    return TrialOutcome(**base, succeeded=False, error=cut("; ".join(detail)))
+        kind = _POD_FAILURE_KINDS.get(pod.reason or "", kind)
+    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=cut("; ".join(detail)))
+
+
+# Failures that leave no runner result, by the reason Kubernetes gives: a container killed for
+# memory will be killed again at the same limit; a trial past its deadline counts as failed.
+_POD_FAILURE_KINDS = {"OOMKilled": FailureKind.OUT_OF_MEMORY}
+_JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
 
 
 def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:

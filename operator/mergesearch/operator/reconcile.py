@@ -25,8 +25,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy
 from mergesearch import engine
 from mergesearch.operator import jobs as jobspec
+from mergesearch.operator import podpolicy
 from mergesearch.operator.events import Event, milestones
 from mergesearch.operator.jobs import FINAL_CANDIDATE, JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary, TrialOutcome, cut, outcome_of
@@ -42,6 +44,14 @@ _BUDGETS = (
     "target_fitness",
     "stagnation_generations",
     "max_failed_trials",
+)
+# Posted once, with the search's first status: without requests the scheduler may put a trial
+# where a merge does not fit (or several on one GPU node's memory).
+NO_REQUESTS = Event(
+    "Warning",
+    "NoResourceRequests",
+    "spec.execution.template sets no resources for the runner: trials get no CPU, memory or GPU "
+    "reservation (set resources.requests/limits, e.g. nvidia.com/gpu: 1)",
 )
 _ENGINE_REASONS = {
     "max_failed_trials": "MaxFailedTrials",
@@ -120,6 +130,9 @@ def reconcile(
         config = engine_config(spec)
     except SpecError as exc:
         return blocked(view, "SpecInvalid", "; ".join(exc.errors), now)
+    refused = podpolicy.check_template(spec.execution.template, settings.service_account)
+    if refused:  # before any Job: a refused template costs nothing
+        return blocked(view, "TemplateInvalid", "; ".join(refused), now)
     try:
         state = _load_state(previous, config)
     except StateInvalid as exc:
@@ -131,6 +144,8 @@ def reconcile(
         output=dict(previous["output"]) if previous.get("output") else None,
         held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
     )
+    if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
+        draft.events.append(NO_REQUESTS)
     try:
         _collect(draft, mine, pods)
         phase, reason, message = _advance(draft, view, spec, mine, pods, settings)
@@ -275,32 +290,38 @@ def _engine_result(outcome: TrialOutcome) -> engine.Result:
     return engine.Result(outcome.candidate, failed=True, reason=outcome.reason)
 
 
-_FETCH_USER_ERRORS = (": not found:", ": access denied:", ": invalid checkpoint:", ": config:")
-_MERGE_USER_ERRORS = ("ModelMismatch", "CheckpointMismatch", "CheckpointError", "MergeWeights")
+# The condition reason of each failure kind that fails a search (FAILURE_POLICY says which).
+FATAL_REASONS: dict[FailureKind, str] = {
+    FailureKind.INVALID_INPUT: "TrialRejected",
+    FailureKind.CHECKPOINT_UNAVAILABLE: "CheckpointUnavailable",
+    FailureKind.CHECKPOINT_INVALID: "CheckpointInvalid",
+    FailureKind.CHECKPOINTS_INCOMPATIBLE: "CheckpointsIncompatible",
+    FailureKind.UNKNOWN_TASK: "UnknownTask",
+    FailureKind.UNKNOWN_METRIC: "UnknownMetric",
+    FailureKind.DATA_MISSING: "DataMissing",
+    FailureKind.CONFIG: "ConfigInvalid",
+    FailureKind.OUT_OF_MEMORY: "OutOfMemory",
+}
 
 
 def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[str, str] | None:
     """(reason, message) when a failed trial reveals a configuration error, else None.
 
-    Always fatal, because every later trial would fail the same way: a trial document the
-    runner rejects, a checkpoint that does not exist or may not be read, checkpoints whose
-    tensors do not match, an unknown task or metric. Fatal only among the first trials (none
-    succeeded yet): storage that cannot be reached — later it is more likely an outage.
+    Decided from the runner's failure kind, never from message text: a kind whose policy is
+    fatal fails the search at once, because every later trial would fail the same way (a
+    document the runner rejects, a checkpoint that is missing or malformed, checkpoints that do
+    not match, an unknown task or metric, a model that does not fit). Storage that cannot be
+    reached is fatal only among the first trials (none succeeded yet): later it is more likely
+    an outage.
     """
-    step, error = outcome.failed_step, outcome.error or ""
+    kind = outcome.error_kind
+    if kind is None:
+        return None
     message = f"trial {outcome.candidate}: {outcome.reason}"
-    if step == "input":
-        return "TrialRejected", message
-    if step == "fetch":
-        if any(marker in error for marker in _FETCH_USER_ERRORS):
-            return "CheckpointUnavailable", message
-        return ("StorageUnreachable", message) if first_trials else None
-    if step == "merge" and any(error.startswith(kind) for kind in _MERGE_USER_ERRORS):
-        return "CheckpointsIncompatible", message
-    if step == "evaluate" and "unknown lm-eval task" in error:
-        return "UnknownTask", message
-    if step == "evaluate" and "not among its results" in error:
-        return "UnknownMetric", message
+    if FAILURE_POLICY[kind] is FailurePolicy.FATAL:
+        return FATAL_REASONS[kind], message
+    if kind is FailureKind.STORAGE_UNAVAILABLE and first_trials:
+        return "StorageUnreachable", message
     return None
 
 
