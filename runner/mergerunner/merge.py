@@ -748,21 +748,30 @@ class ResidentMerger:
     Inputs stay in their own dtype: half the memory of float32 for bf16 checkpoints, for about
     10% more time per merge on CPU (where a merge is bound by reading N·params elements), and
     the same mixed-precision add as the streaming merge, hence identical results. Memory is N
-    times one checkpoint: meant for the small models a local search evaluates many times. With
-    `device="cuda"` the stacks live on the GPU next to the model.
+    times one checkpoint, in host memory: 8 × 8B bf16 checkpoints are 128 GB, which no GPU
+    holds beside the model. With `pin_memory` (when the model is on GPUs) the stacks are
+    page-locked, so each tensor's rows are copied to the device of its module asynchronously
+    and merged there, chunk by chunk: the model may span several GPUs (its placement), and GPU
+    memory holds the model plus one chunk of rows.
     """
 
-    def __init__(self, checkpoint_dirs: Sequence[Path], *, device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint_dirs: Sequence[Path], *, pin_memory: bool = False):
         self.plan = validate_checkpoints([Path(p) for p in checkpoint_dirs])
-        self.device = torch.device(device)
         with _Files() as files:
-            self._stacks = {
-                t.name: _load_rows(self.plan, t, files).to(self.device) for t in self.plan.tensors
-            }
-        self._chunk = CHUNK_ELEMS if self.device.type == "cpu" else 1 << 26
-        largest = max((t.numel for t in self.plan.tensors), default=0)
-        self._acc = torch.empty(min(largest, self._chunk), dtype=torch.float32, device=self.device)
+            self._stacks = {t.name: _load_rows(self.plan, t, files) for t in self.plan.tensors}
+        if pin_memory:
+            self._stacks = {name: stack.pin_memory() for name, stack in self._stacks.items()}
+        self._largest = max((t.numel for t in self.plan.tensors), default=0)
+        self._accs: dict[torch.device, torch.Tensor] = {}
         self._identity = _inputs_identity(self.plan)
+
+    def _acc(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The float32 accumulator of a device and its chunk length (bounded by L2 on a CPU;
+        16M elements on a GPU, so N rows of a chunk in transit stay N × 32 MiB in bf16)."""
+        chunk = min(self._largest, CHUNK_ELEMS if device.type == "cpu" else 1 << 24)
+        if device not in self._accs:
+            self._accs[device] = torch.empty(chunk, dtype=torch.float32, device=device)
+        return self._accs[device], chunk
 
     @property
     def checkpoints(self) -> int:
@@ -798,15 +807,20 @@ class ResidentMerger:
     def _merge_one(self, target: _Target, active: Sequence[tuple[float, int]]) -> None:
         stack = self._stacks[target.tensor.name]
         first, *aliases = target.destinations
+        acc_all, chunk = self._acc(first.device)
+        remote = first.device.type != "cpu"
         flat = (
             first.view(-1)
             if first.is_contiguous()
             else torch.empty(first.numel(), dtype=first.dtype, device=first.device)
         )
-        for start in range(0, stack.shape[1], self._chunk):
-            stop = min(stack.shape[1], start + self._chunk)
-            acc = self._acc[: stop - start]
-            accumulate(acc, ((w, stack[i, start:stop]) for w, i in active))
+        for start in range(0, stack.shape[1], chunk):
+            stop = min(stack.shape[1], start + chunk)
+            acc = acc_all[: stop - start]
+            rows = {i: stack[i, start:stop] for _, i in active}
+            if remote:
+                rows = {i: row.to(first.device, non_blocking=True) for i, row in rows.items()}
+            accumulate(acc, ((w, rows[i]) for w, i in active))
             flat[start:stop].copy_(acc)
         if not first.is_contiguous():
             first.copy_(flat.view(first.shape))

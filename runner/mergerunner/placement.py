@@ -34,6 +34,7 @@ from mergerunner.checkpoint import (
     MergePlan,
     effective_tensors,
 )
+from mergerunner.trial import FailureKind
 
 GIB = 1 << 30
 CPU = "cpu"
@@ -45,7 +46,10 @@ _FIRST = ("embed", "wte", "wpe", "word_embeddings")
 
 
 class PlacementError(ValueError):
-    """The model does not fit the devices; `shortfall_bytes` says by how much."""
+    """The model does not fit the devices; `shortfall_bytes` says by how much. Fatal for a
+    search: every candidate has the same size."""
+
+    failure_kind = FailureKind.OUT_OF_MEMORY
 
     def __init__(self, message: str, shortfall_bytes: int) -> None:
         super().__init__(message)
