@@ -46,8 +46,17 @@ class MergeSpec(_Spec):
     dtype: Dtype = Field(default="bfloat16", description="Data type of the merged model.")
 
 
+# A Kubernetes object name (RFC 1123 subdomain), as Secrets and ConfigMaps must have.
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
 class LocalObjectRef(_Spec):
-    name: str = Field(min_length=1, max_length=253, description="Object name, same namespace.")
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=OBJECT_NAME_PATTERN,
+        description="Object name (lower-case letters, digits, '-' and '.'), same namespace.",
+    )
 
 
 class CustomTasks(_Spec):
@@ -57,7 +66,9 @@ class CustomTasks(_Spec):
         default=None, description="ConfigMap whose keys are task YAML (and data) files."
     )
     path: str | None = Field(
-        default=None, description="Local directory of task YAMLs (local mode only)."
+        default=None,
+        description="Local directory of task YAMLs (local mode only: on a cluster the search "
+        "fails with SpecInvalid; use configMapRef).",
     )
 
     @model_validator(mode="after")
@@ -245,6 +256,18 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
         where = f"{prefix}.{field}" if prefix and field else prefix or field
         lines.append(f"{where}: {message}" if where else message)
     return lines
+
+
+def cluster_errors(spec: MergeSearchSpec) -> list[str]:
+    """What a valid spec may not ask of a cluster (one "field: problem" line each): a local
+    directory of custom tasks means nothing in a trial pod."""
+    custom = spec.objective.custom_tasks
+    if custom is not None and custom.path is not None:
+        return [
+            "spec.objective.customTasks.path: a local directory works in local mode only; "
+            "on a cluster put the task files in a ConfigMap and use customTasks.configMapRef"
+        ]
+    return []
 
 
 def parse_manifest(data: Any, source: str = "manifest") -> MergeSearch:

@@ -8,8 +8,12 @@ each other; see docs/trial-contract.md for the versioning rules.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import random
+import struct
+import zlib
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -28,6 +32,10 @@ RESULT_API_VERSION = "mergerunner.mergesearch.io/v2"
 
 # Kubernetes truncates a termination message at 4096 bytes; stay under with a margin.
 TERMINATION_MESSAGE_LIMIT = 4000
+# The longest error text a termination message keeps, and the most a packed result may inflate
+# to when it is read back (a guard against a compression bomb in a pod's message).
+MESSAGE_ERROR_CHARS = 500
+MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 Step = Literal["input", "fetch", "merge", "evaluate", "upload"]
@@ -123,7 +131,15 @@ class _Model(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-class CheckpointRef(_Model):
+class _Document(_Model):
+    """A part of the trial document: strict types, as the Python API has them. A weight of
+    "0.5" or `true`, a limit of 2.5: refused, never coerced (JSON integers stay valid where a
+    number is expected)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class CheckpointRef(_Document):
     """A checkpoint by name (used as the weight's key) and location."""
 
     name: Name = Field(description="Unique name of the checkpoint within the search.")
@@ -133,7 +149,7 @@ class CheckpointRef(_Model):
     )
 
 
-class TaskSpec(_Model):
+class TaskSpec(_Document):
     """One lm-evaluation-harness task and how to score it."""
 
     task: str = Field(min_length=1, description="lm-eval task name (registry or custom YAML).")
@@ -154,10 +170,12 @@ class TaskSpec(_Model):
     weight: float = Field(default=1.0, gt=0, description="Weight in the held-in macro-average.")
 
 
+# What lm-eval's device option accepts and the runner can place a model on.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 SERVER_BACKENDS = ("vllm", "openai")
 
 
-class ServerSpec(_Model):
+class ServerSpec(_Document):
     """An OpenAI-compatible inference server the runner starts on the merged model.
 
     `vllm`: the command line is built by the runner (`mergerunner.server.vllm_command`: tensor
@@ -177,11 +195,6 @@ class ServerSpec(_Model):
     ready_timeout_seconds: int = Field(
         default=1800, ge=1, description="How long the server may take to answer /v1/models."
     )
-    api: Literal["completions", "chat-completions"] = Field(
-        default="completions",
-        description='"completions" scores through lm-eval\'s local-completions (raw prompts, '
-        'as the hf backend sees them), "chat-completions" through local-chat-completions.',
-    )
     prompt_logprobs: bool | None = Field(
         default=None,
         description="Whether the server returns log-probabilities of prompt tokens (echo), "
@@ -199,7 +212,7 @@ class ServerSpec(_Model):
     )
 
 
-class EvaluatorSpec(_Model):
+class EvaluatorSpec(_Document):
     """How the runner evaluates a merged model."""
 
     backend: Literal["hf", "vllm", "openai", "analytic"] = Field(
@@ -210,11 +223,13 @@ class EvaluatorSpec(_Model):
         "fetched or merged and no model is evaluated; the weights are scored by a fixed analytic "
         "function (docs/trial-contract.md). Never use it for a real search.",
     )
-    batch_size: int | Literal["auto"] = Field(default="auto", description="Batch size or auto.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description='Batch size (at least 1) or "auto".'
+    )
     device: str = Field(
         default="auto",
-        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
-        description='"auto" (every GPU when present, else the CPU), "cpu", "cuda:0".',
+        pattern=DEVICE_PATTERN,
+        description='"auto" (every GPU when present, else the CPU), "cpu", "cuda" or "cuda:N".',
     )
     seed: int = Field(default=1234, ge=0, description="Seed of example subsets and few-shot.")
     max_length: int | None = Field(default=None, ge=1, description="Context length override.")
@@ -256,14 +271,14 @@ class EvaluatorSpec(_Model):
         return server
 
 
-class OutputSpec(_Model):
+class OutputSpec(_Document):
     """Where the runner writes the merged model and full results, if anywhere."""
 
     uri: str | None = Field(default=None, description="Destination prefix (s3://… or a path).")
     save_model: bool = Field(default=False, description="Write the merged model to the URI.")
 
 
-class TrialDocument(_Model):
+class TrialDocument(_Document):
     """Everything one trial needs, and nothing secret: credentials come from the pod's env."""
 
     api_version: Literal["mergerunner.mergesearch.io/v2"] = TRIAL_API_VERSION
@@ -282,9 +297,12 @@ class TrialDocument(_Model):
     @field_validator("weights")
     @classmethod
     def _finite(cls, weights: dict[str, float]) -> dict[str, float]:
-        bad = sorted(name for name, w in weights.items() if not math.isfinite(w))
+        bad = sorted(name for name, w in weights.items() if not finite_in_float32(w))
         if bad:
-            raise ValueError(f"weights must be finite numbers; not finite: {', '.join(bad)}")
+            raise ValueError(
+                "weights must be finite numbers, also in float32 (|w| < 3.4e38), the precision "
+                f"the merge multiplies in; not finite: {', '.join(bad)}"
+            )
         return weights
 
     @model_validator(mode="after")
@@ -308,6 +326,14 @@ class TrialDocument(_Model):
             raise ValueError("at least one task is needed in heldIn or heldOut")
         if self.output.save_model and not self.output.uri:
             raise ValueError("output.saveModel needs output.uri")
+        needed = worst_case_message_bytes(self)
+        if needed > TERMINATION_MESSAGE_LIMIT:
+            raise ValueError(
+                f"the result of this trial may need {needed} bytes in its termination message "
+                f"(limit {TERMINATION_MESSAGE_LIMIT}) even packed: {len(self.held_in)} held-in "
+                "tasks, their names, the id and output.uri are too long; use fewer or shorter "
+                "task names (or an lm-eval group, scored as one task)"
+            )
         return self
 
     def weight_vector(self) -> list[float]:
@@ -347,30 +373,117 @@ class TrialResult(_Model):
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
 
     def termination_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
-        """The result as it fits in a pod's termination message.
+        """The result as it fits in a pod's termination message; never fails.
 
-        Kubernetes keeps only the first 4096 bytes, and a cut JSON document is useless, so what
-        does not fit is dropped in order of least use to the operator (timings, then the error's
-        tail, then held-out scores), and `truncated` says so; the full result stays in the result
-        file and on stdout.
+        Kubernetes keeps only the first 4096 bytes, and a cut JSON document is useless. So what
+        does not fit is dropped in order of least use to the operator: timings and the error's
+        tail first; then the result is *packed* (its JSON, zlib-compressed, base64, in the
+        `packed` field: task names compress well, so about 200 held-in scores fit, see
+        `unpack_result`); then held-out scores go; last, every score goes (the compact form).
+        `truncated` says that something was dropped; the full result stays on stdout and in
+        the result file. The trial document's validation (`worst_case_message_bytes`) makes
+        sure the held-in scores always fit, packed.
         """
         text = self.to_json()
         if len(text.encode()) <= limit:
             return text
         slim = self.model_copy(update={"truncated": True, "timings": StepTimings()})
-        if slim.error and len(slim.error) > 500:
-            slim = slim.model_copy(update={"error": slim.error[:500] + "…"})
-        text = slim.to_json()
-        if len(text.encode()) <= limit:
-            return text
-        slim = slim.model_copy(update={"held_out": {}})
-        text = slim.to_json()
-        if len(text.encode()) <= limit:
-            return text
-        raise ValueError(
-            f"trial result for {self.id!r} does not fit in {limit} bytes even without timings "
-            "and held-out scores; too many held-in tasks for a termination message"
+        if slim.error and len(slim.error) > MESSAGE_ERROR_CHARS:
+            slim = slim.model_copy(update={"error": slim.error[:MESSAGE_ERROR_CHARS] + "…"})
+        candidates = (
+            slim.to_json(),
+            slim.packed(),
+            slim.model_copy(update={"held_out": {}}).packed(),
+            slim.model_copy(update={"held_out": {}, "held_in": {}}).to_json(),
         )
+        for text in candidates:
+            if len(text.encode()) <= limit:
+                return text
+        return self.compact().to_json()
+
+    def packed(self) -> str:
+        """This result as `{apiVersion, id, status, truncated, packed}`, where `packed` is the
+        base64 of the zlib-compressed JSON of the whole result."""
+        body = base64.b64encode(zlib.compress(self.to_json().encode(), 9)).decode("ascii")
+        envelope = {
+            "apiVersion": self.api_version,
+            "id": self.id,
+            "status": self.status,
+            "truncated": True,
+            "packed": body,
+        }
+        return json.dumps(envelope, sort_keys=True, separators=(",", ":"))
+
+    def compact(self) -> TrialResult:
+        """The smallest form: what happened and why, without scores, timings or a long id."""
+        return TrialResult(
+            id=self.id[:253],
+            status=self.status,
+            failed_step=self.failed_step,
+            error_kind=self.error_kind,
+            error=(self.error or "")[:MESSAGE_ERROR_CHARS] or None,
+            fitness=self.fitness,
+            digest=self.digest,
+            truncated=True,
+        )
+
+
+def unpack_result(data: dict) -> dict:
+    """A result document as read from a termination message, with a `packed` result (see
+    `TrialResult.termination_message`) expanded; any other document is returned unchanged.
+    Only JSON is decoded, and at most MAX_PACKED_BYTES of it."""
+    packed = data.get("packed")
+    if not isinstance(packed, str):
+        return data
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(base64.b64decode(packed, validate=True), MAX_PACKED_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"packed result inflates beyond {MAX_PACKED_BYTES} bytes")
+        full = json.loads(text)
+    except (ValueError, zlib.error) as exc:
+        raise ValueError(f"packed result cannot be read: {exc}") from exc
+    if not isinstance(full, dict):
+        raise ValueError("packed result is not a JSON object")
+    return {**full, "truncated": True}
+
+
+def parse_result_message(text: str) -> TrialResult:
+    """A `TrialResult` from a termination message, packed or not."""
+    return TrialResult.model_validate(unpack_result(json.loads(text)))
+
+
+def worst_case_message_bytes(doc: TrialDocument) -> int:
+    """The size of the packed termination message of this trial's success at its largest:
+    its id and output URI, a digest, and a held-in score of the longest form (24 characters,
+    digits that do not compress) for every held-in task. The held-out scores may be dropped,
+    so they do not count."""
+    rng = random.Random(0)
+
+    def score() -> float:
+        return float(f"-{rng.randint(1, 9)}.{rng.randrange(10**16):016d}e-{rng.randint(100, 307)}")
+
+    worst = TrialResult(
+        id=doc.id,
+        status="succeeded",
+        held_in={t.task: score() for t in doc.held_in},
+        fitness=score(),
+        digest="blake3:" + "f" * 64,
+        output_uri=doc.output.uri,
+        truncated=True,
+    )
+    return len(worst.packed().encode())
+
+
+def finite_in_float32(value: float) -> bool:
+    """Whether `value` stays finite when rounded to float32, as the merge rounds a weight."""
+    if not math.isfinite(value):
+        return False
+    try:
+        struct.pack("<f", value)
+    except OverflowError:
+        return False
+    return True
 
 
 def fitness_of(scores: dict[str, float], held_in: list[TaskSpec]) -> float:
@@ -380,5 +493,12 @@ def fitness_of(scores: dict[str, float], held_in: list[TaskSpec]) -> float:
 
 
 def parse_trial(text: str) -> TrialDocument:
-    """Parse a trial document from JSON text (never YAML tags, never pickle)."""
-    return TrialDocument.model_validate(json.loads(text))
+    """Parse a trial document from JSON text (never YAML tags, never pickle).
+
+    Any unreadable document is a ValueError (or pydantic's ValidationError, also one), so the
+    runner reports it as bad input: JSON nested deeper than the parser's recursion limit too.
+    """
+    try:
+        return TrialDocument.model_validate(json.loads(text))
+    except RecursionError:
+        raise ValueError("the trial document is nested too deeply to be read") from None

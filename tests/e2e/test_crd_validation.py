@@ -118,7 +118,29 @@ INVALID = [
     ({"search": {"start": "median"}}, "spec.search.start"),
     ({"execution": {"parallelism": 0}}, "spec.execution.parallelism"),
     ({"search": {"maxTrials": "many"}}, "spec.search.maxTrials"),
-]
+    (
+        {"objective": {"heldIn": [{"task": "t"}], "evaluator": {"batchSize": -4}}},
+        "spec.objective.evaluator.batchSize",
+    ),
+    (
+        {"objective": {"heldIn": [{"task": "t"}], "evaluator": {"batchSize": "lots"}}},
+        "spec.objective.evaluator.batchSize",
+    ),
+    (
+        {"objective": {"heldIn": [{"task": "t"}], "evaluator": {"device": "gpu0"}}},
+        "spec.objective.evaluator.device",
+    ),
+    ({"storage": {"secretRef": {"name": "Bad_Name"}}}, "spec.storage.secretRef.name"),
+    (
+        {"objective": {"heldIn": [{"task": "t"}], "customTasks": {"configMapRef": {"name": "A"}}}},
+        "spec.objective.customTasks.configMapRef.name",
+    ),
+    (
+        {"execution": {"template": {"spec": {"containers": {"name": "runner"}}}}},
+        "spec.execution.template.spec.containers",
+    ),
+    ({"execution": {"template": {"containers": "runner"}}}, "spec.execution.template.containers"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("changes", "field"), INVALID)
@@ -129,6 +151,44 @@ def test_invalid_manifests_are_rejected_naming_the_field(
     proc = apply(k8s_cluster, crd_namespace, with_spec(name, **changes))
     assert proc.returncode != 0
     assert field in proc.stderr, proc.stderr
+
+
+def test_valid_evaluator_options_and_a_bare_pod_spec_template_are_kept(
+    k8s_cluster: KubeCluster, crd_namespace: str
+) -> None:
+    """What item by item is refused above is accepted in its valid forms; the template is not
+    defaulted into another shape (a bare pod spec stays one)."""
+    template = {"containers": [{"name": "runner", "resources": {"limits": {"cpu": "1"}}}]}
+    doc = with_spec(
+        "options-ok",
+        objective={
+            "heldIn": [{"task": "t"}],
+            "evaluator": {"batchSize": 16, "device": "cuda:1"},
+        },
+        execution={"template": template},
+    )
+    proc = apply(k8s_cluster, crd_namespace, doc)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(
+        k8s_cluster.kubectl("get", "msearch", "options-ok", "-n", crd_namespace, "-o", "json")
+    )
+    assert got["spec"]["execution"]["template"] == template
+    assert got["spec"]["objective"]["evaluator"]["batchSize"] == 16
+    auto = with_spec("options-auto", objective={"heldIn": [{"task": "t"}]})
+    assert apply(k8s_cluster, crd_namespace, auto).returncode == 0
+
+
+def test_the_best_column_shows_4_decimals(k8s_cluster: KubeCluster, crd_namespace: str) -> None:
+    from mergesearch.operator.status import fitness_text
+
+    assert apply(k8s_cluster, crd_namespace, with_spec("best-column")).returncode == 0
+    path = f"/apis/mergesearch.io/v1alpha1/namespaces/{crd_namespace}/mergesearches/best-column"
+    status = {"phase": "Running", "best": {"fitness": 0.757012345678}}
+    status["bestFitness"] = fitness_text(status["best"]["fitness"])
+    k8s_cluster.api().merge_patch(f"{path}/status", {"status": status})
+    table = k8s_cluster.kubectl("get", "msearch", "best-column", "-n", crd_namespace)
+    row = table.strip().splitlines()[1].split()
+    assert row[:2] == ["best-column", "Running"] and row[-2] == "0.7570", table
 
 
 def test_unknown_fields_are_refused(k8s_cluster: KubeCluster, crd_namespace: str) -> None:

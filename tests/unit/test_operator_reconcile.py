@@ -16,7 +16,7 @@ from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary
 from mergesearch.operator.reconcile import Plan, SearchView, classify_failure, reconcile
-from mergesearch.operator.status import condition
+from mergesearch.operator.status import condition, decode_state
 
 pytestmark = pytest.mark.unit
 
@@ -173,7 +173,7 @@ def test_first_reconcile_starts_the_engine_and_launches_up_to_parallelism() -> N
     plan = cluster.step()
     assert plan.changed and len(plan.create) == 3
     assert cluster.status["phase"] == "Pending"  # nothing has started yet
-    assert cluster.status["optimizer"]["format"] == "mergesearch.engine/v1"
+    assert decode_state(cluster.status["optimizer"]).format == "mergesearch.engine/v1"
     active = cluster.status["activeTrials"]
     assert active == ["b-each-a", "b-each-b", "b-each-c"]  # baselines first
     assert [m["metadata"]["name"] for m in plan.create] == [
@@ -530,6 +530,15 @@ def test_a_template_outside_the_allow_list_is_refused_before_any_job() -> None:
     assert ("Warning", "NoResourceRequests") not in cluster.events  # it asks for a CPU
 
 
+def test_custom_tasks_from_a_local_path_fail_the_first_reconcile_by_field() -> None:
+    objective = {"heldIn": [{"task": "t1"}], "customTasks": {"path": "/home/me/tasks"}}
+    cluster = Cluster(make_spec(objective=objective))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "SpecInvalid" and cluster.created == []
+    assert failed["message"].startswith("spec.objective.customTasks.path: ")
+
+
 def test_a_root_user_in_the_template_is_refused_up_front() -> None:
     """runAsNonRoot is enforced, so runAsUser 0 would never start on a kubelet: the trial would
     wait for its deadline. Refused instead, naming the field."""
@@ -559,7 +568,7 @@ def test_budgets_may_change_while_running_but_other_fields_may_not() -> None:
     cluster.spec["search"]["maxGenerations"] = 5
     cluster.generation = 2
     cluster.step()
-    assert cluster.status["optimizer"]["config"]["max_generations"] == 5
+    assert decode_state(cluster.status["optimizer"]).config.max_generations == 5
     assert cluster.status["phase"] == "Pending"
     cluster.spec["search"]["seed"] = 7  # the CRD forbids this; the operator refuses it too
     cluster.generation = 3
@@ -574,3 +583,8 @@ def test_a_corrupt_optimizer_state_is_a_condition() -> None:
     cluster.status["optimizer"] = {"format": "something-else"}
     cluster.step()
     assert condition(cluster.status, "Failed")["reason"] == "StateInvalid"
+    garbled = Cluster(make_spec())
+    garbled.step()
+    garbled.status["optimizer"] = garbled.status["optimizer"][:-40]  # an encoded state cut
+    garbled.step()
+    assert condition(garbled.status, "Failed")["reason"] == "StateInvalid"

@@ -16,6 +16,7 @@ from mergerunner.trial import (
     TrialResult,
     failure_kind_of,
     fitness_of,
+    parse_result_message,
     parse_trial,
 )
 
@@ -75,9 +76,9 @@ def test_termination_message_fits_and_stays_json() -> None:
     )
     message = result.termination_message()
     assert len(message.encode()) <= 4000
-    parsed = json.loads(message)
-    assert parsed["truncated"] is True
-    assert parsed["heldIn"] == many
+    parsed = parse_result_message(message)
+    assert parsed.truncated is True
+    assert parsed.held_in == many
 
 
 def test_small_result_is_not_truncated() -> None:

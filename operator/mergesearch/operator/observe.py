@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from mergerunner.trial import RESULT_API_VERSION, FailureKind, TrialResult
+from mergerunner.trial import RESULT_API_VERSION, FailureKind, TrialResult, unpack_result
 from mergesearch.operator.jobs import (
     ANNOTATION_CANDIDATE,
     LABEL_ROLE,
@@ -175,6 +175,10 @@ def parse_result(message: str | None, job: str) -> tuple[TrialResult | None, str
         return None, f"termination message is not JSON ({exc.msg})"
     if not isinstance(data, dict):
         return None, "termination message is not a JSON object"
+    try:
+        data = unpack_result(data)  # many scores come packed (TrialResult.termination_message)
+    except ValueError as exc:
+        return None, cut(f"invalid result: {exc}")
     if data.get("apiVersion") != RESULT_API_VERSION:
         return None, f"unknown result apiVersion {str(data.get('apiVersion'))[:60]!r}"
     try:

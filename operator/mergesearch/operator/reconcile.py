@@ -32,9 +32,9 @@ from mergesearch.operator import podpolicy
 from mergesearch.operator.events import Event, milestones
 from mergesearch.operator.jobs import FINAL_CANDIDATE, JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary, TrialOutcome, cut, outcome_of
-from mergesearch.operator.status import Phase, build_status, condition
+from mergesearch.operator.status import Phase, build_status, condition, decode_state
 from mergesearch.searchconfig import engine_config
-from mergesearch.spec import MergeSearchSpec, SpecError, parse_spec
+from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_spec
 
 # Failures a user can repair by editing the spec (the generation changes); others are final.
 RECOVERABLE = frozenset({"SpecInvalid", "TemplateInvalid", "InternalError"})
@@ -130,6 +130,8 @@ def reconcile(
         config = engine_config(spec)
     except SpecError as exc:
         return blocked(view, "SpecInvalid", "; ".join(exc.errors), now)
+    if cluster_errors(spec):
+        return blocked(view, "SpecInvalid", "; ".join(cluster_errors(spec)), now)
     refused = podpolicy.check_template(spec.execution.template, settings.service_account)
     if refused:  # before any Job: a refused template costs nothing
         return blocked(view, "TemplateInvalid", "; ".join(refused), now)
@@ -232,7 +234,7 @@ def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> eng
     if not data:
         return engine.init(config)
     try:
-        state = engine.EngineState.from_dict(dict(data))
+        state = decode_state(data)
     except (ValidationError, ValueError, TypeError) as exc:
         message = f"status.optimizer is unusable: {cut(str(exc))}"
         raise StateInvalid("StateInvalid", message) from None

@@ -9,8 +9,10 @@ bookkeeping (`activeTrials`) is bounded by spec.execution.parallelism. A 64-chec
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -156,6 +158,42 @@ def _trial(entry: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+# status.optimizer: the engine state as ONE string, so that `kubectl describe` shows one line
+# where the nested document took ~150 (base64 arrays, RNG state) above the useful fields.
+# Canonical JSON (EngineState.to_json), zlib-compressed, base64: lossless, so a restart
+# resumes exactly; plain data, never unpickled or evaluated.
+STATE_PREFIX = "engine-json+zlib+base64:"
+STATE_MAX_BYTES = 16 * 1024 * 1024  # decompressed: no zip bomb gets past this
+
+
+def encode_state(state: engine.EngineState) -> str:
+    packed = zlib.compress(state.to_json().encode(), 9)
+    return STATE_PREFIX + base64.b64encode(packed).decode()
+
+
+def decode_state(value: Any) -> engine.EngineState:
+    """The engine state from status.optimizer: the encoded string, or the nested document
+    written by earlier operator versions. Raises ValueError when it is not one."""
+    if isinstance(value, Mapping):
+        return engine.EngineState.from_dict(dict(value))
+    if not isinstance(value, str) or not value.startswith(STATE_PREFIX):
+        raise ValueError(f"not an encoded engine state (expected the prefix {STATE_PREFIX!r})")
+    try:
+        packed = base64.b64decode(value[len(STATE_PREFIX) :], validate=True)
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(packed, STATE_MAX_BYTES)
+    except (ValueError, zlib.error) as exc:
+        raise ValueError(f"corrupt engine state: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise ValueError(f"engine state larger than {STATE_MAX_BYTES} bytes")
+    return engine.EngineState.from_json(text.decode())
+
+
+def fitness_text(fitness: float | None) -> str | None:
+    """The BEST printer column: 4 decimals (a full float's 16 digits are noise to a reader)."""
+    return None if fitness is None else f"{fitness:.4f}"
+
+
 def engine_fields(state: engine.EngineState) -> dict[str, Any]:
     """The status fields the engine's state determines."""
     summary = engine.status(state)
@@ -181,10 +219,11 @@ def engine_fields(state: engine.EngineState) -> dict[str, Any]:
         "history": [camel_keys(h) for h in summary.history],
         "paretoFront": [_trial(p) for p in summary.pareto],
         "recentFailures": [dict(f) for f in summary.recent_failures],
-        "optimizer": state.to_dict(),
+        "optimizer": encode_state(state),
     }
     if summary.best is not None:
         out["best"] = _trial(summary.best)
+        out["bestFitness"] = fitness_text(summary.best["fitness"])
     return out
 
 
