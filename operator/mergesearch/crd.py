@@ -80,15 +80,30 @@ _RULES: dict[str, list[dict[str, str]]] = {
     ],
 }
 
-# What the optimizer's state depends on may not change under it; budgets may.
-# (Rules on the fields themselves, not on `search`: a transition rule there would be checked
-# against the `{}` default, where the fields are absent.)
-_RULES.update(
-    {
-        f"spec.search.{name}": _immutable(f"search.{name}")
-        for name in ("seed", "sigma0", "start", "populationSize", "baselines", "failurePolicy")
-    }
+# What the optimizer's state depends on may not change under it; budgets may. The rules sit
+# on `search` (always there: it defaults to `{}`), not on the fields: a transition rule on a
+# field is skipped when the old or the new object lacks it, so adding or removing an optional
+# field (populationSize, sigma0, baselines) would get through. `checkpoints` and `objective`
+# are required and `merge` defaults to `{}`, so their whole-object rules above always run.
+IMMUTABLE_SEARCH_FIELDS = (
+    "seed",
+    "sigma0",
+    "start",
+    "populationSize",
+    "baselines",
+    "failurePolicy",
 )
+
+
+def _unchanged(name: str) -> dict[str, str]:
+    return {
+        "rule": f"has(self.{name}) == has(oldSelf.{name}) && "
+        f"(!has(self.{name}) || self.{name} == oldSelf.{name})",
+        "message": f"search.{name} is immutable (it may be neither changed, added nor removed)",
+    }
+
+
+_RULES["spec.search"] += [_unchanged(name) for name in IMMUTABLE_SEARCH_FIELDS]
 
 # Bounds the CEL cost estimator needs (it assumes the worst for unbounded lists and strings).
 _MAX_ITEMS = {"spec.objective.heldIn": 64, "spec.objective.heldOut": 64, "spec.search.baselines": 3}

@@ -26,6 +26,9 @@ API_VERSION = "v1alpha1"
 KIND = "MergeSearch"
 
 Baseline = Literal["each", "uniform", "merge-best"]
+# How a cluster runs candidates: one Job per trial, or warm evaluators that keep the
+# checkpoints and one model resident across candidates (docs/operator.md, "Warm evaluators").
+ExecutionMode = Literal["jobs", "warm"]
 
 
 class _Spec(BaseModel):
@@ -143,7 +146,14 @@ class SearchSpec(_Spec):
 
 
 class ExecutionSpec(_Spec):
-    parallelism: int = Field(default=4, ge=1, le=1000, description="Concurrent trials.")
+    mode: ExecutionMode = Field(
+        default="jobs",
+        description="jobs: one Job per trial; warm: evaluator pods that fetch the checkpoints "
+        "once and merge each candidate into a resident model.",
+    )
+    parallelism: int = Field(
+        default=4, ge=1, le=1000, description="Concurrent trials (warm: evaluator pods)."
+    )
     max_failed_trials: int = Field(
         default=8, ge=0, description="Failed trials tolerated before the search fails."
     )

@@ -197,22 +197,156 @@ def test_unknown_fields_are_refused(k8s_cluster: KubeCluster, crd_namespace: str
     assert "popSize" in proc.stderr
 
 
-def test_immutable_fields(k8s_cluster: KubeCluster, crd_namespace: str) -> None:
-    doc = with_spec("immutable")
-    assert apply(k8s_cluster, crd_namespace, doc).returncode == 0
+FULL: dict[str, Any] = {
+    **GOOD["spec"],
+    "merge": {"method": "linear", "parameterization": "unconstrained", "dtype": "float16"},
+    "objective": {
+        "heldIn": [{"task": "toy_add", "metric": "exact_match"}],
+        "heldOut": [{"task": "toy_sub"}],
+    },
+    "search": {
+        "seed": 3,
+        "sigma0": 0.5,
+        "start": "best-baseline",
+        "populationSize": 5,
+        "baselines": ["each"],
+        "failurePolicy": "resample",
+        "maxTrials": 50,
+    },
+}
+
+
+def _without(path: str) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        *parents, leaf = path.split(".")
+        node = spec
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+
+    return edit
+
+
+def _set(path: str, value: Any) -> Any:
+    def edit(spec: dict[str, Any]) -> None:
+        *parents, leaf = path.split(".")
+        node = spec
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    return edit
+
+
+# (what, start from FULL or the minimal GOOD spec, the edit, the message it must be refused with)
+IMMUTABLE = [
+    (
+        "checkpoint uri changed",
+        FULL,
+        _set("checkpoints", [{"name": "a", "uri": "s3://c/a/"}, {"name": "b", "uri": "s3://x/"}]),
+        "checkpoints are immutable",
+    ),
+    (
+        "checkpoint added",
+        FULL,
+        _set("checkpoints", [*GOOD["spec"]["checkpoints"], {"name": "c", "uri": "s3://c/c/"}]),
+        "checkpoints are immutable",
+    ),
+    ("merge changed", FULL, _set("merge.dtype", "bfloat16"), "merge is immutable"),
+    ("merge removed", FULL, _without("merge"), "merge is immutable"),
+    (
+        "merge added",
+        GOOD["spec"],
+        _set("merge", {"parameterization": "unconstrained"}),
+        "merge is immutable",
+    ),
+    (
+        "heldIn changed",
+        FULL,
+        _set("objective.heldIn", [{"task": "toy_mul"}]),
+        "objective is immutable",
+    ),
+    ("heldOut removed", FULL, _without("objective.heldOut"), "objective is immutable"),
+    (
+        "heldOut added",
+        GOOD["spec"],
+        _set("objective.heldOut", [{"task": "toy_sub"}]),
+        "objective is immutable",
+    ),
+    (
+        "evaluator added",
+        GOOD["spec"],
+        _set("objective.evaluator", {"seed": 9}),
+        "objective is immutable",
+    ),
+]
+for field, changed, added in [
+    ("seed", 4, 4),
+    ("sigma0", 0.25, 0.25),
+    ("start", "uniform", "best-baseline"),  # (added: a value other than the default)
+    ("populationSize", 6, 6),
+    ("baselines", ["uniform"], ["uniform"]),
+    ("failurePolicy", "penalize", "resample"),
+]:
+    message = f"search.{field} is immutable"
+    IMMUTABLE += [
+        (f"search.{field} changed", FULL, _set(f"search.{field}", changed), message),
+        (f"search.{field} removed", FULL, _without(f"search.{field}"), message),
+        (f"search.{field} added", GOOD["spec"], _set(f"search.{field}", added), message),
+    ]
+IMMUTABLE.append(("search removed", FULL, _without("search"), "is immutable"))
+
+
+@pytest.mark.parametrize(
+    ("start", "edit", "message"),
+    [pytest.param(start, edit, message, id=what) for what, start, edit, message in IMMUTABLE],
+)
+def test_immutable_fields_cannot_be_changed_added_or_removed(
+    k8s_cluster: KubeCluster, crd_namespace: str, start: dict[str, Any], edit: Any, message: str
+) -> None:
+    doc = with_spec(f"imm-{uuid.uuid4().hex[:6]}")
+    doc["spec"] = copy.deepcopy(start)
+    created = apply(k8s_cluster, crd_namespace, doc)
+    assert created.returncode == 0, created.stderr
     changed = copy.deepcopy(doc)
-    changed["spec"]["checkpoints"][1]["uri"] = "s3://c/other/"
-    proc = apply(k8s_cluster, crd_namespace, changed)
-    assert proc.returncode != 0 and "checkpoints are immutable" in proc.stderr
-    reseeded = copy.deepcopy(doc)
-    reseeded["spec"]["search"] = {"seed": 5}
-    proc = apply(k8s_cluster, crd_namespace, reseeded)
-    assert proc.returncode != 0 and "search.seed is immutable" in proc.stderr
-    restarted = copy.deepcopy(doc)
-    restarted["spec"]["search"] = {"start": "best-baseline"}  # from the default uniform
-    proc = apply(k8s_cluster, crd_namespace, restarted)
-    assert proc.returncode != 0 and "search.start is immutable" in proc.stderr
-    budget = copy.deepcopy(doc)
-    budget["spec"]["search"] = {"maxTrials": 999}
-    proc = apply(k8s_cluster, crd_namespace, budget)
+    edit(changed["spec"])
+    proc = replace(k8s_cluster, crd_namespace, changed)
+    assert proc.returncode != 0, f"accepted: {changed['spec']}"
+    assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(_set("search.maxTrials", 999), id="maxTrials changed"),
+        pytest.param(_without("search.maxTrials"), id="maxTrials removed"),
+        pytest.param(_set("search.targetFitness", 0.9), id="targetFitness added"),
+        pytest.param(_set("search.stagnationGenerations", 3), id="stagnation added"),
+        pytest.param(_set("execution.maxFailedTrials", 2), id="maxFailedTrials"),
+        pytest.param(_set("suspend", False), id="suspend"),
+    ],
+)
+def test_budgets_may_change(k8s_cluster: KubeCluster, crd_namespace: str, edit: Any) -> None:
+    doc = with_spec(f"budget-{uuid.uuid4().hex[:6]}")
+    doc["spec"] = copy.deepcopy(FULL)
+    assert apply(k8s_cluster, crd_namespace, doc).returncode == 0
+    edit(doc["spec"])
+    proc = replace(k8s_cluster, crd_namespace, doc)
     assert proc.returncode == 0, proc.stderr
+
+
+def replace(
+    cluster: KubeCluster, namespace: str, doc: dict[str, Any]
+) -> subprocess.CompletedProcess:
+    """`kubectl replace`: the whole object as written (an `apply` would merge the edit with
+    the last applied configuration and could leave a removed field in place)."""
+    return subprocess.run(
+        [
+            *(str(Path(cluster.bindir) / "kubectl"), "--kubeconfig", str(cluster.kubeconfig)),
+            *("replace", "-n", namespace, "-f", "-"),
+        ],
+        input=json.dumps(doc),
+        capture_output=True,
+        text=True,
+        check=False,
+    )

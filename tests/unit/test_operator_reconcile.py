@@ -102,12 +102,16 @@ class Cluster:
     deleted: list[str] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)
     max_unfinished: int = 0
+    now: str = NOW
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def view(self) -> SearchView:
-        return SearchView(OWNER, self.generation, copy.deepcopy(self.spec), self.status)
+        spec = copy.deepcopy(self.spec)
+        return SearchView(OWNER, self.generation, spec, self.status, dict(self.annotations))
 
     def reconcile(self) -> Plan:
-        return reconcile(self.view(), list(self.summaries.values()), self.pods, SETTINGS, NOW)
+        jobs = list(self.summaries.values())
+        return reconcile(self.view(), jobs, self.pods, SETTINGS, self.now)
 
     def step(self) -> Plan:
         plan = self.reconcile()
@@ -129,6 +133,7 @@ class Cluster:
                 candidate=manifest["metadata"]["annotations"][jobspec.ANNOTATION_CANDIDATE],
                 role=manifest["metadata"]["labels"][jobspec.LABEL_ROLE],
                 state="active",
+                attempt=int(manifest["metadata"]["annotations"].get(jobspec.ANNOTATION_ATTEMPT, 0)),
             )
         for name in plan.delete:
             self.deleted.append(name)
@@ -405,19 +410,87 @@ def test_configuration_errors_from_the_first_trials_fail_the_search_in_one_recon
     assert cluster.reconcile().changed is False  # final: nothing is retried
 
 
-def test_unreachable_storage_after_a_success_is_an_ordinary_failure() -> None:
+STORAGE_DOWN = failing_runner(
+    "fetch", "FetchError: s3://ckpt/b/: unreachable: timed out", K.STORAGE_UNAVAILABLE
+)
+
+
+def later(now: str, seconds: float) -> str:
+    from mergesearch.operator.reconcile import later as add
+
+    return add(now, seconds)
+
+
+def test_an_object_store_outage_is_retried_with_backoff_and_not_counted() -> None:
     cluster = Cluster(make_spec())
     cluster.step()
     cluster.finish(jobspec.job_name(OWNER, "b-each-a"))
     cluster.step()
-    cluster.finish(
-        jobspec.job_name(OWNER, "b-each-b"),
-        failing_runner(
-            "fetch", "FetchError: s3://ckpt/b/: unreachable: timed out", K.STORAGE_UNAVAILABLE
-        ),
-    )
+    first = jobspec.job_name(OWNER, "b-each-b")
+    cluster.finish(first, STORAGE_DOWN)
+    plan = cluster.step()
+    status = cluster.status
+    assert status["phase"] == "Running" and status["trials"]["failed"] == 0
+    assert "b-each-b" in status["activeTrials"] and plan.told == ()
+    assert first in plan.delete and plan.wake_after == pytest.approx(15)
+    assert status["retries"] == [
+        {
+            "trial": "b-each-b",
+            "attempt": 1,
+            "notBefore": later(NOW, 15),
+            "reason": "fetch: FetchError: s3://ckpt/b/: unreachable: timed out",
+        }
+    ]
+    waiting = condition(status, "StorageUnavailable")
+    assert waiting["status"] == "True" and "b-each-b" in waiting["message"]
+    assert ("Warning", "StorageUnavailable") in cluster.events
+    # Before the backoff is over, nothing is re-created (even though the Job is gone) ...
+    cluster.now = later(NOW, 10)
+    assert cluster.reconcile().create == ()
+    # ... after it, the trial runs again under a Job name of its own.
+    cluster.now = later(NOW, 16)
+    plan = cluster.step()
+    retry = jobspec.job_name(OWNER, "b-each-b", 1)
+    assert [m["metadata"]["name"] for m in plan.create] == [retry]
+    assert cluster.document(retry)["id"] == retry
+    # The old attempt's Job, seen again by a lagging index, is not the trial's result.
+    cluster.summaries[first] = JobSummary(first, OWNER.uid, "b-each-b", "trial", "failed")
+    cluster.pods[first] = [PodSummary("p", first, 1, None, STORAGE_DOWN({"id": first})[1], NOW)]
+    assert cluster.reconcile().told == ()
+    del cluster.summaries[first], cluster.pods[first]
+    cluster.finish(retry)
+    plan = cluster.step()
+    assert plan.told == ("b-each-b",) and retry in plan.delete
+    assert cluster.status["trials"]["failed"] == 0 and "retries" not in cluster.status
+    assert condition(cluster.status, "StorageUnavailable")["status"] == "False"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded" and cluster.status["trials"]["failed"] == 0
+
+
+def test_a_trial_retried_too_often_counts_as_a_failure() -> None:
+    from mergesearch.operator.reconcile import RETRY_LIMIT, backoff_s
+
+    cluster = Cluster(make_spec())
     cluster.step()
-    assert cluster.status["phase"] == "Running" and cluster.status["trials"]["failed"] == 1
+    cluster.finish(jobspec.job_name(OWNER, "b-each-a"))
+    cluster.step()
+    waits = []
+    for attempt in range(RETRY_LIMIT + 1):
+        cluster.finish(jobspec.job_name(OWNER, "b-each-b", attempt), STORAGE_DOWN)
+        plan = cluster.step()
+        waits.append(plan.wake_after)
+        cluster.now = later(cluster.now, 400)
+        cluster.step()
+    assert waits[:6] == [15, 30, 60, 120, 240, 300] and backoff_s(RETRY_LIMIT) == 300
+    assert cluster.status["trials"]["failed"] == 1 and "retries" not in cluster.status
+
+
+def test_an_outage_before_any_success_is_a_misconfigured_endpoint() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.finish(jobspec.job_name(OWNER, "b-each-b"), STORAGE_DOWN)
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "StorageUnreachable"
 
 
 def test_classify_failure_decides_from_the_kind_never_from_the_message() -> None:
@@ -444,20 +517,81 @@ def test_every_fatal_failure_kind_has_a_condition_reason() -> None:
     assert set(FAILURE_POLICY) == set(FailureKind)
 
 
-def test_a_failed_final_evaluation_fails_the_search() -> None:
-    cluster = Cluster(make_spec())
+def to_final(cluster: Cluster) -> None:
     for _ in range(100):
         cluster.step()
         if cluster.status.get("final"):
-            break
+            return
         cluster.finish_all()
+    raise AssertionError("no final evaluation")
+
+
+DENIED = failing_runner("upload", "FetchError: s3://out/: access denied", K.CHECKPOINT_UNAVAILABLE)
+
+
+def test_a_final_evaluation_that_fails_for_good_can_be_retried_by_annotation() -> None:
+    cluster = Cluster(make_spec())
+    to_final(cluster)
+    best = copy.deepcopy(cluster.status["best"])
     final = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE)
-    cluster.finish(final, failing_runner("upload", "FetchError: s3://out/: access denied: no"))
+    cluster.finish(final, DENIED)
     cluster.step()
     failed = condition(cluster.status, "Failed")
     assert cluster.status["phase"] == "Failed" and failed["reason"] == "FinalizationFailed"
     assert "access denied" in failed["message"]
     assert cluster.status["final"]["state"] == "Failed"
+    assert cluster.status["best"] == best  # the best weights and scores are kept
+    assert not cluster.reconcile().changed  # not retried by itself
+    # Access fixed; the documented retry: a new value of the annotation.
+    cluster.annotations["mergesearch.io/retry-finalization"] = "1"
+    plan = cluster.step()
+    retry = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE, 1)
+    assert [m["metadata"]["name"] for m in plan.create] == [retry]
+    assert cluster.status["phase"] == "Running" and "completionTime" not in cluster.status
+    assert condition(cluster.status, "Failed")["status"] == "False"
+    cluster.finish(retry)
+    cluster.step()
+    assert cluster.status["phase"] == "Succeeded", cluster.status["conditions"]
+    assert cluster.status["best"]["weights"] == best["weights"]
+    assert cluster.status["final"]["state"] == "Succeeded" and "heldOut" in cluster.status["best"]
+    # The same annotation value again does nothing.
+    assert not cluster.reconcile().changed
+
+
+def test_a_storage_blip_during_finalization_is_retried_with_backoff() -> None:
+    cluster = Cluster(make_spec())
+    to_final(cluster)
+    final = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE)
+    cluster.finish(final, STORAGE_DOWN)
+    plan = cluster.step()
+    assert cluster.status["phase"] == "Running" and final in plan.delete
+    assert cluster.status["final"]["state"] == "Retrying"
+    assert condition(cluster.status, "StorageUnavailable")["status"] == "True"
+    assert ("Warning", "FinalizationRetried") in cluster.events
+    assert plan.wake_after == pytest.approx(15)
+    assert cluster.reconcile().create == ()
+    cluster.now = later(NOW, 15)
+    plan = cluster.step()
+    retry = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE, 1)
+    assert [m["metadata"]["name"] for m in plan.create] == [retry]
+    cluster.finish(retry)
+    cluster.step()
+    assert cluster.status["phase"] == "Succeeded"
+    assert condition(cluster.status, "StorageUnavailable")["status"] == "False"
+    assert cluster.status["output"]["uri"] == "s3://out/demo/"
+
+
+def test_a_crashing_final_evaluation_is_tried_three_times() -> None:
+    cluster = Cluster(make_spec())
+    to_final(cluster)
+    crash = failing_runner("evaluate", "RuntimeError: boom")
+    for attempt in range(3):
+        cluster.finish(jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE, attempt), crash)
+        cluster.step()
+        cluster.now = later(cluster.now, 100)
+        cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "FinalizationFailed" and "boom" in failed["message"]
 
 
 # --------------------------------------------------------------------------- spec problems
@@ -583,6 +717,157 @@ def test_a_corrupt_optimizer_state_is_a_condition() -> None:
     cluster.status["optimizer"] = {"format": "something-else"}
     cluster.step()
     assert condition(cluster.status, "Failed")["reason"] == "StateInvalid"
+
+
+def test_a_spec_changed_back_to_what_the_search_started_with_recovers() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.spec["search"].pop("populationSize")  # an old CRD let this through
+    cluster.generation = 2
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "SpecChanged"
+    assert not cluster.reconcile().changed  # waits for the next spec change
+    cluster.spec["search"]["populationSize"] = 4
+    cluster.generation = 3
+    cluster.step()
+    assert cluster.status["phase"] in ("Pending", "Running")
+    assert condition(cluster.status, "Failed")["status"] == "False"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+
+
+# --------------------------------------------------------------------------- kept Jobs, quota
+
+
+def test_a_job_that_completed_without_a_result_is_kept_for_its_logs() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-a")
+    cluster.summaries[name] = replace(cluster.summaries[name], state="succeeded", started=True)
+    cluster.pods[name] = [PodSummary(f"{name}-p", name, 0, "Completed", "", NOW)]
+    plan = cluster.step()
+    assert cluster.status["trials"]["failed"] == 1
+    assert "no result" in cluster.status["recentFailures"][0]["reason"]
+    assert name not in plan.delete and name in cluster.jobs
+    assert name not in cluster.reconcile().delete
+
+
+def test_kept_failed_jobs_are_bounded_by_the_recent_failures() -> None:
+    cluster = Cluster(make_spec(**{"execution.maxFailedTrials": 1000}))
+    cluster.run_to_end(failing_runner("evaluate", "RuntimeError: boom"))
+    failed = {f["id"] for f in cluster.status["recentFailures"]}
+    kept = {s.candidate for s in cluster.summaries.values()}
+    assert cluster.status["trials"]["failed"] > 10 and len(failed) == 10
+    assert kept == failed
+
+
+def test_while_a_quota_refuses_jobs_no_failed_job_is_kept() -> None:
+    from mergesearch.operator.reconcile import quota_cleared, quota_refused
+
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-a")
+    cluster.finish(name, failing_runner("evaluate", "RuntimeError: boom"))
+    assert name not in cluster.step().delete  # kept for its logs
+    refused = quota_refused(cluster.view(), "x-job", "exceeded quota: q", 2, NOW)
+    assert refused.changed and [e.reason for e in refused.events] == ["QuotaExceeded"]
+    cluster.apply(refused)
+    cond = condition(cluster.status, "QuotaExceeded")
+    assert cond["status"] == "True" and "x-job" in cond["message"]
+    assert not quota_refused(cluster.view(), "x-job", "exceeded quota: q", 2, NOW).events
+    plan = cluster.step()
+    assert name in plan.delete  # the kept Job would hold the quota a trial needs
+    assert condition(cluster.status, "QuotaExceeded")["status"] == "True"  # kept by reconcile
+    cluster.apply(quota_cleared(cluster.view(), NOW))
+    assert condition(cluster.status, "QuotaExceeded")["status"] == "False"
+
+
+# --------------------------------------------------------------------------- pods that do not start
+
+
+def waiting_pod(job: str, reason: str, message: str = "", created: str = NOW) -> PodSummary:
+    return PodSummary(f"{job}-p", job, None, message=message, waiting=reason, created=created)
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "condition_reason"),
+    [
+        ("CreateContainerConfigError", 'secret "s3-creds" not found', "PodConfigInvalid"),
+        ("InvalidImageName", 'invalid reference format: "Bad:Image"', "ImageInvalid"),
+    ],
+)
+def test_a_pod_that_can_never_start_fails_the_search_at_once(
+    reason: str, message: str, condition_reason: str
+) -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-a")
+    cluster.pods[name] = [waiting_pod(name, reason, message)]
+    plan = cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == condition_reason
+    assert name in failed["message"] and message in failed["message"]
+    assert plan.create == () and len(plan.delete) == 3  # no GPU minutes burnt waiting
+    assert cluster.status["activeTrials"] == []
+    assert not cluster.reconcile().changed
+    # Fixed outside the spec (the Secret created); any spec edit resumes where it was.
+    cluster.pods.clear()
+    cluster.spec["suspend"] = False
+    cluster.generation = 2
+    plan = cluster.step()
+    assert len(plan.create) == 3 and cluster.status["phase"] == "Pending"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    ("kind", "event", "message", "condition_reason"),
+    [
+        (
+            "Pod",
+            "FailedMount",
+            'MountVolume.SetUp failed: secret "s3" not found',
+            "VolumeUnavailable",
+        ),
+        ("Job", "FailedCreate", 'Error creating: pods "x" is forbidden: violates', "PodRefused"),
+    ],
+)
+def test_warning_events_of_a_stuck_pod_or_job_name_the_cause(
+    kind: str, event: str, message: str, condition_reason: str
+) -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-b")
+    if kind == "Pod":
+        pod = replace(waiting_pod(name, "ContainerCreating"), warnings=((event, message),))
+        cluster.pods[name] = [pod]
+    else:
+        cluster.summaries[name] = replace(cluster.summaries[name], warnings=((event, message),))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == condition_reason and message in failed["message"]
+    assert cluster.status["trials"]["failed"] == 0
+
+
+def test_an_unschedulable_or_unpullable_pod_waits_and_says_why() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-c")
+    message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    cluster.pods[name] = [waiting_pod(name, "Unschedulable", message)]
+    plan = cluster.step()
+    blocked = condition(cluster.status, "TrialsBlocked")
+    assert blocked["status"] == "True" and blocked["reason"] == "Unschedulable"
+    assert name in blocked["message"] and "nvidia.com/gpu" in blocked["message"]
+    assert cluster.status["phase"] == "Pending" and plan.delete == ()
+    cluster.pods[name] = [waiting_pod(name, "ImagePullBackOff", "Back-off pulling image")]
+    cluster.step()
+    assert condition(cluster.status, "TrialsBlocked")["reason"] == "ImagePullBackOff"
+    del cluster.pods[name]
+    cluster.step()
+    assert condition(cluster.status, "TrialsBlocked")["status"] == "False"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
     garbled = Cluster(make_spec())
     garbled.step()
     garbled.status["optimizer"] = garbled.status["optimizer"][:-40]  # an encoded state cut

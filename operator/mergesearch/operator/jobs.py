@@ -19,11 +19,12 @@ import importlib.metadata
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
-from mergesearch.entrypoints import RUNNER_COMMAND
+from mergesearch.entrypoints import EVALUATOR_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
@@ -34,6 +35,7 @@ LABEL_ROLE = f"{API_GROUP}/role"
 ANNOTATION_CANDIDATE = f"{API_GROUP}/candidate-id"
 ANNOTATION_SEARCH = f"{API_GROUP}/search-name"
 ANNOTATION_DIGEST = f"{API_GROUP}/trial-digest"
+ANNOTATION_ATTEMPT = f"{API_GROUP}/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "mergesearch-operator"}
 
 RUNNER_CONTAINER = "runner"
@@ -53,6 +55,11 @@ ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
 SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
+# Warm evaluators (operator/warm.py): where pods reach the operator's evaluator endpoint, the
+# file holding the key their per-search tokens derive from, and an optional node-local cache.
+EVALUATOR_URL_ENV = "MERGESEARCH_EVALUATOR_URL"
+EVALUATOR_KEY_FILE_ENV = "MERGESEARCH_EVALUATOR_KEY_FILE"
+NODE_CACHE_ENV = "MERGESEARCH_NODE_CACHE_DIR"
 RUNNER_REPOSITORY = "ghcr.io/mergesearch/mergesearch-runner"
 
 
@@ -84,14 +91,37 @@ class JobSettings:
     credentials_dir: str = "/var/run/secrets/mergesearch/storage"
     custom_tasks_dir: str = "/etc/mergesearch/custom-tasks"
     extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
+    evaluator_command: tuple[str, ...] = EVALUATOR_COMMAND
+    # Warm mode needs both: the endpoint URL as the evaluator pods reach it, and the key.
+    evaluator_url: str | None = None
+    evaluator_key: bytes | None = field(default=None, repr=False)
+    # A host directory for a node-local checkpoint cache shared by evaluators (opt-in).
+    node_cache_dir: str | None = None
+
+    @property
+    def serves_evaluators(self) -> bool:
+        return bool(self.evaluator_url and self.evaluator_key)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> JobSettings:
         env = os.environ if environ is None else environ
         image = env.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
         command = tuple(env.get("MERGESEARCH_RUNNER_COMMAND", "").split()) or cls.command
+        evaluator = (
+            tuple(env.get("MERGESEARCH_EVALUATOR_COMMAND", "").split()) or cls.evaluator_command
+        )
         account = env.get(SERVICE_ACCOUNT_ENV) or podpolicy.DEFAULT_SERVICE_ACCOUNT
-        return cls(default_image=image, command=command, service_account=account)
+        key_file = env.get(EVALUATOR_KEY_FILE_ENV)
+        key = Path(key_file).read_bytes().strip() if key_file else None
+        return cls(
+            default_image=image,
+            command=command,
+            service_account=account,
+            evaluator_command=evaluator,
+            evaluator_url=env.get(EVALUATOR_URL_ENV) or None,
+            evaluator_key=key or None,
+            node_cache_dir=env.get(NODE_CACHE_ENV) or None,
+        )
 
 
 @dataclass(frozen=True)
@@ -144,14 +174,17 @@ def candidate_part(candidate_id: str) -> str:
     return f"{head}-{short_hash(candidate_id)}" if head else short_hash(candidate_id)
 
 
-def job_name(owner: Owner, candidate_id: str) -> str:
+def job_name(owner: Owner, candidate_id: str, attempt: int = 0) -> str:
     """`<search name, truncated>-<hash of namespace/name/uid>-<candidate>`, at most 63 chars.
 
     The hash includes the search's uid: a search deleted and re-created under the same name
     never adopts (or collides with) its predecessor's Jobs while they are garbage-collected.
+    A retry after an outage (`attempt` > 0) gets a name of its own (`…-g003-c07-r1`), so the
+    Job of the failed attempt, while it is being deleted, is never mistaken for the new one.
     """
     search_hash = short_hash(f"{owner.namespace}/{owner.name}/{owner.uid}")
-    tail = f"{search_hash}-{candidate_part(candidate_id)}"
+    candidate = candidate_id if attempt == 0 else f"{candidate_id}-r{attempt}"
+    tail = f"{search_hash}-{candidate_part(candidate)}"
     room = NAME_LIMIT - len(tail) - 1
     head = _dns_part(owner.name)[:room].strip("-") or "ms"
     return f"{head}-{tail}"
@@ -222,9 +255,10 @@ def build_job(
     document: TrialDocument,
     settings: JobSettings,
     role: Role = "trial",
+    attempt: int = 0,
 ) -> dict[str, Any]:
-    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id)`."""
-    name = job_name(owner, candidate_id)
+    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id, attempt)`."""
+    name = job_name(owner, candidate_id, attempt)
     if document.id != name:
         raise ValueError(f"trial document id {document.id!r} is not the Job name {name!r}")
     text = document_json(document)
@@ -240,6 +274,8 @@ def build_job(
         ANNOTATION_SEARCH: owner.name,
         ANNOTATION_DIGEST: document_digest(text),
     }
+    if attempt:
+        annotations[ANNOTATION_ATTEMPT] = str(attempt)
     execution = spec.execution
     return {
         "apiVersion": "batch/v1",

@@ -21,6 +21,9 @@ from mergesearch.operator.observe import cut
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 CONDITION_TYPES = ("Ready", "Progressing", "Failed")
+# Conditions about what the search waits for; each appears once it was first True, and
+# then stays (False once the wait is over), so a reader sees when it cleared.
+WAIT_CONDITIONS = ("QuotaExceeded", "StorageUnavailable", "TrialsBlocked")
 MESSAGE_CHARS = 1000
 SIZE_BUDGET = 256 * 1024
 
@@ -115,6 +118,31 @@ def phase_conditions(
         out = set_condition(
             out, type=type, status=value, reason=why, message=text, now=now, generation=generation
         )
+    return out
+
+
+def wait_conditions(
+    conditions: Sequence[Mapping[str, Any]],
+    waits: Mapping[str, tuple[bool, str, str]],
+    *,
+    now: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """Upsert the wait conditions in `waits` (type → (status, reason, message)); a False one
+    is only written when the condition is already there."""
+    out = list(conditions)
+    present = {c.get("type") for c in out}
+    for type, (value, reason, message) in waits.items():
+        if value or type in present:
+            out = set_condition(
+                out,
+                type=type,
+                status=value,
+                reason=reason,
+                message=message,
+                now=now,
+                generation=generation,
+            )
     return out
 
 
@@ -240,6 +268,8 @@ def build_status(
     final: Mapping[str, Any] | None = None,
     output: Mapping[str, Any] | None = None,
     held_out: Mapping[str, float] | None = None,
+    retries: Sequence[Mapping[str, Any]] = (),
+    waits: Mapping[str, tuple[bool, str, str]] | None = None,
 ) -> dict[str, Any]:
     """The whole status document. Without an engine state (an invalid spec before the search
     started), the previous document's engine fields are kept as they were."""
@@ -256,18 +286,22 @@ def build_status(
     doc.setdefault("iteration", 0)
     if held_out and "best" in doc:
         doc["best"] = {**doc["best"], "heldOut": dict(held_out)}
+    conditions = phase_conditions(
+        previous.get("conditions") or [],
+        phase=phase,
+        reason=reason,
+        message=message,
+        now=now,
+        generation=generation,
+    )
+    if waits:
+        conditions = wait_conditions(conditions, waits, now=now, generation=generation)
     doc.update(
         phase=phase,
         observedGeneration=generation,
         activeTrials=list(active),
-        conditions=phase_conditions(
-            previous.get("conditions") or [],
-            phase=phase,
-            reason=reason,
-            message=message,
-            now=now,
-            generation=generation,
-        ),
+        conditions=conditions,
+        retries=[dict(r) for r in retries] or None,
     )
     if final:
         doc["final"] = dict(final)
@@ -281,6 +315,7 @@ def build_status(
 
 
 _OPERATOR_FIELDS = {
+    "retries",
     "phase",
     "conditions",
     "observedGeneration",
