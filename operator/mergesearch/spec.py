@@ -12,6 +12,7 @@ translates a task between two slightly different definitions.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -208,6 +209,19 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=253)
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns1123(cls, name: str) -> str:
+        # What the API server accepts, and in local mode a safe directory name
+        # (.mergesearch/NAME): no "/", no "..", no leading dot.
+        if not re.match(OBJECT_NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit (a DNS-1123 subdomain, as Kubernetes "
+                "requires)"
+            )
+        return name
 
 
 class MergeSearch(BaseModel):

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,11 @@ class EvaluationError(TrialError):
 
 @dataclass(frozen=True)
 class ResolvedTask:
+    """A task as loaded: its spec, the result key its metric maps to, its example subset."""
+
     spec: TaskSpec
     indices: list[int] | None
+    key: str
 
 
 def subset_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
@@ -62,6 +65,36 @@ def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
         f"task {task!r}: metric {wanted!r} not among its results ({', '.join(sorted(keys))})",
         kind=FailureKind.UNKNOWN_METRIC,
     )
+
+
+def metric_keys(task: Any) -> list[str]:
+    """The result keys lm-eval will report for a loaded task, known before any model runs.
+
+    lm-eval reports each metric of the task under each of its filters as `metric,filter`, and
+    aggregates a per-document metric only through `task.aggregation()` (a metric missing there
+    is a KeyError inside lm-eval), so the keys are exactly aggregation × filters.
+    """
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f"{metric},{name}" for metric in task.aggregation() for name in filters]
+
+
+def resolve_tasks(loaded: Mapping[str, Any], specs: Sequence[TaskSpec]) -> dict[str, str]:
+    """Each spec's task → the result key its metric names, checked against the loaded tasks.
+
+    The one place a metric is resolved against its task: every mode calls it before the first
+    trial (local mode when it loads its suites, the runner when it loads its tasks), so a
+    metric the task does not report (`acc` on a generate_until task) fails at once, as
+    `unknown-metric`, instead of after a model was merged and scored.
+    """
+    keys: dict[str, str] = {}
+    for spec in specs:
+        task = loaded.get(spec.task)
+        if task is None:
+            raise EvaluationError(
+                f"unknown lm-eval task: {spec.task}", kind=FailureKind.UNKNOWN_TASK
+            )
+        keys[spec.task] = resolve_metric(spec.task, spec.metric, metric_keys(task))
+    return keys
 
 
 def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
@@ -115,6 +148,7 @@ class TaskSuite:
             loaded = manager.load(names)
         self._task_dict = loaded
         self._tasks: dict[str, Any] = loaded["tasks"]
+        keys = resolve_tasks(self._tasks, tasks)
         self.resolved: list[ResolvedTask] = []
         for spec in tasks:
             task = self._tasks[spec.task]
@@ -129,7 +163,7 @@ class TaskSuite:
                     f"task {spec.task!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
                 )
             indices = subset_indices(spec.task, n_docs, spec.limit, seed)
-            self.resolved.append(ResolvedTask(spec, indices=indices))
+            self.resolved.append(ResolvedTask(spec, indices=indices, key=keys[spec.task]))
 
     @property
     def task_names(self) -> list[str]:
@@ -166,10 +200,14 @@ class TaskSuite:
             task_results = results.get(r.spec.task)
             if task_results is None:
                 raise EvaluationError(f"task {r.spec.task!r}: lm-eval returned no results")
-            key = resolve_metric(r.spec.task, r.spec.metric, task_results)
-            value = task_results[key]
+            value = task_results.get(r.key)
+            if value is None:
+                raise EvaluationError(
+                    f"task {r.spec.task!r}: lm-eval reported no {r.key!r}",
+                    kind=FailureKind.UNKNOWN_METRIC,
+                )
             if not isinstance(value, int | float):
-                raise EvaluationError(f"task {r.spec.task!r}: metric {key!r} is not a number")
+                raise EvaluationError(f"task {r.spec.task!r}: metric {r.key!r} is not a number")
             scores[r.spec.task] = float(value)
         return scores
 
@@ -181,6 +219,18 @@ def pick_device(spec: EvaluatorSpec) -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """The dtype a model computes in on `device`, given the merge's output dtype.
+
+    bfloat16 and float16 matrix products are emulated and slow on most CPUs (and float16 lacks
+    some CPU kernels), so on a CPU the model is held in float32; its weights are still exactly
+    the output dtype's values (widening is exact), so the model scored is the one exported.
+    Every mode loads models through this rule, so the same weights on the same device give the
+    same scores in a pod and in local mode.
+    """
+    return "float32" if device.split(":")[0] == "cpu" else dtype
 
 
 def _quiet(base: type) -> type:

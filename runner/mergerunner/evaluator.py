@@ -92,7 +92,9 @@ class WarmTrials:
                 self._setup(doc, clock)
             state = self._state
             with clock.step("merge"):
-                digest = state["merger"].merge_into(state["model"], doc.weight_vector())
+                digest = state["merger"].merge_into(
+                    state["model"], doc.weight_vector(), dtype=doc.dtype
+                )
             with clock.step("evaluate"):
                 scores = state["suite"].score(state["lm"])
         except StepFailed as failure:
@@ -124,7 +126,7 @@ class WarmTrials:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.evaluate import TaskSuite, make_lm
+        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
         from mergerunner.fetch import _run, fetch_checkpoints_async
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
@@ -140,10 +142,11 @@ class WarmTrials:
             merger = ResidentMerger(dirs, pin_memory=bool(gpus))
         with clock.step("evaluate"):
             trust = doc.evaluator.trust_remote_code
-            # Placed over every GPU of the pod as a trial Job places its merge.
-            layout = layout_of_merge(merger.plan, doc.dtype)
-            placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, doc.dtype)
-            model = load_placed(dirs[0], placement, doc.dtype, trust=trust)
+            # Placed over every GPU of the pod and computing in the dtype a trial Job uses.
+            dtype = compute_dtype(doc.dtype, "cuda" if gpus else "cpu")
+            layout = layout_of_merge(merger.plan, dtype)
+            placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, dtype)
+            model = load_placed(dirs[0], placement, dtype, trust=trust)
             tokenizer = AutoTokenizer.from_pretrained(dirs[0], trust_remote_code=trust)
             suite = TaskSuite(
                 [*doc.held_in, *doc.held_out],

@@ -846,18 +846,28 @@ class ResidentMerger:
         return len(self.plan.checkpoints)
 
     def merge_into(
-        self, model: torch.nn.Module, weights: Sequence[float], *, digest: str = "content"
+        self,
+        model: torch.nn.Module,
+        weights: Sequence[float],
+        *,
+        digest: str = "content",
+        dtype: str | None = None,
     ) -> str:
         """Overwrite the model's weights with Σ wᵢ θᵢ in place; return a digest of the merge.
 
-        `digest="content"` hashes the merged tensors as `merge_to_directory` does, so the two
-        are equal for the same weights when the model's dtype is the output dtype; it costs
-        about a third of a CPU merge. `digest="recipe"` hashes only what determines the
+        `dtype` is the merge's output dtype (`merge.dtype`): the float32 sum is rounded to it,
+        exactly as `merge_to_directory` rounds it, before it is stored in the model, so a model
+        held in a wider dtype (float32 on a CPU, where bfloat16 matrix products are slow)
+        computes with exactly the weights that would be exported. None: the model's own dtype.
+        `digest="content"` hashes the merged tensors in the output dtype as
+        `merge_to_directory` does, so the two are equal for the same weights and dtype; it
+        costs about a third of a CPU merge. `digest="recipe"` hashes only what determines the
         result (the inputs' identity, the weights, the dtype): free, and equal exactly when
         the same merger merges the same weights. Tied weights are written once.
         """
         if digest not in ("content", "recipe"):
             raise ValueError(f"digest must be 'content' or 'recipe', not {digest!r}")
+        out = None if dtype is None else output_dtype(dtype)[0]
         values = validate_weights(weights, self.checkpoints)
         active = [(w, i) for i, w in enumerate(values) if w != 0.0]
         targets = self._bind(model)
@@ -870,20 +880,29 @@ class ResidentMerger:
                 device = target.destinations[0].device
                 if device not in totals:
                     totals[device] = torch.zeros((), dtype=torch.float32, device=device)
-                self._merge_one(target, active, totals[device])
+                self._merge_one(target, active, out, totals[device])
             # One check (one sync) per device and merge.
             if not all(bool(torch.isfinite(total)) for total in totals.values()):
                 self._raise_non_finite(targets, active)
         if digest == "recipe":
-            dtypes = sorted({str(t.destinations[0].dtype) for t in targets})
+            dtypes = sorted({str(out or t.destinations[0].dtype) for t in targets})
             return recipe_digest(self._identity, values, dtypes)
-        return content_digest((t.tensor.name, t.destinations[0]) for t in targets)
+        return content_digest(
+            # Widening back from the output dtype is exact: the values were rounded to it.
+            (t.tensor.name, t.destinations[0] if out is None else t.destinations[0].to(out))
+            for t in targets
+        )
 
     def _merge_one(
-        self, target: _Target, active: Sequence[tuple[float, int]], total: torch.Tensor
+        self,
+        target: _Target,
+        active: Sequence[tuple[float, int]],
+        out: torch.dtype | None,
+        total: torch.Tensor,
     ) -> None:
-        """Merge one tensor chunk by chunk; add each chunk's float32 sum to `total`, which
-        NaN or Inf anywhere makes non-finite (see `is_finite`)."""
+        """Merge one tensor chunk by chunk, rounded to `out` when the model is held wider; add
+        each chunk's stored values to `total`, which NaN or Inf anywhere (an overflow of the
+        rounding included) makes non-finite (see `is_finite`)."""
         rows = self._rows[target.tensor.name]
         first, *aliases = target.destinations
         device = first.device
@@ -893,13 +912,15 @@ class ResidentMerger:
             if first.is_contiguous()
             else torch.empty(first.numel(), dtype=first.dtype, device=device)
         )
+        rounds = out is not None and out != first.dtype
         for start in range(0, target.tensor.numel, chunk):
             stop = min(target.tensor.numel, start + chunk)
             acc = acc_all[: stop - start]
-            out = flat[start:stop]
             terms = ((w, self._rows_on(rows, i, start, stop, device)) for w, i in active)
-            out.copy_(accumulate(acc, terms))
-            total.add_(torch.sum(out, dtype=torch.float32))
+            merged = accumulate(acc, terms)
+            piece = flat[start:stop]
+            piece.copy_(merged.to(out) if rounds else merged)
+            total.add_(torch.sum(piece, dtype=torch.float32))
         if not first.is_contiguous():
             first.copy_(flat.view(first.shape))
         for alias in aliases:

@@ -93,20 +93,27 @@ def plan_merged(dirs: Sequence[Path], doc: TrialDocument) -> Placement:
     """Where the merged model will live, from the checkpoints' headers: a model that fits on
     no device fails here, before the merge, with the shortfall (`PlacementError`)."""
     from mergerunner.checkpoint import validate_checkpoints
-    from mergerunner.devices import model_config, plan_for
+    from mergerunner.devices import model_config, plan_for, visible_devices
+    from mergerunner.evaluate import compute_dtype
     from mergerunner.placement import layout_of_merge
 
-    layout = layout_of_merge(validate_checkpoints(dirs), doc.dtype)
-    placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, doc.dtype)
+    gpus, _ = visible_devices(doc.evaluator)
+    dtype = compute_dtype(doc.dtype, "cuda" if gpus else "cpu")
+    layout = layout_of_merge(validate_checkpoints(dirs), dtype)
+    placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, dtype)
     log.info("placement of the merged model: %s", placement.bytes_per_device)
     return placement
 
 
 def load_merged_model(model_dir: Path, doc: TrialDocument, placement: Placement) -> Any:
-    """Load the merged model over the devices its placement names (see mergerunner.devices)."""
+    """Load the merged model over the devices its placement names (see mergerunner.devices),
+    computing in `compute_dtype` (float32 on a CPU: the same arithmetic as local mode's
+    resident model)."""
     from mergerunner.devices import load_placed
+    from mergerunner.evaluate import compute_dtype
 
-    return load_placed(model_dir, placement, doc.dtype, trust=doc.evaluator.trust_remote_code)
+    dtype = compute_dtype(doc.dtype, placement.devices[0])
+    return load_placed(model_dir, placement, dtype, trust=doc.evaluator.trust_remote_code)
 
 
 def score_merged(
@@ -154,7 +161,7 @@ def run_trial(
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
     from mergerunner.evaluate import TaskSuite
-    from mergerunner.fetch import fetch_checkpoints, upload_directory
+    from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
     from mergerunner.server import check_server_tasks
 
@@ -162,6 +169,9 @@ def run_trial(
     start = now()
     try:
         with tempfile.TemporaryDirectory(prefix="merge-", dir=work_dir) as tmp:
+            if doc.output.save_model and doc.output.uri:
+                with clock.step("upload"):  # the destination first: a bad one costs no merge
+                    check_destination(doc.output.uri)
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
             merged_dir = Path(tmp) / "merged"

@@ -147,3 +147,24 @@ def test_resident_merge_checks_weights_and_shapes(pool: dict[str, Path], tmp_pat
     wider = _load(_save_llama(tmp_path / "wide", 9, tied=False, hidden=64))
     with pytest.raises(ModelMismatch, match="has shape"):
         merger.merge_into(wider, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_resident_merge_in_a_float32_model_is_rounded_to_the_output_dtype(
+    pool: dict[str, Path], tmp_path: Path, dtype: str
+) -> None:
+    """A CPU holds the model in float32; its weights must still be the exported ones."""
+    dirs = [pool["untied2"], pool["untied3"]]
+    weights = [0.3, 0.7]
+    report = merge_to_directory(dirs, weights, tmp_path / "out", dtype=dtype)
+    on_disk = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=getattr(torch, dtype)
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(pool["untied2"], dtype=torch.float32)
+    digest = ResidentMerger(dirs).merge_into(model, weights, dtype=dtype)
+    assert digest == report.digest
+    resident, written = model.state_dict(), on_disk.state_dict()
+    assert all(resident[k].dtype == torch.float32 for k in written)
+    assert all(torch.equal(resident[k], written[k].float()) for k in written)
+    unrounded = ResidentMerger(dirs).merge_into(model, weights)
+    assert unrounded != report.digest  # the float32 sum is another model

@@ -117,6 +117,21 @@ def test_yaml_tags_are_not_executed(tmp_path: Path) -> None:
         load_manifest(path)
 
 
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "UPPER", "a..b", "-a", "a_b", ""])
+def test_metadata_name_must_be_a_kubernetes_name(name: str) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["metadata"]["name"] = name
+    errors = errors_of(doc)
+    assert len(errors) == 1 and errors[0].startswith("metadata.name: "), errors
+
+
+@pytest.mark.parametrize("name", ["recycle-demo", "a", "v1.2-search", "x" * 253])
+def test_kubernetes_names_are_accepted(name: str) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["metadata"]["name"] = name
+    assert parse_manifest(doc).metadata.name == name
+
+
 BAD_REF = {"name": "-x"}
 
 
