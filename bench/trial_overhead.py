@@ -218,12 +218,12 @@ class JobClock(threading.Thread):
 def evaluator_records(agent: NodeAgent, namespace: str) -> dict[str, list[dict[str, Any]]]:
     """Per evaluator pod, its per-trial log lines (mergerunner.evaluator.trial_record)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for container in agent.running() + list(agent._done.values()):
-        if container.namespace != namespace:
-            continue
-        lines = container.log_path.read_text(errors="replace").splitlines()
+    # From the pods' directories on the node (they outlive the pods: a pod deleted with its
+    # Job is forgotten by the agent, its log file is not).
+    for log in sorted(agent.workdir.glob(f"{namespace}_*-evaluators-*/*.log")):
+        lines = log.read_text(errors="replace").splitlines()
         records = [json.loads(line.split(" trial ", 1)[1]) for line in lines if " trial {" in line]
-        out[container.name] = records
+        out[log.parent.name] = records
     return out
 
 
@@ -295,6 +295,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
                 clock.start()
                 searches.create("jobs", spec(uris, s3, "jobs", 1, trials))
                 jobs_status = searches.wait_phase("jobs", ["Succeeded", "Failed"], 3600)
+                time.sleep(2)  # the last Job's Complete condition follows the search's status
                 clock.stop.set()
                 searches.create("warm", spec(uris, s3, "warm", 2, trials * 2))
                 warm_status = searches.wait_phase("warm", ["Succeeded", "Failed"], 3600)
@@ -343,7 +344,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
             "dtype_stored": "bfloat16",
             "dtype_scored": "float32",
             "task": f"{TASK} (limit {LIMIT}), CPU",
-            "jobs": {"parallelism": 1, "trials": len(walls)},
+            "jobs": {"parallelism": 1, "trials": trials, "timed": len(walls)},
             "warm": {"parallelism": 2, "trials": trials * 2},
             "machine": f"{os.cpu_count()} CPUs, shared",
         },
