@@ -193,7 +193,9 @@ def spec(uris: dict[str, str], s3: SeaweedS3, mode: str, parallelism: int, trial
 
 
 class JobClock(threading.Thread):
-    """Polls the namespace's Jobs: when each was first seen and first seen Complete."""
+    """Polls the namespace's Jobs: when each was first seen, and when first seen Complete or
+    gone (the operator deletes a succeeded trial's Job as soon as it has its pod's result,
+    often before the Job controller marks it Complete)."""
 
     def __init__(self, api: ApiClient, namespace: str) -> None:
         super().__init__(daemon=True)
@@ -206,12 +208,16 @@ class JobClock(threading.Thread):
         while not self.stop.is_set():
             now = time.monotonic()
             items = self.api.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs")["items"]
+            present = set()
             for job in items:
                 name = job["metadata"]["name"]
+                present.add(name)
                 self.created.setdefault(name, now)
                 conditions = (job.get("status") or {}).get("conditions") or []
                 if any(c["type"] == "Complete" and c["status"] == "True" for c in conditions):
                     self.completed.setdefault(name, now)
+            for name in set(self.created) - present:
+                self.completed.setdefault(name, now)  # collected (deleted) by the operator
             time.sleep(0.2)
 
 
