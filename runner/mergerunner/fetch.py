@@ -336,13 +336,18 @@ def md5_expected(remote: RemoteObject, enabled: bool) -> str | None:
 def expected_of(
     remote: RemoteObject, attributes: Mapping[str, str], recorded: str | None, md5_etags: bool
 ) -> Expected:
-    """Everything a download of `remote` can be checked against."""
+    """What a download of `remote` is checked against: a BLAKE3 (our upload's attribute, or
+    the digest recorded at an earlier fetch of the same object) when there is one, since it
+    vouches for the content by itself and costs a third of an MD5 here (0.5 s against 1.4 s
+    of CPU per GiB); else the S3 ETag."""
     digest = attributes.get(DIGEST_ATTRIBUTE)
+    if digest or recorded:
+        return Expected(
+            blake3=digest or recorded, blake3_source="attribute" if digest else "recorded"
+        )
     return Expected(
         md5=md5_expected(remote, md5_etags),
         multipart=multipart_etag(remote) if md5_etags else None,
-        blake3=digest or recorded,
-        blake3_source="attribute" if digest else "recorded",
     )
 
 

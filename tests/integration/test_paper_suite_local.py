@@ -111,11 +111,11 @@ def test_the_paper_suite_runs_and_the_export_rescores_with_plain_lm_eval(
     assert len(records) == 5 and all(r["status"] == "succeeded" for r in records)
     final = json.loads((state / "final.json").read_text())
     best = next(r for r in records if r["id"] == final["best"])
-    assert set(best["heldIn"]) == {"gsm8k", "mbpp", "leaderboard_musr"}
+    assert set(best["held_in"]) == {"gsm8k", "mbpp", "leaderboard_musr"}
     assert set(final["heldOut"]) == {"ifeval"}
     assert engine  # the state was written
     rescored = plain_lm_eval(Path(final["output"]["uri"]), setup["bundle"])
-    for task, score in best["heldIn"].items():
+    for task, score in best["held_in"].items():
         assert rescored[task] == pytest.approx(score, abs=1e-12), task
     assert rescored["ifeval"] == pytest.approx(final["heldOut"]["ifeval"], abs=1e-12)
 

@@ -77,6 +77,26 @@ def test_results_ride_on_the_next_request_and_survive_an_unreachable_endpoint(
     assert sleeps  # backed off while unreachable
 
 
+def test_each_trial_is_logged_with_its_timings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = Endpoint([lease("c0", document("job-c0", 0.25)), (200, {"done": True})])
+    with caplog.at_level("INFO", logger="mergerunner.evaluator"):
+        serve(
+            "http://op/lease",
+            "ev",
+            "tok",
+            WarmTrials(tmp_path),
+            post=endpoint,
+            sleep=lambda s: None,
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
+    record = json.loads(line.split(" ", 1)[1])
+    assert record["trial"] == "job-c0" and record["status"] == "succeeded"
+    assert record["doneAt"] >= record["leasedAt"] and "mergeS" in record["timings"]
+    assert record["bytesFetched"] == 0
+
+
 def test_a_refused_token_ends_the_evaluator_with_the_configuration_exit_code(
     tmp_path: Path,
 ) -> None:
@@ -101,3 +121,16 @@ def test_documents_of_one_search_share_their_setup() -> None:
     assert setup_key(one) == setup_key(two)
     other = parse_trial(document("x", 0.1).replace('"t1"', '"t2"'))
     assert setup_key(other) != setup_key(one)
+
+
+def test_the_command_without_endpoint_or_token_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergerunner import cli
+
+    for name in ("MERGESEARCH_EVALUATOR_URL", "MERGESEARCH_EVALUATOR_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["evaluator"]) == EXIT_CONFIG
+    missing = tmp_path / "no-token"
+    argv = ["evaluator", "--endpoint", "http://op/lease", "--token-file", str(missing)]
+    assert cli.main(argv) == EXIT_CONFIG

@@ -119,6 +119,7 @@ class Inbox:
 
     requests: tuple[str, ...] = ()
     results: tuple[Posted, ...] = ()
+    fetched: Mapping[str, int] = field(default_factory=dict)  # evaluator → bytes it fetched
 
 
 # --------------------------------------------------------------------------- leases
@@ -319,17 +320,26 @@ def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[di
 
 
 def evaluators_status(
-    leases: Mapping[str, Lease], pods: Sequence[EvaluatorPod], parallelism: int
+    leases: Mapping[str, Lease],
+    pods: Sequence[EvaluatorPod],
+    parallelism: int,
+    fetched: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """status.evaluators: wanted, running (pods not terminated), ready, busy (holding a
-    lease)."""
+    lease), and bytesFetched: what the running evaluators report having fetched (all of them
+    together; 0 for an evaluator that found the node cache filled)."""
     running = [p for p in pods if not p.terminated]
-    return {
+    out = {
         "wanted": parallelism,
         "running": len(running),
         "ready": sum(1 for p in running if p.ready),
         "busy": sum(1 for lease in leases.values() if lease.evaluator),
     }
+    names = {p.name for p in running}
+    reported = [n for e, n in (fetched or {}).items() if e in names]
+    if reported:
+        out["bytesFetched"] = sum(reported)
+    return out
 
 
 # --------------------------------------------------------------------------- credentials
