@@ -314,8 +314,13 @@ class TaskSuite:
 
     @property
     def output_types(self) -> dict[str, str]:
-        """Task → lm-eval output type (generate_until, loglikelihood, multiple_choice, ...)."""
-        return {r.spec.task: str(self._tasks[r.spec.task].OUTPUT_TYPE) for r in self.resolved}
+        """Task → lm-eval output type (generate_until, loglikelihood, multiple_choice, ...),
+        for every leaf task (a group's members each have theirs)."""
+        return {
+            leaf: str(self._tasks[leaf].OUTPUT_TYPE)
+            for r in self.resolved
+            for leaf in self.leaves_of(r.spec.task)
+        }
 
     def score(self, lm: Any) -> dict[str, float]:
         """Score `lm` (an lm-eval LM) on every task; returns task → score as plain floats."""

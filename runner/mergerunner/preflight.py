@@ -235,6 +235,9 @@ def check_tasks(doc: TrialDocument, bundle: Path | None, custom: Path | None) ->
         bundle=bundle,
         allow_code_execution=doc.allow_code_execution,
     )
+    from mergerunner.server import check_server_tasks
+
+    check_server_tasks(suite.output_types, doc.evaluator)  # what a server backend can score
     return [leaf for name in suite.task_names for leaf in suite.leaves_of(name)]
 
 

@@ -208,3 +208,42 @@ def test_the_preflight_command_reports_like_a_trial(
     result = json.loads(term.read_text())
     assert result["failedStep"] == "preflight" and result["errorKind"] == "config", result
     assert "allowCodeExecution" in result["error"]
+
+
+def test_a_trial_reads_the_bundle_from_s3_and_reports_group_members(
+    s3_server: Any, s3_env: None, toy_pool: Any, bucket: str, bundle: Path, tmp_path: Path
+) -> None:
+    """`run_trial` with the bundle in the real S3 server: fetched once into the verified
+    cache (a second fetch transfers nothing), a group's members reported in `subtasks` (not in
+    the termination message), the instruct settings in `prompt`."""
+    from mergerunner.bundle import BUNDLE_MANIFEST
+    from mergerunner.fetch import fetch_tree
+    from mergerunner.run import run_trial
+
+    client = s3_server.client()
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"bundle/{path.relative_to(bundle).as_posix()}")
+    uri = f"s3://{bucket}/bundle/"
+    trial = doc(
+        toy_pool,
+        bucket,
+        datasetsUri=uri,
+        dtype="float32",
+        evaluator={
+            "device": "cpu",
+            "systemInstruction": "Be brief.",
+            "genKwargs": {"max_gen_toks": 2},
+        },
+    )
+    result = run_trial(trial, cache_dir=tmp_path / "cache", work_dir=tmp_path)
+    assert result.status == "succeeded", result.error
+    assert set(result.held_in) == {"gsm8k", "leaderboard_musr"}
+    assert set(result.subtasks or {}) == {
+        "leaderboard_musr_murder_mysteries",
+        "leaderboard_musr_object_placements",
+        "leaderboard_musr_team_allocation",
+    }
+    assert result.prompt is not None and result.prompt["systemInstruction"] == "Be brief."
+    assert "subtasks" not in json.loads(result.termination_message())
+    again = fetch_tree(uri, tmp_path / "cache", required=BUNDLE_MANIFEST)
+    assert again.downloaded == () and BUNDLE_MANIFEST in again.reused
