@@ -229,6 +229,10 @@ def test_a_trial_reads_the_bundle_from_s3_and_reports_group_members(
         bucket,
         datasetsUri=uri,
         dtype="float32",
+        heldIn=[
+            {"task": "gsm8k", "metric": "exact_match,strict-match", "limit": 2, "numFewshot": 0},
+            {"task": "leaderboard_musr", "metric": "acc_norm", "limit": 2},
+        ],
         evaluator={
             "device": "cpu",
             "systemInstruction": "Be brief.",
