@@ -79,7 +79,10 @@ def vllm_command(
         *("--dtype", dtype),
         *("--seed", str(seed)),
         *("--gpu-memory-utilization", str(gpu_memory_utilization)),
-        "--disable-log-requests",
+        # One access-log line per request would drown the trial log (lm-eval sends thousands);
+        # request logging itself is off by default since vLLM 0.11, which removed
+        # --disable-log-requests.
+        "--disable-uvicorn-access-log",
     ]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
