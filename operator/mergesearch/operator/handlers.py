@@ -362,7 +362,7 @@ async def _observe(
         if not (job.candidate in active or job.role == "final"):
             out_jobs.append(job)
             continue
-        pods = list(index.get((namespace, job.name), []))
+        pods = [p for p in index.get((namespace, job.name), []) if p.of(job)]
         if job.state == "active":
             pods = [await _with_warnings(api, namespace, p) for p in pods]
             if not pods and not job.pods and not job.started and _stuck(job.created):
@@ -371,7 +371,7 @@ async def _observe(
                 )
         elif not any(p.terminated for p in pods):
             items = await api.list_pods(namespace, f"batch.kubernetes.io/job-name={job.name}")
-            pods = [p for p in map(observe.pod_summary, items) if p is not None]
+            pods = [p for p in map(observe.pod_summary, items) if p is not None and p.of(job)]
         out_jobs.append(job)
         out[job.name] = pods
     return out_jobs, out
