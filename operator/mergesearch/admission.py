@@ -114,9 +114,17 @@ def reference_spec() -> dict[str, Any]:
 
 def operator_job_validations() -> list[dict[str, str]]:
     """What a Job created by the operator's ServiceAccount must be: a hardened trial pod.
-    `variables.trialServiceAccount` is the trial ServiceAccount's name (the chart's)."""
+    `variables.trialServiceAccount` is the trial ServiceAccount's name (the chart's), and
+    `variables.nodeCacheDir` the warm evaluators' node cache directory ('' when off): the one
+    hostPath an operator Job may mount is a directory below it (no '..'), nothing else of the
+    host."""
     pod = "object.spec.template.spec"
     volumes = ["name", *podpolicy.VOLUME_KINDS, "secret", "configMap"]
+    node_cache = (
+        "(variables.nodeCacheDir != '' && v.all(k, k in ['name', 'hostPath']) "
+        "&& v.hostPath.path.startsWith(variables.nodeCacheDir + '/') "
+        "&& !v.hostPath.path.contains('..'))"
+    )
     return [
         _validation(
             f"has({pod}.serviceAccountName) "
@@ -129,8 +137,10 @@ def operator_job_validations() -> list[dict[str, str]]:
             "'spec.template.spec.automountServiceAccountToken: must be false'",
         ),
         _validation(
-            f"!has({pod}.volumes) || {pod}.volumes.all(v, v.all(k, k in {volumes!r}))",
-            f"'spec.template.spec.volumes: only kinds {', '.join(volumes[1:])}'",
+            f"!has({pod}.volumes) || {pod}.volumes.all(v, v.all(k, k in {volumes!r}) "
+            f"|| {node_cache})",
+            f"'spec.template.spec.volumes: only kinds {', '.join(volumes[1:])} (and the node "
+            "cache directory)'",
         ),
         _validation(
             f"size({pod}.containers) == 1 && !has({pod}.initContainers) "
@@ -164,7 +174,9 @@ def operator_job_validations() -> list[dict[str, str]]:
     ]
 
 
-def operator_job_spec(operator_user: str, trial_service_account: str) -> dict[str, Any]:
+def operator_job_spec(
+    operator_user: str, trial_service_account: str, node_cache_dir: str = ""
+) -> dict[str, Any]:
     """The `spec` of the operator-jobs policy for one operator ServiceAccount's username
     (`system:serviceaccount:NAMESPACE:NAME`)."""
     return {
@@ -185,7 +197,10 @@ def operator_job_spec(operator_user: str, trial_service_account: str) -> dict[st
                 "expression": f"request.userInfo.username == '{operator_user}'",
             }
         ],
-        "variables": [{"name": "trialServiceAccount", "expression": f"'{trial_service_account}'"}],
+        "variables": [
+            {"name": "trialServiceAccount", "expression": f"'{trial_service_account}'"},
+            {"name": "nodeCacheDir", "expression": f"'{node_cache_dir.rstrip('/')}'"},
+        ],
         "validations": operator_job_validations(),
     }
 

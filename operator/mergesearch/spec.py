@@ -20,7 +20,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from mergerunner.trial import CheckpointRef, Dtype, EvaluatorSpec, TaskSpec
+from mergerunner.trial import (
+    TERMINATION_MESSAGE_LIMIT,
+    CheckpointRef,
+    Dtype,
+    EvaluatorSpec,
+    TaskSpec,
+    packed_result_bytes,
+)
 
 API_GROUP = "mergesearch.io"
 API_VERSION = "v1alpha1"
@@ -98,6 +105,14 @@ class ObjectiveSpec(_Spec):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"each task may appear once across heldIn and heldOut: {twice}")
+        for field, tasks in (("heldIn", self.held_in), ("heldOut", self.held_out)):
+            needed = packed_result_bytes([t.task for t in tasks])
+            if needed > TERMINATION_MESSAGE_LIMIT:
+                raise ValueError(
+                    f"{field}: the scores of {len(tasks)} tasks may need {needed} bytes in a "
+                    f"trial's termination message (limit {TERMINATION_MESSAGE_LIMIT}) even "
+                    "packed; use fewer or shorter task names (or an lm-eval group)"
+                )
         return self
 
 

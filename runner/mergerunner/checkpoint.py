@@ -270,15 +270,22 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
     return parse_header(raw, file, size)
 
 
+def weights_entry(names: Iterable[str]) -> str | None:
+    """Which file says where a checkpoint's weights are, among the names in its directory: the
+    rule transformers follows (`modeling_utils`, 5.x), `model.safetensors` when it exists, else
+    the index. A directory holding both is read as its single file, by the layout reader here,
+    by the fetch (from a listing) and by every loader."""
+    available = set(names)
+    if SINGLE_FILE in available:
+        return SINGLE_FILE
+    return INDEX_FILE if INDEX_FILE in available else None
+
+
 def weights_files(path: Path) -> tuple[str, ...]:
-    """The files that hold a checkpoint directory's weights, by the rule transformers follows
-    (`modeling_utils`, 5.x): `model.safetensors` when it exists, else the index. A directory
-    holding both is read as its single file, here, in the fetch and in every loader."""
-    if (path / SINGLE_FILE).is_file():
-        return (SINGLE_FILE,)
-    if (path / INDEX_FILE).is_file():
-        return (INDEX_FILE,)
-    return ()
+    """`weights_entry` of a local directory, as a tuple (empty when there is neither)."""
+    present = [n for n in (SINGLE_FILE, INDEX_FILE) if (path / n).is_file()]
+    entry = weights_entry(present)
+    return (entry,) if entry else ()
 
 
 def read_layout(path: Path) -> CheckpointLayout:

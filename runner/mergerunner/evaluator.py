@@ -245,5 +245,22 @@ def serve(
         except (ValueError, ValidationError) as exc:
             pending = _rejected(candidate, text, exc)
             continue
+        leased_at = time.time()
         result = trials.run(doc)
         pending = {"candidate": candidate, "result": result.to_wire()}
+        log.info("trial %s", json.dumps(trial_record(doc.id, leased_at, result, trials)))
+
+
+def trial_record(
+    trial_id: str, leased_at: float, result: TrialResult, trials: WarmTrials
+) -> dict[str, Any]:
+    """One log line per trial (`MERGERUNNER_LOG_LEVEL=INFO`): when it was leased and done,
+    the step timings, and the bytes this evaluator has fetched so far."""
+    return {
+        "trial": trial_id,
+        "status": result.status,
+        "leasedAt": round(leased_at, 4),
+        "doneAt": round(time.time(), 4),
+        "timings": result.timings.to_wire(),
+        "bytesFetched": trials.bytes_fetched,
+    }

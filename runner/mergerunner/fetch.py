@@ -41,6 +41,7 @@ from mergerunner.checkpoint import (
     PICKLE_SUFFIXES,
     CheckpointError,
     read_layout,
+    weights_entry,
 )
 from mergerunner.storage import (
     FetchError,
@@ -254,9 +255,10 @@ def plan_checkpoint(uri: str, names: Iterable[str], shards: Sequence[str] | None
     """
     available = set(names)
     aux = sorted(name for name in available if is_aux_file(name))
-    if WEIGHTS_NAME in available:
+    entry = weights_entry(available)
+    if entry == WEIGHTS_NAME:
         return [WEIGHTS_NAME, *aux]
-    if INDEX_NAME not in available:
+    if entry is None:
         found = ", ".join(sorted(available)[:8]) or "nothing"
         raise FetchError(
             uri,
@@ -274,8 +276,7 @@ def plan_checkpoint(uri: str, names: Iterable[str], shards: Sequence[str] | None
 
 
 def needs_sharded_plan(names: Iterable[str]) -> bool:
-    available = set(names)
-    return WEIGHTS_NAME not in available and INDEX_NAME in available
+    return weights_entry(names) == INDEX_NAME
 
 
 def manifest_entry(
@@ -334,13 +335,18 @@ def md5_expected(remote: RemoteObject, enabled: bool) -> str | None:
 def expected_of(
     remote: RemoteObject, attributes: Mapping[str, str], recorded: str | None, md5_etags: bool
 ) -> Expected:
-    """Everything a download of `remote` can be checked against."""
+    """What a download of `remote` is checked against: a BLAKE3 (our upload's attribute, or
+    the digest recorded at an earlier fetch of the same object) when there is one, since it
+    vouches for the content by itself and costs a third of an MD5 here (0.5 s against 1.4 s
+    of CPU per GiB); else the S3 ETag."""
     digest = attributes.get(DIGEST_ATTRIBUTE)
+    if digest or recorded:
+        return Expected(
+            blake3=digest or recorded, blake3_source="attribute" if digest else "recorded"
+        )
     return Expected(
         md5=md5_expected(remote, md5_etags),
         multipart=multipart_etag(remote) if md5_etags else None,
-        blake3=digest or recorded,
-        blake3_source="attribute" if digest else "recorded",
     )
 
 

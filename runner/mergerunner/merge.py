@@ -430,12 +430,21 @@ class _Mapped:
         self.maps.clear()
 
 
+def finite_probe(values: torch.Tensor) -> torch.Tensor:
+    """A sum that NaN or ±Inf among `values` makes non-finite, as cheap as torch allows: in
+    the values' own dtype (accumulated in float32 by torch) for bfloat16 and float32, 14 µs per
+    256 Ki bf16 elements here against 69 µs for a sum asked in float32 (a slow conversion path)
+    and 1.7 ms for `isfinite().all()`; in float32 for float16, whose own range (65504) a sum of
+    finite values would often exceed."""
+    if values.dtype == torch.float16:
+        return torch.sum(values, dtype=torch.float32)
+    return torch.sum(values)
+
+
 def is_finite(values: torch.Tensor) -> bool:
-    """Whether every value is finite, at the cost of one float32 sum (a tenth of the time of
-    `isfinite().all()` here: 0.14 ms against 1.7 ms for 256 Ki bf16 elements). NaN and ±Inf
-    make the sum non-finite; finite values whose sum overflows are told apart exactly."""
-    total = torch.sum(values, dtype=torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
+    """Whether every value is finite: the probe, then, if a sum of finite values overflowed,
+    the exact check."""
+    return bool(torch.isfinite(finite_probe(values))) or bool(torch.isfinite(values).all())
 
 
 def non_finite_error(
@@ -865,7 +874,7 @@ class ResidentMerger:
             for target in targets:
                 self._merge_one(target, active, out, total)
             if not bool(torch.isfinite(total)):  # one check (one GPU sync) per merge
-                self._raise_non_finite(targets, active)
+                self._raise_non_finite(targets, active, out)
         if digest == "recipe":
             dtypes = sorted({str(out or t.destinations[0].dtype) for t in targets})
             return recipe_digest(self._identity, values, dtypes)
@@ -899,14 +908,17 @@ class ResidentMerger:
             merged = accumulate(acc, ((w, rows[i][start:stop]) for w, i in active))
             chunk = flat[start:stop]
             chunk.copy_(merged.to(out) if rounds else merged)
-            total.add_(torch.sum(chunk, dtype=torch.float32))
+            total.add_(finite_probe(chunk))
         if not first.is_contiguous():
             first.copy_(flat.view(first.shape))
         for alias in aliases:
             alias.copy_(first)
 
     def _raise_non_finite(
-        self, targets: Sequence[_Target], active: Sequence[tuple[float, int]]
+        self,
+        targets: Sequence[_Target],
+        active: Sequence[tuple[float, int]],
+        out: torch.dtype | None,
     ) -> None:
         """Find the first tensor of the merge that is not finite and raise why; return when
         every value is finite (the sum of finite values overflowed)."""
@@ -921,7 +933,8 @@ class ResidentMerger:
             terms = [(w, rows[i][start:stop]) for w, i in active]
             acc = accumulate(self._acc[: stop - start], terms)
             sources = [i for _, i in active]
-            raise non_finite_error(target.tensor, start, merged[start:stop], acc, terms, sources)
+            stored = merged[start:stop] if out is None else merged[start:stop].to(out)
+            raise non_finite_error(target.tensor, start, stored, acc, terms, sources)
 
     def _bind(self, model: torch.nn.Module) -> list[_Target]:
         return bind_model(self.plan, model.state_dict(keep_vars=True))

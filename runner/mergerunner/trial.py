@@ -14,6 +14,7 @@ import math
 import random
 import struct
 import zlib
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -257,9 +258,10 @@ class TrialDocument(_Document):
         if needed > TERMINATION_MESSAGE_LIMIT:
             raise ValueError(
                 f"the result of this trial may need {needed} bytes in its termination message "
-                f"(limit {TERMINATION_MESSAGE_LIMIT}) even packed: {len(self.held_in)} held-in "
-                "tasks, their names, the id and output.uri are too long; use fewer or shorter "
-                "task names (or an lm-eval group, scored as one task)"
+                f"(limit {TERMINATION_MESSAGE_LIMIT}) even packed: "
+                f"{len(self.held_in) + len(self.held_out)} tasks, their names, the id and "
+                "output.uri are too long; use fewer or shorter task names (or an lm-eval "
+                "group, scored as one task)"
             )
         return self
 
@@ -309,7 +311,7 @@ class TrialResult(_Model):
         `unpack_result`); then held-out scores go; last, every score goes (the compact form).
         `truncated` says that something was dropped; the full result stays on stdout and in
         the result file. The trial document's validation (`worst_case_message_bytes`) makes
-        sure the held-in scores always fit, packed.
+        sure the held-in and held-out scores always fit, packed.
         """
         text = self.to_json()
         if len(text.encode()) <= limit:
@@ -380,26 +382,34 @@ def parse_result_message(text: str) -> TrialResult:
     return TrialResult.model_validate(unpack_result(json.loads(text)))
 
 
-def worst_case_message_bytes(doc: TrialDocument) -> int:
-    """The size of the packed termination message of this trial's success at its largest:
-    its id and output URI, a digest, and a held-in score of the longest form (24 characters,
-    digits that do not compress) for every held-in task. The held-out scores may be dropped,
-    so they do not count."""
+def packed_result_bytes(
+    tasks: Sequence[str], *, trial_id: str = "x" * 253, output_uri: str | None = None
+) -> int:
+    """The size of the packed termination message of a successful trial scoring `tasks`, at
+    its largest: a score of the longest form (24 characters of digits that do not compress)
+    for every task, a digest, the id and the output URI."""
     rng = random.Random(0)
 
     def score() -> float:
         return float(f"-{rng.randint(1, 9)}.{rng.randrange(10**16):016d}e-{rng.randint(100, 307)}")
 
     worst = TrialResult(
-        id=doc.id,
+        id=trial_id,
         status="succeeded",
-        held_in={t.task: score() for t in doc.held_in},
+        held_in={task: score() for task in tasks},
         fitness=score(),
         digest="blake3:" + "f" * 64,
-        output_uri=doc.output.uri,
+        output_uri=output_uri,
         truncated=True,
     )
     return len(worst.packed().encode())
+
+
+def worst_case_message_bytes(doc: TrialDocument) -> int:
+    """`packed_result_bytes` of this trial: every held-in and held-out score must reach the
+    operator (held-out scores are what a final trial is for)."""
+    tasks = [t.task for t in (*doc.held_in, *doc.held_out)]
+    return packed_result_bytes(tasks, trial_id=doc.id, output_uri=doc.output.uri)
 
 
 def finite_in_float32(value: float) -> bool:

@@ -191,6 +191,37 @@ def test_the_best_column_shows_4_decimals(k8s_cluster: KubeCluster, crd_namespac
     assert row[:2] == ["best-column", "Running"] and row[-2] == "0.7570", table
 
 
+def test_describe_keeps_the_optimizer_state_to_one_line(
+    k8s_cluster: KubeCluster, crd_namespace: str
+) -> None:
+    """`kubectl describe msearch` printed ~150 lines of optimizer internals above the useful
+    status; the state is now one string."""
+    from mergesearch.engine import EngineConfig, Result, init, pending_candidates, tell
+    from mergesearch.operator.status import build_status
+
+    config = EngineConfig(checkpoints=tuple("abcdefghi"), tasks={"t": 1.0}, max_generations=5)
+    state = init(config)
+    for _ in range(3):
+        batch = pending_candidates(state)
+        state = tell(
+            state, [Result(c.id, scores={"t": 0.3 + 0.01 * i}) for i, c in enumerate(batch)]
+        )
+    status = build_status(
+        state=state, phase="Running", reason="Searching", message="generation 1",
+        previous={}, active=[], now="2025-01-01T00:00:00Z", generation=1,
+    )  # fmt: skip
+    assert apply(k8s_cluster, crd_namespace, with_spec("described")).returncode == 0
+    path = f"/apis/mergesearch.io/v1alpha1/namespaces/{crd_namespace}/mergesearches/described"
+    k8s_cluster.api().merge_patch(f"{path}/status", {"status": status})
+    text = k8s_cluster.kubectl("describe", "msearch", "described", "-n", crd_namespace)
+    optimizer = [line for line in text.splitlines() if "Optimizer" in line]
+    assert len(optimizer) == 1 and "engine-json+zlib+base64:" in optimizer[0]
+    for internal in ("cma_version", "countiter", "cov_upper", "bit_generator", "has_uint32"):
+        assert internal not in text.lower(), internal  # the nested state's keys (~180 lines)
+    best = next(line for line in text.splitlines() if "Best Fitness" in line)
+    assert best.split()[-1] == status["bestFitness"]
+
+
 def test_unknown_fields_are_refused(k8s_cluster: KubeCluster, crd_namespace: str) -> None:
     proc = apply(k8s_cluster, crd_namespace, with_spec("typo", search={"popSize": 4}))
     assert proc.returncode != 0

@@ -14,6 +14,7 @@ compromised operator, played on the real control plane with the chart installed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import uuid
@@ -397,3 +398,24 @@ def test_the_operator_may_create_only_hardened_trial_jobs_where_it_serves(setup:
 def test_the_operator_reads_no_secret(setup: Setup) -> None:
     path = f"/api/v1/namespaces/{setup.team}/secrets/db-password"
     assert refused(lambda: setup.operator_api.get(path)).status == 403
+
+
+def test_the_warm_evaluator_job_passes_the_policy_and_no_host_path_does(setup: Setup) -> None:
+    """Warm mode's evaluator Job and token Secret are what the operator's account may create;
+    a hostPath cache is refused while the chart configures no node cache directory."""
+    from mergesearch.operator import warm
+    from mergesearch.spec import parse_spec
+
+    api, team = setup.operator_api, setup.team
+    owner = jobspec.Owner(name="warm", namespace=team, uid=str(uuid.uuid4()))
+    spec = parse_spec({**search("warm")["spec"], "execution": {"mode": "warm"}})
+    settings = jobspec.JobSettings(
+        service_account=TRIAL_SA, evaluator_url="http://op:8443", evaluator_key=b"k"
+    )
+    assert dry_run_create(api, team, warm.evaluator_job(owner, spec, settings))
+    secret = warm.token_secret(owner, b"k")
+    assert api.request("POST", f"/api/v1/namespaces/{team}/secrets?dryRun=All", secret)
+    cached = dataclasses.replace(settings, node_cache_dir="/var/cache/mergesearch")
+    job = warm.evaluator_job(owner, spec, cached)
+    error = refused(lambda: dry_run_create(api, team, job))
+    assert error.status in (403, 422) and "volumes" in error.body, error.body

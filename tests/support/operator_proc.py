@@ -303,6 +303,10 @@ class Searches:
     def pods(self) -> list[dict[str, Any]]:
         return self.cluster.api().get(f"/api/v1/namespaces/{self.namespace}/pods")["items"]
 
+    def events(self) -> list[dict[str, Any]]:
+        """Every Event of the namespace."""
+        return self.cluster.api().get(f"/api/v1/namespaces/{self.namespace}/events")["items"]
+
     def job_events(self) -> list[dict[str, Any]]:
         """The Job controller's `SuccessfulCreate` events: one per pod it ever created, naming
         the Job (and its uid), so pods that already went with their Job are still counted."""

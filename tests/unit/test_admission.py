@@ -38,12 +38,16 @@ def test_the_operator_jobs_policy_names_the_operator_and_the_trial_account() -> 
     (condition,) = spec["matchConditions"]
     assert condition["expression"] == "request.userInfo.username == 'system:serviceaccount:ops:op'"
     assert spec["variables"] == [
-        {"name": "trialServiceAccount", "expression": "'mergesearch-trial'"}
+        {"name": "trialServiceAccount", "expression": "'mergesearch-trial'"},
+        {"name": "nodeCacheDir", "expression": "''"},
     ]
     text = " ".join(v["expression"] for v in spec["validations"])
     for kind in podpolicy.VOLUME_KINDS:
         assert f"'{kind}'" in text
-    assert "projected" not in text and "hostPath" not in text
+    assert "projected" not in text
+    # hostPath only below the warm evaluators' node cache directory, when one is configured
+    assert text.count("hostPath") == 3  # the key, its path twice
+    assert "variables.nodeCacheDir != ''" in text and "contains('..')" in text
     for needle in ("automountServiceAccountToken", "serviceAccountName", "runAsNonRoot"):
         assert needle in text
 

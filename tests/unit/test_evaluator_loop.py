@@ -77,6 +77,26 @@ def test_results_ride_on_the_next_request_and_survive_an_unreachable_endpoint(
     assert sleeps  # backed off while unreachable
 
 
+def test_each_trial_is_logged_with_its_timings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = Endpoint([lease("c0", document("job-c0", 0.25)), (200, {"done": True})])
+    with caplog.at_level("INFO", logger="mergerunner.evaluator"):
+        serve(
+            "http://op/lease",
+            "ev",
+            "tok",
+            WarmTrials(tmp_path),
+            post=endpoint,
+            sleep=lambda s: None,
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial ")]
+    record = json.loads(line.split(" ", 1)[1])
+    assert record["trial"] == "job-c0" and record["status"] == "succeeded"
+    assert record["doneAt"] >= record["leasedAt"] and "mergeS" in record["timings"]
+    assert record["bytesFetched"] == 0
+
+
 def test_a_refused_token_ends_the_evaluator_with_the_configuration_exit_code(
     tmp_path: Path,
 ) -> None:

@@ -49,7 +49,7 @@ class _Holder(torch.nn.Module):
 
 
 def _merge_both(dirs: list[Path], weights: list[float], out: Path, dtype: str) -> list[Exception]:
-    """Run both merges; return what each raised."""
+    """Run the merges (to a directory, resident); return what each raised."""
     raised: list[Exception] = []
     try:
         merge_to_directory(dirs, weights, out, dtype=dtype)
@@ -57,6 +57,10 @@ def _merge_both(dirs: list[Path], weights: list[float], out: Path, dtype: str) -
         raised.append(exc)
     try:
         ResidentMerger(dirs).merge_into(_Holder(TORCH_OF[dtype]), weights)
+    except Exception as exc:
+        raised.append(exc)
+    try:  # a model held in float32 (local mode on a CPU), rounded to the output dtype
+        ResidentMerger(dirs).merge_into(_Holder(torch.float32), weights, dtype=dtype)
     except Exception as exc:
         raised.append(exc)
     return raised
@@ -68,7 +72,7 @@ def test_nan_in_an_input_is_a_broken_checkpoint_named_in_both_merges(tmp_path: P
     tensors["c.weight"][10, 1] = float("nan")
     bad = _write(tmp_path / "bad", tensors)
     raised = _merge_both([good, bad], [0.5, 0.5], tmp_path / "out", "bfloat16")
-    assert len(raised) == 2
+    assert len(raised) == 3
     for exc in raised:
         assert isinstance(exc, CheckpointError)
         assert "'c.weight'" in str(exc) and str(bad) in str(exc)
@@ -93,7 +97,7 @@ def test_weights_that_overflow_fail_the_trial_naming_the_tensor(
         tensors["b.weight"][3] = value
         inputs.append(_write(tmp_path / f"c{i}", tensors))
     raised = _merge_both(inputs, weights, tmp_path / "out", dtype)
-    assert len(raised) == 2
+    assert len(raised) == 3
     for exc in raised:
         assert isinstance(exc, NonFiniteMerge), exc
         assert failure_kind_of(exc) == FailureKind.NON_FINITE

@@ -212,6 +212,8 @@ def test_a_killed_evaluator_loses_only_its_candidate_which_is_issued_again() -> 
     cluster.requests.append("ev-3")
     plan = cluster.step()
     assert plan.assignments["ev-3"] == lost
+    (event,) = [e for e in plan.events if e.reason == "EvaluatorLost"]
+    assert event.type == "Warning" and "ev-1" in event.message and lost.candidate in event.message
     leases = {x["trial"]: x for x in cluster.status["leases"]}
     assert leases[lost.candidate]["evaluator"] == "ev-3"
     assert leases[lost.candidate]["issued"] == 2
@@ -448,3 +450,38 @@ def test_evaluator_pods_are_read_from_their_status() -> None:
     assert warm.evaluator_pod({"metadata": {"name": "x", "labels": {}}}) is None
     pending = {"metadata": {"name": "p", "labels": {jobspec.LABEL_ROLE: "evaluator"}}}
     assert warm.evaluator_pod(pending) == EvaluatorPod("p")
+
+
+def test_told_results_and_fetched_bytes_reach_the_plan_and_the_status() -> None:
+    cluster = started()
+    assignment = cluster.holding["ev-0"]
+    posted = Posted("ev-0", assignment.candidate, result_for(assignment.document))
+    plan = reconcile(
+        cluster.view(),
+        list(cluster.summaries.values()),
+        {},
+        SETTINGS,
+        T0,
+        inbox=Inbox((), (posted, posted), {"ev-0": 1234, "ev-1": 0, "gone": 99}),
+        evaluators=tuple(cluster.pods_),
+    )
+    assert plan.posted == (posted,)  # told once, its timings go to the metrics once
+    assert plan.status["evaluators"] == {
+        "wanted": 3,
+        "running": 3,
+        "ready": 3,
+        "busy": 2,
+        "bytesFetched": 1234,
+    }
+
+
+def test_evaluator_gauges_come_from_the_status() -> None:
+    from mergesearch import metrics
+
+    samples = metrics.status_samples(
+        {"evaluators": {"wanted": 2, "running": 2, "ready": 1, "busy": 1, "bytesFetched": 7}}
+    )
+    values = {(s.name, s.labels): s.value for s in samples}
+    assert values[("mergesearch_evaluators", (("state", "ready"),))] == 1
+    assert values[("mergesearch_evaluators", (("state", "wanted"),))] == 2
+    assert values[("mergesearch_evaluator_fetched_bytes", ())] == 7

@@ -140,3 +140,36 @@ def test_json_integers_stay_valid_numbers() -> None:
 def test_weights_beyond_float32_are_refused() -> None:
     with pytest.raises(ValidationError, match=r"also in float32"):
         TrialDocument.model_validate(_doc(["t"]) | {"weights": {"a": 1e39, "b": 0.5}})
+
+
+def test_held_out_scores_count_too_since_a_final_trial_reports_them() -> None:
+    tasks = [
+        f"a_rather_long_task_name_that_does_not_compress_{i:04d}_{i * 7919 % 10007}"
+        for i in range(400)
+    ]
+    doc = _doc(["t"]) | {"heldOut": [{"task": t} for t in tasks]}
+    with pytest.raises(ValidationError, match="even packed"):
+        parse_trial(json.dumps(doc))
+
+
+def test_a_mergesearch_spec_whose_scores_cannot_fit_is_refused_naming_the_field() -> None:
+    from mergesearch.spec import SpecError, parse_manifest
+
+    tasks = [
+        f"a_rather_long_task_name_that_does_not_compress_{i:04d}_{i * 7919 % 10007}"
+        for i in range(400)
+    ]
+    manifest = {
+        "apiVersion": "mergesearch.io/v1alpha1",
+        "kind": "MergeSearch",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "checkpoints": [{"name": "a", "uri": "/x/a"}, {"name": "b", "uri": "/x/b"}],
+            "objective": {"heldIn": [{"task": t} for t in tasks]},
+        },
+    }
+    with pytest.raises(SpecError) as info:
+        parse_manifest(manifest)
+    assert any("heldIn: the scores of 400 tasks" in e for e in info.value.errors)
+    manifest["spec"]["objective"]["heldIn"] = [{"task": t} for t in MMLU_BBH]
+    parse_manifest(manifest)

@@ -133,6 +133,7 @@ class Plan:
     assignments: Mapping[str, warm.Assignment] = field(default_factory=dict)
     consumed: tuple[str, ...] = ()
     evaluators_done: bool = False
+    posted: tuple[warm.Posted, ...] = ()  # the posted results told (their timings: metrics)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class _Draft:
     consumed: list[str] = field(default_factory=list)
     secrets: list[dict[str, Any]] = field(default_factory=list)
     want_evaluators: bool = False
+    posted: list[warm.Posted] = field(default_factory=list)
 
 
 class StateInvalid(Exception):
@@ -268,7 +270,7 @@ def reconcile(
         # A pod template Kubernetes would refuse anyway (a malformed structure), caught here
         # rather than as a crash: the template is the only free-form part of the spec.
         return blocked(view, "TemplateInvalid", f"spec.execution.template: {exc}", now)
-    return _plan(view, draft, mine, phase, reason, message, now, evaluators, spec)
+    return _plan(view, draft, mine, phase, reason, message, now, evaluators, spec, inbox)
 
 
 WARM_UNAVAILABLE = (
@@ -503,7 +505,12 @@ def _collect_warm(
     job_of = {cid: jobspec.job_name(owner, cid, draft.attempt(cid)) for cid in draft.active}
     outcomes, _ = warm.collect_posted(draft.active, inbox, job_of)
     draft.consumed = list(_posted(inbox))
-    lost = warm.release_lost(
+    told_ids = {o.candidate for o in outcomes}
+    for posted in inbox.results:  # the first posting of each told candidate
+        if posted.candidate in told_ids:
+            told_ids.discard(posted.candidate)
+            draft.posted.append(posted)
+    lost, released = warm.release_lost(
         draft.leases,
         evaluators,
         inbox,
@@ -511,6 +518,7 @@ def _collect_warm(
         max_issues=spec.execution.backoff_limit + 1,
         job_of=job_of,
     )
+    draft.events.extend(Event("Warning", "EvaluatorLost", line) for line in released)
     told = {o.candidate for o in outcomes}
     outcomes += [o for o in lost if o.candidate not in told]
     first = draft.state.trials.succeeded == 0
@@ -875,6 +883,7 @@ def _plan(
     now: str,
     evaluators: Sequence[warm.EvaluatorPod] = (),
     spec: MergeSearchSpec | None = None,
+    inbox: warm.Inbox | None = None,
 ) -> Plan:
     previous = view.status
     _storage_wait(draft)
@@ -897,7 +906,7 @@ def _plan(
     if draft.leases is not None and spec is not None:
         status["leases"] = warm.leases_status(draft.leases, draft.active)
         status["evaluators"] = warm.evaluators_status(
-            draft.leases, evaluators, spec.execution.parallelism
+            draft.leases, evaluators, spec.execution.parallelism, (inbox or warm.Inbox()).fetched
         )
         delete += [
             j.name
@@ -921,6 +930,7 @@ def _plan(
         assignments=dict(draft.assignments),
         consumed=tuple(draft.consumed),
         evaluators_done=not draft.want_evaluators,
+        posted=tuple(draft.posted),
     )
 
 

@@ -67,7 +67,12 @@ class Inboxes:
         if box is None:
             return warm.Inbox(), []
         results = list(box.results)
-        return warm.Inbox(tuple(box.waiting), tuple(results)), results
+        fetched = {
+            name: int(stats["bytesFetched"])
+            for name, stats in box.stats.items()
+            if isinstance(stats.get("bytesFetched"), int) and stats["bytesFetched"] >= 0
+        }
+        return warm.Inbox(tuple(box.waiting), tuple(results), fetched), results
 
     def settle(self, key: Key, plan: Plan, taken: list[warm.Posted]) -> None:
         """After the plan's status write succeeded (or nothing needed writing): drop the

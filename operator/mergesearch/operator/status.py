@@ -189,7 +189,9 @@ def _trial(entry: Mapping[str, Any]) -> dict[str, Any]:
 # status.optimizer: the engine state as ONE string, so that `kubectl describe` shows one line
 # where the nested document took ~150 (base64 arrays, RNG state) above the useful fields.
 # Canonical JSON (EngineState.to_json), zlib-compressed, base64: lossless, so a restart
-# resumes exactly; plain data, never unpickled or evaluated.
+# resumes exactly; plain data, never unpickled or evaluated. Cost, measured: encode 0.5 ms
+# (3 checkpoints, 3.4 KB of JSON → 1.6 KB) to 4 ms (64 checkpoints, 48 KB → 38 KB) per status
+# write, against ~50 ms of operator CPU per trial (docs/operator.md, "Benchmark").
 STATE_PREFIX = "engine-json+zlib+base64:"
 STATE_MAX_BYTES = 16 * 1024 * 1024  # decompressed: no zip bomb gets past this
 

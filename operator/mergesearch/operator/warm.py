@@ -119,6 +119,7 @@ class Inbox:
 
     requests: tuple[str, ...] = ()
     results: tuple[Posted, ...] = ()
+    fetched: Mapping[str, int] = field(default_factory=dict)  # evaluator → bytes it fetched
 
 
 # --------------------------------------------------------------------------- leases
@@ -229,13 +230,15 @@ def release_lost(
     *,
     max_issues: int,
     job_of: Mapping[str, str],
-) -> list[TrialOutcome]:
-    """Release leases whose holder is gone or whose deadline passed; a candidate issued
-    `max_issues` times already fails instead (as a trial Job past its backoffLimit), and one
-    whose holder was killed for memory fails with OUT_OF_MEMORY (the next would be too)."""
+) -> tuple[list[TrialOutcome], list[str]]:
+    """Release leases whose holder is gone or whose deadline passed: (candidates that fail,
+    one line per lease released to be issued again). A candidate issued `max_issues` times
+    already fails instead (as a trial Job past its backoffLimit), and one whose holder was
+    killed for memory fails with OUT_OF_MEMORY (the next would be too)."""
     seen = {p.name: p for p in pods}
     asking = set(inbox.requests) | {p.evaluator for p in inbox.results}
     failed: list[TrialOutcome] = []
+    released: list[str] = []
     clock = parse_time(now)
     for cid, lease in list(leases.items()):
         if lease.evaluator is None:
@@ -271,7 +274,8 @@ def release_lost(
             )
         else:
             leases[cid] = Lease(trial=cid, issued=lease.issued)
-    return failed
+            released.append(f"{cid}: {why}; issued again")
+    return failed, released
 
 
 def assign(
@@ -316,17 +320,26 @@ def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[di
 
 
 def evaluators_status(
-    leases: Mapping[str, Lease], pods: Sequence[EvaluatorPod], parallelism: int
+    leases: Mapping[str, Lease],
+    pods: Sequence[EvaluatorPod],
+    parallelism: int,
+    fetched: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """status.evaluators: wanted, running (pods not terminated), ready, busy (holding a
-    lease)."""
+    lease), and bytesFetched: what the running evaluators report having fetched (all of them
+    together; 0 for an evaluator that found the node cache filled)."""
     running = [p for p in pods if not p.terminated]
-    return {
+    out = {
         "wanted": parallelism,
         "running": len(running),
         "ready": sum(1 for p in running if p.ready),
         "busy": sum(1 for lease in leases.values() if lease.evaluator),
     }
+    names = {p.name for p in running}
+    reported = [n for e, n in (fetched or {}).items() if e in names]
+    if reported:
+        out["bytesFetched"] = sum(reported)
+    return out
 
 
 # --------------------------------------------------------------------------- credentials
