@@ -9,11 +9,13 @@ found in the log but not yet in the state is told from the log, not evaluated ag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -383,14 +385,18 @@ def replace_model_dir(new: Path, target: Path) -> None:
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """lm-eval and transformers log per call; hundreds of trials would bury the progress bar."""
+    """lm-eval and transformers log per call; hundreds of trials would bury the progress bar.
+
+    What libraries print goes to stderr too: stdout carries the results table alone.
+    """
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call progress bars
     names = ["lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "httpx"]
     saved = {n: logging.getLogger(n).level for n in names}
     for name in names:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

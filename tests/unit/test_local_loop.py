@@ -174,3 +174,14 @@ class Killed(FakeEvaluator):
         if self.calls == self.after:
             raise KeyboardInterrupt
         return super().trial(trial_id, weights, with_held_out=with_held_out)
+
+
+def test_what_libraries_print_during_a_search_stays_off_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mergesearch.local import quiet_libraries
+
+    with quiet_libraries():
+        print("Passed argument batch_size = auto. Detecting largest batch size")
+    out, err = capsys.readouterr()
+    assert out == "" and "Detecting largest batch size" in err
