@@ -230,3 +230,15 @@ def test_layouts_come_from_headers(tmp_path: Path):
     assert merged.total_bytes == (16 * 8 + 2 * 12 * 8 + 8) * 4
     untied = _checkpoint(tmp_path / "untied", tied=False)
     assert layout_of_checkpoint(read_layout(untied)).tied == {}
+
+
+def test_host_memory_is_bounded_by_the_containers_cgroup_limit():
+    from mergerunner.devices import available_bytes
+
+    meminfo = "MemTotal: 200000000 kB\nMemAvailable:  100000000 kB\n"
+    assert available_bytes(meminfo, None, None, fallback=1) == 100000000 * 1024
+    assert available_bytes(meminfo, "max\n", "100\n", fallback=1) == 100000000 * 1024
+    limited = available_bytes(meminfo, str(64 << 30), str(60 << 30), fallback=1)
+    assert limited == 4 << 30
+    assert available_bytes(meminfo, "100", "200", fallback=1) == 0
+    assert available_bytes(None, None, None, fallback=7) == 7

@@ -39,6 +39,7 @@ def test_vllm_uses_every_gpu_of_the_pod_by_tensor_parallelism():
     assert _option(command, "--seed") == "7"
     assert "--max-model-len" not in command
     assert "--trust-remote-code" not in command
+    assert "--disable-uvicorn-access-log" in command
 
 
 def test_vllm_command_from_the_evaluator_spec():
