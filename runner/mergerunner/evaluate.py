@@ -170,6 +170,11 @@ class TaskSuite:
     def task_names(self) -> list[str]:
         return [r.spec.task for r in self.resolved]
 
+    @property
+    def output_types(self) -> dict[str, str]:
+        """Task → lm-eval output type (generate_until, loglikelihood, multiple_choice, ...)."""
+        return {r.spec.task: str(self._tasks[r.spec.task].OUTPUT_TYPE) for r in self.resolved}
+
     def score(self, lm: Any) -> dict[str, float]:
         """Score `lm` (an lm-eval LM) on every task; returns task → score as plain floats."""
         from lm_eval.evaluator import evaluate
@@ -246,8 +251,19 @@ def _quiet(base: type) -> type:
     return QuietHFLM
 
 
-def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool = True) -> Any:
-    """Wrap an in-memory transformers model for lm-eval, so candidates never reload it."""
+def make_lm(
+    model: Any,
+    tokenizer: Any,
+    spec: EvaluatorSpec,
+    *,
+    progress: bool = True,
+    device: str | None = None,
+) -> Any:
+    """Wrap an in-memory transformers model for lm-eval, so candidates never reload it.
+
+    `device` is where inputs go: the device of the first placed module when the model spans
+    several (accelerate's hooks move activations between the others).
+    """
     if spec.backend != "hf":
         raise EvaluationError(
             f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'",
@@ -255,7 +271,7 @@ def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool =
         )
     from lm_eval.models.huggingface import HFLM
 
-    kwargs: dict[str, Any] = {"batch_size": spec.batch_size, "device": pick_device(spec)}
+    kwargs: dict[str, Any] = {"batch_size": spec.batch_size, "device": device or pick_device(spec)}
     if spec.max_length is not None:
         kwargs["max_length"] = spec.max_length
     cls = HFLM if progress else _quiet(HFLM)
