@@ -52,6 +52,14 @@ def best_record(
     return max(done, key=lambda r: r.fitness or 0.0, default=None)
 
 
+def best_name(best: TrialRecord, *, short: bool = False) -> str:
+    """How pictures name the best trial: a merge by its trial id; a baseline (the search found
+    nothing better) by what it is, so it is not passed off as a merge."""
+    if best.kind == "baseline":
+        return f"best: {baseline_label(best.id)}"
+    return "best merge" if short else f"best merge: {best.id}"
+
+
 def best_single(records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The best single checkpoint: claim (a) of the paper is measured against it."""
     singles = [r for r in _succeeded(records) if r.id.startswith(EACH_PREFIX)]
@@ -230,7 +238,7 @@ def _fitness_figure(records: Sequence[TrialRecord], best: TrialRecord | None) ->
             c=BEST_COLOR,
             edgecolors="black",
             zorder=5,
-            label=f"best merge: {best.id} ({best.fitness:.3f})",
+            label=f"{best_name(best)} ({best.fitness:.3f})",
         )
     ax.set_xlabel("trial, in the order run")
     ax.set_ylabel("held-in fitness")
@@ -300,23 +308,25 @@ def _scores_figure(
                 c=BEST_COLOR,
                 edgecolors="black",
                 zorder=5,
-                label=f"best merge ({best.id})",
+                label=best_name(best),
             )
         ax.set_xlabel(a)
         ax.set_ylabel(b)
         ax.margins(0.12)
     fig.suptitle("Held-in task scores, pair by pair")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    columns = len(labels) if len(pairs) > 1 else 2  # one panel is too narrow for one row
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * math.ceil(len(labels) / columns), 1, 1))
     for ax, (a, b) in zip(axes[0], pairs, strict=True):
         ax.set_xlim(ax.get_xlim())  # freeze the limits: labels are placed in display units
         ax.set_ylim(ax.get_ylim())
-        named = [*baselines, *([best] if best is not None else [])]
+        # The best is labelled once, as the best, even when it is a baseline.
+        named = [*(r for r in baselines if r is not best), *([best] if best is not None else [])]
         _label_points(
             ax,
             [(r.held_in[a], r.held_in[b]) for r in named],
-            [baseline_label(r.id) if r.kind == "baseline" else "best merge" for r in named],
+            [best_name(r, short=True) if r is best else baseline_label(r.id) for r in named],
             markers=[
                 (r.held_in[a], r.held_in[b], BASELINE_PX if r.kind == "baseline" else SEARCH_PX)
                 for r in done

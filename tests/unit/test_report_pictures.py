@@ -77,7 +77,7 @@ def test_scores_labels_do_not_overlap_and_the_best_merge_is_marked() -> None:
         frame = ax.get_window_extent(renderer)
         assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert f"best merge ({best.id})" in legend
+    assert f"best merge: {best.id}" in legend
 
 
 def test_fitness_draws_every_baseline_and_a_truthful_legend() -> None:
@@ -102,3 +102,18 @@ def test_fitness_draws_every_baseline_and_a_truthful_legend() -> None:
     assert tuple(colours["baseline trial"].get_facecolor()[0]) == orange
     assert tuple(colours["search trial"].get_facecolor()[0]) == blue
     assert not any(c in ax.get_title().lower() for c in ("orange", "blue", "red", "green"))
+
+
+def test_a_baseline_that_stays_best_is_named_once_as_the_best() -> None:
+    records = [r for r in clustered() if r.kind == "baseline"]
+    best = best_record(records)
+    assert best is not None and best.id == "b-uniform"
+    fig = _scores_figure(records, ["add", "rev", "sort"], best)
+    for ax in fig.axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert texts.count("best: uniform") == 1 and "uniform" not in texts
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "best: uniform" in legend
+    fitness = _fitness_figure(records, best)
+    labels = {t.get_text() for t in fitness.axes[0].get_legend().get_texts()}
+    assert f"best: uniform ({best.fitness:.3f})" in labels
