@@ -82,6 +82,20 @@ def test_counted_failures_stop_issuing_work_once_the_search_failed(tmp_path: Pat
     assert [r.error_kind for r in local.records.values()] == ["internal"] * 3
 
 
+def test_the_final_message_names_the_cause_of_a_failed_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesearch.local_cli import print_summary
+
+    local = search(tmp_path, FakeEvaluator(FailureKind.INTERNAL), maxFailedTrials=1)
+    status = engine.status(local.run())
+    print_summary(local, status, {})
+    out = capsys.readouterr().out
+    assert "stopped: max_failed_trials" in out
+    last = list(local.records)[-1]
+    assert f"last failure: trial {last}: internal in trial {last}" in out
+
+
 def test_a_search_runs_to_its_budget_and_counts_what_ran(tmp_path: Path) -> None:
     fake = FakeEvaluator()
     local = search(tmp_path, fake)
