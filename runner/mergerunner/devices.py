@@ -60,14 +60,35 @@ def _gpu(index: int) -> DeviceSpec:
 
 
 def host_available_bytes() -> int:
-    """MemAvailable (what can be allocated without swapping), else physical memory."""
+    """Host memory this process may still use: the smaller of MemAvailable and what the
+    container's cgroup limit leaves (a pod sees the node's /proc/meminfo, not its own limit)."""
+    return available_bytes(
+        _read("/proc/meminfo"),
+        _read("/sys/fs/cgroup/memory.max"),
+        _read("/sys/fs/cgroup/memory.current"),
+        fallback=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+    )
+
+
+def available_bytes(
+    meminfo: str | None, cgroup_max: str | None, cgroup_current: str | None, *, fallback: int
+) -> int:
+    """Pure part of `host_available_bytes`, from the files' texts (None: not readable)."""
+    available = fallback
+    for line in (meminfo or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+    limit = (cgroup_max or "").strip()
+    if limit.isdigit() and (cgroup_current or "").strip().isdigit():
+        available = min(available, max(0, int(limit) - int(str(cgroup_current).strip())))
+    return available
+
+
+def _read(path: str) -> str | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        return Path(path).read_text()
     except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return None
 
 
 def model_config(model_dir: Path) -> dict[str, Any]:
@@ -106,10 +127,11 @@ def load_placed(model_dir: Path, placement: Placement, dtype: str, *, trust: boo
     import torch
     from transformers import AutoModelForCausalLM
 
+    # One device: the whole model there, without accelerate's per-module hooks, which only
+    # move activations between devices and cost a little on every forward call.
+    devices = placement.devices
+    device_map = {"": devices[0]} if len(devices) == 1 else placement.device_map
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=getattr(torch, dtype),
-        device_map=placement.device_map,
-        trust_remote_code=trust,
+        model_dir, dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust
     )
     return model.eval()

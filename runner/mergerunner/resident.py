@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
+from mergerunner.evaluate import EvaluationError, TaskSuite, compute_dtype, make_lm
 from mergerunner.run import StepFailed, _Clock, _describe
 from mergerunner.trial import (
     EvaluatorSpec,
+    FailureKind,
     StepTimings,
     TaskSpec,
     TrialResult,
@@ -52,13 +53,20 @@ class ResidentEvaluator:
         custom_tasks_dir: Path | None = None,
         dtype: str = "bfloat16",
     ) -> None:
+        self.spec = evaluator or EvaluatorSpec()
+        if self.spec.backend != "hf":
+            # Before any checkpoint is read: a resident model is scored in-process only.
+            raise EvaluationError(
+                f"evaluator.backend {self.spec.backend!r}: local mode scores its resident model "
+                "in-process; use backend hf (server backends run in trial pods on a cluster)",
+                kind=FailureKind.CONFIG,
+            )
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
 
-        self.spec = evaluator or EvaluatorSpec()
         trust = self.spec.trust_remote_code
         gpus, _ = visible_devices(self.spec)
         self.merge_dtype = dtype

@@ -79,7 +79,10 @@ def vllm_command(
         *("--dtype", dtype),
         *("--seed", str(seed)),
         *("--gpu-memory-utilization", str(gpu_memory_utilization)),
-        "--disable-log-requests",
+        # One access-log line per request would drown the trial log (lm-eval sends thousands);
+        # request logging itself is off by default since vLLM 0.11, which removed
+        # --disable-log-requests.
+        "--disable-uvicorn-access-log",
     ]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
@@ -271,7 +274,19 @@ def serving(
                 "evaluator.server.promptLogprobs to false to refuse such tasks before any trial",
                 kind=FailureKind.CONFIG,
             )
-        yield base
+        try:
+            yield base
+        except ServerError:
+            raise
+        except Exception as exc:
+            code = process.process.poll()
+            if code is None:
+                raise
+            # lm-eval reports a connection error after its retries; the cause is the server.
+            raise ServerError(
+                f"server exited with code {code} while scoring; its last lines:\n"
+                f"{process.last_lines()}"
+            ) from exc
     finally:
         process.stop()
 
@@ -282,13 +297,14 @@ def serving(
 
 
 def make_server_lm(spec: EvaluatorSpec, base: str, model_dir: Path, *, gpus: int) -> Any:
-    """lm-eval's `local-completions`, adapted in two ways any OpenAI server accepts.
+    """lm-eval's `local-completions`, set up to see what the hf backend sees.
 
-    A single prompt is sent as a string (the OpenAI API allows a string or a list, and some
-    servers, transformers serve among them, accept only a string), and generations are cut at
-    the task's stop sequences as the hf backend cuts them (servers differ on whether the stop
-    string is part of the text). Prompts go as text, tokenised by the server, as the hf backend
-    tokenises them; loglikelihood requests go as tokens from the model's own tokenizer.
+    A server that returns prompt log-probabilities (vLLM) gets token ids, encoded by the merged
+    model's own tokenizer with its default special tokens, as lm-eval's hf backend encodes them:
+    the same tokens are scored, and a loglikelihood's context length is exact. Other servers
+    get text (some, transformers serve among them, accept nothing else), which they tokenise
+    with the same defaults. Generations are cut at the task's stop sequences as the hf backend
+    cuts them (servers differ on whether the stop string is part of the text).
     """
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
@@ -300,7 +316,8 @@ def make_server_lm(spec: EvaluatorSpec, base: str, model_dir: Path, *, gpus: int
         "base_url": f"{base}/v1/completions",
         "tokenizer": str(model_dir),
         "tokenizer_backend": "huggingface",
-        "tokenized_requests": False,
+        "tokenized_requests": bool(server.prompt_logprobs),
+        "add_bos_token": True,  # i.e. the tokenizer's default special tokens, as hf's
         "num_concurrent": concurrency(server, gpus),
         "max_retries": 3,
         "seed": spec.seed,
@@ -315,13 +332,6 @@ def _completions_class(base: type) -> type:
     from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 
     class ServerCompletions(base):  # type: ignore[misc, valid-type]
-        def _create_payload(self, messages: Any, *args: Any, **kwargs: Any) -> dict:
-            payload = super()._create_payload(messages, *args, **kwargs)
-            prompt = payload.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                payload["prompt"] = prompt[0]
-            return payload
-
         def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
             texts = super().generate_until(requests, disable_tqdm=disable_tqdm)
             eos = self.tokenizer.decode([self.eot_token_id]) if self.tokenizer else None

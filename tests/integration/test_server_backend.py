@@ -137,3 +137,57 @@ def test_a_model_the_devices_cannot_hold_fails_before_the_merge(
     assert result.error_kind == "out-of-memory"
     assert "short" in result.error and "bytes" in result.error
     assert result.timings.merge_s == 0.0
+
+
+def test_token_prompts_for_vllm_are_the_tokens_the_hf_backend_scores(toy_pool: Any) -> None:
+    """vLLM gets token ids: lm-eval must encode contexts and continuations exactly as its hf
+    backend does, or a loglikelihood's context length would be off by the BOS token."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergerunner.server import make_server_lm
+    from mergerunner.trial import EvaluatorSpec
+
+    model_dir = Path(toy_pool.checkpoints["base"])
+    server = make_server_lm(EvaluatorSpec(backend="vllm"), "http://127.0.0.1:9", model_dir, gpus=1)
+    assert server.tokenized_requests
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    hf = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(model_dir), device="cpu")
+    for context, continuation in [("rev abc=", "cba"), ("sort 4213=", "1234")]:
+        assert server.tok_encode(context) == hf.tok_encode(context)
+        assert server.tok_encode(context)[0] == hf.tokenizer.bos_token_id
+        assert server._encode_pair(context, continuation) == hf._encode_pair(context, continuation)
+    served = make_server_lm(
+        EvaluatorSpec.model_validate({"backend": "openai", "server": {"command": ["s"]}}),
+        "http://127.0.0.1:9",
+        model_dir,
+        gpus=0,
+    )
+    assert not served.tokenized_requests  # text for servers without prompt log-probabilities
+
+
+DIES_ON_FIRST_REQUEST = """
+import http.server, json, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        print("out of memory while generating", flush=True)
+        os._exit(9)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_server_that_dies_while_scoring_is_a_server_failure(
+    toy_pool: Any, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-c", DIES_ON_FIRST_REQUEST, "{port}"]
+    evaluator = {"backend": "openai", "server": {"command": command, "port": free_port()}}
+    result = _run(_doc(toy_pool, evaluator), tmp_path)
+    assert result.status == "failed"
+    assert result.error_kind == "server-failed"
+    assert "while scoring" in result.error and "out of memory while generating" in result.error

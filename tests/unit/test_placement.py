@@ -230,3 +230,35 @@ def test_layouts_come_from_headers(tmp_path: Path):
     assert merged.total_bytes == (16 * 8 + 2 * 12 * 8 + 8) * 4
     untied = _checkpoint(tmp_path / "untied", tied=False)
     assert layout_of_checkpoint(read_layout(untied)).tied == {}
+
+
+def test_host_memory_is_bounded_by_the_containers_cgroup_limit():
+    from mergerunner.devices import available_bytes
+
+    meminfo = "MemTotal: 200000000 kB\nMemAvailable:  100000000 kB\n"
+    assert available_bytes(meminfo, None, None, fallback=1) == 100000000 * 1024
+    assert available_bytes(meminfo, "max\n", "100\n", fallback=1) == 100000000 * 1024
+    limited = available_bytes(meminfo, str(64 << 30), str(60 << 30), fallback=1)
+    assert limited == 4 << 30
+    assert available_bytes(meminfo, "100", "200", fallback=1) == 0
+    assert available_bytes(None, None, None, fallback=7) == 7
+
+
+def test_the_reserve_follows_batch_size_and_length():
+    from mergerunner.devices import RESERVE_TOKENS, reserve_bytes
+    from mergerunner.trial import EvaluatorSpec
+
+    config = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_size": 64,
+        "vocab_size": 100,
+        "max_position_embeddings": 131072,
+    }
+    per_token = 2 * 2 * 4 * 16 * 2 + 100 * 4
+    # batch auto counts as 1; a 128k context is capped to RESERVE_TOKENS unless maxLength says
+    assert reserve_bytes(config, EvaluatorSpec(), "bfloat16") == RESERVE_TOKENS * per_token
+    spec = EvaluatorSpec(batch_size=8, max_length=512)
+    assert reserve_bytes(config, spec, "bfloat16") == 8 * 512 * per_token
+    short = config | {"max_position_embeddings": 64}
+    assert reserve_bytes(short, EvaluatorSpec(), "bfloat16") == 64 * per_token
