@@ -30,6 +30,7 @@ class TrialRecord:
     merge_s: float = 0.0
     evaluate_s: float = 0.0
     digest: str | None = None
+    subtasks: dict[str, float] = field(default_factory=dict)  # members of group tasks
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
