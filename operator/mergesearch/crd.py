@@ -189,6 +189,7 @@ STATUS_SCHEMA: dict[str, Any] = {
             },
         },
         "best": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "winner": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         "conditions": {
             "type": "array",
             "x-kubernetes-list-type": "map",
@@ -214,6 +215,7 @@ PRINTER_COLUMNS = [
     {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration"},
     {"name": "Trials", "type": "integer", "jsonPath": ".status.trials.finished"},
     {"name": "Best", "type": "number", "jsonPath": ".status.best.fitness"},
+    {"name": "Confirmed", "type": "number", "jsonPath": ".status.winner.fitness"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

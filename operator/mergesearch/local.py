@@ -111,6 +111,8 @@ def record_of(
         "kind": candidate.kind,
         "generation": candidate.generation if candidate.generation is not None else -1,
         "weights": dict(candidate.weights),
+        "subset": candidate.subset,
+        "source": candidate.source,
     }
     if scores is None:
         return TrialRecord(**common, status="failed", error=error)
@@ -201,6 +203,7 @@ class LocalSearch:
                 evaluator=self.spec.objective.evaluator,
                 custom_tasks_dir=self.custom_tasks_dir(),
                 dtype=self.spec.merge.dtype,
+                confirm=self.config.confirm_top_k > 0,
             )
         except EvaluationError as exc:
             raise LocalInputError(str(exc)) from None
@@ -209,7 +212,11 @@ class LocalSearch:
     def evaluate(self, candidate: engine.Candidate) -> TrialRecord:
         weights = [candidate.weights[name] for name in self.config.checkpoints]
         try:
-            scores = self.evaluator.score(weights, with_held_out=candidate.kind == "baseline")
+            scores = self.evaluator.score(
+                weights,
+                with_held_out=candidate.kind == "baseline" and candidate.subset == "search",
+                subset=candidate.subset,
+            )
         except Exception as exc:  # a failed trial is data for the engine, not a crash
             log.warning("trial %s failed: %s", candidate.id, exc)
             return record_of(candidate, None, f"{type(exc).__name__}: {exc}", None)
@@ -235,8 +242,9 @@ class LocalSearch:
 
     # -- the end ---------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
-        """Held-out scores of the best merge, and its export to spec.output.uri."""
-        best = engine.status(self.state).best
+        """Held-out scores of the chosen merge (the confirmed winner, else the search's best),
+        and its export to spec.output.uri."""
+        best = engine.chosen(engine.status(self.state))
         if best is None:
             return {}
         final: dict[str, Any] = {}

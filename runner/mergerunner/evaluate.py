@@ -13,12 +13,12 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.trial import EvaluatorSpec, TaskSpec
+from mergerunner.trial import EvaluatorSpec, Subset, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,36 @@ class ResolvedTask:
     indices: list[int] | None
 
 
-def subset_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
+def subset_indices(
+    task: str, n_docs: int, limit: int | None, seed: int, subset: Subset = "search"
+) -> list[int] | None:
     """A fixed subset of `limit` example indices out of `n_docs`, seeded by (seed, task).
 
     Seeding by the task name too keeps a task's subset the same whatever other tasks run
-    beside it.
+    beside it. The "confirmation" subset is drawn, with its own seed, from the examples the
+    search subset leaves out: `limit` of them, or all that remain when fewer do. None means
+    every example.
     """
+    if subset == "confirmation":
+        return confirmation_indices(task, n_docs, limit, seed)
     if limit is None or limit >= n_docs:
         return None
     rng = random.Random(f"{seed}:{task}")
     return sorted(rng.sample(range(n_docs), limit))
+
+
+def confirmation_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int]:
+    """Examples disjoint from the search subset; an error when the search uses them all."""
+    search = subset_indices(task, n_docs, limit, seed)
+    taken = set(range(n_docs) if search is None else search)
+    rest = [i for i in range(n_docs) if i not in taken]
+    if not rest:
+        raise EvaluationError(
+            f"task {task!r}: no examples left for confirmation: the search subset "
+            f"(limit {limit}) uses all {n_docs}; lower the limit or disable search.confirm"
+        )
+    rng = random.Random(f"{seed}:{task}:confirmation")
+    return sorted(rng.sample(rest, min(limit or len(rest), len(rest))))
 
 
 def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
@@ -104,7 +124,9 @@ class TaskSuite:
         *,
         include_path: Path | None = None,
         seed: int = 1234,
+        confirm: Collection[str] = (),
     ) -> None:
+        """`confirm`: the tasks scored on their confirmation subset instead of the search's."""
         self.seed = seed
         names = [t.task for t in tasks]
         manager = _task_manager(include_path, names)
@@ -123,7 +145,8 @@ class TaskSuite:
             n_docs = len(task.eval_docs)
             if n_docs == 0:
                 raise EvaluationError(f"task {spec.task!r} has no evaluation examples")
-            indices = subset_indices(spec.task, n_docs, spec.limit, seed)
+            subset: Subset = "confirmation" if spec.task in confirm else "search"
+            indices = subset_indices(spec.task, n_docs, spec.limit, seed, subset)
             self.resolved.append(ResolvedTask(spec, indices=indices))
 
     @property

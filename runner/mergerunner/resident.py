@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mergerunner.evaluate import TaskSuite, make_lm, pick_device
-from mergerunner.trial import EvaluatorSpec, TaskSpec
+from mergerunner.trial import EvaluatorSpec, Subset, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class ResidentEvaluator:
         evaluator: EvaluatorSpec | None = None,
         custom_tasks_dir: Path | None = None,
         dtype: str = "bfloat16",
+        confirm: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,19 +69,41 @@ class ResidentEvaluator:
         self.lm = make_lm(self.model, tokenizer, self.spec, progress=False)
         seed = self.spec.seed
         self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
+        # The same held-in tasks on the examples the search never sees (None: not needed).
+        self.confirmation = (
+            TaskSuite(
+                held_in,
+                include_path=custom_tasks_dir,
+                seed=seed,
+                confirm=[t.task for t in held_in],
+            )
+            if confirm
+            else None
+        )
         self.held_out = (
             TaskSuite(held_out, include_path=custom_tasks_dir, seed=seed) if held_out else None
         )
 
-    def score(self, weights: Sequence[float], *, with_held_out: bool = False) -> ResidentScores:
-        """Merge `weights` into the resident model and score it."""
+    def score(
+        self,
+        weights: Sequence[float],
+        *,
+        with_held_out: bool = False,
+        subset: Subset = "search",
+    ) -> ResidentScores:
+        """Merge `weights` into the resident model and score it (held-in tasks on `subset`)."""
         import torch
 
         start = time.perf_counter()
         with torch.no_grad():
             digest = self.merger.merge_into(self.model, weights)
         merged = time.perf_counter()
-        held_in = self.held_in.score(self.lm)
+        suite = self.held_in
+        if subset == "confirmation":
+            if self.confirmation is None:
+                raise ValueError("this evaluator was built without confirm=True")
+            suite = self.confirmation
+        held_in = suite.score(self.lm)
         held_out = (
             self.held_out.score(self.lm) if with_held_out and self.held_out is not None else {}
         )

@@ -117,8 +117,12 @@ def run_trial(
                 report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
             with clock.step("evaluate"):
                 custom = custom_tasks_dir(doc)
+                confirm = [t.task for t in doc.held_in] if doc.subset == "confirmation" else []
                 suite = TaskSuite(
-                    [*doc.held_in, *doc.held_out], include_path=custom, seed=doc.evaluator.seed
+                    [*doc.held_in, *doc.held_out],
+                    include_path=custom,
+                    seed=doc.evaluator.seed,
+                    confirm=confirm,
                 )
                 model, tokenizer = load_merged_model(merged_dir, doc)
                 scores = suite.score(make_lm(model, tokenizer, doc.evaluator))

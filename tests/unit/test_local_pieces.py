@@ -32,7 +32,9 @@ MANIFEST = {
     "metadata": {"name": "t"},
     "spec": {
         "checkpoints": [{"name": n, "uri": f"ckpt/{n}"} for n in ("a", "b", "c")],
-        "objective": {"heldIn": [{"task": "x"}, {"task": "y", "weight": 3}]},
+        "objective": {
+            "heldIn": [{"task": "x", "limit": 50}, {"task": "y", "weight": 3, "limit": 50}]
+        },
         "search": {"maxTrials": 20, "seed": 7},
     },
 }

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
+from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
 from mergesearch.entrypoints import RUNNER_COMMAND
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
@@ -153,6 +153,7 @@ def trial_document(
     settings: JobSettings,
     *,
     final: bool = False,
+    subset: Subset = "search",
 ) -> TrialDocument:
     """The runner's input for a candidate; for the final trial: held-out tasks and the export.
 
@@ -178,6 +179,7 @@ def trial_document(
         held_out=held_out,
         evaluator=objective.evaluator,
         output=output,
+        subset="confirmation" if subset == "confirmation" else None,
     )
 
 

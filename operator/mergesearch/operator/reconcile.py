@@ -101,6 +101,11 @@ class StateInvalid(Exception):
 # --------------------------------------------------------------------------- entry points
 
 
+def _chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The status entry of the merge a finished search hands over (see status.build_status)."""
+    return status.get("winner") or status.get("best") or {}
+
+
 def reconcile(
     view: SearchView,
     jobs: Sequence[JobSummary],
@@ -129,7 +134,7 @@ def reconcile(
         active=list(previous.get("activeTrials") or []),
         final=dict(previous["final"]) if previous.get("final") else None,
         output=dict(previous["output"]) if previous.get("output") else None,
-        held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
+        held_out=dict(_chosen_entry(previous).get("heldOut") or {}) or None,
     )
     try:
         _collect(draft, mine, pods)
@@ -365,7 +370,9 @@ def _launch(
     for cid in [*missing, *fresh]:
         candidate = pending[cid]
         name = jobspec.job_name(owner, cid)
-        doc = jobspec.trial_document(spec, name, candidate.weights, settings)
+        doc = jobspec.trial_document(
+            spec, name, candidate.weights, settings, subset=candidate.subset
+        )
         draft.create.append(
             jobspec.build_job(
                 owner,
@@ -387,9 +394,11 @@ def _finalize(
     settings: JobSettings,
     summary: engine.EngineStatus,
 ) -> tuple[Phase, str, str]:
-    """The search succeeded: evaluate the best merge on held-out tasks and export it."""
+    """The search succeeded: evaluate the chosen merge (the confirmed winner, else the best) on
+    held-out tasks and export it."""
     stop = summary.message or "search finished"
-    if not (spec.objective.held_out or spec.output.uri) or summary.best is None:
+    best = engine.chosen(summary)
+    if not (spec.objective.held_out or spec.output.uri) or best is None:
         return "Succeeded", "Succeeded", stop
     owner = view.owner
     name = jobspec.job_name(owner, FINAL_CANDIDATE)
@@ -399,9 +408,9 @@ def _finalize(
         return _final_outcome(draft, outcome, stop)
     if spec.suspend and draft.final is None:
         return "Suspended", "Suspended", "search finished; the final evaluation waits"
-    draft.final = {"job": name, "trial": summary.best["id"], "state": "Running"}
+    draft.final = {"job": name, "trial": best["id"], "state": "Running"}
     if job is None:
-        doc = jobspec.trial_document(spec, name, summary.best["weights"], settings, final=True)
+        doc = jobspec.trial_document(spec, name, best["weights"], settings, final=True)
         draft.create.append(
             jobspec.build_job(
                 owner,
@@ -413,7 +422,7 @@ def _finalize(
                 role="final",
             )
         )
-    return "Running", "Finalizing", f"{stop}; evaluating {summary.best['id']} (Job {name})"
+    return "Running", "Finalizing", f"{stop}; evaluating {best['id']} (Job {name})"
 
 
 def _final_outcome(draft: _Draft, outcome: TrialOutcome, stop: str) -> tuple[Phase, str, str]:
