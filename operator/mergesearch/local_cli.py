@@ -198,12 +198,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     data = json.loads(paths.state.read_text())
     state = engine.EngineState.from_json(json.dumps(data["engine"]))
-    status = engine.status(state)
-    if status.best is None:
+    best = engine.chosen(engine.status(state))
+    if best is None:
         print("error: no finished trial to draw yet", file=sys.stderr)
         return EXIT_FAILED
     tasks = [t.name for t in state.config.tasks]
     out = args.output or args.state_dir
-    for path in draw_all(read_records(paths.trials), status.best["weights"], tasks, out):
+    for path in draw_all(read_records(paths.trials), best["weights"], tasks, out):
         print(path)
     return EXIT_OK

@@ -31,7 +31,7 @@ def test_confirmation_is_disjoint_seeded_and_as_large_as_possible(n_docs: int, l
 
 
 def test_no_unseen_examples_is_an_error_naming_the_task() -> None:
-    with pytest.raises(EvaluationError, match="toy_add.*no examples left for confirmation"):
+    with pytest.raises(EvaluationError, match=r"toy_add.*no examples left for confirmation"):
         subset_indices("toy_add", 10, None, 1, "confirmation")
     with pytest.raises(EvaluationError, match="toy_add"):
         subset_indices("toy_add", 10, 10, 1, "confirmation")
