@@ -94,3 +94,16 @@ def test_build_refuses_unpinned_numerics() -> None:
 
     with pytest.raises(RuntimeError, match="ATEN_CPU_CAPABILITY"):
         pin_torch()
+
+
+def test_the_demo_searches_under_the_pool_s_pinned_numerics() -> None:
+    """scripts/demo.sh exports every pinned setting, so its table is the same on any CPU."""
+    from pathlib import Path
+
+    from mergerunner.toys.repro import PINNED_ENV
+
+    demo = (Path(__file__).parents[2] / "scripts" / "demo.sh").read_text()
+    exports = next(line for line in demo.splitlines() if line.startswith("export ATEN"))
+    assert set(exports.removeprefix("export ").split()) == {
+        f"{k}={v}" for k, v in PINNED_ENV.items()
+    }
