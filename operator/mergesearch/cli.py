@@ -16,9 +16,10 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
+    from mergesearch.admission import crds_yaml
     from mergesearch.crd import crd_yaml
 
-    text = crd_yaml()
+    text = crds_yaml() if args.admission else crd_yaml()
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     crd = sub.add_parser("crd", help="print the MergeSearch CustomResourceDefinition")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
+    crd.add_argument(
+        "--admission",
+        action="store_true",
+        help="the ValidatingAdmissionPolicy that goes with it (crds/mergesearch-admission.yaml)",
+    )
     crd.set_defaults(func=_cmd_crd)
     from mergesearch import cluster_cli, local_cli
 

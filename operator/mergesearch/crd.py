@@ -53,6 +53,13 @@ _RULES: dict[str, list[dict[str, str]]] = {
             "message": "held-in tasks must be unique",
         },
     ],
+    "spec.objective.evaluator.batchSize": [
+        {
+            # int-or-string: JSON Schema cannot bound the integer branch alone.
+            "rule": "type(self) == string ? self == 'auto' : self >= 1",
+            "message": "must be an integer of at least 1, or 'auto'",
+        }
+    ],
     "spec.objective.customTasks": [
         {
             "rule": "has(self.configMapRef) != has(self.path)",
@@ -73,19 +80,54 @@ _RULES: dict[str, list[dict[str, str]]] = {
     ],
 }
 
-# What the optimizer's state depends on may not change under it; budgets may.
-# (Rules on the fields themselves, not on `search`: a transition rule there would be checked
-# against the `{}` default, where the fields are absent.)
-_RULES.update(
-    {
-        f"spec.search.{name}": _immutable(f"search.{name}")
-        for name in ("seed", "sigma0", "start", "populationSize", "baselines", "failurePolicy")
-    }
+# What the optimizer's state depends on may not change under it; budgets may. The rules sit
+# on `search` (always there: it defaults to `{}`), not on the fields: a transition rule on a
+# field is skipped when the old or the new object lacks it, so adding or removing an optional
+# field (populationSize, sigma0, baselines) would get through. `checkpoints` and `objective`
+# are required and `merge` defaults to `{}`, so their whole-object rules above always run.
+IMMUTABLE_SEARCH_FIELDS = (
+    "seed",
+    "sigma0",
+    "start",
+    "populationSize",
+    "baselines",
+    "failurePolicy",
 )
+
+
+def _unchanged(name: str) -> dict[str, str]:
+    return {
+        "rule": f"has(self.{name}) == has(oldSelf.{name}) && "
+        f"(!has(self.{name}) || self.{name} == oldSelf.{name})",
+        "message": f"search.{name} is immutable (it may be neither changed, added nor removed)",
+    }
+
+
+_RULES["spec.search"] += [_unchanged(name) for name in IMMUTABLE_SEARCH_FIELDS]
 
 # Bounds the CEL cost estimator needs (it assumes the worst for unbounded lists and strings).
 _MAX_ITEMS = {"spec.objective.heldIn": 64, "spec.objective.heldOut": 64, "spec.search.baselines": 3}
-_MAX_LENGTH = {"spec.checkpoints[].name": 63, "spec.checkpoints[].uri": 2048, "task": 256}
+_MAX_LENGTH = {
+    "spec.checkpoints[].name": 63,
+    "spec.checkpoints[].uri": 2048,
+    "task": 256,
+    "device": 16,
+}
+
+# The pod template stays free-form for the API server (its allow-list is the operator's,
+# operator/podpolicy.py, refused by name in the first reconcile), but its shape is typed where
+# a wrong shape would otherwise reach the operator: `containers` is a list of objects, in a
+# PodTemplateSpec (`spec.containers`) and in the bare pod-spec form alike.
+_CONTAINERS = {
+    "type": "array",
+    "description": "At most one container, the runner (docs/operator.md).",
+    "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+}
+_POD_SPEC = {
+    "type": "object",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {"containers": _CONTAINERS},
+}
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -143,6 +185,12 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
         out.setdefault("maxLength", _MAX_LENGTH.get(path, _MAX_LENGTH.get(leaf, 4096)))
     if path in _RULES:
         out["x-kubernetes-validations"] = _RULES[path]
+    if path == "spec.execution.template":
+        out["properties"] = {
+            "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "spec": copy.deepcopy(_POD_SPEC),
+            "containers": copy.deepcopy(_CONTAINERS),
+        }
     return out
 
 
@@ -155,6 +203,7 @@ def _default_empty_objects(node: dict[str, Any]) -> None:
             and "properties" in child
             and name not in required
             and not child.get("nullable")
+            and not child.get("x-kubernetes-preserve-unknown-fields")  # the pod template's
             and "default" not in child
         ):
             child["default"] = {}
@@ -189,7 +238,12 @@ STATUS_SCHEMA: dict[str, Any] = {
             },
         },
         "best": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "bestFitness": {"type": "string", "description": "best.fitness, 4 decimals."},
         "winner": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "winnerFitness": {
+            "type": "string",
+            "description": "winner.fitness (on the confirmation examples), 4 decimals.",
+        },
         "conditions": {
             "type": "array",
             "x-kubernetes-list-type": "map",
@@ -214,8 +268,10 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Iteration", "type": "integer", "jsonPath": ".status.iteration"},
     {"name": "Trials", "type": "integer", "jsonPath": ".status.trials.finished"},
-    {"name": "Best", "type": "number", "jsonPath": ".status.best.fitness"},
-    {"name": "Confirmed", "type": "number", "jsonPath": ".status.winner.fitness"},
+    # A string the operator formats with 4 decimals (status.bestFitness); a number column
+    # would print all 16 digits.
+    {"name": "Best", "type": "string", "jsonPath": ".status.bestFitness"},
+    {"name": "Confirmed", "type": "string", "jsonPath": ".status.winnerFitness"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult
 from mergesearch import engine
 from mergesearch.engine.records import fitness_of
 from mergesearch.records import TrialRecord, append_record, read_records, write_json_atomic
@@ -103,9 +104,9 @@ def save_state(paths: StatePaths, spec: MergeSearchSpec, state: engine.EngineSta
 
 
 def record_of(
-    candidate: engine.Candidate, scores: Any | None, error: str | None, fitness: float | None
+    candidate: engine.Candidate, result: TrialResult, fitness: float | None
 ) -> TrialRecord:
-    """A finished trial as the log keeps it; `scores` is None for a failed one."""
+    """A finished trial as the log keeps it, from the runner's result type."""
     common = {
         "id": candidate.id,
         "kind": candidate.kind,
@@ -114,17 +115,18 @@ def record_of(
         "subset": candidate.subset,
         "source": candidate.source,
     }
-    if scores is None:
-        return TrialRecord(**common, status="failed", error=error)
+    if result.status != "succeeded":
+        kind = result.error_kind.value if result.error_kind else None
+        return TrialRecord(**common, status="failed", error=result.error, error_kind=kind)
     return TrialRecord(
         **common,
         status="succeeded",
-        held_in=scores.held_in,
-        held_out=scores.held_out,
+        held_in=dict(result.held_in),
+        held_out=dict(result.held_out),
         fitness=fitness,
-        merge_s=round(scores.merge_s, 4),
-        evaluate_s=round(scores.evaluate_s, 4),
-        digest=scores.digest,
+        merge_s=result.timings.merge_s,
+        evaluate_s=result.timings.evaluate_s,
+        digest=result.digest,
     )
 
 
@@ -132,6 +134,33 @@ def result_of(record: TrialRecord) -> engine.Result:
     if record.status != "succeeded":
         return engine.Result(candidate_id=record.id, failed=True, reason=record.error)
     return engine.Result(candidate_id=record.id, scores=record.held_in)
+
+
+@dataclass(frozen=True)
+class FatalFailure:
+    """A trial failed with a kind whose policy is fatal: every later trial would fail alike.
+
+    The search stops at once and issues nothing more; the failed trial is not logged, so a
+    rerun after the cause is fixed evaluates it again.
+    """
+
+    trial: str
+    kind: FailureKind
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f"trial {self.trial} failed ({self.kind.value}): {self.error}"
+
+
+def fatal_failure(result: TrialResult) -> FatalFailure | None:
+    """The fatal failure a trial result reveals, decided from its kind (FAILURE_POLICY)."""
+    kind = result.error_kind
+    if result.status == "succeeded" or kind is None:
+        return None
+    if FAILURE_POLICY[kind] is not FailurePolicy.FATAL:
+        return None
+    return FatalFailure(trial=result.id, kind=kind, error=result.error or kind.value)
 
 
 Progress = Callable[[engine.EngineState, TrialRecord | None], None]
@@ -164,6 +193,13 @@ class LocalSearch:
         self.records = {r.id: r for r in read_records(self.paths.trials)}
         self.dirs: list[Path] = []
         self.evaluator: Any = None
+        self.fatal: FatalFailure | None = None
+        self.destination: str | None = None  # what spec.output.uri holds: "empty" or "model"
+
+    @property
+    def output_uri(self) -> str:
+        """spec.output.uri, a relative path resolved against the manifest's directory."""
+        return resolve_location(self.spec.output.uri or "", self.base)
 
     # -- preflight -------------------------------------------------------------------------
     def custom_tasks_dir(self) -> Path | None:
@@ -181,9 +217,14 @@ class LocalSearch:
         """Fetch and check everything before the first trial, so bad input fails fast."""
         from mergerunner.checkpoint import CheckpointError, validate_checkpoints
         from mergerunner.evaluate import EvaluationError
-        from mergerunner.fetch import FetchError, fetch_checkpoint
+        from mergerunner.fetch import FetchError, check_destination, fetch_checkpoint
         from mergerunner.resident import ResidentEvaluator
 
+        if self.spec.output.uri:
+            try:
+                self.destination = check_destination(self.output_uri)
+            except FetchError as exc:
+                raise LocalInputError(f"spec.output.uri: {exc}") from None
         dirs = []
         for ref in self.spec.checkpoints:
             try:
@@ -209,35 +250,45 @@ class LocalSearch:
             raise LocalInputError(str(exc)) from None
 
     # -- the loop --------------------------------------------------------------------------
-    def evaluate(self, candidate: engine.Candidate) -> TrialRecord:
+    def evaluate(self, candidate: engine.Candidate) -> TrialResult:
+        """One candidate, as the runner reports a trial: a failure is data, never raised."""
         weights = [candidate.weights[name] for name in self.config.checkpoints]
-        try:
-            scores = self.evaluator.score(
-                weights,
-                with_held_out=candidate.kind == "baseline" and candidate.subset == "search",
-                subset=candidate.subset,
-            )
-        except Exception as exc:  # a failed trial is data for the engine, not a crash
-            log.warning("trial %s failed: %s", candidate.id, exc)
-            return record_of(candidate, None, f"{type(exc).__name__}: {exc}", None)
-        fitness = fitness_of(self.config, scores.held_in)
-        return record_of(candidate, scores, None, fitness)
+        result = self.evaluator.trial(
+            candidate.id,
+            weights,
+            with_held_out=candidate.kind == "baseline" and candidate.subset == "search",
+            subset=candidate.subset,
+        )
+        if result.status != "succeeded":
+            log.warning("trial %s failed (%s): %s", candidate.id, result.error_kind, result.error)
+        return result
 
     def run(self, progress: Progress | None = None) -> engine.EngineState:
-        while not engine.done(self.state)[0]:
-            self.state, candidates = engine.ask(self.state)
+        """Evaluate candidates until the engine is done or a trial fails fatally.
+
+        The engine is asked again after every result, never for a whole generation at once:
+        once a result finishes the search (too many failures, the target reached), nothing
+        more is evaluated.
+        """
+        while self.fatal is None and not engine.done(self.state)[0]:
+            self.state, candidates = engine.ask(self.state, 1)
             if not candidates:
                 break
-            for candidate in candidates:
-                record = self.records.get(candidate.id)
-                if record is None:
-                    record = self.evaluate(candidate)
-                    append_record(self.paths.trials, record)
-                    self.records[record.id] = record
-                self.state = engine.tell(self.state, [result_of(record)])
-                save_state(self.paths, self.spec, self.state)
-                if progress:
-                    progress(self.state, record)
+            candidate = candidates[0]
+            record = self.records.get(candidate.id)
+            if record is None:
+                result = self.evaluate(candidate)
+                self.fatal = fatal_failure(result)
+                if self.fatal is not None:
+                    break
+                fitness = fitness_of(self.config, result.held_in) if result.held_in else None
+                record = record_of(candidate, result, fitness)
+                append_record(self.paths.trials, record)
+                self.records[record.id] = record
+            self.state = engine.tell(self.state, [result_of(record)])
+            save_state(self.paths, self.spec, self.state)
+            if progress:
+                progress(self.state, record)
         return self.state
 
     # -- the end ---------------------------------------------------------------------------
@@ -256,8 +307,8 @@ class LocalSearch:
             final = {"best": best["id"], "heldOut": scores.held_out, "digest": scores.digest}
             write_json_atomic(self.paths.final, final)
         uri = self.spec.output.uri
-        if uri and final.get("output", {}).get("uri") != uri:
-            final["output"] = self.export(best["weights"], resolve_location(uri, self.base))
+        if uri and final.get("output", {}).get("uri") != self.output_uri:
+            final["output"] = self.export(best["weights"], self.output_uri)
             write_json_atomic(self.paths.final, final)
         return final
 

@@ -49,6 +49,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from mergerunner.storage import FetchError
     from mergesearch.local import LocalInputError, LocalSearch, quiet_libraries
     from mergesearch.spec import SpecError, load_manifest
 
@@ -73,7 +74,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     with quiet_libraries():
         state = _run_with_progress(search, console, show=not args.no_progress)
-        final = search.finish()
+        if search.fatal is not None:
+            console.print(f"[red]search failed:[/] {search.fatal.message}")
+            console.print(f"state: {state_dir}  (fix the cause and run again to resume)")
+            return EXIT_BAD_INPUT
+        try:
+            final = search.finish()
+        except (LocalInputError, FetchError, OSError) as exc:
+            console.print(f"[red]export failed:[/] {exc}")
+            return EXIT_FAILED
     from mergesearch import engine
 
     status = engine.status(state)
@@ -161,6 +170,9 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
         table.add_row(row.label, *cells, f"{row.fitness:.4f}", *confirmed, *outs)
     console.print(table)
     console.print(f"stopped: {status.reason or status.phase}  ({status.message or ''})")
+    if status.phase == "failed" and status.recent_failures:
+        last = status.recent_failures[-1]
+        console.print(f"last failure: trial {last['id']}: {last['reason']}")
     if best is None:
         return
     weights = ", ".join(f"{k} {v:.3f}" for k, v in best["weights"].items())

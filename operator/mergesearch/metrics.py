@@ -25,6 +25,11 @@ Series (all labelled `namespace`, `search`):
 | mergesearch_task_score | gauge | task, split = held_in, held_out |
 | mergesearch_checkpoint_weight | gauge | checkpoint |
 | mergesearch_phase | gauge (1 for the current phase) | phase |
+| mergesearch_evaluators | gauge (warm mode) | state = wanted, running, ready, busy |
+| mergesearch_evaluator_fetched_bytes | gauge (warm mode) | |
+
+Warm mode's trial timings come from the results evaluators post (`Plan.posted`), observed
+once per evaluator and trial id, into the same histogram.
 """
 
 from __future__ import annotations
@@ -76,7 +81,10 @@ HELP = {
     "mergesearch_checkpoint_weight": "Weight of each checkpoint in the best (then the "
     "confirmed winner's) merge.",
     "mergesearch_phase": "1 for the search's current phase.",
+    "mergesearch_evaluators": "Warm evaluator pods: wanted, running, ready, busy (leasing).",
+    "mergesearch_evaluator_fetched_bytes": "Bytes the search's evaluators fetched from storage.",
 }
+EVALUATOR_STATES = ("wanted", "running", "ready", "busy")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,12 @@ def status_samples(status: Mapping[str, Any]) -> list[Sample]:
         if (value := _number(raw)) is not None:
             labels = (("checkpoint", str(checkpoint)),)
             out.append(Sample("mergesearch_checkpoint_weight", value, labels))
+    evaluators = status.get("evaluators") or {}
+    for state in EVALUATOR_STATES:
+        if (value := _number(evaluators.get(state))) is not None:
+            out.append(Sample("mergesearch_evaluators", value, (("state", state),)))
+    if (value := _number(evaluators.get("bytesFetched"))) is not None:
+        out.append(Sample("mergesearch_evaluator_fetched_bytes", value))
     if (phase := status.get("phase")) in PHASES:
         for each in PHASES:
             out.append(Sample("mergesearch_phase", float(each == phase), (("phase", each),)))
@@ -262,6 +276,7 @@ def _families(statuses: Mapping[Key, Mapping[str, Any]]) -> Iterable[Metric]:
         "mergesearch_winner_fitness": ("subset",),
         "mergesearch_checkpoint_weight": ("checkpoint",),
         "mergesearch_phase": ("phase",),
+        "mergesearch_evaluators": ("state",),
     }
     for name, doc in HELP.items():
         if name == "mergesearch_trial_duration_seconds":
@@ -318,7 +333,11 @@ def install(runtime: Any, metrics: SearchMetrics = METRICS) -> None:
 
     def on_reconcile(view: Any, plan: Any) -> None:
         owner = view.owner
-        metrics.update_status((owner.namespace, owner.name), plan.status, uid=owner.uid)
+        key = (owner.namespace, owner.name)
+        metrics.update_status(key, plan.status, uid=owner.uid)
+        for posted in plan.posted:  # warm mode: results evaluators posted and the plan told
+            trial = f"{posted.evaluator}/{posted.result.id}"
+            metrics.observe_result(key, trial, posted.result.to_wire())
 
     runtime.observers.append(on_reconcile)
 

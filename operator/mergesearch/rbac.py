@@ -2,18 +2,21 @@
 
 Least privilege for what the operator really does (docs/operator.md, "RBAC"):
 
-- mergesearches: watch them (kopf), read one fresh per reconcile, patch metadata (kopf adds and
-  removes its finalizer, which the per-resource daemon needs); the status subresource is
+- mergesearches: watch them (kopf), read one fresh per reconcile, patch metadata (kopf removes
+  the finalizer earlier versions added; none is added any more); the status subresource is
   replaced under a resourceVersion precondition; `mergesearches/finalizers: update` is what the
   OwnerReferencesPermissionEnforcement admission plugin asks of whoever creates a Job with
   `blockOwnerDeletion: true` pointing at a MergeSearch.
 - jobs: the trial Jobs (index, create, delete); pods: read the termination messages;
-  events: milestones (kopf posts them, and creates or patches aggregated ones).
+  events: milestones (kopf posts them, and creates or patches aggregated ones), and reading
+  the Warning events of a trial pod or Job that does not start (FailedMount, FailedCreate).
 - kopf itself: list/watch CustomResourceDefinitions and namespaces (its dynamic scanning of
   the cluster; without them it serves only what it saw at start and logs warnings).
 - No coordination leases or kopf peering resources: the operator runs `--standalone`.
-- No secrets and no configmaps: trial pods reference the storage Secret and the custom-task
-  ConfigMap by name; the kubelet reads them, the operator never does.
+- Secrets: `create` only, for the warm evaluators' per-search token Secret (`operator/warm.py`):
+  the token is derived from the operator's key, so the operator never reads a Secret back. No
+  configmaps: trial pods reference the storage Secret and the custom-task ConfigMap by name;
+  the kubelet reads them, the operator never does.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def rules() -> list[dict[str, Any]]:
         _rule([API_GROUP], [f"{PLURAL}/finalizers"], ["update"]),
         _rule(["batch"], ["jobs"], ["get", "list", "watch", "create", "delete"]),
         _rule([""], ["pods"], ["get", "list", "watch"]),
+        _rule([""], ["secrets"], ["create"]),
         _rule(["", "events.k8s.io"], ["events"], ["create", "patch"]),
+        _rule([""], ["events"], ["list"]),
         _rule(["apiextensions.k8s.io"], ["customresourcedefinitions"], ["get", "list", "watch"]),
         _rule([""], ["namespaces"], ["get", "list", "watch"]),
     ]

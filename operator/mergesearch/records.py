@@ -26,6 +26,7 @@ class TrialRecord:
     held_out: dict[str, float] = field(default_factory=dict)
     fitness: float | None = None
     error: str | None = None
+    error_kind: str | None = None  # mergerunner.trial.FailureKind's value, for a failed trial
     merge_s: float = 0.0
     evaluate_s: float = 0.0
     digest: str | None = None

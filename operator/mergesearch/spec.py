@@ -12,6 +12,7 @@ translates a task between two slightly different definitions.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,13 +28,23 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from mergerunner.trial import CheckpointRef, Dtype, EvaluatorSpec, TaskSpec
+from mergerunner.trial import (
+    TERMINATION_MESSAGE_LIMIT,
+    CheckpointRef,
+    Dtype,
+    EvaluatorSpec,
+    TaskSpec,
+    packed_result_bytes,
+)
 
 API_GROUP = "mergesearch.io"
 API_VERSION = "v1alpha1"
 KIND = "MergeSearch"
 
 Baseline = Literal["each", "uniform", "merge-best"]
+# How a cluster runs candidates: one Job per trial, or warm evaluators that keep the
+# checkpoints and one model resident across candidates (docs/operator.md, "Warm evaluators").
+ExecutionMode = Literal["jobs", "warm"]
 
 
 class _Spec(BaseModel):
@@ -54,8 +65,17 @@ class MergeSpec(_Spec):
     dtype: Dtype = Field(default="bfloat16", description="Data type of the merged model.")
 
 
+# A Kubernetes object name (RFC 1123 subdomain), as Secrets and ConfigMaps must have.
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
 class LocalObjectRef(_Spec):
-    name: str = Field(min_length=1, max_length=253, description="Object name, same namespace.")
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=OBJECT_NAME_PATTERN,
+        description="Object name (lower-case letters, digits, '-' and '.'), same namespace.",
+    )
 
 
 class CustomTasks(_Spec):
@@ -65,7 +85,9 @@ class CustomTasks(_Spec):
         default=None, description="ConfigMap whose keys are task YAML (and data) files."
     )
     path: str | None = Field(
-        default=None, description="Local directory of task YAMLs (local mode only)."
+        default=None,
+        description="Local directory of task YAMLs (local mode only: on a cluster the search "
+        "fails with SpecInvalid; use configMapRef).",
     )
 
     @model_validator(mode="after")
@@ -91,6 +113,14 @@ class ObjectiveSpec(_Spec):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"each task may appear once across heldIn and heldOut: {twice}")
+        for field, tasks in (("heldIn", self.held_in), ("heldOut", self.held_out)):
+            needed = packed_result_bytes([t.task for t in tasks])
+            if needed > TERMINATION_MESSAGE_LIMIT:
+                raise ValueError(
+                    f"{field}: the scores of {len(tasks)} tasks may need {needed} bytes in a "
+                    f"trial's termination message (limit {TERMINATION_MESSAGE_LIMIT}) even "
+                    "packed; use fewer or shorter task names (or an lm-eval group)"
+                )
         return self
 
 
@@ -165,7 +195,14 @@ class SearchSpec(_Spec):
 
 
 class ExecutionSpec(_Spec):
-    parallelism: int = Field(default=4, ge=1, le=1000, description="Concurrent trials.")
+    mode: ExecutionMode = Field(
+        default="jobs",
+        description="jobs: one Job per trial; warm: evaluator pods that fetch the checkpoints "
+        "once and merge each candidate into a resident model.",
+    )
+    parallelism: int = Field(
+        default=4, ge=1, le=1000, description="Concurrent trials (warm: evaluator pods)."
+    )
     max_failed_trials: int = Field(
         default=8, ge=0, description="Failed trials tolerated before the search fails."
     )
@@ -213,7 +250,9 @@ class MergeSearchSpec(_Spec):
             return search
         unlimited = [i for i, t in enumerate(objective.held_in) if t.limit is None]
         if unlimited:
-            fields = ", ".join(f"objective.heldIn[{i}].limit" for i in unlimited)
+            fields = ", ".join(f"objective.heldIn[{i}].limit" for i in unlimited[:3])
+            if len(unlimited) > 3:
+                fields += f" and {len(unlimited) - 3} more"
             raise ValueError(
                 f"confirm: needs unseen examples of every held-in task; set {fields} "
                 "(the search's subset), or confirm.enabled: false"
@@ -238,6 +277,19 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=253)
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns1123(cls, name: str) -> str:
+        # What the API server accepts, and in local mode a safe directory name
+        # (.mergesearch/NAME): no "/", no "..", no leading dot.
+        if not re.match(OBJECT_NAME_PATTERN, name):
+            raise ValueError(
+                f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.', "
+                "starting and ending with a letter or digit (a DNS-1123 subdomain, as Kubernetes "
+                "requires)"
+            )
+        return name
 
 
 class MergeSearch(BaseModel):
@@ -296,6 +348,18 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
         where = f"{prefix}.{field}" if prefix and field else prefix or field
         lines.append(f"{where}: {message}" if where else message)
     return lines
+
+
+def cluster_errors(spec: MergeSearchSpec) -> list[str]:
+    """What a valid spec may not ask of a cluster (one "field: problem" line each): a local
+    directory of custom tasks means nothing in a trial pod."""
+    custom = spec.objective.custom_tasks
+    if custom is not None and custom.path is not None:
+        return [
+            "spec.objective.customTasks.path: a local directory works in local mode only; "
+            "on a cluster put the task files in a ConfigMap and use customTasks.configMapRef"
+        ]
+    return []
 
 
 def parse_manifest(data: Any, source: str = "manifest") -> MergeSearch:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mergerunner.trial import FailureKind
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,9 +59,13 @@ MAX_HEADER_BYTES = 100_000_000
 class CheckpointError(ValueError):
     """A checkpoint cannot be read: missing, not safetensors, corrupt or inconsistent."""
 
+    failure_kind = FailureKind.CHECKPOINT_INVALID
+
 
 class CheckpointMismatch(CheckpointError):
     """Checkpoints disagree on tensor names, shapes or dtypes, so they cannot be merged."""
+
+    failure_kind = FailureKind.CHECKPOINTS_INCOMPATIBLE
 
 
 @dataclass(frozen=True)
@@ -136,50 +143,119 @@ def parse_header(
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Decode a safetensors header (the JSON after the 8-byte length) into tensor infos.
 
-    Offsets are checked against the file size so that a truncated file fails here, not half-way
-    through a merge.
+    As strict as the safetensors reference (its `read_metadata` and `Metadata::validate`): a
+    JSON object of tensors, each with a known dtype, a shape of non-negative integers and two
+    integer `data_offsets` whose distance fits the shape; `__metadata__`, if present, an
+    object of strings; and the tensors' byte ranges, in offset order, tile the data section
+    exactly (no gap, no overlap, no byte after the last tensor). A file the reference refuses
+    is refused here, so what we merge is what every other loader reads; and a truncated file
+    fails here, not half-way through a merge.
     """
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{file}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(header.pop("__metadata__", None), file)
     data_start = 8 + len(raw)
     tensors = {name: _tensor_info(name, entry, file, data_start) for name, entry in header.items()}
-    for info in tensors.values():
-        if info.end > file_size:
+    _check_tiling(tensors.values(), file, data_start, file_size)
+    return tensors, metadata
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: a tensor named twice is ambiguous."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears more than once")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _metadata(value: Any, file: Path) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CheckpointError(
+            f"{file}: safetensors __metadata__ must be a JSON object of strings, "
+            f"got {type(value).__name__} {json.dumps(value)[:80]}"
+        )
+    return dict(value)
+
+
+def _check_tiling(
+    tensors: Iterable[TensorInfo], file: Path, data_start: int, file_size: int
+) -> None:
+    """The tensors' byte ranges, in offset order, must cover the data section exactly."""
+    position = data_start
+    for info in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            what = "overlaps the tensor before it" if info.start < position else "leaves a gap"
             raise CheckpointError(
-                f"{file}: tensor {info.name!r} ends at byte {info.end} but the file has only "
-                f"{file_size} bytes (truncated?)"
+                f"{file}: tensor {info.name!r} starts at data offset {info.start - data_start} "
+                f"but the data before it ends at {position - data_start}: it {what}"
             )
-    return tensors, dict(metadata)
+        position = info.end
+    if position > file_size:
+        raise CheckpointError(
+            f"{file}: the tensors end at byte {position} but the file has only {file_size} "
+            "bytes (truncated?)"
+        )
+    if position != file_size:
+        raise CheckpointError(
+            f"{file}: {file_size - position} bytes follow the last tensor's data (a "
+            "safetensors file ends with its last tensor)"
+        )
 
 
 def _tensor_info(name: str, entry: Any, file: Path, data_start: int) -> TensorInfo:
-    try:
-        dtype = str(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}") from exc
-    itemsize = FLOAT_ITEMSIZE.get(dtype) or _OTHER_ITEMSIZE.get(dtype)
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{file}: header entry for tensor {name!r} is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has shape {json.dumps(shape)[:80]}; a shape is a list of "
+            "non-negative integers"
+        )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has data_offsets {json.dumps(offsets)[:80]}; they are "
+            "two non-negative integers"
+        )
+    itemsize = _itemsize(dtype)
     if itemsize is None:
         raise CheckpointError(f"{file}: tensor {name!r} has unknown dtype {dtype!r}")
-    if any(d < 0 for d in shape) or begin < 0 or end - begin != math.prod(shape) * itemsize:
+    begin, end = offsets
+    if end - begin != math.prod(shape) * itemsize:
         raise CheckpointError(
             f"{file}: tensor {name!r} has byte range [{begin}, {end}) that does not fit "
             f"shape {list(shape)} of {dtype}"
         )
-    return TensorInfo(name, file, dtype, shape, data_start + begin, data_start + end)
+    return TensorInfo(name, file, str(dtype), tuple(shape), data_start + begin, data_start + end)
+
+
+def _itemsize(dtype: Any) -> int | None:
+    if not isinstance(dtype, str):
+        return None
+    return FLOAT_ITEMSIZE.get(dtype) or _OTHER_ITEMSIZE.get(dtype)
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON non-negative integer: not a float (2.0), a string or a boolean."""
+    return type(value) is int and value >= 0
 
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read only the header of a safetensors file: tensor name -> location, and its metadata."""
     try:
         with file.open("rb") as handle:
-            size = file.stat().st_size
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{file}: too short to be a safetensors file")
@@ -189,7 +265,27 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = handle.read(length)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{file}: file not found") from exc
+    except OSError as exc:  # a directory, a permission, an I/O error: still this file's fault
+        raise CheckpointError(f"{file}: cannot be read ({exc.strerror or exc})") from exc
     return parse_header(raw, file, size)
+
+
+def weights_entry(names: Iterable[str]) -> str | None:
+    """Which file says where a checkpoint's weights are, among the names in its directory: the
+    rule transformers follows (`modeling_utils`, 5.x), `model.safetensors` when it exists, else
+    the index. A directory holding both is read as its single file, by the layout reader here,
+    by the fetch (from a listing) and by every loader."""
+    available = set(names)
+    if SINGLE_FILE in available:
+        return SINGLE_FILE
+    return INDEX_FILE if INDEX_FILE in available else None
+
+
+def weights_files(path: Path) -> tuple[str, ...]:
+    """`weights_entry` of a local directory, as a tuple (empty when there is neither)."""
+    present = [n for n in (SINGLE_FILE, INDEX_FILE) if (path / n).is_file()]
+    entry = weights_entry(present)
+    return (entry,) if entry else ()
 
 
 def read_layout(path: Path) -> CheckpointLayout:
@@ -197,11 +293,11 @@ def read_layout(path: Path) -> CheckpointLayout:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: not a directory")
-    index = path / INDEX_FILE
-    if index.is_file():
-        tensors = _read_sharded(path, index)
-    elif (path / SINGLE_FILE).is_file():
+    found = weights_files(path)
+    if found == (SINGLE_FILE,):
         tensors, _ = read_safetensors_header(path / SINGLE_FILE)
+    elif found == (INDEX_FILE,):
+        tensors = _read_sharded(path, path / INDEX_FILE)
     else:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
@@ -214,21 +310,34 @@ def read_layout(path: Path) -> CheckpointLayout:
     return CheckpointLayout(path, tensors, _ties_head(path, tensors, embedding), embedding)
 
 
-def _read_sharded(path: Path, index: Path) -> dict[str, TensorInfo]:
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's `weight_map`: tensor name -> shard file, each a plain file name in the
+    checkpoint's directory (never a path, `.`, `..` or a pickle)."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {INDEX_FILE} has no valid weight_map") from exc
-    files = sorted(set(weight_map.values()))
-    for name in files:
-        if Path(name).suffix in PICKLE_SUFFIXES:
+        document = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: not a readable JSON document ({exc})") from exc
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index}: weight_map must be a non-empty JSON object of tensor name -> file name"
+        )
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
             raise CheckpointError(
-                f"checkpoint {path}: index points to pickle-based file {name}; refused"
+                f"{index}: weight_map maps {tensor!r} to {json.dumps(shard)[:80]}, not a file name"
             )
-        if Path(name).name != name:
-            raise CheckpointError(f"checkpoint {path}: index names a file outside it: {name!r}")
+        if Path(shard).suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{index}: points to pickle-based file {shard}; refused")
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: weight_map names a file outside it: {shard!r}")
+    return weight_map
+
+
+def _read_sharded(path: Path, index: Path) -> dict[str, TensorInfo]:
+    weight_map = read_weight_map(index)
     tensors: dict[str, TensorInfo] = {}
-    for name in files:
+    for name in sorted(set(weight_map.values())):
         shard, _ = read_safetensors_header(path / name)
         for tensor, info in shard.items():
             if weight_map.get(tensor) != name:
@@ -275,7 +384,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         return {}
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"checkpoint {path}: config.json is not valid JSON") from exc
     return config if isinstance(config, dict) else {}
 
@@ -357,22 +466,25 @@ def _more(names: Sequence[str]) -> str:
 def _plan_tensor(
     name: str, layouts: Sequence[CheckpointLayout], views: Sequence[dict[str, TensorInfo]]
 ) -> PlannedTensor:
+    """What a merge needs of one tensor: the same shape everywhere, in a floating-point dtype.
+
+    Dtypes may differ between checkpoints (a bf16 and an fp32 fine-tune of one base): every
+    input is widened to the float32 accumulator anyway, exactly for bf16/fp16 and rounded once
+    for fp64, so mixing them changes nothing in the arithmetic.
+    """
     sources = tuple(view[name] for view in views)
     ref = sources[0]
     for layout, info in zip(layouts[1:], sources[1:], strict=True):
         if info.shape != ref.shape:
             raise CheckpointMismatch(
                 f"tensor {name!r} has shape {list(info.shape)} in checkpoint {layout.label} but "
-                f"{list(ref.shape)} in checkpoint {layouts[0].label}"
+                f"{list(ref.shape)} in checkpoint {layouts[0].label}; a linear merge needs the "
+                "same tensor names and shapes in every checkpoint (dtypes may differ)"
             )
-        if info.dtype != ref.dtype:
+    for layout, info in zip(layouts, sources, strict=True):
+        if info.dtype not in FLOAT_ITEMSIZE:
             raise CheckpointMismatch(
-                f"tensor {name!r} has dtype {info.dtype} in checkpoint {layout.label} but "
-                f"{ref.dtype} in checkpoint {layouts[0].label}"
+                f"tensor {name!r} has dtype {info.dtype} in checkpoint {layout.label}; a linear "
+                f"merge needs floating-point tensors ({', '.join(FLOAT_ITEMSIZE)})"
             )
-    if ref.dtype not in FLOAT_ITEMSIZE:
-        raise CheckpointMismatch(
-            f"tensor {name!r} has dtype {ref.dtype} in checkpoint {layouts[0].label}; "
-            "a linear merge needs floating-point tensors"
-        )
     return PlannedTensor(name, ref.dtype, ref.shape, sources)

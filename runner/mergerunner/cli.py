@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from mergerunner.trial import TrialDocument, TrialResult, parse_trial
+from mergerunner.trial import FailureKind, TrialDocument, TrialResult, parse_trial
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
@@ -64,7 +64,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ValidationError) as exc:
         _emit(
             TrialResult(
-                id="?", status="failed", failed_step="input", error=_input_error(exc)[:2000]
+                id="?",
+                status="failed",
+                failed_step="input",
+                error_kind=FailureKind.INVALID_INPUT,
+                error=_input_error(exc)[:2000],
             ),
             args,
         )
@@ -80,6 +84,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_trial(doc, cache_dir=cache, work_dir=work)
     _emit(result, args)
     return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
+
+
+def _cmd_evaluator(args: argparse.Namespace) -> int:
+    """A warm evaluator: lease candidates from the operator until the search is done."""
+    from mergerunner.evaluator import EXIT_CONFIG, WarmTrials, serve
+
+    missing = [
+        flag
+        for flag, value in (("--endpoint", args.endpoint), ("--token-file", args.token_file))
+        if not value
+    ]
+    if missing:
+        logging.error("evaluator: %s not set (nor their environment variables)", missing)
+        return EXIT_CONFIG
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        logging.error("evaluator: cannot read the token file: %s", exc)
+        return EXIT_CONFIG
+    trials = WarmTrials(cache_dir=_cache_dir(args), work_dir=_work_dir(args))
+    return serve(args.endpoint, args.name, token, trials)
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return Path(
+        args.cache_dir
+        or os.environ.get("MERGERUNNER_CACHE_DIR")
+        or Path.home() / ".cache" / "mergerunner"
+    )
+
+
+def _work_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.work_dir) if args.work_dir else None
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -102,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", help="checkpoint cache (default: $MERGERUNNER_CACHE_DIR)")
     run.add_argument("--work-dir", help="scratch space for the merged model (default: $TMPDIR)")
     run.set_defaults(func=_cmd_run)
+    warm = sub.add_parser("evaluator", help="a warm evaluator: lease and run many trials")
+    warm.add_argument(
+        "--endpoint",
+        default=os.environ.get("MERGESEARCH_EVALUATOR_URL"),
+        help="the operator's lease URL (default: $MERGESEARCH_EVALUATOR_URL)",
+    )
+    warm.add_argument(
+        "--token-file",
+        default=os.environ.get("MERGESEARCH_EVALUATOR_TOKEN_FILE"),
+        help="the search's bearer token (default: $MERGESEARCH_EVALUATOR_TOKEN_FILE)",
+    )
+    warm.add_argument(
+        "--name",
+        default=os.environ.get("MERGESEARCH_EVALUATOR_NAME") or os.uname().nodename,
+        help="this evaluator's name, its pod's (default: $MERGESEARCH_EVALUATOR_NAME)",
+    )
+    warm.add_argument("--cache-dir", help="checkpoint cache (default: $MERGERUNNER_CACHE_DIR)")
+    warm.add_argument("--work-dir", help="scratch space for an export (default: $TMPDIR)")
+    warm.set_defaults(func=_cmd_evaluator)
     schema = sub.add_parser("schema", help="print the JSON schema of the trial contract")
     schema.add_argument("which", choices=["trial", "result"])
     schema.set_defaults(func=_cmd_schema)

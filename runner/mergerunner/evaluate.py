@@ -13,12 +13,19 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.trial import EvaluatorSpec, Subset, TaskSpec
+from mergerunner.trial import (
+    EvaluatorSpec,
+    FailureKind,
+    Subset,
+    TaskSpec,
+    TrialDocument,
+    TrialError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +34,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-class EvaluationError(Exception):
-    """A task, metric or model problem, with the task named."""
+class EvaluationError(TrialError):
+    """A task, metric or model problem, with the task named; `failure_kind` says which."""
 
 
 @dataclass(frozen=True)
 class ResolvedTask:
+    """A task as loaded: its spec, the result key its metric maps to, its example subset."""
+
     spec: TaskSpec
     indices: list[int] | None
+    key: str
 
 
 def subset_indices(
@@ -63,10 +73,21 @@ def confirmation_indices(task: str, n_docs: int, limit: int | None, seed: int) -
     if not rest:
         raise EvaluationError(
             f"task {task!r}: no examples left for confirmation: the search subset "
-            f"(limit {limit}) uses all {n_docs}; lower the limit or disable search.confirm"
+            f"(limit {limit}) uses all {n_docs}; lower the limit or disable search.confirm",
+            kind=FailureKind.CONFIG,
         )
     rng = random.Random(f"{seed}:{task}:confirmation")
     return sorted(rng.sample(rest, min(limit or len(rest), len(rest))))
+
+
+def subset_options(doc: TrialDocument) -> dict[str, list[str]]:
+    """TaskSuite's `confirm` and `reserve` for a trial document's `subset`: a confirmation
+    trial scores its held-in tasks on the confirmation subset; a search trial that says
+    `subset: search` (the search will confirm) checks that one exists."""
+    held_in = [t.task for t in doc.held_in]
+    if doc.subset == "confirmation":
+        return {"confirm": held_in, "reserve": []}
+    return {"confirm": [], "reserve": held_in if doc.subset == "search" else []}
 
 
 def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
@@ -79,8 +100,39 @@ def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
         if key in keys:
             return key
     raise EvaluationError(
-        f"task {task!r}: metric {wanted!r} not among its results ({', '.join(sorted(keys))})"
+        f"task {task!r}: metric {wanted!r} not among its results ({', '.join(sorted(keys))})",
+        kind=FailureKind.UNKNOWN_METRIC,
     )
+
+
+def metric_keys(task: Any) -> list[str]:
+    """The result keys lm-eval will report for a loaded task, known before any model runs.
+
+    lm-eval reports each metric of the task under each of its filters as `metric,filter`, and
+    aggregates a per-document metric only through `task.aggregation()` (a metric missing there
+    is a KeyError inside lm-eval), so the keys are exactly aggregation × filters.
+    """
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f"{metric},{name}" for metric in task.aggregation() for name in filters]
+
+
+def resolve_tasks(loaded: Mapping[str, Any], specs: Sequence[TaskSpec]) -> dict[str, str]:
+    """Each spec's task → the result key its metric names, checked against the loaded tasks.
+
+    The one place a metric is resolved against its task: every mode calls it before the first
+    trial (local mode when it loads its suites, the runner when it loads its tasks), so a
+    metric the task does not report (`acc` on a generate_until task) fails at once, as
+    `unknown-metric`, instead of after a model was merged and scored.
+    """
+    keys: dict[str, str] = {}
+    for spec in specs:
+        task = loaded.get(spec.task)
+        if task is None:
+            raise EvaluationError(
+                f"unknown lm-eval task: {spec.task}", kind=FailureKind.UNKNOWN_TASK
+            )
+        keys[spec.task] = resolve_metric(spec.task, spec.metric, metric_keys(task))
+    return keys
 
 
 def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
@@ -99,7 +151,9 @@ def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         where = f" (custom tasks from {include_path})" if include_path else ""
-        raise EvaluationError(f"unknown lm-eval task(s): {', '.join(unknown)}{where}")
+        raise EvaluationError(
+            f"unknown lm-eval task(s): {', '.join(unknown)}{where}", kind=FailureKind.UNKNOWN_TASK
+        )
     return manager
 
 
@@ -125,8 +179,12 @@ class TaskSuite:
         include_path: Path | None = None,
         seed: int = 1234,
         confirm: Collection[str] = (),
+        reserve: Collection[str] = (),
     ) -> None:
-        """`confirm`: the tasks scored on their confirmation subset instead of the search's."""
+        """`confirm`: the tasks scored on their confirmation subset instead of the search's;
+        `reserve`: tasks whose confirmation subset must exist (a search trial of a search that
+        will confirm checks it, so that a limit leaving nothing unseen fails the first trial,
+        not the confirmation after the whole search)."""
         self.seed = seed
         names = [t.task for t in tasks]
         manager = _task_manager(include_path, names)
@@ -134,6 +192,7 @@ class TaskSuite:
             loaded = manager.load(names)
         self._task_dict = loaded
         self._tasks: dict[str, Any] = loaded["tasks"]
+        keys = resolve_tasks(self._tasks, tasks)
         self.resolved: list[ResolvedTask] = []
         for spec in tasks:
             task = self._tasks[spec.task]
@@ -144,10 +203,14 @@ class TaskSuite:
             task.set_fewshot_seed(seed=seed)
             n_docs = len(task.eval_docs)
             if n_docs == 0:
-                raise EvaluationError(f"task {spec.task!r} has no evaluation examples")
+                raise EvaluationError(
+                    f"task {spec.task!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
+                )
             subset: Subset = "confirmation" if spec.task in confirm else "search"
             indices = subset_indices(spec.task, n_docs, spec.limit, seed, subset)
-            self.resolved.append(ResolvedTask(spec, indices=indices))
+            if spec.task in reserve:
+                confirmation_indices(spec.task, n_docs, spec.limit, seed)
+            self.resolved.append(ResolvedTask(spec, indices=indices, key=keys[spec.task]))
 
     @property
     def task_names(self) -> list[str]:
@@ -179,10 +242,14 @@ class TaskSuite:
             task_results = results.get(r.spec.task)
             if task_results is None:
                 raise EvaluationError(f"task {r.spec.task!r}: lm-eval returned no results")
-            key = resolve_metric(r.spec.task, r.spec.metric, task_results)
-            value = task_results[key]
+            value = task_results.get(r.key)
+            if value is None:
+                raise EvaluationError(
+                    f"task {r.spec.task!r}: lm-eval reported no {r.key!r}",
+                    kind=FailureKind.UNKNOWN_METRIC,
+                )
             if not isinstance(value, int | float):
-                raise EvaluationError(f"task {r.spec.task!r}: metric {key!r} is not a number")
+                raise EvaluationError(f"task {r.spec.task!r}: metric {r.key!r} is not a number")
             scores[r.spec.task] = float(value)
         return scores
 
@@ -194,6 +261,18 @@ def pick_device(spec: EvaluatorSpec) -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """The dtype a model computes in on `device`, given the merge's output dtype.
+
+    bfloat16 and float16 matrix products are emulated and slow on most CPUs (and float16 lacks
+    some CPU kernels), so on a CPU the model is held in float32; its weights are still exactly
+    the output dtype's values (widening is exact), so the model scored is the one exported.
+    Every mode loads models through this rule, so the same weights on the same device give the
+    same scores in a pod and in local mode.
+    """
+    return "float32" if device.split(":")[0] == "cpu" else dtype
 
 
 def _quiet(base: type) -> type:
@@ -217,7 +296,8 @@ def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool =
     """Wrap an in-memory transformers model for lm-eval, so candidates never reload it."""
     if spec.backend != "hf":
         raise EvaluationError(
-            f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'"
+            f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'",
+            kind=FailureKind.CONFIG,
         )
     from lm_eval.models.huggingface import HFLM
 

@@ -4,6 +4,10 @@ A pod runs one trial and exits, so it merges to disk and loads the result. A loc
 hundreds of trials in one process, where reloading would dominate: here the checkpoints are
 held in memory, one model object stays resident, and each candidate's weights are written into
 it in place before it is scored on task suites that were also loaded once.
+
+What is scored is what is exported: every merge is rounded to `merge.dtype` exactly as
+`merge_to_directory` rounds it, and its digest is the exported model's digest. Only the
+arithmetic of the forward pass may be wider (`compute_dtype`), as in a pod on the same device.
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.evaluate import TaskSuite, make_lm, pick_device
-from mergerunner.trial import EvaluatorSpec, Subset, TaskSpec
+from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, pick_device
+from mergerunner.run import StepFailed, _Clock, _describe
+from mergerunner.trial import (
+    EvaluatorSpec,
+    StepTimings,
+    Subset,
+    TaskSpec,
+    TrialResult,
+    failure_kind_of,
+    fitness_of,
+)
 
 
 @dataclass(frozen=True)
@@ -25,15 +38,6 @@ class ResidentScores:
     digest: str
     merge_s: float
     evaluate_s: float
-
-
-def _eval_dtype(dtype: str, device: str) -> str:
-    """bfloat16 matrix products are emulated and slow on most CPUs; score in float32 there.
-
-    The merge itself always accumulates in float32, so this changes only the arithmetic of the
-    forward pass, not which model is scored.
-    """
-    return "float32" if device == "cpu" else dtype
 
 
 class ResidentEvaluator:
@@ -58,7 +62,9 @@ class ResidentEvaluator:
         self.spec = evaluator or EvaluatorSpec()
         device = pick_device(self.spec)
         trust = self.spec.trust_remote_code
-        self.dtype = _eval_dtype(dtype, device.split(":")[0])
+        self.merge_dtype = dtype
+        self.dtype = compute_dtype(dtype, device)
+        self.held_in_specs = list(held_in)
         first = checkpoint_dirs[0]
         self.model: Any = AutoModelForCausalLM.from_pretrained(
             first, dtype=getattr(torch, self.dtype), trust_remote_code=trust
@@ -91,26 +97,64 @@ class ResidentEvaluator:
         with_held_out: bool = False,
         subset: Subset = "search",
     ) -> ResidentScores:
-        """Merge `weights` into the resident model and score it (held-in tasks on `subset`)."""
+        """Merge `weights` into the resident model and score it (held-in tasks on `subset`);
+        raises `StepFailed`."""
         import torch
 
-        start = time.perf_counter()
-        with torch.no_grad():
-            digest = self.merger.merge_into(self.model, weights)
-        merged = time.perf_counter()
         suite = self.held_in
         if subset == "confirmation":
             if self.confirmation is None:
                 raise ValueError("this evaluator was built without confirm=True")
             suite = self.confirmation
-        held_in = suite.score(self.lm)
-        held_out = (
-            self.held_out.score(self.lm) if with_held_out and self.held_out is not None else {}
-        )
+        clock = _Clock()
+        with clock.step("merge"), torch.no_grad():
+            digest = self.merger.merge_into(self.model, weights, dtype=self.merge_dtype)
+        with clock.step("evaluate"):
+            held_in = suite.score(self.lm)
+            held_out = (
+                self.held_out.score(self.lm) if with_held_out and self.held_out is not None else {}
+            )
         return ResidentScores(
             held_in=held_in,
             held_out=held_out,
             digest=digest,
-            merge_s=merged - start,
-            evaluate_s=time.perf_counter() - merged,
+            merge_s=clock.times["merge"],
+            evaluate_s=clock.times["evaluate"],
+        )
+
+    def trial(
+        self,
+        trial_id: str,
+        weights: Sequence[float],
+        *,
+        with_held_out: bool = False,
+        subset: Subset = "search",
+    ) -> TrialResult:
+        """One candidate as a trial result, the runner's type: a failed step is reported with
+        its failure kind (never raised), so local mode decides from the same kinds as the
+        operator."""
+        start = time.perf_counter()
+        try:
+            scores = self.score(weights, with_held_out=with_held_out, subset=subset)
+        except StepFailed as failure:
+            return TrialResult(
+                id=trial_id,
+                status="failed",
+                failed_step=failure.step,
+                error_kind=failure_kind_of(failure.cause),
+                error=_describe(failure.cause),
+            )
+        timings = StepTimings(
+            merge_s=round(scores.merge_s, 4),
+            evaluate_s=round(scores.evaluate_s, 4),
+            total_s=round(time.perf_counter() - start, 4),
+        )
+        return TrialResult(
+            id=trial_id,
+            status="succeeded",
+            held_in=scores.held_in,
+            held_out=scores.held_out,
+            fitness=fitness_of(scores.held_in, self.held_in_specs),
+            digest=scores.digest,
+            timings=timings,
         )

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
-from mergerunner.trial import Step, StepTimings, TrialDocument, TrialResult, fitness_of
+from mergerunner.trial import (
+    Step,
+    StepTimings,
+    TrialDocument,
+    TrialResult,
+    failure_kind_of,
+    fitness_of,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,16 +85,18 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
 
 
 def load_merged_model(model_dir: Path, doc: TrialDocument) -> tuple[Any, Any]:
-    """Load the merged model and its tokenizer onto the evaluation device."""
+    """Load the merged model and its tokenizer onto the evaluation device, computing in
+    `compute_dtype` (float32 on a CPU: the same arithmetic as local mode's resident model)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergerunner.evaluate import pick_device
+    from mergerunner.evaluate import compute_dtype, pick_device
 
     trust = doc.evaluator.trust_remote_code
-    dtype = getattr(torch, doc.dtype)
+    device = pick_device(doc.evaluator)
+    dtype = getattr(torch, compute_dtype(doc.dtype, device))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
-    model.to(pick_device(doc.evaluator)).eval()
+    model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     return model, tokenizer
 
@@ -102,14 +111,17 @@ def run_trial(
     """Run one trial and report it; never raises for a failure of a step."""
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
-    from mergerunner.evaluate import TaskSuite, make_lm
-    from mergerunner.fetch import fetch_checkpoints, upload_directory
+    from mergerunner.evaluate import TaskSuite, make_lm, subset_options
+    from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
 
     clock = _Clock()
     start = now()
     try:
         with tempfile.TemporaryDirectory(prefix="merge-", dir=work_dir) as tmp:
+            if doc.output.save_model and doc.output.uri:
+                with clock.step("upload"):  # the destination first: a bad one costs no merge
+                    check_destination(doc.output.uri)
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
             merged_dir = Path(tmp) / "merged"
@@ -117,12 +129,11 @@ def run_trial(
                 report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
             with clock.step("evaluate"):
                 custom = custom_tasks_dir(doc)
-                confirm = [t.task for t in doc.held_in] if doc.subset == "confirmation" else []
                 suite = TaskSuite(
                     [*doc.held_in, *doc.held_out],
                     include_path=custom,
                     seed=doc.evaluator.seed,
-                    confirm=confirm,
+                    **subset_options(doc),
                 )
                 model, tokenizer = load_merged_model(merged_dir, doc)
                 scores = suite.score(make_lm(model, tokenizer, doc.evaluator))
@@ -137,6 +148,7 @@ def run_trial(
             id=doc.id,
             status="failed",
             failed_step=failure.step,
+            error_kind=failure_kind_of(failure.cause),
             error=_describe(failure.cause),
             timings=clock.timings(now() - start),
         )

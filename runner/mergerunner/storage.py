@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from mergerunner.trial import FailureKind
+
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
@@ -79,11 +81,26 @@ ErrorKind = Literal[
 ]
 
 
+# What each fetch error means for the search: a user's mistake is fatal, an outage of the store
+# (unreachable, or a store-side error such as a 5xx or bytes that arrived wrong) is retried,
+# a local disk problem counts as a failed trial.
+_FAILURE_KINDS: dict[ErrorKind, FailureKind] = {
+    "not-found": FailureKind.CHECKPOINT_UNAVAILABLE,
+    "access-denied": FailureKind.CHECKPOINT_UNAVAILABLE,
+    "invalid-checkpoint": FailureKind.CHECKPOINT_INVALID,
+    "config": FailureKind.CONFIG,
+    "unreachable": FailureKind.STORAGE_UNAVAILABLE,
+    "storage": FailureKind.STORAGE_UNAVAILABLE,
+    "io": FailureKind.INTERNAL,
+}
+
+
 class FetchError(Exception):
     """The one error of fetching and uploading: names the URI, the kind of failure and its cause.
 
     `kind` lets a caller tell a user's mistake (not-found, access-denied, invalid-checkpoint,
-    config) from an outage (unreachable) without parsing the message.
+    config) from an outage (unreachable) without parsing the message; `failure_kind` is the
+    same decision in the trial contract's terms.
     """
 
     def __init__(self, uri: str, kind: ErrorKind, cause: str) -> None:
@@ -91,6 +108,10 @@ class FetchError(Exception):
         self.kind = kind
         self.cause = cause
         super().__init__(f"{uri}: {kind.replace('-', ' ')}: {cause}")
+
+    @property
+    def failure_kind(self) -> FailureKind:
+        return _FAILURE_KINDS[self.kind]
 
 
 @dataclass(frozen=True)

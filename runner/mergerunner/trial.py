@@ -8,8 +8,14 @@ each other; see docs/trial-contract.md for the versioning rules.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import random
+import struct
+import zlib
+from collections.abc import Sequence
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -22,11 +28,15 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-TRIAL_API_VERSION = "mergerunner.mergesearch.io/v1"
-RESULT_API_VERSION = "mergerunner.mergesearch.io/v1"
+TRIAL_API_VERSION = "mergerunner.mergesearch.io/v2"
+RESULT_API_VERSION = "mergerunner.mergesearch.io/v2"
 
 # Kubernetes truncates a termination message at 4096 bytes; stay under with a margin.
 TERMINATION_MESSAGE_LIMIT = 4000
+# The longest error text a termination message keeps, and the most a packed result may inflate
+# to when it is read back (a guard against a compression bomb in a pod's message).
+MESSAGE_ERROR_CHARS = 500
+MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 Step = Literal["input", "fetch", "merge", "evaluate", "upload"]
@@ -34,6 +44,83 @@ Step = Literal["input", "fetch", "merge", "evaluate", "upload"]
 # confirmation subset that the search never saw (see mergerunner.evaluate.subset_indices).
 Subset = Literal["search", "confirmation"]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
+
+
+class FailureKind(StrEnum):
+    """Why a trial failed, as a kind: what the operator and local mode decide from.
+
+    The runner sets it from the type of the exception that stopped a step (never from message
+    text), so a reworded message cannot turn a fatal configuration error into a retried one.
+    `FAILURE_POLICY` says what each kind means for the search.
+    """
+
+    INVALID_INPUT = "invalid-input"  # the trial document itself was refused
+    CHECKPOINT_UNAVAILABLE = "checkpoint-unavailable"  # not found, access denied
+    CHECKPOINT_INVALID = "checkpoint-invalid"  # unreadable or malformed files, non-finite inputs
+    CHECKPOINTS_INCOMPATIBLE = "checkpoints-incompatible"  # tensor names or shapes disagree
+    UNKNOWN_TASK = "unknown-task"
+    UNKNOWN_METRIC = "unknown-metric"
+    DATA_MISSING = "data-missing"  # a task's data (or metric code, NLTK data) is not available
+    CONFIG = "config"  # any other configuration the trial cannot run with (backend, options)
+    OUT_OF_MEMORY = "out-of-memory"  # the model does not fit where the trial runs
+    NON_FINITE = "non-finite"  # these weights produce a NaN/Inf model (e.g. float16 overflow)
+    STORAGE_UNAVAILABLE = "storage-unavailable"  # the object store could not be reached
+    SERVER_FAILED = "server-failed"  # the inference server did not start or died
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"  # anything unexpected; counted against the failure budget
+
+
+class FailurePolicy(StrEnum):
+    """What a failure of a kind does to the search."""
+
+    FATAL = "fatal"  # every later trial would fail the same way: fail the search at once
+    RETRY = "retry"  # an outage: re-run the trial after a backoff, not counted as a failure
+    COUNTED = "counted"  # this trial failed; counts against maxFailedTrials
+
+
+FAILURE_POLICY: dict[FailureKind, FailurePolicy] = {
+    FailureKind.INVALID_INPUT: FailurePolicy.FATAL,
+    FailureKind.CHECKPOINT_UNAVAILABLE: FailurePolicy.FATAL,
+    FailureKind.CHECKPOINT_INVALID: FailurePolicy.FATAL,
+    FailureKind.CHECKPOINTS_INCOMPATIBLE: FailurePolicy.FATAL,
+    FailureKind.UNKNOWN_TASK: FailurePolicy.FATAL,
+    FailureKind.UNKNOWN_METRIC: FailurePolicy.FATAL,
+    FailureKind.DATA_MISSING: FailurePolicy.FATAL,
+    FailureKind.CONFIG: FailurePolicy.FATAL,
+    FailureKind.OUT_OF_MEMORY: FailurePolicy.FATAL,
+    FailureKind.NON_FINITE: FailurePolicy.COUNTED,
+    FailureKind.STORAGE_UNAVAILABLE: FailurePolicy.RETRY,
+    FailureKind.SERVER_FAILED: FailurePolicy.COUNTED,
+    FailureKind.TIMEOUT: FailurePolicy.COUNTED,
+    FailureKind.INTERNAL: FailurePolicy.COUNTED,
+}
+
+
+class TrialError(Exception):
+    """An error that knows its failure kind. Runner errors subclass it or carry a
+    `failure_kind` attribute, so the step that catches them reports the kind without reading
+    the message."""
+
+    failure_kind: FailureKind = FailureKind.INTERNAL
+
+    def __init__(self, message: str, *, kind: FailureKind | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.failure_kind = kind
+
+
+def failure_kind_of(exc: BaseException) -> FailureKind:
+    """The kind an exception carries (its `failure_kind`), else by its type: MemoryError and
+    torch's OutOfMemoryError are `out-of-memory`, TimeoutError `timeout`, anything else
+    `internal`."""
+    kind = getattr(exc, "failure_kind", None)
+    if isinstance(kind, FailureKind):
+        return kind
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return FailureKind.OUT_OF_MEMORY
+    if isinstance(exc, TimeoutError):
+        return FailureKind.TIMEOUT
+    return FailureKind.INTERNAL
 
 
 class _Model(BaseModel):
@@ -48,7 +135,15 @@ class _Model(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-class CheckpointRef(_Model):
+class _Document(_Model):
+    """A part of the trial document: strict types, as the Python API has them. A weight of
+    "0.5" or `true`, a limit of 2.5: refused, never coerced (JSON integers stay valid where a
+    number is expected)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class CheckpointRef(_Document):
     """A checkpoint by name (used as the weight's key) and location."""
 
     name: Name = Field(description="Unique name of the checkpoint within the search.")
@@ -58,7 +153,7 @@ class CheckpointRef(_Model):
     )
 
 
-class TaskSpec(_Model):
+class TaskSpec(_Document):
     """One lm-evaluation-harness task and how to score it."""
 
     task: str = Field(min_length=1, description="lm-eval task name (registry or custom YAML).")
@@ -79,7 +174,11 @@ class TaskSpec(_Model):
     weight: float = Field(default=1.0, gt=0, description="Weight in the held-in macro-average.")
 
 
-class EvaluatorSpec(_Model):
+# What lm-eval's device option accepts and the runner can place a model on.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
+class EvaluatorSpec(_Document):
     """How the runner evaluates a merged model."""
 
     backend: Literal["hf", "vllm", "analytic"] = Field(
@@ -88,8 +187,14 @@ class EvaluatorSpec(_Model):
         "fetched or merged and no model is evaluated; the weights are scored by a fixed analytic "
         "function (docs/trial-contract.md). Never use it for a real search.",
     )
-    batch_size: int | Literal["auto"] = Field(default="auto", description="Batch size or auto.")
-    device: str = Field(default="auto", description='"auto" (CUDA when present), "cpu", "cuda:0".')
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description='Batch size (at least 1) or "auto".'
+    )
+    device: str = Field(
+        default="auto",
+        pattern=DEVICE_PATTERN,
+        description='"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
+    )
     seed: int = Field(default=1234, ge=0, description="Seed of example subsets and few-shot.")
     max_length: int | None = Field(default=None, ge=1, description="Context length override.")
     trust_remote_code: bool = Field(
@@ -97,17 +202,17 @@ class EvaluatorSpec(_Model):
     )
 
 
-class OutputSpec(_Model):
+class OutputSpec(_Document):
     """Where the runner writes the merged model and full results, if anywhere."""
 
     uri: str | None = Field(default=None, description="Destination prefix (s3://… or a path).")
     save_model: bool = Field(default=False, description="Write the merged model to the URI.")
 
 
-class TrialDocument(_Model):
+class TrialDocument(_Document):
     """Everything one trial needs, and nothing secret: credentials come from the pod's env."""
 
-    api_version: Literal["mergerunner.mergesearch.io/v1"] = TRIAL_API_VERSION
+    api_version: Literal["mergerunner.mergesearch.io/v2"] = TRIAL_API_VERSION
     id: str = Field(min_length=1, max_length=253)
     checkpoints: list[CheckpointRef] = Field(min_length=1)
     weights: dict[str, float]
@@ -128,9 +233,12 @@ class TrialDocument(_Model):
     @field_validator("weights")
     @classmethod
     def _finite(cls, weights: dict[str, float]) -> dict[str, float]:
-        bad = sorted(name for name, w in weights.items() if not math.isfinite(w))
+        bad = sorted(name for name, w in weights.items() if not finite_in_float32(w))
         if bad:
-            raise ValueError(f"weights must be finite numbers; not finite: {', '.join(bad)}")
+            raise ValueError(
+                "weights must be finite numbers, also in float32 (|w| < 3.4e38), the precision "
+                f"the merge multiplies in; not finite: {', '.join(bad)}"
+            )
         return weights
 
     @model_validator(mode="after")
@@ -154,6 +262,15 @@ class TrialDocument(_Model):
             raise ValueError("at least one task is needed in heldIn or heldOut")
         if self.output.save_model and not self.output.uri:
             raise ValueError("output.saveModel needs output.uri")
+        needed = worst_case_message_bytes(self)
+        if needed > TERMINATION_MESSAGE_LIMIT:
+            raise ValueError(
+                f"the result of this trial may need {needed} bytes in its termination message "
+                f"(limit {TERMINATION_MESSAGE_LIMIT}) even packed: "
+                f"{len(self.held_in) + len(self.held_out)} tasks, their names, the id and "
+                "output.uri are too long; use fewer or shorter task names (or an lm-eval "
+                "group, scored as one task)"
+            )
         return self
 
     def weight_vector(self) -> list[float]:
@@ -173,10 +290,13 @@ class TrialResult(_Model):
     """What a trial reports. `fitness` is the weight-averaged held-in score, the number the
     search maximises; held-out scores are reported but never feed the search."""
 
-    api_version: Literal["mergerunner.mergesearch.io/v1"] = RESULT_API_VERSION
+    api_version: Literal["mergerunner.mergesearch.io/v2"] = RESULT_API_VERSION
     id: str
     status: Literal["succeeded", "failed"]
     failed_step: Step | None = None
+    error_kind: FailureKind | None = Field(
+        default=None, description="Why it failed, as a kind (docs/trial-contract.md)."
+    )
     error: str | None = None
     held_in: dict[str, float] = Field(default_factory=dict)
     held_out: dict[str, float] = Field(default_factory=dict)
@@ -190,30 +310,125 @@ class TrialResult(_Model):
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
 
     def termination_message(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
-        """The result as it fits in a pod's termination message.
+        """The result as it fits in a pod's termination message; never fails.
 
-        Kubernetes keeps only the first 4096 bytes, and a cut JSON document is useless, so what
-        does not fit is dropped in order of least use to the operator (timings, then the error's
-        tail, then held-out scores), and `truncated` says so; the full result stays in the result
-        file and on stdout.
+        Kubernetes keeps only the first 4096 bytes, and a cut JSON document is useless. So what
+        does not fit is dropped in order of least use to the operator: timings and the error's
+        tail first; then the result is *packed* (its JSON, zlib-compressed, base64, in the
+        `packed` field: task names compress well, so about 200 held-in scores fit, see
+        `unpack_result`); then held-out scores go; last, every score goes (the compact form).
+        `truncated` says that something was dropped; the full result stays on stdout and in
+        the result file. The trial document's validation (`worst_case_message_bytes`) makes
+        sure the held-in and held-out scores always fit, packed.
         """
         text = self.to_json()
         if len(text.encode()) <= limit:
             return text
         slim = self.model_copy(update={"truncated": True, "timings": StepTimings()})
-        if slim.error and len(slim.error) > 500:
-            slim = slim.model_copy(update={"error": slim.error[:500] + "…"})
-        text = slim.to_json()
-        if len(text.encode()) <= limit:
-            return text
-        slim = slim.model_copy(update={"held_out": {}})
-        text = slim.to_json()
-        if len(text.encode()) <= limit:
-            return text
-        raise ValueError(
-            f"trial result for {self.id!r} does not fit in {limit} bytes even without timings "
-            "and held-out scores; too many held-in tasks for a termination message"
+        if slim.error and len(slim.error) > MESSAGE_ERROR_CHARS:
+            slim = slim.model_copy(update={"error": slim.error[:MESSAGE_ERROR_CHARS] + "…"})
+        candidates = (
+            slim.to_json(),
+            slim.packed(),
+            slim.model_copy(update={"held_out": {}}).packed(),
+            slim.model_copy(update={"held_out": {}, "held_in": {}}).to_json(),
         )
+        for text in candidates:
+            if len(text.encode()) <= limit:
+                return text
+        return self.compact().to_json()
+
+    def packed(self) -> str:
+        """This result as `{apiVersion, id, status, truncated, packed}`, where `packed` is the
+        base64 of the zlib-compressed JSON of the whole result."""
+        body = base64.b64encode(zlib.compress(self.to_json().encode(), 9)).decode("ascii")
+        envelope = {
+            "apiVersion": self.api_version,
+            "id": self.id,
+            "status": self.status,
+            "truncated": True,
+            "packed": body,
+        }
+        return json.dumps(envelope, sort_keys=True, separators=(",", ":"))
+
+    def compact(self) -> TrialResult:
+        """The smallest form: what happened and why, without scores, timings or a long id."""
+        return TrialResult(
+            id=self.id[:253],
+            status=self.status,
+            failed_step=self.failed_step,
+            error_kind=self.error_kind,
+            error=(self.error or "")[:MESSAGE_ERROR_CHARS] or None,
+            fitness=self.fitness,
+            digest=self.digest,
+            truncated=True,
+        )
+
+
+def unpack_result(data: dict) -> dict:
+    """A result document as read from a termination message, with a `packed` result (see
+    `TrialResult.termination_message`) expanded; any other document is returned unchanged.
+    Only JSON is decoded, and at most MAX_PACKED_BYTES of it."""
+    packed = data.get("packed")
+    if not isinstance(packed, str):
+        return data
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(base64.b64decode(packed, validate=True), MAX_PACKED_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"packed result inflates beyond {MAX_PACKED_BYTES} bytes")
+        full = json.loads(text)
+    except (ValueError, zlib.error) as exc:
+        raise ValueError(f"packed result cannot be read: {exc}") from exc
+    if not isinstance(full, dict):
+        raise ValueError("packed result is not a JSON object")
+    return {**full, "truncated": True}
+
+
+def parse_result_message(text: str) -> TrialResult:
+    """A `TrialResult` from a termination message, packed or not."""
+    return TrialResult.model_validate(unpack_result(json.loads(text)))
+
+
+def packed_result_bytes(
+    tasks: Sequence[str], *, trial_id: str = "x" * 253, output_uri: str | None = None
+) -> int:
+    """The size of the packed termination message of a successful trial scoring `tasks`, at
+    its largest: a score of the longest form (24 characters of digits that do not compress)
+    for every task, a digest, the id and the output URI."""
+    rng = random.Random(0)
+
+    def score() -> float:
+        return float(f"-{rng.randint(1, 9)}.{rng.randrange(10**16):016d}e-{rng.randint(100, 307)}")
+
+    worst = TrialResult(
+        id=trial_id,
+        status="succeeded",
+        held_in={task: score() for task in tasks},
+        fitness=score(),
+        digest="blake3:" + "f" * 64,
+        output_uri=output_uri,
+        truncated=True,
+    )
+    return len(worst.packed().encode())
+
+
+def worst_case_message_bytes(doc: TrialDocument) -> int:
+    """`packed_result_bytes` of this trial: every held-in and held-out score must reach the
+    operator (held-out scores are what a final trial is for)."""
+    tasks = [t.task for t in (*doc.held_in, *doc.held_out)]
+    return packed_result_bytes(tasks, trial_id=doc.id, output_uri=doc.output.uri)
+
+
+def finite_in_float32(value: float) -> bool:
+    """Whether `value` stays finite when rounded to float32, as the merge rounds a weight."""
+    if not math.isfinite(value):
+        return False
+    try:
+        struct.pack("<f", value)
+    except OverflowError:
+        return False
+    return True
 
 
 def fitness_of(scores: dict[str, float], held_in: list[TaskSpec]) -> float:
@@ -223,5 +438,12 @@ def fitness_of(scores: dict[str, float], held_in: list[TaskSpec]) -> float:
 
 
 def parse_trial(text: str) -> TrialDocument:
-    """Parse a trial document from JSON text (never YAML tags, never pickle)."""
-    return TrialDocument.model_validate(json.loads(text))
+    """Parse a trial document from JSON text (never YAML tags, never pickle).
+
+    Any unreadable document is a ValueError (or pydantic's ValidationError, also one), so the
+    runner reports it as bad input: JSON nested deeper than the parser's recursion limit too.
+    """
+    try:
+        return TrialDocument.model_validate(json.loads(text))
+    except RecursionError:
+        raise ValueError("the trial document is nested too deeply to be read") from None

@@ -4,6 +4,7 @@ work on pods that the node agent runs as local processes."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,6 +288,51 @@ def test_pod_waits_for_its_secret_and_pods_run_at_most_max_running_at_once(
 
     assert wait_for(all_complete, timeout_s=JOB_TIMEOUT_S, interval_s=0.1, what="the burst")
     assert 1 <= peak <= k8s_node_agent.max_running
+
+
+@pytest.mark.parametrize(
+    ("image", "pod_context", "message"),
+    [
+        (
+            "mergesearch/smoke:none",
+            {"runAsNonRoot": True, "runAsUser": 0},
+            "container's runAsUser breaks non-root policy",
+        ),
+        ("root/image:1", {"runAsNonRoot": True}, "image will run as root"),
+        ("named/user:1", {"runAsNonRoot": True}, "image has non-numeric user (app)"),
+    ],
+)
+def test_the_node_refuses_root_under_run_as_non_root_as_a_kubelet_does(
+    k8s_cluster: KubeCluster,
+    k8s_node_agent: NodeAgent,
+    namespace: str,
+    image: str,
+    pod_context: dict[str, Any],
+    message: str,
+) -> None:
+    """A kubelet never starts such a container: the pod waits in CreateContainerConfigError
+    (and a trial would wait for its deadline; the operator refuses such templates up front)."""
+    k8s_node_agent.image_users.update({"root/image:1": 0, "named/user:1": "app"})
+    name = f"nonroot-{uuid.uuid4().hex[:6]}"
+    manifest = job_manifest(
+        name, "print('ran')", securityContext=pod_context, container={"image": image}
+    )
+    k8s_cluster.api().create(f"/apis/batch/v1/namespaces/{namespace}/jobs", manifest)
+
+    def waiting() -> dict[str, Any] | None:
+        pods = job_pods(k8s_cluster, namespace, name)
+        statuses = pods[0]["status"].get("containerStatuses") if pods else None
+        return statuses[0]["state"].get("waiting") if statuses else None
+
+    state = wait_for(waiting, timeout_s=JOB_TIMEOUT_S, what="the container config error")
+    assert state["reason"] == "CreateContainerConfigError"
+    assert message in state["message"]
+    time.sleep(1.0)  # still not started a second later: retried, never run
+    (pod,) = job_pods(k8s_cluster, namespace, name)
+    assert pod["status"]["phase"] == "Pending"
+    k8s_cluster.api().delete(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", {"propagationPolicy": "Background"}
+    )
 
 
 def test_helm_installs_and_uninstalls_a_chart(

@@ -40,6 +40,7 @@ RELEASE = "msr"
 # rewrites command arguments under it, which would hide the script.
 RUNNER_PARENT = "/var/tmp"
 FULLNAME = f"{RELEASE}-mergesearch"
+TRIAL_SA = "mergesearch-trial"
 
 # A runner that needs no model: the score of each task is a smooth function of the weights, and
 # the result (with timings) goes where the real runner puts it (docs/trial-contract.md).
@@ -55,7 +56,7 @@ FAKE_RUNNER = textwrap.dedent(
         return 1.0 - sum((w.get(k, 0.0) - v) ** 2 for k, v in target.items())
     held_in = {t["task"]: score(t["task"]) for t in trial.get("heldIn", [])}
     held_out = {t["task"]: score(t["task"]) for t in trial.get("heldOut", [])}
-    result = {"apiVersion": "mergerunner.mergesearch.io/v1", "id": trial["id"],
+    result = {"apiVersion": "mergerunner.mergesearch.io/v2", "id": trial["id"],
               "status": "succeeded", "heldIn": held_in, "heldOut": held_out,
               "fitness": sum(held_in.values()) / len(held_in) if held_in else None,
               "digest": "sha256:" + "0" * 64,
@@ -177,6 +178,7 @@ def start_operator(
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "MERGESEARCH_RUNNER_COMMAND": f"python {runner}",
+        "MERGESEARCH_TRIAL_SERVICE_ACCOUNT": TRIAL_SA,  # as the chart's Deployment sets it
         "MERGESEARCH_METRICS_ADDRESS": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -250,12 +252,26 @@ def test_lint_is_clean(k8s_cluster: KubeCluster) -> None:
 
 
 def test_rendered_rbac_is_rbac_rules(k8s_cluster: KubeCluster) -> None:
-    cluster_wide = render(k8s_cluster, "ops")
+    cluster_wide = render(k8s_cluster, "ops", "clusterWide=true")
     (role,) = by_kind(cluster_wide, "ClusterRole")
     assert role["rules"] == rules()
     assert not by_kind(cluster_wide, "Role")
     (binding,) = by_kind(cluster_wide, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": "ops"}]
+    args = by_kind(cluster_wide, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert "--all-namespaces" in args["args"]
+
+    # Least privilege by default: the release's namespace only, as a Role.
+    default = render(k8s_cluster, "ops")
+    (cluster_role,) = by_kind(default, "ClusterRole")
+    (role,) = by_kind(default, "Role")
+    assert role["metadata"]["namespace"] == "ops"
+    assert {r["apiGroups"][0] for r in cluster_role["rules"]} == {"apiextensions.k8s.io", ""}
+    assert {r["resources"][0] for r in cluster_role["rules"]} == {
+        "customresourcedefinitions",
+        "namespaces",
+    }
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_role["rules"])
 
     scoped = render(k8s_cluster, "ops", "watchNamespaces={team-a,team-b}")
     (cluster_role,) = by_kind(scoped, "ClusterRole")
@@ -270,6 +286,11 @@ def test_rendered_rbac_is_rbac_rules(k8s_cluster: KubeCluster) -> None:
     args = deployment["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
+    trial = [a for a in by_kind(scoped, "ServiceAccount") if a["metadata"]["name"] == TRIAL_SA]
+    assert sorted(a["metadata"]["namespace"] for a in trial) == ["team-a", "team-b"]
+    assert all(a["automountServiceAccountToken"] is False for a in trial)
+    env = {e["name"]: e.get("value") for e in deployment["containers"][0]["env"]}
+    assert env["MERGESEARCH_TRIAL_SERVICE_ACCOUNT"] == TRIAL_SA
 
 
 def test_rendered_deployment_is_hardened_and_uses_the_entrypoint(k8s_cluster: KubeCluster) -> None:
@@ -283,7 +304,7 @@ def test_rendered_deployment_is_hardened_and_uses_the_entrypoint(k8s_cluster: Ku
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (container,) = pod["containers"]
     assert container["command"] == list(entrypoints.OPERATOR_COMMAND)
-    assert "--all-namespaces" in container["args"]
+    assert "--namespace=ops" in container["args"]  # the release's namespace by default
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
@@ -413,10 +434,12 @@ def test_install_run_a_search_upgrade_uninstall(
         stop(operator)
         shutil.rmtree(runner_dir, ignore_errors=True)
 
-    # Upgrade to cluster-wide: the per-namespace Role goes, a ClusterRoleBinding stays.
+    # Upgrade to cluster-wide (the opt-in): the per-namespace Role goes, a ClusterRoleBinding
+    # with every rule stays.
     k8s_cluster.helm(
-        "upgrade", RELEASE, CHART, "-n", ops, "--set", "replicaCount=0", "--wait", "--timeout=60s"
-    )
+        "upgrade", RELEASE, CHART, "-n", ops, "--set", "replicaCount=0",
+        "--set", "clusterWide=true", "--wait", "--timeout=60s",
+    )  # fmt: skip
     assert not k8s_cluster.kubectl(
         "get", "roles", "-n", work, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
     ).strip()

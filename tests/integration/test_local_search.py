@@ -155,3 +155,36 @@ def test_bad_input_fails_before_the_search(toy_pool: Any, tmp_path: Path) -> Non
     proc = run(write(tmp_path, doc, "d.yaml"), tmp_path / "d")
     assert proc.returncode == 2 and "no examples left for confirmation" in proc.stderr
     assert not (tmp_path / "d" / "trials.jsonl").exists()
+
+
+def test_a_wrong_metric_fails_before_the_first_trial(toy_pool: Any, tmp_path: Path) -> None:
+    doc = manifest(toy_pool, "wrong-metric")
+    doc["spec"]["objective"]["heldIn"][0]["metric"] = "acc"  # a generate_until task
+    task = doc["spec"]["objective"]["heldIn"][0]["task"]
+    proc = run(write(tmp_path, doc), tmp_path / "state")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert task in proc.stderr and "'acc'" in proc.stderr and "exact_match" in proc.stderr
+    assert not (tmp_path / "state" / "trials.jsonl").exists()
+
+
+def test_a_bad_output_uri_fails_before_the_first_trial(toy_pool: Any, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file, not a directory")
+    doc = manifest(toy_pool, "bad-output")
+    doc["spec"]["output"] = {"uri": "taken"}  # relative to the manifest
+    proc = run(write(tmp_path, doc), tmp_path / "state")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "spec.output.uri" in proc.stderr and "taken" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "state" / "trials.jsonl").exists()
+
+
+def test_a_name_outside_kubernetes_rules_is_refused(toy_pool: Any, tmp_path: Path) -> None:
+    doc = manifest(toy_pool, "../../escape")
+    path = write(tmp_path, doc)
+    cmd = [sys.executable, "-m", "mergesearch", "run", str(path), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=False)
+    assert proc.returncode == 2 and "metadata.name" in proc.stderr
+    assert (
+        not (tmp_path / ".mergesearch").exists()
+        and not (tmp_path.parent.parent / "escape").exists()
+    )

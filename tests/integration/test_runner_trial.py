@@ -34,7 +34,7 @@ def trial(toy_pool: Any, bucket: str, **changes: Any) -> dict[str, Any]:
     names = list(toy_pool.checkpoints)
     weights = {n: round(1 / len(names), 6) for n in names}
     doc: dict[str, Any] = {
-        "apiVersion": "mergerunner.mergesearch.io/v1",
+        "apiVersion": "mergerunner.mergesearch.io/v2",
         "id": "t-g000-c00",
         "checkpoints": [{"name": n, "uri": f"s3://{bucket}/pool/{n}/"} for n in names],
         "weights": weights,
@@ -116,11 +116,16 @@ def test_second_trial_reuses_the_cache(
 
 
 @pytest.mark.parametrize(
-    ("change", "step", "words"),
+    ("change", "step", "kind", "words"),
     [
-        ({"checkpoints": "missing"}, "fetch", ["s3://", "not-there", "not found"]),
-        ({"heldIn": [{"task": "toy_nonesuch"}]}, "evaluate", ["toy_nonesuch"]),
-        ({"secret": "wrong"}, "fetch", ["denied"]),
+        (
+            {"checkpoints": "missing"},
+            "fetch",
+            "checkpoint-unavailable",
+            ["s3://", "not-there", "not found"],
+        ),
+        ({"heldIn": [{"task": "toy_nonesuch"}]}, "evaluate", "unknown-task", ["toy_nonesuch"]),
+        ({"secret": "wrong"}, "fetch", "checkpoint-unavailable", ["denied"]),
     ],
 )
 def test_failures_name_the_step_and_the_cause(
@@ -130,6 +135,7 @@ def test_failures_name_the_step_and_the_cause(
     tmp_path: Path,
     change: dict[str, Any],
     step: str,
+    kind: str,
     words: list[str],
 ) -> None:
     env = s3_server.env()
@@ -143,6 +149,7 @@ def test_failures_name_the_step_and_the_cause(
     code, result, _ = run_trial(tmp_path, doc, env)
     assert code == 1
     assert result["failedStep"] == step
+    assert result["errorKind"] == kind
     for word in words:
         assert word.lower() in result["error"].lower(), result["error"]
     assert env["AWS_SECRET_ACCESS_KEY"] not in result["error"]

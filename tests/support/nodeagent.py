@@ -20,6 +20,13 @@ JSON in MERGESEARCH_PATH_MAP. The termination message file (`terminationMessageP
 /dev/termination-log) is a file in the pod's directory, named by MERGERUNNER_TERMINATION_LOG.
 The image is ignored: a container needs `command`, or an entry in `entrypoints` for its image.
 
+Security checks the kubelet makes before it creates a container are made too, with the same
+outcome (the pod stays Pending in `CreateContainerConfigError`, the message the kubelet's):
+`runAsNonRoot` against the effective user, which is the container's or pod's `runAsUser`, else
+the image's USER (`image_users`, default 65532 as the project's images declare). The process
+itself runs as the agent's user: there is no container runtime to switch users or make the root
+file system read-only, so those settings are checked, not enforced.
+
 Not supported: init and sidecar containers, probes, persistent volumes, resource enforcement,
 `kubectl logs`/`exec` (use `NodeAgent.logs`). Service-account tokens in projected volumes are
 not written (the runner needs no Kubernetes credentials).
@@ -514,6 +521,41 @@ def _write_source(
         raise PodRejected(f"projected source {kind!r} is not supported by the node agent")
 
 
+# The user a container image declares (its USER) when `image_users` does not say: the project's
+# images (the Dockerfile's operator and runner targets) run as USER 65532:65532.
+DEFAULT_IMAGE_USER: int | str = 65532
+
+
+def verify_non_root(
+    pod: Mapping[str, Any], container: Mapping[str, Any], image_user: int | str
+) -> None:
+    """The kubelet's runAsNonRoot check (kuberuntime `verifyRunAsNonRoot`), made before the
+    container is created: a refusal leaves the pod Pending in CreateContainerConfigError, and
+    the kubelet retries it forever, as a real node does.
+
+    The effective user is the container's runAsUser, else the pod's, else the image's USER; a
+    non-numeric image user cannot be verified and is refused likewise."""
+    pod_context = pod["spec"].get("securityContext") or {}
+    context = container.get("securityContext") or {}
+    non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+    if not non_root:
+        return
+    where = f'(pod: "{pod["metadata"]["name"]}_{pod["metadata"]["namespace"]}", container: '
+    where += f"{container['name']})"
+    uid = context.get("runAsUser", pod_context.get("runAsUser"))
+    if uid is not None:
+        if int(uid) == 0:
+            raise PodSetupError(f"container's runAsUser breaks non-root policy {where}")
+        return
+    if isinstance(image_user, str) and not image_user.isdigit():
+        raise PodSetupError(
+            f"container has runAsNonRoot and image has non-numeric user ({image_user}), "
+            f"cannot verify user is non-root {where}"
+        )
+    if int(image_user) == 0:
+        raise PodSetupError(f"container has runAsNonRoot and image will run as root {where}")
+
+
 def container_command(
     container: Mapping[str, Any], entrypoints: Mapping[str, Sequence[str]], env: Mapping[str, str]
 ) -> list[str]:
@@ -625,6 +667,7 @@ class NodeAgent:
         capacity: Mapping[str, str] | None = None,
         extra_env: Mapping[str, str] | None = None,
         entrypoints: Mapping[str, Sequence[str]] | None = None,
+        image_users: Mapping[str, int | str] | None = None,
         poll_interval_s: float = 0.3,
         heartbeat_s: float = 10.0,
     ) -> None:
@@ -638,6 +681,7 @@ class NodeAgent:
         self.capacity = dict(capacity or DEFAULT_CAPACITY)
         self.extra_env = dict(extra_env or {})
         self.entrypoints = dict(entrypoints or {})
+        self.image_users = dict(image_users or {})  # image → its USER; else DEFAULT_IMAGE_USER
         self.poll_interval_s = poll_interval_s
         self.heartbeat_s = heartbeat_s
         self.errors: list[str] = []
@@ -760,7 +804,9 @@ class NodeAgent:
                 binding_manifest(pod["metadata"]["name"], self.node_name),
             )
         except ApiError as err:
-            if err.status not in (404, 409):  # deleted or bound meanwhile
+            # Deleted or bound meanwhile, or its namespace is being deleted (a scheduler too
+            # gets that refusal and moves on).
+            if err.status not in (404, 409) and "NamespaceTerminating" not in err.body:
                 raise
 
     def _report(self, pod: Mapping[str, Any], status: Mapping[str, Any]) -> None:
@@ -869,6 +915,8 @@ class NodeAgent:
         if spec.get("initContainers"):
             raise PodRejected("init containers are not supported by the node agent")
         container = spec["containers"][0]
+        image_user = self.image_users.get(container.get("image", ""), DEFAULT_IMAGE_USER)
+        verify_non_root(pod, container, image_user)
         reader = ObjectReader(self.api, meta["namespace"])
         pod_dir = self.workdir / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         volumes = {

@@ -28,6 +28,7 @@ from support.nodeagent import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "mergesearch.yaml"
+ADMISSION_PATH = ROOT / "crds" / "mergesearch-admission.yaml"
 OPERATOR_NAMESPACE = "mergesearch-system"
 OPERATOR_ACCOUNT = "mergesearch-operator"
 MS_PATH = "/apis/mergesearch.io/v1alpha1/namespaces/{ns}/mergesearches"
@@ -35,8 +36,10 @@ STOP_GRACE_S = 10.0
 
 
 def apply_crd(cluster: KubeCluster) -> None:
-    """The committed CRD, applied the way a user would, and Established before returning."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    """The committed CRD and its admission policy, applied the way a user would
+    (`kubectl apply --server-side -f crds/`), the CRD Established before returning."""
+    for path in (CRD_PATH, ADMISSION_PATH):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/mergesearches.mergesearch.io", "--timeout=60s"
     )
@@ -299,6 +302,10 @@ class Searches:
 
     def pods(self) -> list[dict[str, Any]]:
         return self.cluster.api().get(f"/api/v1/namespaces/{self.namespace}/pods")["items"]
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every Event of the namespace."""
+        return self.cluster.api().get(f"/api/v1/namespaces/{self.namespace}/events")["items"]
 
     def job_events(self) -> list[dict[str, Any]]:
         """The Job controller's `SuccessfulCreate` events: one per pod it ever created, naming

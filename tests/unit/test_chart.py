@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergesearch import chartsync, entrypoints, metrics
+from mergesearch import admission, chartsync, entrypoints, metrics
 from mergesearch.crd import crd_yaml
 from mergesearch.rbac import rules
 
@@ -34,9 +34,17 @@ def test_generated_files_match_their_sources(tmp_path: Path) -> None:
     assert copied["rules"] == rules()
     assert (CHART / chartsync.CRD_FILE).read_text() == crd_yaml()
     assert (ROOT / "crds" / "mergesearch.yaml").read_text() == crd_yaml()
+    assert (ROOT / "crds" / "mergesearch-admission.yaml").read_text() == admission.crds_yaml()
+    references = yaml.safe_load((CHART / chartsync.REFERENCES_FILE).read_text())
+    assert references == admission.reference_spec()
     # the drift check notices a change, and the sync repairs it
     (tmp_path / "files").mkdir()
-    assert set(chartsync.drift(tmp_path)) == {chartsync.RULES_FILE, chartsync.CRD_FILE}
+    assert set(chartsync.drift(tmp_path)) == {
+        chartsync.RULES_FILE,
+        chartsync.CRD_FILE,
+        chartsync.REFERENCES_FILE,
+        chartsync.OPERATOR_JOBS_FILE,
+    }
     assert chartsync.main([str(tmp_path), "--check"]) == 1
     assert chartsync.main([str(tmp_path)]) == 0
     assert chartsync.drift(tmp_path) == []

@@ -160,10 +160,22 @@ def test_shape_mismatch_names_tensor_and_checkpoints(tmp_path: Path) -> None:
         validate_checkpoints([a, b])
 
 
-def test_dtype_mismatch_names_tensor_and_checkpoints(tmp_path: Path) -> None:
+def test_mixed_float_dtypes_are_planned_with_each_source_dtype(tmp_path: Path) -> None:
     a = _write(tmp_path / "a", _tensors())
-    b = _write(tmp_path / "b", _tensors(torch.float16))
-    with pytest.raises(CheckpointMismatch, match=rf"has dtype F16 in checkpoint {b} but BF16"):
+    b = _write(tmp_path / "b", _tensors(torch.float32))
+    plan = validate_checkpoints([a, b])
+    assert {tuple(s.dtype for s in t.sources) for t in plan.tensors} == {("BF16", "F32")}
+
+
+def test_integer_tensor_in_one_checkpoint_names_it_and_the_requirement(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", _tensors())
+    ints = {**_tensors(), "model.norm.weight": torch.zeros(8, dtype=torch.int32)}
+    b = _write(tmp_path / "b", ints)
+    with pytest.raises(
+        CheckpointMismatch,
+        match=rf"'model.norm.weight' has dtype I32 in checkpoint {b}; a linear merge needs "
+        r"floating-point tensors \(F64, F32, F16, BF16\)",
+    ):
         validate_checkpoints([a, b])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -77,7 +78,15 @@ def test_crd_and_model_agree_field_by_field() -> None:
     model_fields = _model_fields(MergeSearchSpec)
     # List item nodes appear in the CRD as "x[]"; compare the named fields only.
     crd_named = {p for p in crd_fields if not p.endswith("[]")}
-    assert crd_named == model_fields
+    # The pod template is free-form in the model; the CRD types its shape (containers a list).
+    template = {p for p in crd_named if p.startswith(".execution.template.")}
+    assert template == {
+        ".execution.template.metadata",
+        ".execution.template.spec",
+        ".execution.template.spec.containers",
+        ".execution.template.containers",
+    }
+    assert crd_named - template == model_fields
     assert ".checkpoints[].uri" in crd_named
 
 
@@ -97,6 +106,20 @@ def test_cel_rules_and_columns() -> None:
     ]
     assert version["subresources"] == {"status": {}}
     assert "msearch" in crd()["spec"]["names"]["shortNames"]
+
+
+def test_the_best_column_is_the_operators_4_decimal_string() -> None:
+    columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    best = next(c for c in columns if c["name"] == "Best")
+    assert best == {"name": "Best", "type": "string", "jsonPath": ".status.bestFitness"}
+
+
+def test_the_pod_template_is_never_defaulted() -> None:
+    """A default `spec: {}` would turn a bare pod spec ({containers}) into a PodTemplateSpec
+    whose containers are ignored."""
+    template = spec_schema()["properties"]["execution"]["properties"]["template"]
+    assert "default" not in json.dumps(template)
+    assert template["properties"]["spec"]["properties"]["containers"]["type"] == "array"
 
 
 def test_exclusive_bounds_use_openapi_v3_form() -> None:

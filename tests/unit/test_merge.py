@@ -243,8 +243,11 @@ def _assert_nothing_written(root: Path, names: set[str]) -> None:
 
 def test_mismatch_fails_before_writing(tmp_path: Path) -> None:
     dirs = _checkpoints(tmp_path, 2)
-    bad = _checkpoint(tmp_path / "bad", seed=5, dtype=torch.float16)
-    with pytest.raises(CheckpointMismatch, match=rf"dtype F16 in checkpoint {bad}"):
+    bad = _checkpoint(tmp_path / "bad", seed=5)
+    tensors = _load(bad)
+    tensors["model.norm.weight"] = torch.zeros(17, dtype=torch.bfloat16)
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointMismatch, match=rf"shape \[17\] in checkpoint {bad}"):
         merge_to_directory([*dirs, bad], [0.3, 0.3, 0.4], tmp_path / "out")
     _assert_nothing_written(tmp_path, {"ckpt0", "ckpt1", "bad"})
 

@@ -147,3 +147,44 @@ def test_resident_merge_checks_weights_and_shapes(pool: dict[str, Path], tmp_pat
     wider = _load(_save_llama(tmp_path / "wide", 9, tied=False, hidden=64))
     with pytest.raises(ModelMismatch, match="has shape"):
         merger.merge_into(wider, [0.5, 0.5])
+
+
+def test_a_directory_with_both_layouts_means_what_transformers_loads(
+    pool: dict[str, Path], tmp_path: Path
+) -> None:
+    """A single file and a stale index with another model's shards: transformers loads the
+    single file, and so does every reader of ours (the merge reads the same tensors)."""
+    both = tmp_path / "both"
+    _save_llama(both, 7, tied=False)  # model.safetensors
+    stale = _load(pool["untied2"]).state_dict()
+    stale_dir = tmp_path / "stale"
+    _load(pool["untied2"]).save_pretrained(stale_dir, max_shard_size="20KB")
+    for file in stale_dir.glob("model*.safetensors*"):
+        file.rename(both / file.name)
+    assert (both / "model.safetensors.index.json").is_file()
+    loaded = _load(both).state_dict()
+    merge_to_directory([both], [1.0], tmp_path / "out", dtype="bfloat16")
+    merged = _load(tmp_path / "out").state_dict()
+    assert any(not torch.equal(loaded[k], stale[k]) for k in loaded)
+    assert all(torch.equal(merged[k], loaded[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_resident_merge_in_a_float32_model_is_rounded_to_the_output_dtype(
+    pool: dict[str, Path], tmp_path: Path, dtype: str
+) -> None:
+    """A CPU holds the model in float32; its weights must still be the exported ones."""
+    dirs = [pool["untied2"], pool["untied3"]]
+    weights = [0.3, 0.7]
+    report = merge_to_directory(dirs, weights, tmp_path / "out", dtype=dtype)
+    on_disk = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=getattr(torch, dtype)
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(pool["untied2"], dtype=torch.float32)
+    digest = ResidentMerger(dirs).merge_into(model, weights, dtype=dtype)
+    assert digest == report.digest
+    resident, written = model.state_dict(), on_disk.state_dict()
+    assert all(resident[k].dtype == torch.float32 for k in written)
+    assert all(torch.equal(resident[k], written[k].float()) for k in written)
+    unrounded = ResidentMerger(dirs).merge_into(model, weights)
+    assert unrounded != report.digest  # the float32 sum is another model

@@ -10,6 +10,7 @@ import pytest
 
 from mergerunner.trial import TrialDocument, parse_trial
 from mergesearch.operator import jobs as jobspec
+from mergesearch.operator import podpolicy
 from mergesearch.operator.jobs import JobSettings, Owner
 from mergesearch.spec import parse_spec
 
@@ -182,14 +183,20 @@ def test_the_final_document_scores_held_out_tasks_and_exports() -> None:
 
 
 def test_security_is_enforced_even_when_the_template_tries_to_override_it() -> None:
+    """The builder copies allowed fields only: even a template the check would refuse (the
+    reconcile never builds one) gives a hardened pod."""
     job = build(make_spec(HOSTILE_TEMPLATE))
     pod = job["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "default"
+    assert [c["name"] for c in pod["containers"]] == ["runner"]  # no sidecar
+    assert not any("hostPath" in v for v in pod["volumes"])
     assert pod["restartPolicy"] == "Never"
     assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["securityContext"]["fsGroup"] == 2000  # harmless template fields stay
+    assert "SYS_ADMIN" not in json.dumps(pod) and "curl" not in json.dumps(pod)
     for container in pod["containers"]:
         sc = container["securityContext"]
         assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
@@ -208,22 +215,193 @@ def test_security_is_enforced_even_when_the_template_tries_to_override_it() -> N
     assert volumes["mergesearch-cache"] == {"name": "mergesearch-cache", "emptyDir": {}}
 
 
-def test_template_fields_are_kept() -> None:
-    job = build(make_spec(HOSTILE_TEMPLATE))
+ALLOWED_TEMPLATE: dict[str, Any] = {
+    "metadata": {"labels": {"team": "llm"}, "annotations": {"note": "x"}},
+    "spec": {
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "batch-low",
+        "runtimeClassName": "nvidia",
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "fsGroup": 2000, "runAsUser": 1000},
+        "volumes": [
+            {"name": "datasets", "persistentVolumeClaim": {"claimName": "ds"}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}},
+        ],
+        "containers": [
+            {
+                "name": "runner",
+                "image": "my.registry/runner:2",
+                "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "80Gi"}},
+                "env": [
+                    {"name": "HF_HUB_OFFLINE", "value": "1"},
+                    {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "MERGERUNNER_TRIAL", "value": "{}"},
+                ],
+                "volumeMounts": [{"name": "datasets", "mountPath": "/data", "readOnly": True}],
+                "securityContext": {
+                    "runAsUser": 1001,
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+    },
+}
+
+
+def test_an_allowed_template_passes_the_check_and_its_fields_are_kept() -> None:
+    assert podpolicy.check_template(ALLOWED_TEMPLATE) == []
+    job = build(make_spec(ALLOWED_TEMPLATE))
     template = job["spec"]["template"]
     pod = template["spec"]
     assert template["metadata"]["labels"]["team"] == "llm"
     assert template["metadata"]["annotations"]["note"] == "x"
     assert pod["nodeSelector"] == {"gpu": "h100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert pod["serviceAccountName"] == "trainer"
+    assert pod["priorityClassName"] == "batch-low" and pod["runtimeClassName"] == "nvidia"
+    assert pod["serviceAccountName"] == SETTINGS.service_account == "default"
+    assert pod["securityContext"]["fsGroup"] == 2000
     runner = runner_of(job)
     assert runner["image"] == "my.registry/runner:2"
     assert runner["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "80Gi"}}
-    assert env_of(runner)["HF_TOKEN_FILE"] == "/var/run/hf"
-    assert {"name": "datasets", "mountPath": "/data"} in runner["volumeMounts"]
-    assert any(v["name"] == "datasets" for v in pod["volumes"])
-    assert [c["name"] for c in pod["containers"]] == ["runner", "sidecar"]
+    assert runner["securityContext"]["runAsUser"] == 1001
+    env = env_of(runner)
+    assert env["HF_HUB_OFFLINE"] == "1" and parse_trial(env[jobspec.ENV_TRIAL])
+    assert {"name": "datasets", "mountPath": "/data", "readOnly": True} in runner["volumeMounts"]
+    assert {v["name"] for v in pod["volumes"]} >= {"datasets", "scratch"}
+    assert [c["name"] for c in pod["containers"]] == ["runner"]
+    ALLOWED_TEMPLATE["spec"]["containers"][0]["image"] = "mutated"  # nothing is shared
+    assert runner_of(job)["image"] == "my.registry/runner:2"
+    ALLOWED_TEMPLATE["spec"]["containers"][0]["image"] = "my.registry/runner:2"
+
+
+def test_the_hostile_template_is_refused_field_by_field() -> None:
+    problems = podpolicy.check_template(HOSTILE_TEMPLATE)
+    fields = {line.split(": ", 1)[0] for line in problems}
+    t = "spec.execution.template.spec"
+    assert fields == {
+        f"{t}.hostNetwork",
+        f"{t}.hostPID",
+        f"{t}.automountServiceAccountToken",
+        f"{t}.restartPolicy",
+        f"{t}.serviceAccountName",
+        f"{t}.securityContext.runAsNonRoot",
+        f"{t}.volumes[1].hostPath",
+        f"{t}.containers[1]",
+        f"{t}.containers[0].command",
+        f"{t}.containers[0].args",
+        f"{t}.containers[0].securityContext.privileged",
+        f"{t}.containers[0].securityContext.runAsNonRoot",
+        f"{t}.containers[0].securityContext.readOnlyRootFilesystem",
+        f"{t}.containers[0].securityContext.allowPrivilegeEscalation",
+        f"{t}.containers[0].securityContext.capabilities",
+        f"{t}.containers[0].securityContext.seccompProfile",
+    }, problems
+
+
+T = "spec.execution.template.spec"
+MOUNT = {"name": "v", "mountPath": "/x"}
+ATTACKS = [
+    # (what the template asks for, the field the refusal names)
+    ({"volumes": [{"name": "h", "hostPath": {"path": "/etc"}}]}, f"{T}.volumes[0].hostPath"),
+    ({"volumes": [{"name": "s", "secret": {"secretName": "db"}}]}, f"{T}.volumes[0].secret"),
+    ({"volumes": [{"name": "c", "configMap": {"name": "x"}}]}, f"{T}.volumes[0].configMap"),
+    (
+        {"volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {}}]}}]},
+        f"{T}.volumes[0].projected",
+    ),
+    ({"volumes": [{"name": "n", "nfs": {"server": "x", "path": "/"}}]}, f"{T}.volumes[0].nfs"),
+    ({"volumes": [{"name": "e", "ephemeral": {}}]}, f"{T}.volumes[0].ephemeral"),
+    ({"nodeName": "gpu-7"}, f"{T}.nodeName"),
+    ({"serviceAccountName": "admin"}, f"{T}.serviceAccountName"),
+    ({"serviceAccount": "admin"}, f"{T}.serviceAccount"),
+    ({"automountServiceAccountToken": True}, f"{T}.automountServiceAccountToken"),
+    ({"hostNetwork": True}, f"{T}.hostNetwork"),
+    ({"hostUsers": True}, f"{T}.hostUsers"),
+    ({"shareProcessNamespace": True}, f"{T}.shareProcessNamespace"),
+    ({"imagePullSecrets": [{"name": "regcred"}]}, f"{T}.imagePullSecrets"),
+    ({"initContainers": [{"name": "i", "image": "busybox"}]}, f"{T}.initContainers"),
+    ({"ephemeralContainers": [{"name": "e"}]}, f"{T}.ephemeralContainers"),
+    ({"hostAliases": [{"ip": "1.2.3.4"}]}, f"{T}.hostAliases"),
+    ({"securityContext": {"runAsUser": 0}}, f"{T}.securityContext.runAsUser"),
+    ({"securityContext": {"runAsGroup": 0}}, f"{T}.securityContext.runAsGroup"),
+    ({"securityContext": {"fsGroup": 0}}, f"{T}.securityContext.fsGroup"),
+    ({"securityContext": {"supplementalGroups": [0]}}, f"{T}.securityContext.supplementalGroups"),
+    ({"securityContext": {"seLinuxOptions": {}}}, f"{T}.securityContext.seLinuxOptions"),
+    ({"securityContext": {"sysctls": [{"name": "x"}]}}, f"{T}.securityContext.sysctls"),
+    ({"securityContext": {"runAsNonRoot": False}}, f"{T}.securityContext.runAsNonRoot"),
+    ({"containers": [{"name": "runner"}, {"name": "side"}]}, f"{T}.containers[1]"),
+    ({"containers": {"name": "runner"}}, f"{T}.containers"),
+    ({"containers": [{"ports": [{"hostPort": 80}]}]}, f"{T}.containers[0].ports"),
+    ({"containers": [{"lifecycle": {"postStart": {}}}]}, f"{T}.containers[0].lifecycle"),
+    ({"containers": [{"livenessProbe": {"exec": {}}}]}, f"{T}.containers[0].livenessProbe"),
+    ({"containers": [{"command": ["sh"]}]}, f"{T}.containers[0].command"),
+    ({"containers": [{"envFrom": [{"secretRef": {"name": "db"}}]}]}, f"{T}.containers[0].envFrom"),
+    (
+        {"containers": [{"env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "db"}}}]}]},
+        f"{T}.containers[0].env[0].valueFrom.secretKeyRef",
+    ),
+    (
+        {"containers": [{"securityContext": {"runAsUser": 0}}]},
+        f"{T}.containers[0].securityContext.runAsUser",
+    ),
+    (
+        {"containers": [{"securityContext": {"capabilities": {"add": ["NET_RAW"]}}}]},
+        f"{T}.containers[0].securityContext.capabilities",
+    ),
+    (
+        {"containers": [{"volumeMounts": [{**MOUNT, "mountPropagation": "B"}]}]},
+        f"{T}.containers[0].volumeMounts[0].mountPropagation",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("pod", "field"), ATTACKS)
+def test_each_field_outside_the_allow_list_is_refused_by_name(pod: dict, field: str) -> None:
+    problems = podpolicy.check_template({"spec": pod})
+    assert [p.split(": ", 1)[0] for p in problems] == [field], problems
+    bare = podpolicy.check_template(pod)  # a bare pod spec: the same field, one level up
+    assert [p.split(": ", 1)[0] for p in bare] == [field.replace(".spec.", ".", 1)], bare
+
+
+def test_template_metadata_takes_labels_and_annotations_only() -> None:
+    problems = podpolicy.check_template({"metadata": {"name": "x", "labels": {"a": 1}}})
+    assert problems == [
+        "spec.execution.template.metadata.name: only labels and annotations may be set",
+        "spec.execution.template.metadata.labels: must map strings to strings",
+    ]
+    assert podpolicy.check_template({"spec": {}, "kind": "Pod"})[0].startswith(
+        "spec.execution.template.kind:"
+    )
+
+
+def test_the_trial_service_account_may_be_named_and_is_always_set() -> None:
+    settings = JobSettings(default_image="i", service_account="mergesearch-trial")
+    template = {"spec": {"serviceAccountName": "mergesearch-trial"}}
+    assert podpolicy.check_template(template, "mergesearch-trial") == []
+    assert podpolicy.check_template(template) != []  # not the operator's choice
+    name = jobspec.job_name(OWNER, "g000-c00")
+    spec = make_spec()
+    doc = jobspec.trial_document(spec, name, {"sft_a": 0.5, "po-b": 0.5}, settings)
+    job = jobspec.build_job(
+        OWNER, spec, candidate_id="g000-c00", generation=0, document=doc, settings=settings
+    )
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "mergesearch-trial"
+    assert pod["automountServiceAccountToken"] is False
+    assert not any("projected" in v for v in pod["volumes"])
+
+
+def test_missing_requests_are_detected() -> None:
+    assert podpolicy.missing_requests(None)
+    assert podpolicy.missing_requests({"spec": {"containers": [{"name": "runner"}]}})
+    assert not podpolicy.missing_requests(ALLOWED_TEMPLATE)
+    requests = {"containers": [{"resources": {"requests": {"cpu": "1"}}}]}
+    assert not podpolicy.missing_requests(requests)
 
 
 def test_writable_paths_are_empty_dirs_and_the_default_image_fills_in() -> None:
@@ -296,3 +474,10 @@ def test_settings_from_env() -> None:
     settings = JobSettings.from_env({"MERGESEARCH_RUNNER_IMAGE": "img:2"})
     assert settings.default_image == "img:2" and settings.command == ("mergerunner", "run")
     assert JobSettings.from_env({}).default_image == jobspec.FALLBACK_IMAGE
+    # Without the chart: the runner image of this operator's own release, never `latest`.
+    expected = f"{jobspec.RUNNER_REPOSITORY}:{jobspec.operator_version()}"
+    assert expected == jobspec.FALLBACK_IMAGE
+    assert not jobspec.FALLBACK_IMAGE.endswith(":latest")
+    assert JobSettings.from_env({}).service_account == "default"
+    trial_sa = {jobspec.SERVICE_ACCOUNT_ENV: "mergesearch-trial"}
+    assert JobSettings.from_env(trial_sa).service_account == "mergesearch-trial"

@@ -96,3 +96,17 @@ def test_outcomes() -> None:
     assert out is not None and out.failed_step == "merge" and out.reason == "merge: boom"
     active = JobSummary("job-1", "u", "g000-c00", "trial", "active")
     assert outcome_of(active, [good]) is None
+
+
+def test_parse_result_reads_a_packed_termination_message() -> None:
+    """84 held-in scores do not fit 4 KiB as JSON: the runner packs them, the operator reads
+    every score back."""
+    scores = {f"mmlu_high_school_subject_{i:02d}": i / 83 for i in range(84)}
+    full = TrialResult(id="job-1", status="succeeded", held_in=scores, fitness=0.5)
+    message = full.termination_message()
+    assert "packed" in json.loads(message) and len(message) <= 4000
+    parsed, problem = parse_result(message, "job-1")
+    assert problem is None and parsed is not None
+    assert parsed.held_in == scores and parsed.fitness == 0.5 and parsed.truncated
+    broken = json.dumps({**json.loads(message), "packed": "not base64!"})
+    assert "packed result cannot be read" in (parse_result(broken, "job-1")[1] or "")

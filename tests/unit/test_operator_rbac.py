@@ -38,7 +38,9 @@ def test_least_privilege() -> None:
     ]
     assert all("*" not in (g, r, v) for g, r, v in every)
     resources = {r for _, r, _ in every}
-    assert not resources & {"secrets", "configmaps", "leases", "pods/exec", "pods/log"}
+    assert not resources & {"configmaps", "leases", "pods/exec", "pods/log"}
+    # Secrets: create only (warm evaluators' per-search token, derived, never read back).
+    assert verbs("", "secrets") == {"create"}
     assert not resources & {"clusterkopfpeerings", "kopfpeerings"}  # --standalone
     assert verbs("", "pods") & {"create", "delete", "update", "patch"} == set()
     assert "update" not in verbs("mergesearch.io", "mergesearches")  # spec is the user's

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from mergerunner.trial import TrialResult, parse_trial
+from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult, parse_trial
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary
 from mergesearch.operator.reconcile import Plan, SearchView, classify_failure, reconcile
-from mergesearch.operator.status import condition
+from mergesearch.operator.status import condition, decode_state
 
 pytestmark = pytest.mark.unit
 
@@ -78,9 +78,11 @@ def good_runner(doc_json: dict[str, Any]) -> tuple[int, str]:
     return 0, result.termination_message()
 
 
-def failing_runner(step: str, error: str) -> Runner:
+def failing_runner(step: str, error: str, kind: FailureKind | None = None) -> Runner:
     def run(doc_json: dict[str, Any]) -> tuple[int, str]:
-        result = TrialResult(id=doc_json["id"], status="failed", failed_step=step, error=error)
+        result = TrialResult(
+            id=doc_json["id"], status="failed", failed_step=step, error_kind=kind, error=error
+        )
         return 1, result.termination_message()
 
     return run
@@ -100,12 +102,16 @@ class Cluster:
     deleted: list[str] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)
     max_unfinished: int = 0
+    now: str = NOW
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def view(self) -> SearchView:
-        return SearchView(OWNER, self.generation, copy.deepcopy(self.spec), self.status)
+        spec = copy.deepcopy(self.spec)
+        return SearchView(OWNER, self.generation, spec, self.status, dict(self.annotations))
 
     def reconcile(self) -> Plan:
-        return reconcile(self.view(), list(self.summaries.values()), self.pods, SETTINGS, NOW)
+        jobs = list(self.summaries.values())
+        return reconcile(self.view(), jobs, self.pods, SETTINGS, self.now)
 
     def step(self) -> Plan:
         plan = self.reconcile()
@@ -127,6 +133,7 @@ class Cluster:
                 candidate=manifest["metadata"]["annotations"][jobspec.ANNOTATION_CANDIDATE],
                 role=manifest["metadata"]["labels"][jobspec.LABEL_ROLE],
                 state="active",
+                attempt=int(manifest["metadata"]["annotations"].get(jobspec.ANNOTATION_ATTEMPT, 0)),
             )
         for name in plan.delete:
             self.deleted.append(name)
@@ -171,7 +178,7 @@ def test_first_reconcile_starts_the_engine_and_launches_up_to_parallelism() -> N
     plan = cluster.step()
     assert plan.changed and len(plan.create) == 3
     assert cluster.status["phase"] == "Pending"  # nothing has started yet
-    assert cluster.status["optimizer"]["format"] == "mergesearch.engine/v1"
+    assert decode_state(cluster.status["optimizer"]).format == "mergesearch.engine/v1"
     active = cluster.status["activeTrials"]
     assert active == ["b-each-a", "b-each-b", "b-each-c"]  # baselines first
     assert [m["metadata"]["name"] for m in plan.create] == [
@@ -263,7 +270,7 @@ def test_a_whole_search_succeeds_with_a_final_evaluation_and_export() -> None:
     confirmation = status["confirmation"]
     assert [c["kind"] for c in confirmation].count("search") == 5
     assert all(c["status"] == "succeeded" and "searchFitness" in c for c in confirmation)
-    confirm_docs = [d for d in docs if d.get("subset")]
+    confirm_docs = [d for d in docs if d.get("subset") == "confirmation"]
     assert len(confirm_docs) == len(confirmation)
     assert all(d["subset"] == "confirmation" and not d.get("heldOut") for d in confirm_docs)
     # 3 'each', uniform, merge-best (unless it is one checkpoint's), 2 generations of 4,
@@ -373,34 +380,53 @@ def test_a_job_that_failed_without_a_result_is_a_failed_trial_with_the_pod_reaso
     cluster.summaries[name] = replace(
         cluster.summaries[name], state="failed", reason="BackoffLimitExceeded"
     )
-    cluster.pods[name] = [PodSummary(f"{name}-p", name, 137, "OOMKilled", "", NOW)]
+    cluster.pods[name] = [PodSummary(f"{name}-p", name, 137, "Error", "", NOW)]
     cluster.step()
     assert cluster.status["trials"]["failed"] == 1
     reason = cluster.status["recentFailures"][0]["reason"]
-    assert "BackoffLimitExceeded" in reason and "OOMKilled" in reason and "137" in reason
-    assert cluster.status["phase"] == "Running"  # an OOM kill is not a configuration error
+    assert "BackoffLimitExceeded" in reason and "Error" in reason and "137" in reason
+    assert cluster.status["phase"] == "Running"  # a crash is not a configuration error
+
+
+def test_a_pod_killed_for_memory_fails_the_search_at_once() -> None:
+    # Every candidate merges a model of the same shape: the next pod is killed at the same limit.
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-b")
+    cluster.summaries[name] = replace(
+        cluster.summaries[name], state="failed", reason="BackoffLimitExceeded"
+    )
+    cluster.pods[name] = [PodSummary(f"{name}-p", name, 137, "OOMKilled", "", NOW)]
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert cluster.status["phase"] == "Failed" and failed["reason"] == "OutOfMemory"
+    assert "OOMKilled" in failed["message"]
+
+
+K = FailureKind
 
 
 @pytest.mark.parametrize(
-    ("step", "error", "reason"),
+    ("step", "kind", "error", "reason"),
     [
-        ("fetch", "FetchError: s3://ckpt/a/: not found: no such prefix", "CheckpointUnavailable"),
-        ("fetch", "FetchError: s3://ckpt/a/: unreachable: connect refused", "StorageUnreachable"),
-        (
-            "merge",
-            "ModelMismatch: tensor lm_head.weight: shape (8, 4) in b",
-            "CheckpointsIncompatible",
-        ),
-        ("evaluate", "EvaluationError: unknown lm-eval task(s): t9", "UnknownTask"),
-        ("input", "weights: missing checkpoint", "TrialRejected"),
+        ("fetch", K.CHECKPOINT_UNAVAILABLE, "s3://ckpt/a/: not found", "CheckpointUnavailable"),
+        ("fetch", K.STORAGE_UNAVAILABLE, "s3://ckpt/a/: unreachable", "StorageUnreachable"),
+        ("fetch", K.CHECKPOINT_INVALID, "s3://ckpt/a/: invalid checkpoint", "CheckpointInvalid"),
+        ("merge", K.CHECKPOINTS_INCOMPATIBLE, "tensor lm_head.weight", "CheckpointsIncompatible"),
+        ("evaluate", K.UNKNOWN_TASK, "EvaluationError: unknown task t9", "UnknownTask"),
+        ("evaluate", K.UNKNOWN_METRIC, "EvaluationError: metric acc", "UnknownMetric"),
+        ("evaluate", K.DATA_MISSING, "EvaluationError: no examples", "DataMissing"),
+        ("evaluate", K.CONFIG, "EvaluationError: backend", "ConfigInvalid"),
+        ("evaluate", K.OUT_OF_MEMORY, "OutOfMemoryError: CUDA", "OutOfMemory"),
+        ("input", K.INVALID_INPUT, "weights: missing checkpoint", "TrialRejected"),
     ],
 )
 def test_configuration_errors_from_the_first_trials_fail_the_search_in_one_reconcile(
-    step: str, error: str, reason: str
+    step: str, kind: FailureKind, error: str, reason: str
 ) -> None:
     cluster = Cluster(make_spec())
     cluster.step()
-    cluster.finish(jobspec.job_name(OWNER, "b-each-a"), failing_runner(step, error))
+    cluster.finish(jobspec.job_name(OWNER, "b-each-a"), failing_runner(step, error, kind))
     plan = cluster.step()
     failed = condition(cluster.status, "Failed")
     assert cluster.status["phase"] == "Failed" and failed["reason"] == reason
@@ -409,42 +435,191 @@ def test_configuration_errors_from_the_first_trials_fail_the_search_in_one_recon
     assert cluster.reconcile().changed is False  # final: nothing is retried
 
 
-def test_unreachable_storage_after_a_success_is_an_ordinary_failure() -> None:
+STORAGE_DOWN = failing_runner(
+    "fetch", "FetchError: s3://ckpt/b/: unreachable: timed out", K.STORAGE_UNAVAILABLE
+)
+
+
+def later(now: str, seconds: float) -> str:
+    from mergesearch.operator.reconcile import later as add
+
+    return add(now, seconds)
+
+
+def test_an_object_store_outage_is_retried_with_backoff_and_not_counted() -> None:
     cluster = Cluster(make_spec())
     cluster.step()
     cluster.finish(jobspec.job_name(OWNER, "b-each-a"))
     cluster.step()
-    cluster.finish(
-        jobspec.job_name(OWNER, "b-each-b"),
-        failing_runner("fetch", "FetchError: s3://ckpt/b/: unreachable: timed out"),
-    )
+    first = jobspec.job_name(OWNER, "b-each-b")
+    cluster.finish(first, STORAGE_DOWN)
+    plan = cluster.step()
+    status = cluster.status
+    assert status["phase"] == "Running" and status["trials"]["failed"] == 0
+    assert "b-each-b" in status["activeTrials"] and plan.told == ()
+    assert first in plan.delete and plan.wake_after == pytest.approx(15)
+    assert status["retries"] == [
+        {
+            "trial": "b-each-b",
+            "attempt": 1,
+            "notBefore": later(NOW, 15),
+            "reason": "fetch: FetchError: s3://ckpt/b/: unreachable: timed out",
+        }
+    ]
+    waiting = condition(status, "StorageUnavailable")
+    assert waiting["status"] == "True" and "b-each-b" in waiting["message"]
+    assert ("Warning", "StorageUnavailable") in cluster.events
+    # Before the backoff is over, nothing is re-created (even though the Job is gone) ...
+    cluster.now = later(NOW, 10)
+    assert cluster.reconcile().create == ()
+    # ... after it, the trial runs again under a Job name of its own.
+    cluster.now = later(NOW, 16)
+    plan = cluster.step()
+    retry = jobspec.job_name(OWNER, "b-each-b", 1)
+    assert [m["metadata"]["name"] for m in plan.create] == [retry]
+    assert cluster.document(retry)["id"] == retry
+    # The old attempt's Job, seen again by a lagging index, is not the trial's result.
+    cluster.summaries[first] = JobSummary(first, OWNER.uid, "b-each-b", "trial", "failed")
+    cluster.pods[first] = [PodSummary("p", first, 1, None, STORAGE_DOWN({"id": first})[1], NOW)]
+    assert cluster.reconcile().told == ()
+    del cluster.summaries[first], cluster.pods[first]
+    cluster.finish(retry)
+    plan = cluster.step()
+    assert plan.told == ("b-each-b",) and retry in plan.delete
+    assert cluster.status["trials"]["failed"] == 0 and "retries" not in cluster.status
+    assert condition(cluster.status, "StorageUnavailable")["status"] == "False"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded" and cluster.status["trials"]["failed"] == 0
+
+
+def test_a_trial_retried_too_often_counts_as_a_failure() -> None:
+    from mergesearch.operator.reconcile import RETRY_LIMIT, backoff_s
+
+    cluster = Cluster(make_spec())
     cluster.step()
-    assert cluster.status["phase"] == "Running" and cluster.status["trials"]["failed"] == 1
+    cluster.finish(jobspec.job_name(OWNER, "b-each-a"))
+    cluster.step()
+    waits = []
+    for attempt in range(RETRY_LIMIT + 1):
+        cluster.finish(jobspec.job_name(OWNER, "b-each-b", attempt), STORAGE_DOWN)
+        plan = cluster.step()
+        waits.append(plan.wake_after)
+        cluster.now = later(cluster.now, 400)
+        cluster.step()
+    assert waits[:6] == [15, 30, 60, 120, 240, 300] and backoff_s(RETRY_LIMIT) == 300
+    assert cluster.status["trials"]["failed"] == 1 and "retries" not in cluster.status
 
 
-def test_classify_failure_leaves_ordinary_errors_to_the_failure_policy() -> None:
+def test_an_outage_before_any_success_is_a_misconfigured_endpoint() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.finish(jobspec.job_name(OWNER, "b-each-b"), STORAGE_DOWN)
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "StorageUnreachable"
+
+
+def test_classify_failure_decides_from_the_kind_never_from_the_message() -> None:
     from mergesearch.operator.observe import TrialOutcome
 
-    oom = TrialOutcome("g000-c01", "j", False, failed_step="evaluate", error="CUDA OOM")
-    disk = TrialOutcome("g000-c01", "j", False, failed_step="merge", error="OSError: disk full")
-    assert classify_failure(oom, first_trials=True) is None
+    # A message that reads like a configuration error but carries no fatal kind is counted.
+    untyped = TrialOutcome("g000-c01", "j", False, failed_step="evaluate", error="unknown task")
+    disk = TrialOutcome(
+        "g000-c01", "j", False, failed_step="merge", error_kind=K.INTERNAL, error="disk full"
+    )
+    nan = TrialOutcome("g000-c01", "j", False, failed_step="merge", error_kind=K.NON_FINITE)
+    assert classify_failure(untyped, first_trials=True) is None
     assert classify_failure(disk, first_trials=True) is None
+    assert classify_failure(nan, first_trials=True) is None
+    worded = TrialOutcome("g000-c01", "j", False, error_kind=K.UNKNOWN_TASK, error="reworded")
+    assert classify_failure(worded, first_trials=False) is not None
 
 
-def test_a_failed_final_evaluation_fails_the_search() -> None:
-    cluster = Cluster(make_spec())
+def test_every_fatal_failure_kind_has_a_condition_reason() -> None:
+    from mergesearch.operator.reconcile import FATAL_REASONS
+
+    fatal = {k for k, p in FAILURE_POLICY.items() if p is FailurePolicy.FATAL}
+    assert fatal == set(FATAL_REASONS)
+    assert set(FAILURE_POLICY) == set(FailureKind)
+
+
+def to_final(cluster: Cluster) -> None:
     for _ in range(100):
         cluster.step()
         if cluster.status.get("final"):
-            break
+            return
         cluster.finish_all()
+    raise AssertionError("no final evaluation")
+
+
+DENIED = failing_runner("upload", "FetchError: s3://out/: access denied", K.CHECKPOINT_UNAVAILABLE)
+
+
+def test_a_final_evaluation_that_fails_for_good_can_be_retried_by_annotation() -> None:
+    cluster = Cluster(make_spec())
+    to_final(cluster)
+    best = copy.deepcopy(cluster.status["best"])
     final = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE)
-    cluster.finish(final, failing_runner("upload", "FetchError: s3://out/: access denied: no"))
+    cluster.finish(final, DENIED)
     cluster.step()
     failed = condition(cluster.status, "Failed")
     assert cluster.status["phase"] == "Failed" and failed["reason"] == "FinalizationFailed"
     assert "access denied" in failed["message"]
     assert cluster.status["final"]["state"] == "Failed"
+    assert cluster.status["best"] == best  # the best weights and scores are kept
+    chosen = cluster.status.get("winner") or cluster.status["best"]
+    assert not cluster.reconcile().changed  # not retried by itself
+    # Access fixed; the documented retry: a new value of the annotation.
+    cluster.annotations["mergesearch.io/retry-finalization"] = "1"
+    plan = cluster.step()
+    retry = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE, 1)
+    assert [m["metadata"]["name"] for m in plan.create] == [retry]
+    assert cluster.status["phase"] == "Running" and "completionTime" not in cluster.status
+    assert condition(cluster.status, "Failed")["status"] == "False"
+    cluster.finish(retry)
+    cluster.step()
+    assert cluster.status["phase"] == "Succeeded", cluster.status["conditions"]
+    assert cluster.status["best"]["weights"] == best["weights"]
+    assert cluster.status["final"]["state"] == "Succeeded"
+    assert "heldOut" in (cluster.status.get("winner") or cluster.status["best"])
+    assert (cluster.status.get("winner") or cluster.status["best"])["weights"] == chosen["weights"]
+    # The same annotation value again does nothing.
+    assert not cluster.reconcile().changed
+
+
+def test_a_storage_blip_during_finalization_is_retried_with_backoff() -> None:
+    cluster = Cluster(make_spec())
+    to_final(cluster)
+    final = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE)
+    cluster.finish(final, STORAGE_DOWN)
+    plan = cluster.step()
+    assert cluster.status["phase"] == "Running" and final in plan.delete
+    assert cluster.status["final"]["state"] == "Retrying"
+    assert condition(cluster.status, "StorageUnavailable")["status"] == "True"
+    assert ("Warning", "FinalizationRetried") in cluster.events
+    assert plan.wake_after == pytest.approx(15)
+    assert cluster.reconcile().create == ()
+    cluster.now = later(NOW, 15)
+    plan = cluster.step()
+    retry = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE, 1)
+    assert [m["metadata"]["name"] for m in plan.create] == [retry]
+    cluster.finish(retry)
+    cluster.step()
+    assert cluster.status["phase"] == "Succeeded"
+    assert condition(cluster.status, "StorageUnavailable")["status"] == "False"
+    assert cluster.status["output"]["uri"] == "s3://out/demo/"
+
+
+def test_a_crashing_final_evaluation_is_tried_three_times() -> None:
+    cluster = Cluster(make_spec())
+    to_final(cluster)
+    crash = failing_runner("evaluate", "RuntimeError: boom")
+    for attempt in range(3):
+        cluster.finish(jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE, attempt), crash)
+        cluster.step()
+        cluster.now = later(cluster.now, 100)
+        cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "FinalizationFailed" and "boom" in failed["message"]
 
 
 # --------------------------------------------------------------------------- spec problems
@@ -480,13 +655,82 @@ def test_a_malformed_pod_template_is_a_condition_not_a_crash() -> None:
     assert failed["reason"] == "TemplateInvalid" and "template" in failed["message"]
 
 
+def test_a_template_outside_the_allow_list_is_refused_before_any_job() -> None:
+    """The confused-deputy attack: a sidecar reading a Secret and a hostPath. Refused in the
+    first reconcile, naming each field; no Job, no engine state; fixing the spec resumes."""
+    hostile = {
+        "spec": {
+            "containers": [
+                {"name": "runner", "resources": {"requests": {"cpu": "1"}}},
+                {"name": "thief", "image": "busybox", "command": ["cat", "/s/token"]},
+            ],
+            "volumes": [
+                {"name": "s", "secret": {"secretName": "db-password"}},
+                {"name": "h", "hostPath": {"path": "/etc/kubernetes"}},
+            ],
+        }
+    }
+    cluster = Cluster(make_spec(**{"execution.template": hostile}))
+    plan = cluster.step()
+    assert plan.create == () and cluster.created == []
+    failed = condition(cluster.status, "Failed")
+    assert cluster.status["phase"] == "Failed" and failed["reason"] == "TemplateInvalid"
+    for field_path in (
+        "spec.execution.template.spec.containers[1]",
+        "spec.execution.template.spec.volumes[0].secret",
+        "spec.execution.template.spec.volumes[1].hostPath",
+    ):
+        assert field_path in failed["message"]
+    assert "optimizer" not in cluster.status
+    assert cluster.reconcile().create == ()  # blocked until the spec changes
+    cluster.spec["execution"]["template"] = {
+        "spec": {"containers": [hostile["spec"]["containers"][0]]}
+    }
+    cluster.generation = 2
+    plan = cluster.step()
+    assert len(plan.create) == 3 and cluster.status["phase"] == "Pending"
+    assert ("Warning", "NoResourceRequests") not in cluster.events  # it asks for a CPU
+
+
+def test_custom_tasks_from_a_local_path_fail_the_first_reconcile_by_field() -> None:
+    objective = {"heldIn": [{"task": "t1", "limit": 20}], "customTasks": {"path": "/home/me/tasks"}}
+    cluster = Cluster(make_spec(objective=objective))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "SpecInvalid" and cluster.created == []
+    assert failed["message"].startswith("spec.objective.customTasks.path: ")
+
+
+def test_a_root_user_in_the_template_is_refused_up_front() -> None:
+    """runAsNonRoot is enforced, so runAsUser 0 would never start on a kubelet: the trial would
+    wait for its deadline. Refused instead, naming the field."""
+    template = {"spec": {"containers": [{"securityContext": {"runAsUser": 0}}]}}
+    cluster = Cluster(make_spec(**{"execution.template": template}))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == "TemplateInvalid" and cluster.created == []
+    assert (
+        "spec.execution.template.spec.containers[0].securityContext.runAsUser"
+        in (failed["message"])
+    )
+
+
+def test_a_template_without_resource_requests_is_warned_about_once() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.finish_all()
+    cluster.step()
+    assert cluster.events.count(("Warning", "NoResourceRequests")) == 1
+    assert cluster.status["phase"] == "Running"
+
+
 def test_budgets_may_change_while_running_but_other_fields_may_not() -> None:
     cluster = Cluster(make_spec())
     cluster.step()
     cluster.spec["search"]["maxGenerations"] = 5
     cluster.generation = 2
     cluster.step()
-    assert cluster.status["optimizer"]["config"]["max_generations"] == 5
+    assert decode_state(cluster.status["optimizer"]).config.max_generations == 5
     assert cluster.status["phase"] == "Pending"
     cluster.spec["search"]["seed"] = 7  # the CRD forbids this; the operator refuses it too
     cluster.generation = 3
@@ -501,3 +745,159 @@ def test_a_corrupt_optimizer_state_is_a_condition() -> None:
     cluster.status["optimizer"] = {"format": "something-else"}
     cluster.step()
     assert condition(cluster.status, "Failed")["reason"] == "StateInvalid"
+
+
+def test_a_spec_changed_back_to_what_the_search_started_with_recovers() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.spec["search"].pop("populationSize")  # an old CRD let this through
+    cluster.generation = 2
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "SpecChanged"
+    assert not cluster.reconcile().changed  # waits for the next spec change
+    cluster.spec["search"]["populationSize"] = 4
+    cluster.generation = 3
+    cluster.step()
+    assert cluster.status["phase"] in ("Pending", "Running")
+    assert condition(cluster.status, "Failed")["status"] == "False"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+
+
+# --------------------------------------------------------------------------- kept Jobs, quota
+
+
+def test_a_job_that_completed_without_a_result_is_kept_for_its_logs() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-a")
+    cluster.summaries[name] = replace(cluster.summaries[name], state="succeeded", started=True)
+    cluster.pods[name] = [PodSummary(f"{name}-p", name, 0, "Completed", "", NOW)]
+    plan = cluster.step()
+    assert cluster.status["trials"]["failed"] == 1
+    assert "no result" in cluster.status["recentFailures"][0]["reason"]
+    assert name not in plan.delete and name in cluster.jobs
+    assert name not in cluster.reconcile().delete
+
+
+def test_kept_failed_jobs_are_bounded_by_the_recent_failures() -> None:
+    cluster = Cluster(make_spec(**{"execution.maxFailedTrials": 1000}))
+    cluster.run_to_end(failing_runner("evaluate", "RuntimeError: boom"))
+    failed = {f["id"] for f in cluster.status["recentFailures"]}
+    kept = {s.candidate for s in cluster.summaries.values()}
+    assert cluster.status["trials"]["failed"] > 10 and len(failed) == 10
+    assert kept == failed
+
+
+def test_while_a_quota_refuses_jobs_no_failed_job_is_kept() -> None:
+    from mergesearch.operator.reconcile import quota_cleared, quota_refused
+
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-a")
+    cluster.finish(name, failing_runner("evaluate", "RuntimeError: boom"))
+    assert name not in cluster.step().delete  # kept for its logs
+    refused = quota_refused(cluster.view(), "x-job", "exceeded quota: q", 2, NOW)
+    assert refused.changed and [e.reason for e in refused.events] == ["QuotaExceeded"]
+    cluster.apply(refused)
+    cond = condition(cluster.status, "QuotaExceeded")
+    assert cond["status"] == "True" and "x-job" in cond["message"]
+    assert not quota_refused(cluster.view(), "x-job", "exceeded quota: q", 2, NOW).events
+    plan = cluster.step()
+    assert name in plan.delete  # the kept Job would hold the quota a trial needs
+    assert condition(cluster.status, "QuotaExceeded")["status"] == "True"  # kept by reconcile
+    cluster.apply(quota_cleared(cluster.view(), NOW))
+    assert condition(cluster.status, "QuotaExceeded")["status"] == "False"
+
+
+# --------------------------------------------------------------------------- pods that do not start
+
+
+def waiting_pod(job: str, reason: str, message: str = "", created: str = NOW) -> PodSummary:
+    return PodSummary(f"{job}-p", job, None, message=message, waiting=reason, created=created)
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "condition_reason"),
+    [
+        ("CreateContainerConfigError", 'secret "s3-creds" not found', "PodConfigInvalid"),
+        ("InvalidImageName", 'invalid reference format: "Bad:Image"', "ImageInvalid"),
+    ],
+)
+def test_a_pod_that_can_never_start_fails_the_search_at_once(
+    reason: str, message: str, condition_reason: str
+) -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-a")
+    cluster.pods[name] = [waiting_pod(name, reason, message)]
+    plan = cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == condition_reason
+    assert name in failed["message"] and message in failed["message"]
+    assert plan.create == () and len(plan.delete) == 3  # no GPU minutes burnt waiting
+    assert cluster.status["activeTrials"] == []
+    assert not cluster.reconcile().changed
+    # Fixed outside the spec (the Secret created); any spec edit resumes where it was.
+    cluster.pods.clear()
+    cluster.spec["suspend"] = False
+    cluster.generation = 2
+    plan = cluster.step()
+    assert len(plan.create) == 3 and cluster.status["phase"] == "Pending"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    ("kind", "event", "message", "condition_reason"),
+    [
+        (
+            "Pod",
+            "FailedMount",
+            'MountVolume.SetUp failed: secret "s3" not found',
+            "VolumeUnavailable",
+        ),
+        ("Job", "FailedCreate", 'Error creating: pods "x" is forbidden: violates', "PodRefused"),
+    ],
+)
+def test_warning_events_of_a_stuck_pod_or_job_name_the_cause(
+    kind: str, event: str, message: str, condition_reason: str
+) -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-b")
+    if kind == "Pod":
+        pod = replace(waiting_pod(name, "ContainerCreating"), warnings=((event, message),))
+        cluster.pods[name] = [pod]
+    else:
+        cluster.summaries[name] = replace(cluster.summaries[name], warnings=((event, message),))
+    cluster.step()
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == condition_reason and message in failed["message"]
+    assert cluster.status["trials"]["failed"] == 0
+
+
+def test_an_unschedulable_or_unpullable_pod_waits_and_says_why() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    name = jobspec.job_name(OWNER, "b-each-c")
+    message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    cluster.pods[name] = [waiting_pod(name, "Unschedulable", message)]
+    plan = cluster.step()
+    blocked = condition(cluster.status, "TrialsBlocked")
+    assert blocked["status"] == "True" and blocked["reason"] == "Unschedulable"
+    assert name in blocked["message"] and "nvidia.com/gpu" in blocked["message"]
+    assert cluster.status["phase"] == "Pending" and plan.delete == ()
+    cluster.pods[name] = [waiting_pod(name, "ImagePullBackOff", "Back-off pulling image")]
+    cluster.step()
+    assert condition(cluster.status, "TrialsBlocked")["reason"] == "ImagePullBackOff"
+    del cluster.pods[name]
+    cluster.step()
+    assert condition(cluster.status, "TrialsBlocked")["status"] == "False"
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+    garbled = Cluster(make_spec())
+    garbled.step()
+    garbled.status["optimizer"] = garbled.status["optimizer"][:-40]  # an encoded state cut
+    garbled.step()
+    assert condition(garbled.status, "Failed")["reason"] == "StateInvalid"

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-import pytest
+import base64
+import re
+import zlib
 
-from mergesearch.engine import EngineConfig, EngineState, Result, ask, done, init, tell
+import pytest
+import yaml
+
+from mergesearch.engine import (
+    EngineConfig,
+    EngineState,
+    Result,
+    ask,
+    done,
+    init,
+    pending_candidates,
+    tell,
+)
 from mergesearch.engine.synthetic import SyntheticObjective
 from mergesearch.operator.events import milestones
 from mergesearch.operator.status import (
     SIZE_BUDGET,
+    STATE_MAX_BYTES,
+    STATE_PREFIX,
     build_status,
     condition,
+    decode_state,
     phase_conditions,
     set_condition,
     size_of,
@@ -80,7 +97,7 @@ def test_status_for_64_checkpoints_and_5000_trials_stays_under_the_budget() -> N
     assert len(final["recentFailures"]) <= 10
     assert all(len(f["reason"]) <= 300 for f in final["recentFailures"])
     assert len(condition(final, "Ready")["message"]) <= 1000
-    assert EngineState.from_dict(final["optimizer"]) == state  # the state survives the status
+    assert decode_state(final["optimizer"]) == state  # the state survives the status
 
 
 def test_status_fields_and_printer_columns() -> None:
@@ -173,3 +190,41 @@ def test_milestones() -> None:
     assert [e.reason for e in milestones(same, status("Suspended", "g000-c01", "succeeded"))] == [
         "Suspended"
     ]
+
+
+def test_the_optimizer_state_is_one_compact_line_and_round_trips_exactly() -> None:
+    """`kubectl describe` printed ~150 lines of optimizer internals: now it is one string, and
+    the best fitness is shown with 4 decimals (the BEST printer column)."""
+    config = EngineConfig(checkpoints=tuple("abcdefghi"), tasks={"t": 1.0}, max_generations=3)
+    state = init(config)
+    for _ in range(3):
+        candidates = pending_candidates(state)
+        results = [Result(c.id, scores={"t": 0.1 + 0.01 * i}) for i, c in enumerate(candidates)]
+        state = tell(state, results)
+    status = build_status(
+        state=state, phase="Running", reason="Searching", message="m", previous={},
+        active=[], now=T0, generation=1,
+    )  # fmt: skip
+    assert isinstance(status["optimizer"], str) and "\n" not in status["optimizer"]
+    assert decode_state(status["optimizer"]) == state
+    assert decode_state(state.to_dict()) == state  # what earlier versions wrote still reads
+    described = yaml.safe_dump(status, width=10**9)
+    assert sum("optimizer" in line for line in described.splitlines()) == 1
+    assert len(yaml.safe_dump({"optimizer": state.to_dict()}).splitlines()) > 40  # was
+    assert status["bestFitness"] == f"{status['best']['fitness']:.4f}"
+    assert re.fullmatch(r"-?\d+\.\d{4}", status["bestFitness"])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "garbage",
+        STATE_PREFIX + "!!!",
+        STATE_PREFIX + base64.b64encode(b"not zlib").decode(),
+        STATE_PREFIX + base64.b64encode(zlib.compress(b"{}")).decode(),
+        STATE_PREFIX + base64.b64encode(zlib.compress(b"0" * (STATE_MAX_BYTES + 10))).decode(),
+    ],
+)
+def test_a_corrupt_or_oversized_state_is_refused_not_loaded(value: str) -> None:
+    with pytest.raises(ValueError):
+        decode_state(value)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mergesearch.spec import SpecError, load_manifest, parse_manifest, parse_spec
+from mergesearch.spec import SpecError, cluster_errors, load_manifest, parse_manifest, parse_spec
 
 pytestmark = pytest.mark.unit
 
@@ -127,3 +127,67 @@ def test_yaml_tags_are_not_executed(tmp_path: Path) -> None:
     path.write_text("!!python/object/apply:os.system ['true']\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_manifest(path)
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "UPPER", "a..b", "-a", "a_b", ""])
+def test_metadata_name_must_be_a_kubernetes_name(name: str) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["metadata"]["name"] = name
+    errors = errors_of(doc)
+    assert len(errors) == 1 and errors[0].startswith("metadata.name: "), errors
+
+
+@pytest.mark.parametrize("name", ["recycle-demo", "a", "v1.2-search", "x" * 253])
+def test_kubernetes_names_are_accepted(name: str) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["metadata"]["name"] = name
+    assert parse_manifest(doc).metadata.name == name
+
+
+BAD_REF = {"name": "-x"}
+
+
+def _objective(**evaluator: Any) -> dict[str, Any]:
+    return {"heldIn": [{"task": "add", "limit": 50}], "evaluator": evaluator}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"objective": _objective(batchSize=-1)}, "spec.objective.evaluator.batchSize"),
+        ({"objective": _objective(batchSize=0)}, "spec.objective.evaluator.batchSize"),
+        ({"objective": _objective(batchSize="big")}, "spec.objective.evaluator.batchSize"),
+        ({"objective": _objective(device="gpu")}, "spec.objective.evaluator.device"),
+        ({"objective": _objective(device="cuda:x")}, "spec.objective.evaluator.device"),
+        ({"storage": {"secretRef": {"name": "My_Secret"}}}, "spec.storage.secretRef.name"),
+        (
+            {"objective": {"heldIn": [{"task": "a"}], "customTasks": {"configMapRef": BAD_REF}}},
+            "spec.objective.customTasks.configMapRef.name",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_evaluator_options_and_object_names_are_refused_by_field(
+    changes: dict[str, Any], field: str
+) -> None:
+    errors = errors_of(with_spec(**changes))
+    assert any(e.startswith(field) for e in errors), errors
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:15"])
+def test_devices_lm_eval_accepts(device: str) -> None:
+    spec = parse_manifest(with_spec(objective=_objective(device=device, batchSize=8))).spec
+    assert spec.objective.evaluator.device == device
+
+
+def test_custom_tasks_from_a_path_are_local_only() -> None:
+    local = with_spec(
+        objective={"heldIn": [{"task": "a", "limit": 50}], "customTasks": {"path": "./t"}}
+    )
+    spec = parse_manifest(local).spec  # valid for `mergesearch run`
+    (error,) = cluster_errors(spec)
+    assert error.startswith("spec.objective.customTasks.path: ") and "configMapRef" in error
+    cm = {
+        "heldIn": [{"task": "a", "limit": 50}],
+        "customTasks": {"configMapRef": {"name": "tasks.v1"}},
+    }
+    assert cluster_errors(parse_manifest(with_spec(objective=cm)).spec) == []

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mergerunner.trial import TrialDocument, TrialResult, fitness_of, parse_trial
+from mergerunner.trial import (
+    FailureKind,
+    TrialDocument,
+    TrialError,
+    TrialResult,
+    failure_kind_of,
+    fitness_of,
+    parse_result_message,
+    parse_trial,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -67,9 +76,9 @@ def test_termination_message_fits_and_stays_json() -> None:
     )
     message = result.termination_message()
     assert len(message.encode()) <= 4000
-    parsed = json.loads(message)
-    assert parsed["truncated"] is True
-    assert parsed["heldIn"] == many
+    parsed = parse_result_message(message)
+    assert parsed.truncated is True
+    assert parsed.held_in == many
 
 
 def test_small_result_is_not_truncated() -> None:
@@ -102,3 +111,32 @@ def test_cli_bad_input_exits_2_and_reports(tmp_path: Path) -> None:
         assert report["status"] == "failed"
         assert report["failedStep"] == "input"
         assert "weights" in report["error"]
+
+
+def test_failure_kinds_come_from_the_exception_type_never_its_message() -> None:
+    from mergerunner.checkpoint import CheckpointError, CheckpointMismatch
+    from mergerunner.storage import FetchError
+
+    assert failure_kind_of(TrialError("x", kind=FailureKind.CONFIG)) is FailureKind.CONFIG
+    assert failure_kind_of(CheckpointError("x")) is FailureKind.CHECKPOINT_INVALID
+    assert failure_kind_of(CheckpointMismatch("x")) is FailureKind.CHECKPOINTS_INCOMPATIBLE
+    assert failure_kind_of(FetchError("s3://b/a/", "not-found", "x")) is (
+        FailureKind.CHECKPOINT_UNAVAILABLE
+    )
+    assert failure_kind_of(FetchError("s3://b/a/", "unreachable", "x")) is (
+        FailureKind.STORAGE_UNAVAILABLE
+    )
+    assert failure_kind_of(MemoryError()) is FailureKind.OUT_OF_MEMORY
+    assert failure_kind_of(TimeoutError()) is FailureKind.TIMEOUT
+    assert failure_kind_of(RuntimeError("unknown task: CUDA out of memory")) is (
+        FailureKind.INTERNAL
+    )
+
+
+def test_the_error_kind_travels_in_the_result() -> None:
+    result = TrialResult(
+        id="t", status="failed", failed_step="fetch", error_kind=FailureKind.STORAGE_UNAVAILABLE
+    )
+    wire = json.loads(result.termination_message())
+    assert wire["errorKind"] == "storage-unavailable"
+    assert TrialResult.model_validate(wire).error_kind is FailureKind.STORAGE_UNAVAILABLE

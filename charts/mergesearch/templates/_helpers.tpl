@@ -48,3 +48,21 @@ cannot grant them, so they stay in a ClusterRole. */}}
 {{- define "mergesearch.clusterScopedResources" -}}
 customresourcedefinitions namespaces
 {{- end }}
+
+{{/* The namespaces the operator serves (space-separated), unless clusterWide. */}}
+{{- define "mergesearch.namespaces" -}}
+{{- if .Values.watchNamespaces }}
+{{- join " " .Values.watchNamespaces }}
+{{- else }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* The ServiceAccount trial pods run under (the operator's MERGESEARCH_TRIAL_SERVICE_ACCOUNT). */}}
+{{- define "mergesearch.trialServiceAccount" -}}
+{{- if .Values.clusterWide }}
+{{- "default" }}
+{{- else }}
+{{- .Values.trialServiceAccount.name }}
+{{- end }}
+{{- end }}

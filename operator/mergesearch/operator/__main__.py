@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("MERGESEARCH_METRICS_PORT", "0")) or None,
         help="serve Prometheus metrics on this port ($MERGESEARCH_METRICS_PORT; off when unset)",
     )
+    parser.add_argument(
+        "--evaluator-port",
+        type=int,
+        default=int(os.environ.get("MERGESEARCH_EVALUATOR_PORT", "0")) or None,
+        help="serve warm evaluators on this port ($MERGESEARCH_EVALUATOR_PORT; needs "
+        "$MERGESEARCH_EVALUATOR_URL and $MERGESEARCH_EVALUATOR_KEY_FILE)",
+    )
     parser.add_argument("--runner-image", help="default trial image ($MERGESEARCH_RUNNER_IMAGE)")
     parser.add_argument(
         "--poll-seconds", type=float, default=30.0, help="reconcile at least this often"
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner_image:
         runtime.settings = dataclasses.replace(runtime.settings, default_image=args.runner_image)
     runtime.poll_s = args.poll_seconds
+    runtime.evaluator_port = args.evaluator_port
     runtime.metrics_port = args.metrics_port
     if args.metrics_port:
         from mergesearch import metrics

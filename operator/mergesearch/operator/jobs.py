@@ -4,26 +4,28 @@ Pure: a function of the search, the candidate and the operator's settings, so th
 reconciles asking for the same trial build the same Job (same name, same trial document) and a
 repeated create is answered AlreadyExists, never a second trial.
 
-The pod is the user's template (spec.execution.template) with the operator's rules applied on
-top; what the operator enforces always wins over the template (see docs/operator.md):
-the runner's command, no service-account token, non-root, read-only root file system with
-writable emptyDirs for the cache and /tmp, no privilege escalation, all capabilities dropped,
-the RuntimeDefault seccomp profile, restartPolicy Never, and storage credentials only by
-reference to spec.storage.secretRef.
+The pod is built from the allowed fields of the user's template (spec.execution.template, see
+`podpolicy`: nothing else is copied) plus what the operator enforces (docs/operator.md): the
+runner's command, the operator's trial ServiceAccount with no token, non-root, read-only root
+file system with writable emptyDirs for the cache and /tmp, no privilege escalation, all
+capabilities dropped, the RuntimeDefault seccomp profile, restartPolicy Never, and storage
+credentials only by reference to spec.storage.secretRef.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
-from mergesearch.entrypoints import RUNNER_COMMAND
+from mergesearch.entrypoints import EVALUATOR_COMMAND, RUNNER_COMMAND
+from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
 LABEL_SEARCH = f"{API_GROUP}/search"
@@ -33,6 +35,7 @@ LABEL_ROLE = f"{API_GROUP}/role"
 ANNOTATION_CANDIDATE = f"{API_GROUP}/candidate-id"
 ANNOTATION_SEARCH = f"{API_GROUP}/search-name"
 ANNOTATION_DIGEST = f"{API_GROUP}/trial-digest"
+ANNOTATION_ATTEMPT = f"{API_GROUP}/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "mergesearch-operator"}
 
 RUNNER_CONTAINER = "runner"
@@ -51,7 +54,27 @@ ENV_CREDENTIALS = "MERGESEARCH_CREDENTIALS_DIR"
 ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
-FALLBACK_IMAGE = "mergesearch-runner:latest"
+SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
+# Warm evaluators (operator/warm.py): where pods reach the operator's evaluator endpoint, the
+# file holding the key their per-search tokens derive from, and an optional node-local cache.
+EVALUATOR_URL_ENV = "MERGESEARCH_EVALUATOR_URL"
+EVALUATOR_KEY_FILE_ENV = "MERGESEARCH_EVALUATOR_KEY_FILE"
+NODE_CACHE_ENV = "MERGESEARCH_NODE_CACHE_DIR"
+RUNNER_REPOSITORY = "ghcr.io/mergesearch/mergesearch-runner"
+
+
+def operator_version() -> str:
+    """This operator's release (the installed package's version)."""
+    try:
+        return importlib.metadata.version("mergesearch")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return "0.1.0"
+
+
+# The runner image of this operator's own release: an operator and a runner of different
+# releases may disagree on the trial document (the search then fails with TrialRejected), and
+# a moving tag such as `latest` would make a search's trials run different code.
+FALLBACK_IMAGE = f"{RUNNER_REPOSITORY}:{operator_version()}"
 
 
 @dataclass(frozen=True)
@@ -59,19 +82,46 @@ class JobSettings:
     """What the operator's deployment decides for every trial pod (not the user)."""
 
     default_image: str = FALLBACK_IMAGE
+    # Trial pods run under this ServiceAccount (its token never mounted); the template cannot
+    # choose another. The chart makes one without any permissions in each served namespace.
+    service_account: str = podpolicy.DEFAULT_SERVICE_ACCOUNT
     command: tuple[str, ...] = RUNNER_COMMAND
     cache_dir: str = "/var/cache/mergerunner"
     tmp_dir: str = "/tmp"  # noqa: S108 - a path inside the trial container, an emptyDir
     credentials_dir: str = "/var/run/secrets/mergesearch/storage"
     custom_tasks_dir: str = "/etc/mergesearch/custom-tasks"
     extra_env: tuple[tuple[str, str], ...] = (("PYTHONUNBUFFERED", "1"),)
+    evaluator_command: tuple[str, ...] = EVALUATOR_COMMAND
+    # Warm mode needs both: the endpoint URL as the evaluator pods reach it, and the key.
+    evaluator_url: str | None = None
+    evaluator_key: bytes | None = field(default=None, repr=False)
+    # A host directory for a node-local checkpoint cache shared by evaluators (opt-in).
+    node_cache_dir: str | None = None
+
+    @property
+    def serves_evaluators(self) -> bool:
+        return bool(self.evaluator_url and self.evaluator_key)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> JobSettings:
         env = os.environ if environ is None else environ
         image = env.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
         command = tuple(env.get("MERGESEARCH_RUNNER_COMMAND", "").split()) or cls.command
-        return cls(default_image=image, command=command)
+        evaluator = (
+            tuple(env.get("MERGESEARCH_EVALUATOR_COMMAND", "").split()) or cls.evaluator_command
+        )
+        account = env.get(SERVICE_ACCOUNT_ENV) or podpolicy.DEFAULT_SERVICE_ACCOUNT
+        key_file = env.get(EVALUATOR_KEY_FILE_ENV)
+        key = Path(key_file).read_bytes().strip() if key_file else None
+        return cls(
+            default_image=image,
+            command=command,
+            service_account=account,
+            evaluator_command=evaluator,
+            evaluator_url=env.get(EVALUATOR_URL_ENV) or None,
+            evaluator_key=key or None,
+            node_cache_dir=env.get(NODE_CACHE_ENV) or None,
+        )
 
 
 @dataclass(frozen=True)
@@ -124,14 +174,17 @@ def candidate_part(candidate_id: str) -> str:
     return f"{head}-{short_hash(candidate_id)}" if head else short_hash(candidate_id)
 
 
-def job_name(owner: Owner, candidate_id: str) -> str:
+def job_name(owner: Owner, candidate_id: str, attempt: int = 0) -> str:
     """`<search name, truncated>-<hash of namespace/name/uid>-<candidate>`, at most 63 chars.
 
     The hash includes the search's uid: a search deleted and re-created under the same name
     never adopts (or collides with) its predecessor's Jobs while they are garbage-collected.
+    A retry after an outage (`attempt` > 0) gets a name of its own (`…-g003-c07-r1`), so the
+    Job of the failed attempt, while it is being deleted, is never mistaken for the new one.
     """
     search_hash = short_hash(f"{owner.namespace}/{owner.name}/{owner.uid}")
-    tail = f"{search_hash}-{candidate_part(candidate_id)}"
+    candidate = candidate_id if attempt == 0 else f"{candidate_id}-r{attempt}"
+    tail = f"{search_hash}-{candidate_part(candidate)}"
     room = NAME_LIMIT - len(tail) - 1
     head = _dns_part(owner.name)[:room].strip("-") or "ms"
     return f"{head}-{tail}"
@@ -179,7 +232,7 @@ def trial_document(
         held_out=held_out,
         evaluator=objective.evaluator,
         output=output,
-        subset="confirmation" if subset == "confirmation" else None,
+        subset=None if final or not spec.search.confirm.enabled else subset,
     )
 
 
@@ -204,9 +257,10 @@ def build_job(
     document: TrialDocument,
     settings: JobSettings,
     role: Role = "trial",
+    attempt: int = 0,
 ) -> dict[str, Any]:
-    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id)`."""
-    name = job_name(owner, candidate_id)
+    """The Job for one trial. `document.id` must be `job_name(owner, candidate_id, attempt)`."""
+    name = job_name(owner, candidate_id, attempt)
     if document.id != name:
         raise ValueError(f"trial document id {document.id!r} is not the Job name {name!r}")
     text = document_json(document)
@@ -222,6 +276,8 @@ def build_job(
         ANNOTATION_SEARCH: owner.name,
         ANNOTATION_DIGEST: document_digest(text),
     }
+    if attempt:
+        annotations[ANNOTATION_ATTEMPT] = str(attempt)
     execution = spec.execution
     return {
         "apiVersion": "batch/v1",
@@ -263,15 +319,6 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def _template_parts(template: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metadata, pod spec) of spec.execution.template: a PodTemplateSpec ({metadata, spec}),
-    or, for convenience, a bare pod spec ({containers: …})."""
-    template = copy.deepcopy(template or {})
-    if "spec" in template or "metadata" in template:
-        return dict(template.get("metadata") or {}), dict(template.get("spec") or {})
-    return {}, template
-
-
 def pod_template(
     spec: MergeSearchSpec,
     document_text: str,
@@ -279,25 +326,20 @@ def pod_template(
     labels: dict[str, str],
     annotations: dict[str, str],
 ) -> dict[str, Any]:
-    meta, pod = _template_parts(spec.execution.template)
-    containers = [dict(c) for c in pod.get("containers") or []] or [{}]
-    index = next((i for i, c in enumerate(containers) if c.get("name") == RUNNER_CONTAINER), 0)
-    containers = [
-        _runner_container(c, spec, document_text, settings) if i == index else _harden_container(c)
-        for i, c in enumerate(containers)
-    ]
-    runner = containers[index]
-    pod["containers"] = containers
-    if pod.get("initContainers"):
-        pod["initContainers"] = [_harden_container(dict(c)) for c in pod["initContainers"]]
-    pod["volumes"] = _volumes(pod.get("volumes") or [], runner, spec, settings)
+    """The trial pod: the template's allowed fields (`podpolicy.allowed_pod`; a template with
+    anything else never gets this far, `podpolicy.check_template`) plus what is enforced."""
+    meta, pod, source = podpolicy.allowed_pod(spec.execution.template)
+    runner = _runner_container(source, spec, document_text, settings)
+    pod["containers"] = [runner]
+    pod["volumes"] = _volumes(pod["volumes"], runner, spec, settings)
     pod["restartPolicy"] = "Never"
+    pod["serviceAccountName"] = settings.service_account
     pod["automountServiceAccountToken"] = False
-    for host in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
-        pod.pop(host, None)
-    pod_security = dict(pod.get("securityContext") or {})
-    pod_security.update(runAsNonRoot=True, seccompProfile={"type": "RuntimeDefault"})
-    pod["securityContext"] = pod_security
+    pod["securityContext"] = {
+        **pod["securityContext"],
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     return {
         "metadata": {
             "labels": {**(meta.get("labels") or {}), **labels},
@@ -308,7 +350,8 @@ def pod_template(
 
 
 def _harden_container(container: dict[str, Any]) -> dict[str, Any]:
-    """The enforced container security context; the template keeps runAsUser/runAsGroup."""
+    """The enforced container security context; the template keeps runAsUser/runAsGroup
+    (neither 0: podpolicy refuses that)."""
     security = {
         k: v
         for k, v in (container.get("securityContext") or {}).items()

@@ -48,6 +48,14 @@ class ApiError(Exception):
         return self.status == 409 and self.reason == "AlreadyExists"
 
     @property
+    def quota_exceeded(self) -> bool:
+        """A ResourceQuota refused the object. The quota admission plugin answers 403
+        Forbidden with no reason code of its own; its message is always `<kind> "<name>" is
+        forbidden: exceeded quota: …`, the one place a refusal is told apart by wording (an
+        RBAC 403 says `cannot create resource`)."""
+        return self.status == 403 and "forbidden: exceeded quota" in self.detail
+
+    @property
     def invalid(self) -> bool:
         """The request's content was refused (a bad manifest): retrying will not help."""
         return self.status in (400, 422)
@@ -153,6 +161,18 @@ class KubeClient:
             raise
         return True
 
+    async def create_secret(self, manifest: dict[str, Any]) -> bool:
+        """The warm evaluators' token Secret; False when it exists (its content is derived,
+        so an existing one holds the same token)."""
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=manifest)
+        except ApiError as exc:
+            if exc.already_exists:
+                return False
+            raise
+        return True
+
     async def delete_job(self, namespace: str, name: str) -> bool:
         """Delete a Job and (in the background) its pods; False when it was already gone."""
         try:
@@ -169,3 +189,16 @@ class KubeClient:
         path = f"/api/v1/namespaces/{quote(namespace)}/pods"
         data = await self.request("GET", path, params={"labelSelector": selector})
         return list(data.get("items") or [])
+
+    async def list_warnings(self, namespace: str, kind: str, name: str) -> list[tuple[str, str]]:
+        """(reason, message) of the Warning events about one object, oldest first: what a
+        pod that does not start (FailedMount) or a Job without pods (FailedCreate) has to
+        say. Only read for an object that has been stuck a while (docs/operator.md)."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name},type=Warning"
+        path = f"/api/v1/namespaces/{quote(namespace)}/events"
+        data = await self.request("GET", path, params={"fieldSelector": selector})
+        items = sorted(
+            data.get("items") or [],
+            key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""),
+        )
+        return [(str(e.get("reason") or ""), str(e.get("message") or "")) for e in items]

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from mergerunner.trial import RESULT_API_VERSION, TrialResult
+from mergerunner.trial import RESULT_API_VERSION, FailureKind, TrialResult, unpack_result
 from mergesearch.operator.jobs import (
+    ANNOTATION_ATTEMPT,
     ANNOTATION_CANDIDATE,
     LABEL_ROLE,
     RUNNER_CONTAINER,
@@ -41,18 +42,35 @@ class JobSummary:
     started: bool = False
     reason: str | None = None
     deleting: bool = False
+    attempt: int = 0
+    created: str = ""
+    pods: int = 0  # pods the Job controller counts (active, succeeded, failed)
+    # Warning events of the Job ((reason, message), e.g. FailedCreate when admission refuses
+    # its pods): not indexed, read by the shell only for a Job that has no pod yet.
+    warnings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class PodSummary:
-    """A trial pod whose runner container has terminated."""
+    """A trial pod whose runner container has terminated (`exit_code` set), or one that is
+    not running yet for a reason worth reporting (`waiting`: the kubelet's waiting reason,
+    `Unschedulable`, or `ContainerCreating` while its volumes are set up)."""
 
     name: str
     job: str
-    exit_code: int
+    exit_code: int | None
     reason: str | None = None
     message: str | None = None
     finished_at: str = ""
+    waiting: str | None = None
+    created: str = ""
+    # Warning events of the pod ((reason, message), e.g. FailedMount), read by the shell only
+    # for a pod that has been waiting a while without a reason of its own.
+    warnings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def terminated(self) -> bool:
+        return self.exit_code is not None
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ class TrialOutcome:
     digest: str | None = None
     output_uri: str | None = None
     failed_step: str | None = None
+    error_kind: FailureKind | None = None
     error: str | None = None
 
     @property
@@ -120,6 +139,7 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
     started = bool(
         status.get("ready") or status.get("succeeded") or status.get("failed") or state != "active"
     )
+    attempt = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT, "0")
     return JobSummary(
         name=meta["name"],
         owner_uid=_controller_uid(meta),
@@ -129,6 +149,9 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
         started=started,
         reason=reason,
         deleting=bool(meta.get("deletionTimestamp")),
+        attempt=int(attempt) if attempt.isdigit() else 0,
+        created=str(meta.get("creationTimestamp") or ""),
+        pods=sum(int(status.get(k) or 0) for k in ("active", "succeeded", "failed")),
     )
 
 
@@ -136,28 +159,43 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
 
 
 def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
-    """The runner container's terminated state, or None while it has not terminated."""
+    """The runner container's terminated state; or, for a pod that is not running yet, why
+    (`waiting`); None for a running pod (nothing to decide from it)."""
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
     job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
     if not job:
         return None
-    statuses = (body.get("status") or {}).get("containerStatuses") or []
-    for status in statuses:
-        if status.get("name") != RUNNER_CONTAINER:
+    status = body.get("status") or {}
+    base = {"name": meta.get("name", ""), "job": job, "created": meta.get("creationTimestamp")}
+    base["created"] = str(base["created"] or "")
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != RUNNER_CONTAINER:
             continue
-        terminated = (status.get("state") or {}).get("terminated")
-        if not terminated:
-            return None
-        return PodSummary(
-            name=meta.get("name", ""),
-            job=job,
-            exit_code=int(terminated.get("exitCode", -1)),
-            reason=terminated.get("reason"),
-            message=terminated.get("message"),
-            finished_at=str(terminated.get("finishedAt") or ""),
-        )
-    return None
+        state = container.get("state") or {}
+        terminated = state.get("terminated")
+        if terminated:
+            return PodSummary(
+                **base,
+                exit_code=int(terminated.get("exitCode", -1)),
+                reason=terminated.get("reason"),
+                message=terminated.get("message"),
+                finished_at=str(terminated.get("finishedAt") or ""),
+            )
+        waiting = state.get("waiting")
+        if waiting and status.get("phase") == "Pending":
+            reason = str(waiting.get("reason") or "ContainerCreating")
+            return PodSummary(
+                **base, exit_code=None, waiting=reason, message=waiting.get("message")
+            )
+        return None
+    if status.get("phase") not in (None, "Pending") or meta.get("deletionTimestamp"):
+        return None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            why = str(cond.get("reason") or "Unschedulable")
+            return PodSummary(**base, exit_code=None, waiting=why, message=cond.get("message"))
+    return PodSummary(**base, exit_code=None, waiting="ContainerCreating")
 
 
 # --------------------------------------------------------------------------- results
@@ -174,6 +212,10 @@ def parse_result(message: str | None, job: str) -> tuple[TrialResult | None, str
         return None, f"termination message is not JSON ({exc.msg})"
     if not isinstance(data, dict):
         return None, "termination message is not a JSON object"
+    try:
+        data = unpack_result(data)  # many scores come packed (TrialResult.termination_message)
+    except ValueError as exc:
+        return None, cut(f"invalid result: {exc}")
     if data.get("apiVersion") != RESULT_API_VERSION:
         return None, f"unknown result apiVersion {str(data.get('apiVersion'))[:60]!r}"
     try:
@@ -198,7 +240,7 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
     """
     if job.state == "active":
         return None
-    pods = _latest(pods)
+    pods = _latest(p for p in pods if p.terminated)
     base = {"candidate": job.candidate, "job": job.name}
     if job.state == "succeeded":
         problems = []
@@ -216,13 +258,22 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
                 **base,
                 succeeded=False,
                 failed_step=result.failed_step,
+                error_kind=result.error_kind,
                 error=cut(result.error or "failed"),
             )
     detail = [job.reason or "Job failed"]
+    kind = _JOB_FAILURE_KINDS.get(job.reason or "")
     if pods:
         pod = pods[0]
         detail.append(f"pod {pod.name}: {pod.reason or 'Error'} (exit code {pod.exit_code})")
-    return TrialOutcome(**base, succeeded=False, error=cut("; ".join(detail)))
+        kind = _POD_FAILURE_KINDS.get(pod.reason or "", kind)
+    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=cut("; ".join(detail)))
+
+
+# Failures that leave no runner result, by the reason Kubernetes gives: a container killed for
+# memory will be killed again at the same limit; a trial past its deadline counts as failed.
+_POD_FAILURE_KINDS = {"OOMKilled": FailureKind.OUT_OF_MEMORY}
+_JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
 
 
 def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:
@@ -235,3 +286,68 @@ def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:
         digest=result.digest,
         output_uri=result.output_uri,
     )
+
+
+# --------------------------------------------------------------------------- pods that do not start
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why a trial's pod does not run: `fatal` for a configuration the pod will never get
+    past (fail the search before any GPU time is spent), else a state that may clear by
+    itself (wait, and say so in a condition). `reason` is the condition reason."""
+
+    fatal: bool
+    reason: str
+    message: str
+
+
+# The kubelet's waiting reasons and the scheduler's PodScheduled reason (reason codes, never
+# message text). A missing Secret or ConfigMap key in env is CreateContainerConfigError; an
+# image name that cannot be parsed, or one that must not be pulled, never starts. A failing
+# pull may be a registry outage, and an unschedulable pod may fit once the cluster scales:
+# both wait.
+_WAITING: dict[str, tuple[bool, str]] = {
+    "CreateContainerConfigError": (True, "PodConfigInvalid"),
+    "InvalidImageName": (True, "ImageInvalid"),
+    "ErrImageNeverPull": (True, "ImageInvalid"),
+    "ErrImagePull": (False, "ImagePullBackOff"),
+    "ImagePullBackOff": (False, "ImagePullBackOff"),
+    "Unschedulable": (False, "Unschedulable"),
+}
+# Warning events (their reason codes) of a pod that waits without a reason of its own, and of
+# a Job that has no pod: a volume that cannot be set up (a missing Secret or ConfigMap is
+# `FailedMount`, the pod stays ContainerCreating) and a pod that admission refused (Pod
+# Security, a LimitRange: the Job controller's `FailedCreate`) are configuration.
+_EVENTS: dict[str, tuple[bool, str]] = {
+    "FailedMount": (True, "VolumeUnavailable"),
+    "FailedCreate": (True, "PodRefused"),
+    "FailedScheduling": (False, "Unschedulable"),
+}
+# Reasons that ask for a look at the object's events when the wait lasts.
+SILENT_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def blocker_of(job: JobSummary, pods: Iterable[PodSummary]) -> Blocker | None:
+    """The first reason, in the pods' states or their events or the Job's events, why an
+    active trial Job does not run; None when nothing is known to be wrong."""
+    waiting = [p for p in pods if not p.terminated and p.waiting]
+    for pod in waiting:
+        if pod.waiting in _WAITING:
+            fatal, reason = _WAITING[pod.waiting]
+            return Blocker(fatal, reason, _where(job, pod, pod.waiting, pod.message))
+    for pod in waiting:
+        for event, message in pod.warnings:
+            if event in _EVENTS:
+                fatal, reason = _EVENTS[event]
+                return Blocker(fatal, reason, _where(job, pod, event, message))
+    for event, message in job.warnings:
+        if event in _EVENTS:
+            fatal, reason = _EVENTS[event]
+            return Blocker(fatal, reason, _where(job, None, event, message))
+    return None
+
+
+def _where(job: JobSummary, pod: PodSummary | None, what: str, message: str | None) -> str:
+    place = f"trial Job {job.name}" + (f", pod {pod.name}" if pod else "")
+    return cut(f"{place}: {what}: {message or 'no detail'}", 600)

@@ -1,0 +1,487 @@
+"""Warm evaluators, the pure part: leases, the inbox of evaluator requests, manifests.
+
+In `spec.execution.mode: warm` a search runs one evaluator Job (parallelism = completions =
+spec.execution.parallelism) whose pods fetch the checkpoints once, keep them and one model
+resident, and merge each candidate in place (`mergerunner evaluator`). They hold no Kubernetes
+credentials: they lease candidates from, and post results to, the operator's evaluator endpoint
+(`operator/server.py`) with a per-search bearer token from a Secret the operator creates.
+
+Everything the search depends on lives in the status, written compare-and-set as in jobs mode:
+
+- `activeTrials`: candidates issued and not yet told (bounded by parallelism, as before);
+- `leases`: which active candidate is held by which evaluator pod, since when, until when, and
+  how often it was issued. A lease ends when its result is told, when its holder pod is seen
+  terminated or has been gone for `LEASE_GRACE_S`, or at its deadline (trialTimeoutSeconds);
+  the candidate is then issued again, at most backoffLimit + 1 times in all, as a trial Job
+  would be retried.
+
+A result enters the search only through the reconcile that tells it and drops its candidate
+from `activeTrials` in the same status write; a result for a candidate that is not active (a
+duplicate, a lease that was re-issued and answered twice) is ignored. See docs/operator.md,
+"Warm evaluators".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mergerunner.trial import FailureKind, TrialResult
+from mergesearch.operator import jobs as jobspec
+from mergesearch.operator.jobs import JobSettings, Owner
+from mergesearch.operator.observe import TrialOutcome, cut
+from mergesearch.spec import MergeSearchSpec
+
+EVALUATOR_CANDIDATE = "evaluators"  # the evaluator Job's candidate part and annotation
+EVALUATOR_ROLE = "evaluator"
+TOKEN_SECRET_CANDIDATE = "evaluator-token"  # noqa: S105 - a name, not a secret
+TOKEN_KEY = "token"  # noqa: S105 - the key of the Secret
+ENV_URL = "MERGESEARCH_EVALUATOR_URL"
+ENV_NAME = "MERGESEARCH_EVALUATOR_NAME"
+ENV_TOKEN_FILE = "MERGESEARCH_EVALUATOR_TOKEN_FILE"  # noqa: S105 - a variable name
+TOKEN_DIR = "/var/run/secrets/mergesearch/evaluator"  # noqa: S105 - a mount path
+TOKEN_VOLUME = f"{jobspec.VOLUME_PREFIX}evaluator-token"
+# A lease whose holder the operator cannot see (a deleted pod, a Kueue suspension) is released
+# after this long; a pod that asked for work is alive, so index lag cannot release its lease.
+LEASE_GRACE_S = 30
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# The evaluator exits 2 when its configuration is unusable (no token, the endpoint refuses
+# it): a replacement pod would fail alike.
+EXIT_CONFIG = 2
+
+
+# --------------------------------------------------------------------------- time
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def later(now: str, seconds: int) -> str:
+    return (parse_time(now) + timedelta(seconds=seconds)).strftime(TIME_FORMAT)
+
+
+# --------------------------------------------------------------------------- observed state
+
+
+@dataclass(frozen=True)
+class EvaluatorPod:
+    """An evaluator pod as the operator's index sees it."""
+
+    name: str
+    terminated: bool = False
+    reason: str | None = None
+    exit_code: int | None = None
+    ready: bool = False
+
+
+def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
+    """The index entry of a pod of an evaluator Job; None for any other pod."""
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get(jobspec.LABEL_ROLE) != EVALUATOR_ROLE:
+        return None
+    status = body.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != jobspec.RUNNER_CONTAINER:
+            continue
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            return EvaluatorPod(
+                name=meta.get("name", ""),
+                terminated=True,
+                reason=terminated.get("reason"),
+                exit_code=int(terminated.get("exitCode", -1)),
+            )
+        return EvaluatorPod(name=meta.get("name", ""), ready=bool(container.get("ready")))
+    failed = status.get("phase") in ("Failed", "Succeeded") or bool(meta.get("deletionTimestamp"))
+    return EvaluatorPod(name=meta.get("name", ""), terminated=failed, reason=status.get("reason"))
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A result an evaluator posted for the candidate it leased."""
+
+    evaluator: str
+    candidate: str
+    result: TrialResult
+
+
+@dataclass(frozen=True)
+class Inbox:
+    """What evaluators asked since the last status write: work (`requests`, evaluator pod
+    names) and results. Held in the operator's memory only: a restart loses it, and the
+    evaluators' retries (or, at worst, the leases' expiry) bring it back."""
+
+    requests: tuple[str, ...] = ()
+    results: tuple[Posted, ...] = ()
+    fetched: Mapping[str, int] = field(default_factory=dict)  # evaluator → bytes it fetched
+
+
+# --------------------------------------------------------------------------- leases
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An active candidate and who holds it; `evaluator` None: waiting to be (re-)issued."""
+
+    trial: str
+    evaluator: str | None = None
+    since: str | None = None
+    expires: str | None = None
+    issued: int = 0
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"trial": self.trial, "issued": self.issued}
+        if self.evaluator:
+            out.update(evaluator=self.evaluator, since=self.since, expires=self.expires)
+        return out
+
+    @classmethod
+    def from_status(cls, data: Mapping[str, Any]) -> Lease:
+        return cls(
+            trial=str(data["trial"]),
+            evaluator=data.get("evaluator") or None,
+            since=data.get("since"),
+            expires=data.get("expires"),
+            issued=int(data.get("issued") or 0),
+        )
+
+
+def read_leases(status: Mapping[str, Any]) -> dict[str, Lease]:
+    out: dict[str, Lease] = {}
+    for item in status.get("leases") or []:
+        if isinstance(item, Mapping) and item.get("trial"):
+            lease = Lease.from_status(item)
+            out[lease.trial] = lease
+    return out
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The answer to an evaluator's request: its candidate and the trial document (the same
+    document, hence digest, a trial Job of that candidate would run)."""
+
+    candidate: str
+    document: str
+
+
+@dataclass
+class Dispatch:
+    """Lease decisions of one reconcile (local to it)."""
+
+    leases: dict[str, Lease]
+    told: list[TrialOutcome] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+
+
+def collect_posted(
+    active: Sequence[str], inbox: Inbox, job_of: Mapping[str, str]
+) -> tuple[list[TrialOutcome], list[str]]:
+    """(outcomes to tell, candidates ignored). A posted result counts only for an active
+    candidate, once (the first in the inbox); any other is a duplicate. It need not come from
+    the current holder: a lease re-issued after its holder looked lost may be answered by
+    the first holder, and its answer is as good (the same document, a deterministic trial)."""
+    told: dict[str, TrialOutcome] = {}
+    ignored: list[str] = []
+    for posted in inbox.results:
+        cid = posted.candidate
+        job = job_of.get(cid, "")
+        # "?": a runner that could not read the document's id (as in a termination message)
+        if cid not in active or cid in told or posted.result.id not in (job, "?"):
+            ignored.append(cid)
+            continue
+        told[cid] = outcome_of_result(cid, job, posted.result)
+    return list(told.values()), ignored
+
+
+def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
+    """A posted TrialResult as the reconcile tells it (as a trial Job's would be)."""
+    base = {"candidate": candidate, "job": job}
+    if result.status == "succeeded":
+        return TrialOutcome(
+            **base,
+            succeeded=True,
+            held_in=dict(result.held_in),
+            held_out=dict(result.held_out),
+            fitness=result.fitness,
+            digest=result.digest,
+            output_uri=result.output_uri,
+        )
+    return TrialOutcome(
+        **base,
+        succeeded=False,
+        failed_step=result.failed_step,
+        error_kind=result.error_kind,
+        error=cut(result.error or "failed"),
+    )
+
+
+def release_lost(
+    leases: dict[str, Lease],
+    pods: Iterable[EvaluatorPod],
+    inbox: Inbox,
+    now: str,
+    *,
+    max_issues: int,
+    job_of: Mapping[str, str],
+) -> tuple[list[TrialOutcome], list[str]]:
+    """Release leases whose holder is gone or whose deadline passed: (candidates that fail,
+    one line per lease released to be issued again). A candidate issued `max_issues` times
+    already fails instead (as a trial Job past its backoffLimit), and one whose holder was
+    killed for memory fails with OUT_OF_MEMORY (the next would be too)."""
+    seen = {p.name: p for p in pods}
+    asking = set(inbox.requests) | {p.evaluator for p in inbox.results}
+    failed: list[TrialOutcome] = []
+    released: list[str] = []
+    clock = parse_time(now)
+    for cid, lease in list(leases.items()):
+        if lease.evaluator is None:
+            continue
+        pod = seen.get(lease.evaluator)
+        why: str | None = None
+        kind: FailureKind | None = None
+        if pod is not None and pod.terminated:
+            why = f"evaluator {pod.name} ended ({pod.reason or 'Error'}, exit {pod.exit_code})"
+            kind = FailureKind.OUT_OF_MEMORY if pod.reason == "OOMKilled" else None
+        elif lease.expires and clock >= parse_time(lease.expires):
+            why, kind = f"lease held by {lease.evaluator} expired", FailureKind.TIMEOUT
+        elif (
+            pod is None
+            and lease.evaluator not in asking
+            and lease.since
+            and clock >= parse_time(lease.since) + timedelta(seconds=LEASE_GRACE_S)
+        ):
+            why = f"evaluator {lease.evaluator} is gone"
+        if why is None:
+            continue
+        if kind is FailureKind.OUT_OF_MEMORY or lease.issued >= max_issues:
+            del leases[cid]
+            failed.append(
+                TrialOutcome(
+                    candidate=cid,
+                    job=job_of.get(cid, ""),
+                    succeeded=False,
+                    failed_step="evaluate",
+                    error_kind=kind,
+                    error=cut(f"{why}; issued {lease.issued} times"),
+                )
+            )
+        else:
+            leases[cid] = Lease(trial=cid, issued=lease.issued)
+            released.append(f"{cid}: {why}; issued again")
+    return failed, released
+
+
+def assign(
+    leases: dict[str, Lease],
+    active: Sequence[str],
+    requests: Iterable[str],
+    now: str,
+    deadline_s: int,
+    due: Callable[[str], bool] = lambda _: True,
+) -> dict[str, str]:
+    """Evaluator → candidate for every request: the lease it already holds (a retried request
+    gets the same answer), else the first active candidate nobody holds and that is `due` (not
+    waiting out a retry's backoff after an outage), in `active` order."""
+    for cid in active:
+        leases.setdefault(cid, Lease(trial=cid))
+    for cid in [c for c in leases if c not in active]:
+        del leases[cid]
+    holding = {lease.evaluator: cid for cid, lease in leases.items() if lease.evaluator}
+    out: dict[str, str] = {}
+    free = [cid for cid in active if leases[cid].evaluator is None and due(cid)]
+    for evaluator in sorted(set(requests)):
+        if evaluator in holding:
+            out[evaluator] = holding[evaluator]
+            continue
+        if not free:
+            continue
+        cid = free.pop(0)
+        leases[cid] = replace(
+            leases[cid],
+            evaluator=evaluator,
+            since=now,
+            expires=later(now, deadline_s),
+            issued=leases[cid].issued + 1,
+        )
+        out[evaluator] = cid
+    return out
+
+
+def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[dict[str, Any]]:
+    """In `activeTrials` order: equal decisions give equal documents (no spurious writes)."""
+    return [leases[cid].to_status() for cid in active if cid in leases]
+
+
+def evaluators_status(
+    leases: Mapping[str, Lease],
+    pods: Sequence[EvaluatorPod],
+    parallelism: int,
+    fetched: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """status.evaluators: wanted, running (pods not terminated), ready, busy (holding a
+    lease), and bytesFetched: what the running evaluators report having fetched (all of them
+    together; 0 for an evaluator that found the node cache filled)."""
+    running = [p for p in pods if not p.terminated]
+    out = {
+        "wanted": parallelism,
+        "running": len(running),
+        "ready": sum(1 for p in running if p.ready),
+        "busy": sum(1 for lease in leases.values() if lease.evaluator),
+    }
+    names = {p.name for p in running}
+    reported = [n for e, n in (fetched or {}).items() if e in names]
+    if reported:
+        out["bytesFetched"] = sum(reported)
+    return out
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def search_token(key: bytes, owner: Owner) -> str:
+    """The search's bearer token: HMAC-SHA256 of its identity under the operator's key.
+
+    Derived, not stored: after a restart the operator recomputes it instead of reading the
+    Secret back (so it needs `create` on Secrets, never `get`), and a search re-created under
+    the same name (a new uid) gets a new token."""
+    message = f"{owner.namespace}/{owner.name}/{owner.uid}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def token_matches(key: bytes, owner: Owner, presented: str) -> bool:
+    return hmac.compare_digest(search_token(key, owner), presented)
+
+
+def token_secret_name(owner: Owner) -> str:
+    return jobspec.job_name(owner, TOKEN_SECRET_CANDIDATE)
+
+
+def token_secret(owner: Owner, key: bytes) -> dict[str, Any]:
+    """The per-search Secret the evaluators mount; owned by the search (garbage-collected)."""
+    token = search_token(key, owner).encode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": token_secret_name(owner),
+            "namespace": owner.namespace,
+            "labels": {
+                **jobspec.MANAGED_BY,
+                jobspec.LABEL_SEARCH: jobspec.label_value(owner.name),
+            },
+            "annotations": {jobspec.ANNOTATION_SEARCH: owner.name},
+            "ownerReferences": [owner.reference()],
+        },
+        "data": {TOKEN_KEY: base64.b64encode(token).decode()},
+    }
+
+
+# --------------------------------------------------------------------------- the evaluator Job
+
+
+def lease_path(owner: Owner) -> str:
+    return f"/v1/namespaces/{owner.namespace}/mergesearches/{owner.name}/lease"
+
+
+def evaluator_job_name(owner: Owner) -> str:
+    return jobspec.job_name(owner, EVALUATOR_CANDIDATE)
+
+
+KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+
+
+def evaluator_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettings) -> dict[str, Any]:
+    """The evaluator Job: the trial pod of `jobs.pod_template` (the same allow-list and
+    enforced security; nothing of the template is copied here that a trial Job would not
+    get), with the evaluator command instead of a trial document, the token Secret mounted
+    read-only, and, when the operator is configured with a node cache directory, that
+    directory (a subdirectory per namespace) as the checkpoint cache.
+
+    A Job rather than a StatefulSet or bare pods: it is owned by the search (garbage-collected
+    with it), replaces a lost pod under a new name (so a lease never outlives its holder's
+    identity), completes when its evaluators exit 0 at the search's end, and `spec.suspend` is
+    what Kueue's batch/Job integration uses to admit and preempt; the user's Kueue labels are
+    copied from the template's labels to the Job."""
+    if not settings.evaluator_url:
+        raise ValueError("the operator serves no evaluator endpoint")
+    name = evaluator_job_name(owner)
+    labels = {
+        **jobspec.MANAGED_BY,
+        jobspec.LABEL_SEARCH: jobspec.label_value(owner.name),
+        jobspec.LABEL_CANDIDATE: EVALUATOR_CANDIDATE,
+        jobspec.LABEL_ROLE: EVALUATOR_ROLE,
+    }
+    annotations = {
+        jobspec.ANNOTATION_CANDIDATE: EVALUATOR_CANDIDATE,
+        jobspec.ANNOTATION_SEARCH: owner.name,
+    }
+    template = jobspec.pod_template(spec, "", settings, labels, annotations)
+    pod = template["spec"]
+    runner = pod["containers"][0]
+    runner["command"] = list(settings.evaluator_command)
+    runner["env"] = [e for e in runner["env"] if e["name"] != jobspec.ENV_TRIAL] + _evaluator_env(
+        owner, settings
+    )
+    runner["volumeMounts"].append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
+    pod["volumes"].append(
+        {"name": TOKEN_VOLUME, "secret": {"secretName": token_secret_name(owner)}}
+    )
+    if settings.node_cache_dir:
+        for volume in pod["volumes"]:
+            if volume["name"] == f"{jobspec.VOLUME_PREFIX}cache":
+                volume.pop("emptyDir", None)
+                volume["hostPath"] = {
+                    "path": f"{settings.node_cache_dir.rstrip('/')}/{owner.namespace}",
+                    "type": "DirectoryOrCreate",
+                }
+    user_labels = (template["metadata"].get("labels") or {}).items()
+    job_labels = {**{k: v for k, v in user_labels if k in KUEUE_LABELS}, **labels}
+    parallelism = spec.execution.parallelism
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": job_labels,
+            "annotations": annotations,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "parallelism": parallelism,
+            "completions": parallelism,
+            # Each evaluator may be lost as often as a trial pod may be retried.
+            "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": jobspec.RUNNER_CONTAINER,
+                            "operator": "In",
+                            "values": [EXIT_CONFIG],
+                        },
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": template,
+        },
+    }
+
+
+def _evaluator_env(owner: Owner, settings: JobSettings) -> list[dict[str, Any]]:
+    assert settings.evaluator_url
+    return [
+        {"name": ENV_URL, "value": settings.evaluator_url.rstrip("/") + lease_path(owner)},
+        {"name": ENV_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": ENV_TOKEN_FILE, "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+    ]

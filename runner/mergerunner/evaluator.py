@@ -1,0 +1,267 @@
+"""`mergerunner evaluator`: a warm evaluator, many trials in one pod (spec.execution.mode: warm).
+
+A trial pod (`mergerunner run`) fetches every checkpoint, merges to disk, loads the merge and
+builds the task suite, for ONE candidate. An evaluator does that work once and then, for each
+candidate it leases from the operator, merges into the resident model in place and scores it:
+
+- the checkpoints are fetched once into the cache directory (on a cluster, a node-local
+  directory shared by the search's evaluators on that node when the operator is configured
+  with one: the fetch cache's file locks make a second evaluator wait for the first and then
+  fetch 0 bytes);
+- their tensors stay in memory (`ResidentMerger`, on the GPU next to the model when there is
+  one), one model object stays loaded, in the trial's dtype, the task suite is built once;
+- each candidate is merged in place and scored; the result carries the same content digest a
+  trial Job's merge to disk has, bit for bit (tests/integration/test_evaluator.py), and the
+  same scores, since the model scored is the same bytes.
+
+The loop holds no Kubernetes credentials: it POSTs to the operator's lease endpoint with the
+search's bearer token (a Secret the operator mounts), sending its previous result with each
+request for the next candidate (one round trip and, usually, one status write per trial).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
+from mergerunner.run import StepFailed, _Clock, _describe, custom_tasks_dir, run_trial
+from mergerunner.trial import (
+    FailureKind,
+    TrialDocument,
+    TrialResult,
+    failure_kind_of,
+    fitness_of,
+    parse_trial,
+)
+
+log = logging.getLogger(__name__)
+EXIT_DONE, EXIT_CONFIG = 0, 2
+# The operator holds a request up to ~20 s when it has no candidate (the generation's last
+# results are still being scored); the client waits a little longer than that.
+REQUEST_TIMEOUT_S = 60.0
+AUTH_FAILURES_TOLERATED = 5
+
+
+def setup_key(doc: TrialDocument) -> str:
+    """What the resident state depends on: everything in a document but its id, weights and
+    output. Documents of one search share it, so the state is built once."""
+    wire = doc.to_wire()
+    for key in ("id", "weights", "output"):
+        wire.pop(key, None)
+    return json.dumps(wire, sort_keys=True)
+
+
+@dataclass
+class WarmTrials:
+    """Runs trial documents of one search, keeping what does not change between them."""
+
+    cache_dir: Path
+    work_dir: Path | None = None
+    bytes_fetched: int = 0
+    trials: int = 0
+    _key: str | None = None
+    _state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self._key is not None
+
+    def run(self, doc: TrialDocument, now: Callable[[], float] = time.perf_counter) -> TrialResult:
+        """The trial's result, as `run_trial` would report it; never raises for a step."""
+        self.trials += 1
+        if doc.evaluator.backend == ANALYTIC_BACKEND:
+            return run_analytic(doc)
+        if doc.output.save_model:  # an export: the disk path of a trial Job
+            return run_trial(doc, cache_dir=self.cache_dir, work_dir=self.work_dir)
+        clock = _Clock()
+        start = now()
+        try:
+            if setup_key(doc) != self._key:
+                self._setup(doc, clock)
+            state = self._state
+            with clock.step("merge"):
+                digest = state["merger"].merge_into(state["model"], doc.weight_vector())
+            with clock.step("evaluate"):
+                scores = state["suite"].score(state["lm"])
+        except StepFailed as failure:
+            log.error("trial %s failed in step %s: %s", doc.id, failure.step, failure.cause)
+            if failure.step == "fetch" or self._key is None:
+                self._key, self._state = None, {}
+            return TrialResult(
+                id=doc.id,
+                status="failed",
+                failed_step=failure.step,
+                error_kind=failure_kind_of(failure.cause),
+                error=_describe(failure.cause)[:2000],
+                timings=clock.timings(now() - start),
+            )
+        held_in = {t.task: scores[t.task] for t in doc.held_in}
+        return TrialResult(
+            id=doc.id,
+            status="succeeded",
+            held_in=held_in,
+            held_out={t.task: scores[t.task] for t in doc.held_out},
+            fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
+            digest=digest,
+            timings=clock.timings(now() - start),
+        )
+
+    def _setup(self, doc: TrialDocument, clock: _Clock) -> None:
+        """Fetch the checkpoints (once), hold their tensors, load one model in the trial's
+        dtype (as a trial Job loads its merge: the same bytes are scored), build the suite."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mergerunner.evaluate import TaskSuite, make_lm, pick_device, subset_options
+        from mergerunner.fetch import _run, fetch_checkpoints_async
+        from mergerunner.merge import ResidentMerger
+
+        self._key, self._state = None, {}
+        with clock.step("fetch"):
+            uris = [c.uri for c in doc.checkpoints]
+            fetched = _run(fetch_checkpoints_async(uris, self.cache_dir))
+            self.bytes_fetched += sum(r.bytes_downloaded for r in fetched)
+            dirs = [r.path for r in fetched]
+        with clock.step("merge"):
+            device = pick_device(doc.evaluator)
+            merger = ResidentMerger(dirs, device=device)
+        with clock.step("evaluate"):
+            trust = doc.evaluator.trust_remote_code
+            model = AutoModelForCausalLM.from_pretrained(
+                dirs[0], dtype=getattr(torch, doc.dtype), trust_remote_code=trust
+            )
+            model.to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(dirs[0], trust_remote_code=trust)
+            suite = TaskSuite(
+                [*doc.held_in, *doc.held_out],
+                include_path=custom_tasks_dir(doc),
+                seed=doc.evaluator.seed,
+                **subset_options(doc),
+            )
+            lm = make_lm(model, tokenizer, doc.evaluator)
+        self._state = {"merger": merger, "model": model, "suite": suite, "lm": lm}
+        self._key = setup_key(doc)
+
+
+# --------------------------------------------------------------------------- the lease loop
+
+Post = Callable[[str, str, Mapping[str, Any]], tuple[int, dict[str, Any]]]
+
+
+def http_post(url: str, token: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST JSON with the bearer token; (status, JSON answer). Raises OSError when the
+    endpoint cannot be reached (the operator restarting, say)."""
+    request = urllib.request.Request(  # noqa: S310 - the operator's http(s) URL
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:  # noqa: S310
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        try:
+            answer = json.loads(error.read() or b"{}")
+        except json.JSONDecodeError:
+            answer = {}
+        return error.code, answer if isinstance(answer, dict) else {}
+
+
+def _rejected(candidate: str, text: str, exc: Exception) -> dict[str, Any]:
+    """A leased document this runner cannot read: reported as a bad input, as `run` would."""
+    doc_id = "?"
+    with contextlib.suppress(ValueError, AttributeError):
+        doc_id = str(json.loads(text).get("id", "?"))
+    result = TrialResult(
+        id=doc_id,
+        status="failed",
+        failed_step="input",
+        error_kind=FailureKind.INVALID_INPUT,
+        error=str(exc)[:2000],
+    )
+    return {"candidate": candidate, "result": result.to_wire()}
+
+
+def serve(
+    url: str,
+    name: str,
+    token: str,
+    trials: WarmTrials,
+    *,
+    post: Post = http_post,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Lease, run, post, until the operator says the search is done (exit 0). Unreachable
+    endpoints are retried with backoff, keeping the unposted result; a token refused several
+    times in a row is a configuration error (exit 2: the Job fails at once)."""
+    pending: dict[str, Any] | None = None
+    backoff, refused = 1.0, 0
+    while True:
+        body: dict[str, Any] = {
+            "evaluator": name,
+            "stats": {"bytesFetched": trials.bytes_fetched, "ready": trials.ready},
+        }
+        if pending is not None:
+            body["posted"] = pending
+        try:
+            status, answer = post(url, token, body)
+        except OSError as exc:
+            log.warning("evaluator endpoint unreachable (%s); retrying in %.0fs", exc, backoff)
+            sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            continue
+        backoff = 1.0
+        if status in (401, 403, 404):
+            refused += 1
+            log.error("the evaluator endpoint refused us (%d): %s", status, answer)
+            if refused >= AUTH_FAILURES_TOLERATED:
+                return EXIT_CONFIG
+            sleep(2.0)
+            continue
+        if status != 200:
+            log.warning("evaluator endpoint answered %d; retrying", status)
+            sleep(1.0)
+            continue
+        refused, pending = 0, None
+        if answer.get("done"):
+            return EXIT_DONE
+        lease = answer.get("lease")
+        if not isinstance(lease, dict):
+            continue  # nothing to do yet: ask again (the operator holds the request)
+        candidate, text = str(lease.get("candidate")), str(lease.get("trial"))
+        try:
+            doc = parse_trial(text)
+        except (ValueError, ValidationError) as exc:
+            pending = _rejected(candidate, text, exc)
+            continue
+        leased_at = time.time()
+        result = trials.run(doc)
+        pending = {"candidate": candidate, "result": result.to_wire()}
+        log.info("trial %s", json.dumps(trial_record(doc.id, leased_at, result, trials)))
+
+
+def trial_record(
+    trial_id: str, leased_at: float, result: TrialResult, trials: WarmTrials
+) -> dict[str, Any]:
+    """One log line per trial (`MERGERUNNER_LOG_LEVEL=INFO`): when it was leased and done,
+    the step timings, and the bytes this evaluator has fetched so far."""
+    return {
+        "trial": trial_id,
+        "status": result.status,
+        "leasedAt": round(leased_at, 4),
+        "doneAt": round(time.time(), 4),
+        "timings": result.timings.to_wire(),
+        "bytesFetched": trials.bytes_fetched,
+    }
