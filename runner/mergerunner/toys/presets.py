@@ -265,7 +265,7 @@ PRESETS: dict[str, Preset] = {preset.name: preset for preset in (MINI, PAPER)}
 # every task's examples), on any x86-64 machine; tests/integration/test_toys_pool.py checks it.
 COMMITTED_DIGESTS: dict[str, str] = {
     "mini": "41999ce7792f899d404c2082ca8aff516d9d8ab769cb712b3d29158254612f5c",
-    "paper": "FILLME",
+    "paper": "7e15f0659aae8aa71d03d993644538f46acdb3149ec39ea2020b32f4d74db074",
 }
 
 
