@@ -38,7 +38,7 @@ def _digest_note(digest: str, committed: str | None) -> str:
     if committed is None:
         return f"pool digest {digest}"
     if digest == committed:
-        return f"pool digest {digest[:12]}: the committed one, the same on every x86-64 machine"
+        return f"pool digest {digest[:12]}: the committed one, that the README's figures come from"
     return (
         f"WARNING: pool digest {digest[:12]} differs from the committed {committed[:12]}: "
         "results will not match the README"
