@@ -9,8 +9,9 @@
 # Versions: Python packages are constrained by requirements/dev.lock (the same pins the tests
 # run with; PyPI's Linux torch wheels bundle CUDA through the nvidia-* packages pinned there, so
 # the runner needs no CUDA base image: the driver comes from the node). vLLM is optional and
-# pinned by VLLM_VERSION; it brings its own torch pin, so that image is built without the lock's
-# torch constraint. Both images run as an unprivileged user (65532) and keep nothing writable
+# pinned by VLLM_VERSION, at least what the pinned lm-eval's `vllm` extra asks for (checked by
+# tests/unit/test_dockerfile.py); it brings its own pins of torch, transformers and fastapi, so
+# that image is built without the lock's constraints on those. Both images run as an unprivileged user (65532) and keep nothing writable
 # outside /tmp and the runner's cache (emptyDirs on a cluster; the root file system is
 # read-only). The commands are mergesearch.entrypoints' (tests/unit/test_dockerfile.py).
 
@@ -44,10 +45,10 @@ RUN python -m venv /opt/venv \
 # ----------------------------------------------------------------------------- runner build
 FROM source AS runner-build
 ARG INSTALL_VLLM=false
-ARG VLLM_VERSION=0.11.0
+ARG VLLM_VERSION=0.33.0
 RUN python -m venv /opt/venv \
     && if [ "$INSTALL_VLLM" = "true" ]; then \
-         grep -v -E '^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+)==' \
+         grep -v -E '^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+|transformers|fastapi)==' \
            requirements/dev.lock > /tmp/constraints.txt \
          && pip install --no-cache-dir -c /tmp/constraints.txt ".[runner]" "vllm==${VLLM_VERSION}"; \
        else \

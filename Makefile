@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV = $(shell scripts/env.sh)
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-fast lint format bench-merge bench-search bench-operator
+.PHONY: env demo test test-fast lint format bench-merge bench-search bench-operator bench-evaluator
 
 env:
 	@scripts/env.sh
@@ -33,6 +33,9 @@ bench-merge:
 
 bench-search:
 	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/search.py
+
+bench-evaluator:
+	@v=$$(scripts/env.sh) && nice -n 10 "$$v/bin/python" -P bench/evaluator.py
 
 bench-operator:
 	@v=$$(scripts/env.sh) && scripts/build-testbin.sh >/dev/null && "$$v/bin/python" -P bench/operator_bench.py

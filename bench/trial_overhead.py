@@ -193,7 +193,9 @@ def spec(uris: dict[str, str], s3: SeaweedS3, mode: str, parallelism: int, trial
 
 
 class JobClock(threading.Thread):
-    """Polls the namespace's Jobs: when each was first seen and first seen Complete."""
+    """Polls the namespace's Jobs: when each was first seen, and when first seen Complete or
+    gone (the operator deletes a succeeded trial's Job as soon as it has its pod's result,
+    often before the Job controller marks it Complete)."""
 
     def __init__(self, api: ApiClient, namespace: str) -> None:
         super().__init__(daemon=True)
@@ -206,24 +208,28 @@ class JobClock(threading.Thread):
         while not self.stop.is_set():
             now = time.monotonic()
             items = self.api.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs")["items"]
+            present = set()
             for job in items:
                 name = job["metadata"]["name"]
+                present.add(name)
                 self.created.setdefault(name, now)
                 conditions = (job.get("status") or {}).get("conditions") or []
                 if any(c["type"] == "Complete" and c["status"] == "True" for c in conditions):
                     self.completed.setdefault(name, now)
+            for name in set(self.created) - present:
+                self.completed.setdefault(name, now)  # collected (deleted) by the operator
             time.sleep(0.2)
 
 
 def evaluator_records(agent: NodeAgent, namespace: str) -> dict[str, list[dict[str, Any]]]:
     """Per evaluator pod, its per-trial log lines (mergerunner.evaluator.trial_record)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for container in agent.running() + list(agent._done.values()):
-        if container.namespace != namespace:
-            continue
-        lines = container.log_path.read_text(errors="replace").splitlines()
+    # From the pods' directories on the node (they outlive the pods: a pod deleted with its
+    # Job is forgotten by the agent, its log file is not).
+    for log in sorted(agent.workdir.glob(f"{namespace}_*-evaluators-*/*.log")):
+        lines = log.read_text(errors="replace").splitlines()
         records = [json.loads(line.split(" trial ", 1)[1]) for line in lines if " trial {" in line]
-        out[container.name] = records
+        out[log.parent.name] = records
     return out
 
 
@@ -295,6 +301,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
                 clock.start()
                 searches.create("jobs", spec(uris, s3, "jobs", 1, trials))
                 jobs_status = searches.wait_phase("jobs", ["Succeeded", "Failed"], 3600)
+                time.sleep(2)  # the last Job's Complete condition follows the search's status
                 clock.stop.set()
                 searches.create("warm", spec(uris, s3, "warm", 2, trials * 2))
                 warm_status = searches.wait_phase("warm", ["Succeeded", "Failed"], 3600)
@@ -343,7 +350,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
             "dtype_stored": "bfloat16",
             "dtype_scored": "float32",
             "task": f"{TASK} (limit {LIMIT}), CPU",
-            "jobs": {"parallelism": 1, "trials": len(walls)},
+            "jobs": {"parallelism": 1, "trials": trials, "timed": len(walls)},
             "warm": {"parallelism": 2, "trials": trials * 2},
             "machine": f"{os.cpu_count()} CPUs, shared",
         },

@@ -9,10 +9,12 @@ logs to learn what happened.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,6 +42,26 @@ def _input_error(exc: Exception) -> str:
             for err in exc.errors()
         )
     return str(exc)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile to stderr, at the file-descriptor level.
+
+    stdout carries exactly one thing, the result's JSON: libraries print to it (lm-eval's
+    batch-size messages, native code writing to fd 1), and a line of theirs before the result
+    would make the output unparseable for whoever reads it.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _emit(result: TrialResult, args: argparse.Namespace) -> None:
@@ -81,7 +103,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         or Path.home() / ".cache" / "mergerunner"
     )
     work = Path(args.work_dir) if args.work_dir else None
-    result = run_trial(doc, cache_dir=cache, work_dir=work)
+    with stdout_to_stderr():
+        result = run_trial(doc, cache_dir=cache, work_dir=work)
     _emit(result, args)
     return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,11 @@ class TaskSuite:
     def task_names(self) -> list[str]:
         return [r.spec.task for r in self.resolved]
 
+    @property
+    def output_types(self) -> dict[str, str]:
+        """Task → lm-eval output type (generate_until, loglikelihood, multiple_choice, ...)."""
+        return {r.spec.task: str(self._tasks[r.spec.task].OUTPUT_TYPE) for r in self.resolved}
+
     def score(self, lm: Any) -> dict[str, float]:
         """Score `lm` (an lm-eval LM) on every task; returns task → score as plain floats."""
         from lm_eval.evaluator import evaluate
@@ -292,8 +298,19 @@ def _quiet(base: type) -> type:
     return QuietHFLM
 
 
-def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool = True) -> Any:
-    """Wrap an in-memory transformers model for lm-eval, so candidates never reload it."""
+def make_lm(
+    model: Any,
+    tokenizer: Any,
+    spec: EvaluatorSpec,
+    *,
+    progress: bool = True,
+    device: str | None = None,
+) -> Any:
+    """Wrap an in-memory transformers model for lm-eval, so candidates never reload it.
+
+    `device` is where inputs go: the device of the first placed module when the model spans
+    several (accelerate's hooks move activations between the others).
+    """
     if spec.backend != "hf":
         raise EvaluationError(
             f"evaluator.backend {spec.backend!r} cannot score an in-memory model; use 'hf'",
@@ -301,8 +318,38 @@ def make_lm(model: Any, tokenizer: Any, spec: EvaluatorSpec, *, progress: bool =
         )
     from lm_eval.models.huggingface import HFLM
 
-    kwargs: dict[str, Any] = {"batch_size": spec.batch_size, "device": pick_device(spec)}
+    kwargs: dict[str, Any] = {"batch_size": spec.batch_size, "device": device or pick_device(spec)}
     if spec.max_length is not None:
         kwargs["max_length"] = spec.max_length
     cls = HFLM if progress else _quiet(HFLM)
-    return cls(pretrained=model, tokenizer=tokenizer, **kwargs)
+    lm = cls(pretrained=model, tokenizer=tokenizer, **kwargs)
+    if spec.batch_size == "auto":
+        lm.batch_size_per_gpu = probe_batch_size(lm)
+    return lm
+
+
+# The longest sequence `batchSize: auto` probes with when `maxLength` is unset. lm-eval probes
+# at the model's whole context (128k tokens for current models: a probe that takes minutes
+# and picks batch size 1); 4096 tokens covers the prompts of the paper's tasks (GSM8K 5-shot
+# ≈ 1k tokens, MMLU-Pro 5-shot ≈ 2-3k). Longer prompts: set evaluator.maxLength.
+PROBE_MAX_LENGTH = 4096
+
+
+def probe_batch_size(lm: Any) -> int:
+    """Resolve `batchSize: auto` once, for the life of this lm-eval model.
+
+    lm-eval resolves "auto" again in every call that scores requests (each loglikelihood and
+    generate_until call, so several times per trial, printing to stdout each time); the
+    largest batch that fits depends on the model's shape and the device, not on the weights,
+    so one probe serves every candidate of a search. The probe runs lm-eval's own detection
+    (forward passes at halving sizes until one fits) at min(context, PROBE_MAX_LENGTH).
+    """
+    saved = lm._max_length
+    lm._max_length = min(lm.max_length, PROBE_MAX_LENGTH)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            size = int(lm._detect_batch_size())
+    finally:
+        lm._max_length = saved
+    log.info("batchSize auto: %d (probed at %d tokens)", size, min(lm.max_length, PROBE_MAX_LENGTH))
+    return size

@@ -8,8 +8,9 @@ candidate it leases from the operator, merges into the resident model in place a
   directory shared by the search's evaluators on that node when the operator is configured
   with one: the fetch cache's file locks make a second evaluator wait for the first and then
   fetch 0 bytes);
-- their tensors stay in memory (`ResidentMerger`, on the GPU next to the model when there is
-  one), one model object stays loaded, in the trial's dtype, the task suite is built once;
+- their tensors stay in host memory (`ResidentMerger`, pinned when the model is on GPUs, each
+  tensor merged on its module's device), one model object stays loaded over the pod's GPUs
+  (the trial's placement), in the trial's dtype, the task suite is built once;
 - each candidate is merged in place and scored; the result carries the same content digest a
   trial Job's merge to disk has, bit for bit (tests/integration/test_evaluator.py), and the
   same scores, since the model scored is the same bytes.
@@ -91,7 +92,9 @@ class WarmTrials:
                 self._setup(doc, clock)
             state = self._state
             with clock.step("merge"):
-                digest = state["merger"].merge_into(state["model"], doc.weight_vector())
+                digest = state["merger"].merge_into(
+                    state["model"], doc.weight_vector(), dtype=doc.dtype
+                )
             with clock.step("evaluate"):
                 scores = state["suite"].score(state["lm"])
         except StepFailed as failure:
@@ -120,12 +123,13 @@ class WarmTrials:
     def _setup(self, doc: TrialDocument, clock: _Clock) -> None:
         """Fetch the checkpoints (once), hold their tensors, load one model in the trial's
         dtype (as a trial Job loads its merge: the same bytes are scored), build the suite."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from mergerunner.evaluate import TaskSuite, make_lm, pick_device, subset_options
+        from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
+        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, subset_options
         from mergerunner.fetch import _run, fetch_checkpoints_async
         from mergerunner.merge import ResidentMerger
+        from mergerunner.placement import layout_of_merge
 
         self._key, self._state = None, {}
         with clock.step("fetch"):
@@ -134,14 +138,15 @@ class WarmTrials:
             self.bytes_fetched += sum(r.bytes_downloaded for r in fetched)
             dirs = [r.path for r in fetched]
         with clock.step("merge"):
-            device = pick_device(doc.evaluator)
-            merger = ResidentMerger(dirs, device=device)
+            gpus, _ = visible_devices(doc.evaluator)
+            merger = ResidentMerger(dirs, pin_memory=bool(gpus))
         with clock.step("evaluate"):
             trust = doc.evaluator.trust_remote_code
-            model = AutoModelForCausalLM.from_pretrained(
-                dirs[0], dtype=getattr(torch, doc.dtype), trust_remote_code=trust
-            )
-            model.to(device).eval()
+            # Placed over every GPU of the pod and computing in the dtype a trial Job uses.
+            dtype = compute_dtype(doc.dtype, "cuda" if gpus else "cpu")
+            layout = layout_of_merge(merger.plan, dtype)
+            placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, dtype)
+            model = load_placed(dirs[0], placement, dtype, trust=trust)
             tokenizer = AutoTokenizer.from_pretrained(dirs[0], trust_remote_code=trust)
             suite = TaskSuite(
                 [*doc.held_in, *doc.held_out],
@@ -149,7 +154,7 @@ class WarmTrials:
                 seed=doc.evaluator.seed,
                 **subset_options(doc),
             )
-            lm = make_lm(model, tokenizer, doc.evaluator)
+            lm = make_lm(model, tokenizer, doc.evaluator, device=placement.devices[0])
         self._state = {"merger": merger, "model": model, "suite": suite, "lm": lm}
         self._key = setup_key(doc)
 

@@ -819,22 +819,36 @@ class ResidentMerger:
     Inputs stay in their own dtype: half the memory of float32 for bf16 checkpoints, for about
     10% more time per merge on CPU (where a merge is bound by reading N·params elements), and
     the same mixed-precision add as the streaming merge, hence identical results. Memory is N
-    times one checkpoint: meant for the small models a local search evaluates many times. With
-    `device="cuda"` the stacks live on the GPU next to the model.
+    times one checkpoint, in host memory: 8 × 8B bf16 checkpoints are 128 GB, which no GPU
+    holds beside the model. With `pin_memory` (when the model is on GPUs) the rows are
+    page-locked, so each tensor's rows are copied to the device of its module asynchronously
+    and merged there, chunk by chunk: the model may span several GPUs (its placement), and GPU
+    memory holds the model plus one chunk of rows.
     """
 
-    def __init__(self, checkpoint_dirs: Sequence[Path], *, device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint_dirs: Sequence[Path], *, pin_memory: bool = False):
         self.plan = validate_checkpoints([Path(p) for p in checkpoint_dirs])
-        self.device = torch.device(device)
         with _Files() as files:
-            self._rows = {
-                t.name: [row.to(self.device) for row in _load_rows(self.plan, t, files)]
-                for t in self.plan.tensors
-            }
-        self._chunk = CHUNK_ELEMS if self.device.type == "cpu" else 1 << 26
-        largest = max((t.numel for t in self.plan.tensors), default=0)
-        self._acc = torch.empty(min(largest, self._chunk), dtype=torch.float32, device=self.device)
+            self._rows = {t.name: _load_rows(self.plan, t, files) for t in self.plan.tensors}
+        if pin_memory:
+            self._rows = {n: [row.pin_memory() for row in rows] for n, rows in self._rows.items()}
+        self._largest = max((t.numel for t in self.plan.tensors), default=0)
+        self._accs: dict[torch.device, torch.Tensor] = {}
         self._identity = _inputs_identity(self.plan)
+
+    def _acc(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The float32 accumulator of a device and its chunk length (bounded by L2 on a CPU;
+        16M elements on a GPU, so N rows of a chunk in transit stay N × 32 MiB in bf16)."""
+        chunk = min(self._largest, CHUNK_ELEMS if device.type == "cpu" else 1 << 24)
+        if device not in self._accs:
+            self._accs[device] = torch.empty(chunk, dtype=torch.float32, device=device)
+        return self._accs[device], chunk
+
+    def _rows_on(
+        self, rows: Sequence[torch.Tensor], index: int, start: int, stop: int, device: torch.device
+    ) -> torch.Tensor:
+        row = rows[index][start:stop]
+        return row if device.type == "cpu" else row.to(device, non_blocking=True)
 
     @property
     def checkpoints(self) -> int:
@@ -870,10 +884,14 @@ class ResidentMerger:
         # thread pool each op waits for its slowest thread; on a busy machine that made merges
         # ten times slower (measured), for at best a 2x gain on an idle one.
         with torch.no_grad(), _torch_threads(1):
-            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            totals: dict[torch.device, torch.Tensor] = {}
             for target in targets:
-                self._merge_one(target, active, out, total)
-            if not bool(torch.isfinite(total)):  # one check (one GPU sync) per merge
+                device = target.destinations[0].device
+                if device not in totals:
+                    totals[device] = torch.zeros((), dtype=torch.float32, device=device)
+                self._merge_one(target, active, out, totals[device])
+            # One check (one sync) per device and merge.
+            if not all(bool(torch.isfinite(total)) for total in totals.values()):
                 self._raise_non_finite(targets, active, out)
         if digest == "recipe":
             dtypes = sorted({str(out or t.destinations[0].dtype) for t in targets})
@@ -896,19 +914,22 @@ class ResidentMerger:
         rounding included) makes non-finite (see `is_finite`)."""
         rows = self._rows[target.tensor.name]
         first, *aliases = target.destinations
+        device = first.device
+        acc_all, chunk = self._acc(device)
         flat = (
             first.view(-1)
             if first.is_contiguous()
-            else torch.empty(first.numel(), dtype=first.dtype, device=first.device)
+            else torch.empty(first.numel(), dtype=first.dtype, device=device)
         )
         rounds = out is not None and out != first.dtype
-        for start in range(0, target.tensor.numel, self._chunk):
-            stop = min(target.tensor.numel, start + self._chunk)
-            acc = self._acc[: stop - start]
-            merged = accumulate(acc, ((w, rows[i][start:stop]) for w, i in active))
-            chunk = flat[start:stop]
-            chunk.copy_(merged.to(out) if rounds else merged)
-            total.add_(finite_probe(chunk))
+        for start in range(0, target.tensor.numel, chunk):
+            stop = min(target.tensor.numel, start + chunk)
+            acc = acc_all[: stop - start]
+            terms = ((w, self._rows_on(rows, i, start, stop, device)) for w, i in active)
+            merged = accumulate(acc, terms)
+            piece = flat[start:stop]
+            piece.copy_(merged.to(out) if rounds else merged)
+            total.add_(finite_probe(piece))
         if not first.is_contiguous():
             first.copy_(flat.view(first.shape))
         for alias in aliases:
@@ -927,11 +948,12 @@ class ResidentMerger:
             bad = torch.nonzero(~torch.isfinite(merged))
             if not bad.numel():
                 continue
-            start = int(bad[0, 0]) // self._chunk * self._chunk
-            stop = min(merged.numel(), start + self._chunk)
+            acc_all, chunk = self._acc(merged.device)
+            start = int(bad[0, 0]) // chunk * chunk
+            stop = min(merged.numel(), start + chunk)
             rows = self._rows[target.tensor.name]
-            terms = [(w, rows[i][start:stop]) for w, i in active]
-            acc = accumulate(self._acc[: stop - start], terms)
+            terms = [(w, self._rows_on(rows, i, start, stop, merged.device)) for w, i in active]
+            acc = accumulate(acc_all[: stop - start], terms)
             sources = [i for _, i in active]
             stored = merged[start:stop] if out is None else merged[start:stop].to(out)
             raise non_finite_error(target.tensor, start, stored, acc, terms, sources)

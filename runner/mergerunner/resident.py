@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, pick_device
+from mergerunner.evaluate import EvaluationError, TaskSuite, compute_dtype, make_lm
 from mergerunner.run import StepFailed, _Clock, _describe
 from mergerunner.trial import (
     EvaluatorSpec,
+    FailureKind,
     StepTimings,
     Subset,
     TaskSpec,
@@ -54,25 +55,36 @@ class ResidentEvaluator:
         dtype: str = "bfloat16",
         confirm: bool = False,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from mergerunner.merge import ResidentMerger
-
         self.spec = evaluator or EvaluatorSpec()
-        device = pick_device(self.spec)
+        if self.spec.backend != "hf":
+            # Before any checkpoint is read: a resident model is scored in-process only.
+            raise EvaluationError(
+                f"evaluator.backend {self.spec.backend!r}: local mode scores its resident model "
+                "in-process; use backend hf (server backends run in trial pods on a cluster)",
+                kind=FailureKind.CONFIG,
+            )
+        from transformers import AutoTokenizer
+
+        from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
+        from mergerunner.merge import ResidentMerger
+        from mergerunner.placement import layout_of_merge
+
         trust = self.spec.trust_remote_code
+        gpus, _ = visible_devices(self.spec)
         self.merge_dtype = dtype
-        self.dtype = compute_dtype(dtype, device)
+        self.dtype = compute_dtype(dtype, "cuda" if gpus else "cpu")
         self.held_in_specs = list(held_in)
+        # Checkpoint rows in host memory (pinned for fast copies when GPUs hold the model),
+        # the model placed over every GPU by the same plan as a trial's.
+        self.merger = ResidentMerger(list(checkpoint_dirs), pin_memory=bool(gpus))
         first = checkpoint_dirs[0]
-        self.model: Any = AutoModelForCausalLM.from_pretrained(
-            first, dtype=getattr(torch, self.dtype), trust_remote_code=trust
-        )
-        self.model.to(device).eval()
+        layout = layout_of_merge(self.merger.plan, self.dtype)
+        self.placement = plan_for(layout, model_config(first), self.spec, self.dtype)
+        self.model: Any = load_placed(first, self.placement, self.dtype, trust=trust)
         tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=trust)
-        self.merger = ResidentMerger(list(checkpoint_dirs), device=device)
-        self.lm = make_lm(self.model, tokenizer, self.spec, progress=False)
+        self.lm = make_lm(
+            self.model, tokenizer, self.spec, progress=False, device=self.placement.devices[0]
+        )
         seed = self.spec.seed
         self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
         # The same held-in tasks on the examples the search never sees (None: not needed).

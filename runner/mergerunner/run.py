@@ -11,14 +11,15 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
 from mergerunner.trial import (
+    EvaluatorSpec,
     Step,
     StepTimings,
     TrialDocument,
@@ -26,6 +27,10 @@ from mergerunner.trial import (
     failure_kind_of,
     fitness_of,
 )
+
+if TYPE_CHECKING:
+    from mergerunner.evaluate import TaskSuite
+    from mergerunner.placement import Placement
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,21 +89,65 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
     return Path(where) if where else None
 
 
-def load_merged_model(model_dir: Path, doc: TrialDocument) -> tuple[Any, Any]:
-    """Load the merged model and its tokenizer onto the evaluation device, computing in
-    `compute_dtype` (float32 on a CPU: the same arithmetic as local mode's resident model)."""
+def plan_merged(dirs: Sequence[Path], doc: TrialDocument) -> Placement:
+    """Where the merged model will live, from the checkpoints' headers: a model that fits on
+    no device fails here, before the merge, with the shortfall (`PlacementError`)."""
+    from mergerunner.checkpoint import validate_checkpoints
+    from mergerunner.devices import model_config, plan_for, visible_devices
+    from mergerunner.evaluate import compute_dtype
+    from mergerunner.placement import layout_of_merge
+
+    gpus, _ = visible_devices(doc.evaluator)
+    dtype = compute_dtype(doc.dtype, "cuda" if gpus else "cpu")
+    layout = layout_of_merge(validate_checkpoints(dirs), dtype)
+    placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, dtype)
+    log.info("placement of the merged model: %s", placement.bytes_per_device)
+    return placement
+
+
+def load_merged_model(model_dir: Path, doc: TrialDocument, placement: Placement) -> Any:
+    """Load the merged model over the devices its placement names (see mergerunner.devices),
+    computing in `compute_dtype` (float32 on a CPU: the same arithmetic as local mode's
+    resident model)."""
+    from mergerunner.devices import load_placed
+    from mergerunner.evaluate import compute_dtype
+
+    dtype = compute_dtype(doc.dtype, placement.devices[0])
+    return load_placed(model_dir, placement, dtype, trust=doc.evaluator.trust_remote_code)
+
+
+def score_merged(
+    model_dir: Path, doc: TrialDocument, suite: TaskSuite, placement: Placement | None
+) -> dict[str, float]:
+    """Score the merged model in-process (hf) or through a server started on it."""
+    from transformers import AutoTokenizer
+
+    from mergerunner.evaluate import make_lm
+
+    spec = doc.evaluator
+    if placement is not None:
+        model = load_merged_model(model_dir, doc, placement)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=spec.trust_remote_code
+        )
+        return suite.score(make_lm(model, tokenizer, spec, device=placement.devices[0]))
+    from mergerunner.server import LOGPROB_OUTPUT_TYPES, make_server_lm, serving
+
+    gpus = visible_gpu_count(spec)
+    needs = any(kind in LOGPROB_OUTPUT_TYPES for kind in suite.output_types.values())
+    with serving(spec, model_dir, gpus=gpus, dtype=doc.dtype, needs_logprobs=needs) as base:
+        return suite.score(make_server_lm(spec, base, model_dir, gpus=gpus))
+
+
+def visible_gpu_count(spec: EvaluatorSpec) -> int:
+    """GPUs a server may use: every visible one for `auto`, one for `cuda:N`, none for `cpu`."""
+    if spec.device == "cpu":
+        return 0
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergerunner.evaluate import compute_dtype, pick_device
-
-    trust = doc.evaluator.trust_remote_code
-    device = pick_device(doc.evaluator)
-    dtype = getattr(torch, compute_dtype(doc.dtype, device))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
-    return model, tokenizer
+    if not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count() if spec.device == "auto" else 1
 
 
 def run_trial(
@@ -111,9 +160,10 @@ def run_trial(
     """Run one trial and report it; never raises for a failure of a step."""
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
-    from mergerunner.evaluate import TaskSuite, make_lm, subset_options
+    from mergerunner.evaluate import TaskSuite, subset_options
     from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
+    from mergerunner.server import check_server_tasks
 
     clock = _Clock()
     start = now()
@@ -125,18 +175,21 @@ def run_trial(
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
             merged_dir = Path(tmp) / "merged"
-            with clock.step("merge"):
-                report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
             with clock.step("evaluate"):
-                custom = custom_tasks_dir(doc)
+                # Everything that can refuse the trial does so before the merge: unknown
+                # tasks, tasks the server cannot score, a model the devices cannot hold.
                 suite = TaskSuite(
                     [*doc.held_in, *doc.held_out],
-                    include_path=custom,
+                    include_path=custom_tasks_dir(doc),
                     seed=doc.evaluator.seed,
                     **subset_options(doc),
                 )
-                model, tokenizer = load_merged_model(merged_dir, doc)
-                scores = suite.score(make_lm(model, tokenizer, doc.evaluator))
+                check_server_tasks(suite.output_types, doc.evaluator)
+                placement = plan_merged(dirs, doc) if doc.evaluator.backend == "hf" else None
+            with clock.step("merge"):
+                report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
+            with clock.step("evaluate"):
+                scores = score_merged(merged_dir, doc, suite, placement)
             output_uri = None
             if doc.output.save_model and doc.output.uri:
                 with clock.step("upload"):

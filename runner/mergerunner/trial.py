@@ -176,14 +176,54 @@ class TaskSpec(_Document):
 
 # What lm-eval's device option accepts and the runner can place a model on.
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+SERVER_BACKENDS = ("vllm", "openai")
+
+
+class ServerSpec(_Document):
+    """An OpenAI-compatible inference server the runner starts on the merged model.
+
+    `vllm`: the command line is built by the runner (`mergerunner.server.vllm_command`: tensor
+    parallelism over the pod's GPUs, the served path, maxModelLen); `extraArgs` are appended.
+    `openai`: `command` is the user's server (SGLang, TGI, ...); in its words `{model}`,
+    `{port}`, `{host}` and `{gpus}` are replaced by the merged model's directory, the port,
+    127.0.0.1 and the number of GPUs.
+    """
+
+    command: list[str] | None = Field(
+        default=None, min_length=1, description="Server command (backend openai only)."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Arguments appended to the vLLM command line."
+    )
+    port: int = Field(default=8000, ge=1024, le=65535, description="Port on 127.0.0.1.")
+    ready_timeout_seconds: int = Field(
+        default=1800, ge=1, description="How long the server may take to answer /v1/models."
+    )
+    prompt_logprobs: bool | None = Field(
+        default=None,
+        description="Whether the server returns log-probabilities of prompt tokens (echo), "
+        "which loglikelihood and multiple-choice tasks need. Default: true for vllm, false for "
+        "openai; such tasks are refused before any trial when false.",
+    )
+    concurrency: int | None = Field(
+        default=None, ge=1, description="Requests in flight; default 16 per GPU (1 on a CPU)."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="vLLM --max-model-len; default evaluator.maxLength."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization."
+    )
 
 
 class EvaluatorSpec(_Document):
     """How the runner evaluates a merged model."""
 
-    backend: Literal["hf", "vllm", "analytic"] = Field(
+    backend: Literal["hf", "vllm", "openai", "analytic"] = Field(
         default="hf",
-        description='lm-eval model backend. "analytic" is the benchmarking mode: no checkpoint is '
+        description='"hf": transformers in-process through lm-eval, the model placed over every '
+        'GPU of the pod; "vllm" or "openai": an inference server started on the merged model '
+        '(see server). "analytic" is the benchmarking mode: no checkpoint is '
         "fetched or merged and no model is evaluated; the weights are scored by a fixed analytic "
         "function (docs/trial-contract.md). Never use it for a real search.",
     )
@@ -193,13 +233,46 @@ class EvaluatorSpec(_Document):
     device: str = Field(
         default="auto",
         pattern=DEVICE_PATTERN,
-        description='"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
+        description='"auto" (every GPU when present, else the CPU), "cpu", "cuda" or "cuda:N".',
     )
     seed: int = Field(default=1234, ge=0, description="Seed of example subsets and few-shot.")
     max_length: int | None = Field(default=None, ge=1, description="Context length override.")
     trust_remote_code: bool = Field(
         default=False, description="Let transformers run code shipped with the checkpoint."
     )
+    cpu_offload: bool = Field(
+        default=False,
+        description="hf backend: put in host memory what the GPUs cannot hold (slow). When "
+        "false, a model that does not fit fails before loading, naming the shortfall.",
+    )
+    server: ServerSpec | None = Field(
+        default=None, description="The inference server (backends vllm and openai)."
+    )
+
+    @model_validator(mode="after")
+    def _server_fits_backend(self) -> EvaluatorSpec:
+        if self.backend in SERVER_BACKENDS:
+            server = self.server or ServerSpec()
+            if self.backend == "openai" and not server.command:
+                raise ValueError("evaluator.server.command is required with backend openai")
+            if self.backend == "vllm" and server.command:
+                raise ValueError(
+                    "evaluator.server.command is built by the runner with backend vllm; "
+                    "use evaluator.server.extraArgs"
+                )
+        elif self.server is not None:
+            raise ValueError("evaluator.server applies only to backends vllm and openai")
+        if self.cpu_offload and self.backend != "hf":
+            raise ValueError("evaluator.cpuOffload applies only to backend hf")
+        return self
+
+    @property
+    def server_settings(self) -> ServerSpec:
+        """The server's settings, defaults filled in (vllm: prompt log-probabilities on)."""
+        server = self.server or ServerSpec()
+        if server.prompt_logprobs is None:
+            server = server.model_copy(update={"prompt_logprobs": self.backend == "vllm"})
+        return server
 
 
 class OutputSpec(_Document):

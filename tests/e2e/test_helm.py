@@ -27,6 +27,7 @@ from mergesearch import entrypoints
 from mergesearch.rbac import rules
 from support.cluster import ClusterError, KubeCluster
 from support.nodeagent import NodeAgent, wait_for
+from support.operator_proc import apply_crd
 from support.prometheus import Prometheus, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -129,7 +130,11 @@ def namespaces(k8s_cluster: KubeCluster) -> Iterator[tuple[str, str]]:
         k8s_cluster.create_namespace(name)
     yield names
     for name in names:
-        k8s_cluster.api().delete(f"/api/v1/namespaces/{name}")
+        try:
+            k8s_cluster.api().delete(f"/api/v1/namespaces/{name}")
+        except ClusterError as err:  # the test may have deleted it
+            if getattr(err, "status", None) != 404:
+                raise
 
 
 def assert_exporter_matches_status(
@@ -388,6 +393,13 @@ def test_install_run_a_search_upgrade_uninstall(
             value = (got.get("status") or {}).get("phase")
             return value if value in ("Succeeded", "Failed") else None
 
+        # Two more searches the operator takes on (suspended: nothing runs) and that are still
+        # there when the release is uninstalled.
+        for name in ("left-a", "left-b"):
+            manifest = search_manifest(name)
+            manifest["spec"]["suspend"] = True
+            k8s_cluster.kubectl("apply", "-n", work, "-f", "-", input=json.dumps(manifest))
+
         if wait_for(phase, timeout_s=240, what="the search to finish") != "Succeeded":
             text = k8s_cluster.kubectl("get", "msearch", search, "-n", work, "-o", "json")
             status = json.loads(text)["status"]
@@ -430,6 +442,17 @@ def test_install_run_a_search_upgrade_uninstall(
             timeout_s=30,
             what="the deleted search's series to go",
         )
+        for name in ("left-a", "left-b"):
+            wait_for(
+                lambda n=name: (
+                    json.loads(k8s_cluster.kubectl("get", "msearch", n, "-n", work, "-o", "json"))
+                    .get("status", {})
+                    .get("phase")
+                    == "Suspended"
+                ),
+                timeout_s=60,
+                what=f"the operator to take on {name}",
+            )
     finally:
         stop(operator)
         shutil.rmtree(runner_dir, ignore_errors=True)
@@ -453,3 +476,16 @@ def test_install_run_a_search_upgrade_uninstall(
     assert release_objects(k8s_cluster, namespaces) == []
     # the CRD is kept, and MergeSearches can still be created
     assert k8s_cluster.kubectl("get", "crd", CRD_NAME, "-o", "name").strip()
+
+    # With no operator left, nothing hangs in Terminating: the operator puts no finalizer on
+    # a search, so deleting a search, its namespace or the CRD (with searches in it) completes.
+    left = json.loads(k8s_cluster.kubectl("get", "msearch", "-n", work, "-o", "json"))["items"]
+    assert [m["metadata"].get("finalizers") for m in left] == [None, None]
+    k8s_cluster.kubectl("delete", "msearch", "left-a", "-n", work, "--wait", "--timeout=30s")
+    k8s_cluster.kubectl("delete", "namespace", work, "--wait", "--timeout=90s")
+    stray = search_manifest("stray")
+    k8s_cluster.kubectl("apply", "-n", ops, "-f", "-", input=json.dumps(stray))
+    k8s_cluster.kubectl("delete", "crd", CRD_NAME, "--wait", "--timeout=60s")
+    assert not k8s_cluster.kubectl("get", "crd", CRD_NAME, "--ignore-not-found", "-o", "name")
+    # (the rest of the session's tests expect the CRD)
+    apply_crd(k8s_cluster)

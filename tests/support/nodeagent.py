@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,7 +72,14 @@ KILL_GRACE_CAP_S = 5.0
 
 
 class PodSetupError(Exception):
-    """The container cannot start yet (a missing secret, say): the pod stays Pending, retried."""
+    """The container cannot start yet (a missing secret, say): the pod stays Pending, retried.
+    Messages are the kubelet's (`secret "x" not found`); the pod waits in
+    CreateContainerConfigError, as the kubelet's does for env references."""
+
+
+class VolumeSetupError(PodSetupError):
+    """A volume cannot be set up (its Secret or ConfigMap is missing): as on a real kubelet,
+    the pod stays ContainerCreating and a `FailedMount` Warning event says why."""
 
 
 class PodRejected(Exception):
@@ -136,6 +144,35 @@ def node_manifest(name: str) -> dict[str, Any]:
         "mergesearch.io/node-agent": "true",
     }
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+
+_SUFFIXES = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}  # fmt: skip
+
+
+def parse_quantity(text: str | int | float) -> float:
+    """A Kubernetes quantity (`500m`, `8`, `64Gi`) as a number."""
+    text = str(text)
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(text)
+
+
+def insufficient(pod: Mapping[str, Any], capacity: Mapping[str, str]) -> list[str]:
+    """The resources the pod's containers request (limits for extended resources, which need
+    no request) beyond what the node has: what the scheduler reports as `Insufficient`."""
+    wanted: dict[str, float] = {}
+    for container in pod["spec"].get("containers") or []:
+        resources = container.get("resources") or {}
+        merged = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for name, value in merged.items():
+            wanted[name] = wanted.get(name, 0.0) + parse_quantity(value)
+    return sorted(
+        name for name, value in wanted.items() if value > parse_quantity(capacity.get(name, "0"))
+    )
 
 
 def binding_manifest(pod_name: str, node_name: str) -> dict[str, Any]:
@@ -372,7 +409,7 @@ class ObjectReader:
             self.cache[(kind, name)] = self._fetch(kind, name)
         found = self.cache[(kind, name)]
         if found is None and not optional:
-            raise PodSetupError(f"{kind} {self.namespace}/{name} not found")
+            raise PodSetupError(f'{kind.lower()} "{name}" not found')
         return found
 
     def _fetch(self, kind: str, name: str) -> dict[str, bytes] | None:
@@ -396,7 +433,10 @@ class ObjectReader:
         if ref["key"] not in data:
             if ref.get("optional"):
                 return None
-            raise PodSetupError(f"{kind} {self.namespace}/{ref['name']} has no key {ref['key']!r}")
+            what = "Secret" if kind == "secret" else "ConfigMap"
+            raise PodSetupError(
+                f"couldn't find key {ref['key']} in {what} {self.namespace}/{ref['name']}"
+            )
         return data[ref["key"]]
 
 
@@ -489,7 +529,12 @@ def materialise_volume(
         None,
     )
     for kind, spec in sources:
-        _write_source(kind, spec, directory, pod, reader, node_name, default_mode)
+        try:
+            _write_source(kind, spec, directory, pod, reader, node_name, default_mode)
+        except PodSetupError as err:
+            raise VolumeSetupError(
+                f'MountVolume.SetUp failed for volume "{volume.get("name")}" : {err}'
+            ) from None
     return directory
 
 
@@ -689,6 +734,7 @@ class NodeAgent:
         self._done: dict[str, LocalContainer] = {}
         self._finished: set[str] = set()
         self._waiting: dict[str, str] = {}
+        self._unschedulable_pods: set[str] = set()
         self._deleted: set[str] = set()
         self._last_heartbeat = 0.0
         self._stop = threading.Event()
@@ -798,6 +844,10 @@ class NodeAgent:
     def _bind(self, pod: Mapping[str, Any]) -> None:
         if pod["metadata"].get("deletionTimestamp"):
             return
+        missing = insufficient(pod, self.capacity)
+        if missing:
+            self._unschedulable(pod, missing)
+            return
         try:
             self.api.create(
                 self._pod_path(pod, "/binding"),
@@ -875,9 +925,13 @@ class NodeAgent:
         except PodSetupError as err:
             if self._waiting.get(uid) != str(err):
                 self._waiting[uid] = str(err)
-                waiting = waiting_pod_status(
-                    pod, "CreateContainerConfigError", str(err), now_rfc3339()
-                )
+                if isinstance(err, VolumeSetupError):
+                    waiting = waiting_pod_status(pod, "ContainerCreating", "", now_rfc3339())
+                    self._warn(pod, "FailedMount", str(err))
+                else:
+                    waiting = waiting_pod_status(
+                        pod, "CreateContainerConfigError", str(err), now_rfc3339()
+                    )
                 self._report(pod, waiting)
             return
         except PodRejected as err:
@@ -892,6 +946,45 @@ class NodeAgent:
         with self._lock:
             self._containers[uid] = container
         self._report(pod, running_pod_status(container.run, now_rfc3339()))
+
+    def _unschedulable(self, pod: Mapping[str, Any], missing: Sequence[str]) -> None:
+        """What the scheduler does with a pod no node can hold: PodScheduled False with reason
+        Unschedulable, and a FailedScheduling event (once per pod)."""
+        uid = pod["metadata"]["uid"]
+        if uid in self._unschedulable_pods:
+            return
+        self._unschedulable_pods.add(uid)
+        detail = ", ".join(f"1 Insufficient {name}" for name in missing)
+        message = f"0/1 nodes are available: {detail}."
+        condition = _condition("PodScheduled", False, now_rfc3339(), "Unschedulable")
+        condition["message"] = message
+        self._report(pod, {"phase": "Pending", "conditions": [condition]})
+        self._warn(pod, "FailedScheduling", message, component="default-scheduler")
+
+    def _warn(
+        self, pod: Mapping[str, Any], reason: str, message: str, component: str = "kubelet"
+    ) -> None:
+        """A Warning event about the pod, as the kubelet (or the scheduler) posts one."""
+        meta = pod["metadata"]
+        now = now_rfc3339()
+        event = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}"},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": component, "host": self.node_name},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.api.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
 
     def _fail_unstartable(self, pod: Mapping[str, Any], message: str, reason: str) -> None:
         container = pod["spec"]["containers"][0]

@@ -155,6 +155,7 @@ class SeaweedS3:
     endpoint: str = ""
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log_path: Path | None = field(default=None, repr=False)
+    _ports: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __enter__(self) -> SeaweedS3:
         self.start()
@@ -180,8 +181,19 @@ class SeaweedS3:
         assert last_error is not None
         raise last_error
 
-    def _start_once(self, s3_config: Path, attempt: int) -> None:
-        ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+    def restart(self) -> None:
+        """Start the server again after `stop()`, on the same ports and with the same data: an
+        object store coming back after an outage, at the address its clients know."""
+        assert self._ports, "restart() needs a server that was started before"
+        for socket in ("filer.sock", "s3.sock"):
+            (self.workdir / socket).unlink(missing_ok=True)
+        self._start_once(self.workdir / "s3-identities.json", 99, self._ports)
+
+    def _start_once(
+        self, s3_config: Path, attempt: int, ports: dict[str, int] | None = None
+    ) -> None:
+        ports = ports or dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+        self._ports = ports
         (self.workdir / "data").mkdir(exist_ok=True)
         self._log_path = self.workdir / f"weed-{attempt}.log"
         command = mini_command(weed_binary(), self.workdir, ports, s3_config)

@@ -115,6 +115,19 @@ def test_operator_image_is_slim_and_runner_has_the_ml_stack_and_optional_vllm() 
     assert all(pkg in runner for pkg in ("torch", "transformers", "lm-eval"))
 
 
+def test_the_vllm_pin_is_one_the_pinned_lm_eval_supports() -> None:
+    from importlib.metadata import requires
+
+    from packaging.specifiers import SpecifierSet
+
+    pin = re.search(r"^ARG VLLM_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert pin, "Dockerfile: no ARG VLLM_VERSION"
+    wanted = [r for r in requires("lm-eval") or [] if r.startswith("vllm") and "extra ==" in r]
+    assert wanted, "lm-eval declares no vllm extra"
+    specifier = SpecifierSet(wanted[0].split(";")[0].removeprefix("vllm").strip())
+    assert pin.group(1) in specifier, (pin.group(1), str(specifier))
+
+
 def test_base_images_are_pinned() -> None:
     for line in DOCKERFILE.read_text().splitlines():
         if line.startswith("ARG PYTHON_IMAGE="):

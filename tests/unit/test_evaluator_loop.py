@@ -121,3 +121,16 @@ def test_documents_of_one_search_share_their_setup() -> None:
     assert setup_key(one) == setup_key(two)
     other = parse_trial(document("x", 0.1).replace('"t1"', '"t2"'))
     assert setup_key(other) != setup_key(one)
+
+
+def test_the_command_without_endpoint_or_token_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergerunner import cli
+
+    for name in ("MERGESEARCH_EVALUATOR_URL", "MERGESEARCH_EVALUATOR_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["evaluator"]) == EXIT_CONFIG
+    missing = tmp_path / "no-token"
+    argv = ["evaluator", "--endpoint", "http://op/lease", "--token-file", str(missing)]
+    assert cli.main(argv) == EXIT_CONFIG

@@ -62,6 +62,50 @@ def test_pod_summary_only_once_the_runner_terminated() -> None:
     assert pod_summary(pod) == PodSummary("job-1-xyz", "job-1", 0, None, "{}", "t")
 
 
+def test_pods_that_do_not_start_say_why_and_belong_to_one_job() -> None:
+    labels = {"batch.kubernetes.io/job-name": "job-1", "batch.kubernetes.io/controller-uid": "j1"}
+    pod = {
+        "metadata": {"name": "job-1-xyz", "labels": labels, "creationTimestamp": "t0"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "runner",
+                    "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "m"}},
+                }
+            ],
+        },
+    }
+    summary = pod_summary(pod)
+    assert summary is not None and not summary.terminated
+    assert (summary.waiting, summary.message, summary.created) == (
+        "CreateContainerConfigError",
+        "m",
+        "t0",
+    )
+    job = JobSummary("job-1", "u1", "g000-c00", "trial", "active", uid="j1")
+    assert summary.of(job) and not summary.of(
+        JobSummary("job-1", "u1", "g", "trial", "active", uid="j2")
+    )
+    pod["metadata"]["deletionTimestamp"] = "t1"  # going: nothing to decide from any more
+    assert pod_summary(pod) is None
+    unscheduled = {
+        "metadata": {"name": "job-1-abc", "labels": labels},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/1",
+                }
+            ],
+        },
+    }
+    assert pod_summary(unscheduled).waiting == "Unschedulable"
+
+
 def test_parse_result_accepts_results_and_refuses_everything_else() -> None:
     ok, problem = parse_result(result(), "job-1")
     assert ok is not None and ok.held_in == {"t": 0.5} and problem is None

@@ -12,10 +12,12 @@ from mergesearch.engine.engine import (
     done,
     init,
     pending_candidates,
+    planned_trials,
     slot_id,
     status,
     tell,
     tell_with_report,
+    trials_told,
 )
 from mergesearch.engine.parameterization import (
     Parameterization,
@@ -43,8 +45,10 @@ __all__ = [
     "init",
     "make_parameterization",
     "pending_candidates",
+    "planned_trials",
     "slot_id",
     "status",
     "tell",
     "tell_with_report",
+    "trials_told",
 ]

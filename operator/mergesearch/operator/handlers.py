@@ -362,7 +362,7 @@ async def _observe(
         if not (job.candidate in active or job.role == "final"):
             out_jobs.append(job)
             continue
-        pods = list(index.get((namespace, job.name), []))
+        pods = [p for p in index.get((namespace, job.name), []) if p.of(job)]
         if job.state == "active":
             pods = [await _with_warnings(api, namespace, p) for p in pods]
             if not pods and not job.pods and not job.started and _stuck(job.created):
@@ -371,7 +371,7 @@ async def _observe(
                 )
         elif not any(p.terminated for p in pods):
             items = await api.list_pods(namespace, f"batch.kubernetes.io/job-name={job.name}")
-            pods = [p for p in map(observe.pod_summary, items) if p is not None]
+            pods = [p for p in map(observe.pod_summary, items) if p is not None and p.of(job)]
         out_jobs.append(job)
         out[job.name] = pods
     return out_jobs, out
@@ -399,10 +399,13 @@ async def _apply(
     plan: Plan,
     recorded: Callable[[], None] = lambda: None,
 ) -> float:
-    """Status first (compare-and-set), then deletions, then creations, then events: a Job is
-    never created for a decision that was not recorded, a lost race creates nothing, and a
-    creation that fails (a quota) never keeps a collected Job from being deleted. `recorded`
-    runs once the plan's status is written (warm evaluators get their answers then)."""
+    """Status first (compare-and-set), then creations, then deletions, then events: a Job is
+    never created for a decision that was not recorded, and a lost race creates nothing. The
+    new Jobs go first because they are what the next generation waits for (the benchmark's
+    turnaround); but a creation that fails (a quota, an API error) never keeps a collected Job
+    from being deleted: deletions run whatever the creations did, and only then is the
+    failure acted on. `recorded` runs once the plan's status is written (warm evaluators get
+    their answers then)."""
     meta = body["metadata"]
     if plan.changed:
         try:
@@ -413,6 +416,23 @@ async def _apply(
             raise
         meta = written.get("metadata") or meta
     recorded()
+    after = SearchView(view.owner, view.generation, view.spec, plan.status, view.annotations)
+    refused: Plan | None = None
+    failure: Exception | None = None
+    try:
+        for secret in plan.secrets:  # before the evaluator Job, whose pods mount it
+            await api.create_secret(secret)
+        for index, manifest in enumerate(plan.create):
+            try:
+                await api.create_job(manifest)
+            except ApiError as exc:
+                if not exc.quota_exceeded:
+                    raise
+                name, waiting = manifest["metadata"]["name"], len(plan.create) - index
+                refused = reconcile.quota_refused(after, name, exc.detail, waiting, now())
+                break
+    except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+        failure = exc
     for job in plan.delete:
         await api.delete_job(view.owner.namespace, job)
     ref = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": dict(meta)}
@@ -425,23 +445,14 @@ async def _apply(
     wait = RUNTIME.idle_poll_s if plan.idle else RUNTIME.poll_s
     if plan.wake_after is not None:
         wait = min(wait, max(plan.wake_after, 0.5))
-    after = SearchView(view.owner, view.generation, view.spec, plan.status, view.annotations)
-    for secret in plan.secrets:  # before the evaluator Job, whose pods mount it
-        await api.create_secret(secret)
-    for index, manifest in enumerate(plan.create):
-        try:
-            await api.create_job(manifest)
-        except ApiError as exc:
-            if exc.quota_exceeded:
-                name = manifest["metadata"]["name"]
-                waiting = len(plan.create) - index
-                refused = reconcile.quota_refused(after, name, exc.detail, waiting, now())
-                await _write_side(api, meta, refused)
-                return min(wait, RUNTIME.quota_retry_s)
-            if not exc.invalid:
-                raise
-            await _reject(api, meta, after, exc.detail)
+    if failure is not None:
+        if isinstance(failure, ApiError) and failure.invalid:
+            await _reject(api, meta, after, failure.detail)
             return RUNTIME.idle_poll_s
+        raise failure
+    if refused is not None:
+        await _write_side(api, meta, refused)
+        return min(wait, RUNTIME.quota_retry_s)
     if plan.create and (condition(plan.status, "QuotaExceeded") or {}).get("status") == "True":
         await _write_side(api, meta, reconcile.quota_cleared(after, now()))
     return wait

@@ -45,6 +45,7 @@ class JobSummary:
     attempt: int = 0
     created: str = ""
     pods: int = 0  # pods the Job controller counts (active, succeeded, failed)
+    uid: str = ""
     # Warning events of the Job ((reason, message), e.g. FailedCreate when admission refuses
     # its pods): not indexed, read by the shell only for a Job that has no pod yet.
     warnings: tuple[tuple[str, str], ...] = ()
@@ -67,10 +68,15 @@ class PodSummary:
     # Warning events of the pod ((reason, message), e.g. FailedMount), read by the shell only
     # for a pod that has been waiting a while without a reason of its own.
     warnings: tuple[tuple[str, str], ...] = ()
+    job_uid: str = ""  # the uid of the Job that made it: a Job of the same name made later
+    # (a search resumed after a failure) must not inherit an earlier Job's pods
 
     @property
     def terminated(self) -> bool:
         return self.exit_code is not None
+
+    def of(self, job: JobSummary) -> bool:
+        return not (self.job_uid and job.uid) or self.job_uid == job.uid
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,7 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
         attempt=int(attempt) if attempt.isdigit() else 0,
         created=str(meta.get("creationTimestamp") or ""),
         pods=sum(int(status.get(k) or 0) for k in ("active", "succeeded", "failed")),
+        uid=str(meta.get("uid") or ""),
     )
 
 
@@ -167,8 +174,13 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
     if not job:
         return None
     status = body.get("status") or {}
-    base = {"name": meta.get("name", ""), "job": job, "created": meta.get("creationTimestamp")}
-    base["created"] = str(base["created"] or "")
+    job_uid = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
+    base = {
+        "name": meta.get("name", ""),
+        "job": job,
+        "created": str(meta.get("creationTimestamp") or ""),
+        "job_uid": str(job_uid or ""),
+    }
     for container in status.get("containerStatuses") or []:
         if container.get("name") != RUNNER_CONTAINER:
             continue
@@ -183,7 +195,7 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
                 finished_at=str(terminated.get("finishedAt") or ""),
             )
         waiting = state.get("waiting")
-        if waiting and status.get("phase") == "Pending":
+        if waiting and status.get("phase") == "Pending" and not meta.get("deletionTimestamp"):
             reason = str(waiting.get("reason") or "ContainerCreating")
             return PodSummary(
                 **base, exit_code=None, waiting=reason, message=waiting.get("message")

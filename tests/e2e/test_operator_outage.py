@@ -1,0 +1,134 @@
+"""An object-store outage in the middle of a real search, and another during its final
+evaluation: neither may cost the search (docs/operator.md, "Failures that wait").
+
+Its own SeaweedFS (the session's is shared with other tests), toy checkpoints in it, the real
+runner in every trial pod. The store is stopped for 75 s once some trials have succeeded, and
+again as soon as the final evaluation starts; each time it comes back on the same address.
+Trials that failed because the store could not be reached are run again after a backoff and
+never counted as failures; the search shows `StorageUnavailable` while it waits and ends
+Succeeded with its export, by itself.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_operator_search import CHECKPOINTS, HELD_IN, HELD_OUT, portable_tasks, spec, upload_dir
+
+from support.cluster import KubeCluster
+from support.nodeagent import NodeAgent
+from support.operator_proc import Searches, running_operator, wait_until
+from support.s3server import SeaweedS3
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+OUTAGE_S = 75.0
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    with SeaweedS3(tmp_path_factory.mktemp("outage-s3")) as server:
+        yield server
+
+
+def test_outages_mid_search_and_during_finalization_cost_nothing(
+    k8s_cluster: KubeCluster,
+    k8s_node_agent: NodeAgent,
+    store: SeaweedS3,
+    toy_pool: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    tmp = tmp_path_factory.mktemp("outage")
+    bucket = store.create_bucket()
+    uris = {n: upload_dir(store, bucket, toy_pool.checkpoints[n], f"pool/{n}") for n in CHECKPOINTS}
+    namespace = f"outage-{uuid.uuid4().hex[:6]}"
+    k8s_cluster.create_namespace(namespace)
+    api = k8s_cluster.api()
+    tasks = portable_tasks(toy_pool.tasks_dir, tmp / "tasks", [*HELD_IN, *HELD_OUT])
+    api.create(
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"metadata": {"name": "toy-tasks"}, "data": tasks},
+    )
+    api.create(
+        f"/api/v1/namespaces/{namespace}/secrets",
+        {
+            "metadata": {"name": "toy-store"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": store.access_key,
+                "AWS_SECRET_ACCESS_KEY": store.secret_key,
+            },
+        },
+    )
+    manifest = spec(bucket, uris, storage={"endpoint": store.endpoint, "region": store.region})
+    searches = Searches(k8s_cluster, namespace)
+    seen: set[str] = set()
+
+    def status() -> dict[str, Any]:
+        current = searches.status("weather")
+        seen.update(t for t, c in conditions(current).items() if c["status"] == "True")
+        return current
+
+    with running_operator(k8s_cluster, [namespace]) as operator:
+        searches.create("weather", manifest)
+        wait_until(lambda: status().get("trials", {}).get("succeeded", 0) >= 2, 400, "2 trials")
+
+        # 1. The store goes away mid-search for 75 s.
+        store.stop()
+        stopped = time.monotonic()
+        waiting = wait_until(
+            lambda: (
+                (c := conditions(status()).get("StorageUnavailable"))
+                and c["status"] == "True"
+                and c
+            ),
+            OUTAGE_S,
+            "StorageUnavailable while the store is down",
+        )
+        assert "wait for the object store" in waiting["message"]
+        while time.monotonic() - stopped < OUTAGE_S:
+            current = status()
+            assert current["phase"] == "Running", current.get("conditions")
+            assert current["trials"]["failed"] == 0, current["recentFailures"]
+            time.sleep(1)
+        store.restart()
+
+        # 2. Again, as soon as the final evaluation starts.
+        wait_until(
+            lambda: (status().get("final") or {}).get("state") == "Running",
+            600,
+            "the final evaluation",
+            interval_s=0.1,
+        )
+        store.stop()
+        retrying = wait_until(
+            lambda: (
+                (current := status()).get("final", {}).get("state") in ("Retrying", "Succeeded")
+                and current
+            ),
+            180,
+            "the final evaluation to be retried",
+        )
+        assert retrying["final"]["state"] == "Retrying", "the export finished before the outage"
+        time.sleep(10)
+        store.restart()
+
+        final = searches.wait_phase("weather", ["Succeeded", "Failed"], 400)
+        assert operator.alive() and operator.starts == 1
+
+    assert final["phase"] == "Succeeded", final.get("conditions")
+    assert final["trials"]["failed"] == 0 and final["trials"]["running"] == 0
+    assert final["final"]["state"] == "Succeeded" and final["final"]["attempt"] >= 1
+    assert final["output"]["digest"] and set(final["best"]["heldOut"]) == set(HELD_OUT)
+    assert conditions(final)["StorageUnavailable"]["status"] == "False"
+    assert "StorageUnavailable" in seen
+    events = api.get(f"/api/v1/namespaces/{namespace}/events")["items"]
+    reasons = {e["reason"] for e in events if e["involvedObject"].get("kind") == "MergeSearch"}
+    assert {"StorageUnavailable", "FinalizationRetried", "Succeeded"} <= reasons
