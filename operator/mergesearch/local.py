@@ -9,11 +9,13 @@ found in the log but not yet in the state is told from the log, not evaluated ag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -176,6 +178,7 @@ class LocalSearch:
         cache_dir: Path,
         fresh: bool = False,
         fresh_if_changed: bool = False,
+        overwrite_output: bool = False,
     ) -> None:
         self.manifest = manifest
         self.spec = manifest.spec
@@ -184,8 +187,11 @@ class LocalSearch:
         self.cache_dir = cache_dir
         self.config = engine_config(self.spec, source="manifest")
         if fresh or (fresh_if_changed and saved_under_other_spec(self.paths, self.spec)):
+            exported = self._recorded_export()
             for path in (self.paths.state, self.paths.trials, self.paths.final):
                 path.unlink(missing_ok=True)
+            if exported:  # starting over forgets the trials, not which model this search wrote
+                write_json_atomic(self.paths.final, {"output": exported})
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.state = load_state(self.paths, self.spec) or engine.init(self.config)
         self.records = {r.id: r for r in read_records(self.paths.trials)}
@@ -193,11 +199,29 @@ class LocalSearch:
         self.evaluator: Any = None
         self.fatal: FatalFailure | None = None
         self.destination: str | None = None  # what spec.output.uri holds: "empty" or "model"
+        self.overwrite_output = overwrite_output
 
     @property
     def output_uri(self) -> str:
         """spec.output.uri, a relative path resolved against the manifest's directory."""
         return resolve_location(self.spec.output.uri or "", self.base)
+
+    def own_export(self) -> dict[str, Any] | None:
+        """This search's earlier export to spec.output.uri ({uri, digest}), if final.json
+        records one: the one model at the destination that a rerun may replace unasked."""
+        output = self._recorded_export()
+        return output if output and output.get("uri") == self.output_uri else None
+
+    def _recorded_export(self) -> dict[str, Any] | None:
+        if not self.paths.final.exists():
+            return None
+        return json.loads(self.paths.final.read_text()).get("output") or None
+
+    def trials_done(self) -> int:
+        return engine.trials_told(self.state)
+
+    def trials_planned(self) -> int | None:
+        return engine.planned_trials(self.state)
 
     # -- preflight -------------------------------------------------------------------------
     def custom_tasks_dir(self) -> Path | None:
@@ -211,18 +235,38 @@ class LocalSearch:
             )
         return Path(resolve_location(custom.path, self.base))
 
+    def check_output(self) -> None:
+        """spec.output.uri, before any work: usable, and not another model to overwrite.
+
+        A model there that this search did not export (final.json records its own exports)
+        is replaced only with --overwrite-output: an earlier export is never replaced
+        silently.
+        """
+        from mergerunner.fetch import FetchError, check_destination
+
+        if not self.spec.output.uri:
+            return
+        try:
+            self.destination = check_destination(self.output_uri)
+        except FetchError as exc:
+            raise LocalInputError(f"spec.output.uri: {exc}") from None
+        if self.destination == "model" and not (self.own_export() or self.overwrite_output):
+            raise LocalInputError(
+                f"spec.output.uri: {self.output_uri} already holds a model that this search "
+                "did not export; choose another destination, remove that model, or pass "
+                "--overwrite-output to replace it"
+            )
+
     def prepare(self) -> None:
         """Fetch and check everything before the first trial, so bad input fails fast."""
+        from mergerunner.bundle import BundleError
         from mergerunner.checkpoint import CheckpointError, validate_checkpoints
         from mergerunner.evaluate import EvaluationError
-        from mergerunner.fetch import FetchError, check_destination, fetch_checkpoint
+        from mergerunner.fetch import FetchError, fetch_checkpoint
         from mergerunner.resident import ResidentEvaluator
 
-        if self.spec.output.uri:
-            try:
-                self.destination = check_destination(self.output_uri)
-            except FetchError as exc:
-                raise LocalInputError(f"spec.output.uri: {exc}") from None
+        self.check_headers()
+        self.check_output()
         dirs = []
         for ref in self.spec.checkpoints:
             try:
@@ -234,17 +278,53 @@ class LocalSearch:
         except CheckpointError as exc:
             raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
         self.dirs = dirs
+        objective = self.spec.objective
+        bundle = self.data_bundle()
         try:
             self.evaluator = ResidentEvaluator(
                 dirs,
-                held_in=self.spec.objective.held_in,
-                held_out=self.spec.objective.held_out,
-                evaluator=self.spec.objective.evaluator,
+                held_in=objective.held_in,
+                held_out=objective.held_out,
+                evaluator=objective.evaluator,
                 custom_tasks_dir=self.custom_tasks_dir(),
                 dtype=self.spec.merge.dtype,
+                bundle=bundle,
+                allow_code_execution=objective.allow_code_execution,
             )
-        except EvaluationError as exc:
+        except (EvaluationError, BundleError) as exc:
             raise LocalInputError(str(exc)) from None
+
+    def check_headers(self) -> None:
+        """Checkpoints that cannot be merged are found from their headers (ranged reads),
+        before a byte of weights is downloaded."""
+        from mergerunner.checkpoint import CheckpointError
+        from mergerunner.fetch import FetchError
+        from mergerunner.preflight import check_checkpoints
+        from mergerunner.storage import parse_uri
+
+        uris = [resolve_location(ref.uri, self.base) for ref in self.spec.checkpoints]
+        names = {
+            parse_uri(u).uri: ref.name for u, ref in zip(uris, self.spec.checkpoints, strict=True)
+        }
+        try:
+            check_checkpoints(uris)
+        except FetchError as exc:
+            raise LocalInputError(f"checkpoint {names.get(exc.uri, exc.uri)!r}: {exc}") from None
+        except CheckpointError as exc:
+            raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
+
+    def data_bundle(self) -> Path | None:
+        """spec.objective.datasets fetched into the cache (a local path is used in place)."""
+        from mergerunner.fetch import FetchError
+        from mergerunner.run import fetch_bundle
+
+        datasets = self.spec.objective.datasets
+        if datasets is None:
+            return None
+        try:
+            return fetch_bundle(resolve_location(datasets.uri, self.base), self.cache_dir)
+        except FetchError as exc:
+            raise LocalInputError(f"spec.objective.datasets.uri: {exc}") from None
 
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self, candidate: engine.Candidate) -> TrialResult:
@@ -343,14 +423,18 @@ def replace_model_dir(new: Path, target: Path) -> None:
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """lm-eval and transformers log per call; hundreds of trials would bury the progress bar."""
+    """lm-eval and transformers log per call; hundreds of trials would bury the progress bar.
+
+    What libraries print goes to stderr too: stdout carries the results table alone.
+    """
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-call progress bars
     names = ["lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "httpx"]
     saved = {n: logging.getLogger(n).level for n in names}
     for name in names:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

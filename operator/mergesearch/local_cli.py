@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--fresh-if-changed",
         action="store_true",
         help="start over only if the saved state is of a different spec (else resume)",
+    )
+    run.add_argument(
+        "--overwrite-output",
+        action="store_true",
+        help="let the export replace a model at spec.output.uri that this search did not write",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
@@ -65,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir or default_cache(),
             fresh=args.fresh,
             fresh_if_changed=args.fresh_if_changed,
+            overwrite_output=args.overwrite_output,
         )
         with quiet_libraries():
             console.print(f"[bold]{manifest.metadata.name}[/]: preparing checkpoints and tasks…")
@@ -72,6 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (SpecError, LocalInputError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return EXIT_BAD_INPUT
+    for line in start_lines(search, state_dir):
+        console.print(line)
     with quiet_libraries():
         state = _run_with_progress(search, console, show=not args.no_progress)
         if search.fatal is not None:
@@ -91,6 +102,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if status.phase == "succeeded" else EXIT_FAILED
 
 
+def start_lines(search: Any, state_dir: Path) -> list[str]:
+    """What a run says before its first trial: whether it resumes, where the model goes."""
+    done, planned = search.trials_done(), search.trials_planned()
+    of = f" of {planned}" if planned is not None else ""
+    lines = [
+        f"resuming: {done}{of} trials done, state in {state_dir}"
+        if done or search.records
+        else f"starting: {planned if planned is not None else 'up to the budget'} trials, "
+        f"state in {state_dir}"
+    ]
+    if not search.spec.output.uri:
+        lines.append("export: none (spec.output.uri is not set)")
+        return lines
+    where = f"export: the best merge goes to {search.output_uri}"
+    own = search.own_export()
+    if search.destination == "model":
+        replaced = f"this search's earlier export ({own['digest']})" if own else "the model there"
+        where += f", replacing {replaced}"
+    lines.append(where)
+    return lines
+
+
+@contextlib.contextmanager
+def logs_through_current_stderr() -> Iterator[None]:
+    """Point the root logger's stream handlers at `sys.stderr` as it is now.
+
+    `logging.basicConfig` bound them to the stderr of start-up; inside a live progress bar
+    `sys.stderr` is rich's proxy, which prints each line above the bar, so a log line (a
+    failed trial's warning, a library's) no longer lands in the middle of the bar.
+    """
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if type(h) is logging.StreamHandler and h.stream is not sys.stderr
+    ]
+    previous = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, previous, strict=True):
+            handler.setStream(stream)
+
+
 def _run_with_progress(search: Any, console: Any, *, show: bool) -> Any:
     from rich.progress import (
         BarColumn,
@@ -102,7 +156,6 @@ def _run_with_progress(search: Any, console: Any, *, show: bool) -> Any:
 
     from mergesearch import engine
 
-    budget = search.config.max_trials or 0
     columns = [
         TextColumn("[bold]trials"),
         BarColumn(),
@@ -113,23 +166,26 @@ def _run_with_progress(search: Any, console: Any, *, show: bool) -> Any:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console, disable=not show, transient=False) as bar:
-        task = bar.add_task("search", total=budget, best="-", gen=0)
+        task = bar.add_task("search", total=search.trials_planned(), best="-", gen=0)
 
         def update(state: Any, record: Any) -> None:
             status = engine.status(state)
             best = status.best["fitness"] if status.best else None
-            done = status.trials_succeeded + status.trials_failed
             bar.update(
                 task,
-                completed=min(done, budget),
+                # What has run, out of what will run: the plan shrinks to what ran when the
+                # search stops early, and is not the nominal budget (docs: planned_trials).
+                completed=engine.trials_told(state),
+                total=engine.planned_trials(state),
                 best=f"{best:.4f}" if best is not None else "-",
                 gen=status.generation,
             )
 
         update(search.state, None)
         started = time.monotonic()
-        state = search.run(progress=update)
-        bar.update(task, completed=budget)
+        with logs_through_current_stderr():
+            state = search.run(progress=update)
+        update(state, None)
     console.print(f"search finished in {time.monotonic() - started:.0f}s")
     return state
 

@@ -7,12 +7,16 @@ status), so the same pictures come out of a local run and of a search on a clust
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mergesearch.engine.pareto import dominates
 from mergesearch.records import TrialRecord
 from mergesearch.summary import baseline_label
+
+EACH_PREFIX = "b-each-"
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
@@ -35,24 +39,223 @@ def _succeeded(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     return [r for r in records if r.status == "succeeded" and r.fitness is not None]
 
 
-def draw_fitness(records: Sequence[TrialRecord], path: Path) -> Path:
+def best_record(
+    records: Sequence[TrialRecord], best_weights: Mapping[str, float] | None = None
+) -> TrialRecord | None:
+    """The trial the search reports as its best: the one with its weights, else the fittest
+    (the first of equals, as the engine keeps the first)."""
+    done = _succeeded(records)
+    if best_weights:
+        same = [r for r in done if r.weights == dict(best_weights)]
+        if same:
+            return max(same, key=lambda r: r.fitness or 0.0)
+    return max(done, key=lambda r: r.fitness or 0.0, default=None)
+
+
+def best_name(best: TrialRecord, *, short: bool = False) -> str:
+    """How pictures name the best trial: a merge by its trial id; a baseline (the search found
+    nothing better) by what it is, so it is not passed off as a merge."""
+    if best.kind == "baseline":
+        return f"best: {baseline_label(best.id)}"
+    return "best merge" if short else f"best merge: {best.id}"
+
+
+def best_single(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The best single checkpoint: claim (a) of the paper is measured against it."""
+    singles = [r for r in _succeeded(records) if r.id.startswith(EACH_PREFIX)]
+    return max(singles, key=lambda r: r.fitness or 0.0, default=None)
+
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in display units
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _inside(box: Box, bounds: Box) -> bool:
+    return (
+        bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1] and box[3] <= bounds[3]
+    )
+
+
+def _candidates(
+    anchor: tuple[float, float], size: tuple[float, float], gap: float, rings: int
+) -> Iterator[Box]:
+    """Boxes of `size` around `anchor`, nearest first: rings `gap` apart, 24 directions a
+    ring (right, up, left, down and the diagonals before the directions in between)."""
+    (x, y), (w, h) = anchor, size
+    angles = [math.pi * k / 8 for k in (0, 4, 8, 12, 2, 6, 10, 14)]
+    angles += [math.pi * (2 * k + 1) / 16 for k in range(16)]
+    for ring in range(rings):
+        radius = gap * (1 + ring)
+        for angle in angles:
+            cx = x + math.cos(angle) * (radius + w / 2)
+            cy = y + math.sin(angle) * (radius + h / 2)
+            yield (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
+def place_labels(
+    anchors: Sequence[tuple[float, float]],
+    sizes: Sequence[tuple[float, float]],
+    bounds: Box,
+    *,
+    markers: Sequence[tuple[float, float, float]] = (),
+    gap: float = 3.0,
+    rings: int = 40,
+) -> list[Box]:
+    """A box for each label, near its anchor, overlapping no other label and no marker.
+
+    Greedy: each label in turn takes the nearest free spot around its anchor (`_candidates`)
+    inside `bounds`. Markers (the plotted points: x, y and radius) are avoided, so a label
+    never hides a point, and a spot nearer to another labelled point than to its own is
+    passed over while any other is free, so a label is read as its own point's. Pure, in
+    display units, so it is tested without drawing. With no free spot within `rings` rings,
+    the label takes its first in-bounds candidate (not seen on our pictures).
+    """
+    taken: list[Box] = [(x - r, y - r, x + r, y + r) for x, y, r in markers]
+    placed: list[Box] = []
+    for index, (anchor, size) in enumerate(zip(anchors, sizes, strict=True)):
+        others = [a for j, a in enumerate(anchors) if j != index]
+        free = [
+            box
+            for box in itertools.islice(
+                (c for c in _candidates(anchor, size, gap, rings) if _inside(c, bounds)), 2000
+            )
+            if not any(_overlaps(box, other) for other in (*taken, *placed))
+        ]
+        own = next((b for b in free if all(_gap(b, a) >= _gap(b, anchor) for a in others)), None)
+        first = next((c for c in _candidates(anchor, size, gap, 1) if _inside(c, bounds)), None)
+        x, y = anchor
+        placed.append(
+            own or (free[0] if free else None) or first or (x, y, x + size[0], y + size[1])
+        )
+    return placed
+
+
+def _label_points(
+    ax: Any,
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[str],
+    markers: Sequence[tuple[float, float, float]],
+    fontsize: float = 7,
+) -> None:
+    """Write `labels` beside `points` without overlaps (`place_labels`); a label set apart
+    from its point gets a thin leader line to it."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_display = ax.transData.transform
+    sizes = []
+    for label in labels:
+        probe = ax.text(0, 0, label, fontsize=fontsize)
+        extent = probe.get_window_extent(renderer)
+        sizes.append((extent.width, extent.height))
+        probe.remove()
+    frame = ax.get_window_extent(renderer)
+    boxes = place_labels(
+        [tuple(to_display(p)) for p in points],
+        sizes,
+        (frame.x0, frame.y0, frame.x1, frame.y1),
+        markers=[(*to_display((x, y)), radius) for x, y, radius in markers],
+    )
+    to_data = ax.transData.inverted().transform
+    for point, label, box in zip(points, labels, boxes, strict=True):
+        center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        ax.annotate(
+            label,
+            xy=point,
+            xytext=tuple(to_data(center)),
+            textcoords="data",
+            ha="center",
+            va="center",
+            fontsize=fontsize,
+            arrowprops=LEADER if _gap(box, tuple(to_display(point))) > LEADER_AFTER_PX else None,
+        )
+
+
+# A label further than this from its point gets a leader line: beside a point it is plainly
+# that point's; set apart in a cluster it could be read as a neighbour's.
+LEADER_AFTER_PX = 3.0
+LEADER = {"arrowstyle": "-", "lw": 0.6, "color": "dimgray", "shrinkA": 0, "shrinkB": 3}
+# Half-sizes, in display pixels, of the markers labels must not cover.
+SEARCH_PX, BASELINE_PX, BEST_PX = 3.0, 5.0, 10.0
+
+
+def _gap(box: Box, point: tuple[float, float]) -> float:
+    """Distance from a point to the nearest point of a box (0 inside it)."""
+    dx = max(box[0] - point[0], 0.0, point[0] - box[2])
+    dy = max(box[1] - point[1], 0.0, point[1] - box[3])
+    return math.hypot(dx, dy)
+
+
+BASELINE_COLOR, SEARCH_COLOR, BEST_COLOR = "tab:orange", "tab:blue", "gold"
+LINE_STYLES = {"best single": ("tab:red", "-"), "uniform": ("tab:green", "--")}
+MERGE_BEST_STYLE = ("tab:purple", "-.")
+
+
+def _fitness_figure(records: Sequence[TrialRecord], best: TrialRecord | None) -> Any:
     import matplotlib.pyplot as plt
 
     done = _succeeded(records)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    xs = list(range(1, len(done) + 1))
-    colors = ["tab:orange" if r.kind == "baseline" else "tab:blue" for r in done]
-    ax.scatter(xs, [r.fitness for r in done], c=colors, s=14, label="trial")
-    ax.plot(xs, best_so_far([r.fitness or 0.0 for r in done]), color="black", label="best so far")
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    order = {r.id: i for i, r in enumerate(done, start=1)}
+    for kind, color, label in (
+        ("baseline", BASELINE_COLOR, "baseline trial"),
+        ("search", SEARCH_COLOR, "search trial"),
+    ):
+        mine = [r for r in done if (r.kind == "baseline") == (kind == "baseline")]
+        ax.scatter(
+            [order[r.id] for r in mine], [r.fitness for r in mine], s=14, c=color, label=label
+        )
+    xs = list(order.values())
+    ax.step(
+        xs,
+        best_so_far([r.fitness or 0.0 for r in done]),
+        where="post",
+        color="black",
+        lw=1.2,
+        label="best so far",
+    )
+    lines = []
+    single = best_single(records)
+    if single is not None:
+        lines.append(
+            (f"best single: {baseline_label(single.id)}", single, *LINE_STYLES["best single"])
+        )
     for r in done:
-        if r.id in {"b-uniform", "b-merge-best"}:
-            ax.axhline(r.fitness or 0.0, ls="--", lw=1, color="tab:orange")
-            ax.annotate(baseline_label(r.id), (xs[-1], r.fitness or 0.0), fontsize=8)
-    ax.set_xlabel("trial")
+        if r.id == "b-uniform":
+            lines.append(("uniform", r, *LINE_STYLES["uniform"]))
+        elif r.id == "b-merge-best":
+            lines.append(("merge-best", r, *MERGE_BEST_STYLE))
+    for name, r, color, style in lines:
+        ax.axhline(r.fitness or 0.0, color=color, ls=style, lw=1, label=f"{name} ({r.fitness:.3f})")
+    if best is not None:
+        ax.scatter(
+            [order[best.id]],
+            [best.fitness],
+            marker="*",
+            s=160,
+            c=BEST_COLOR,
+            edgecolors="black",
+            zorder=5,
+            label=f"{best_name(best)} ({best.fitness:.3f})",
+        )
+    ax.set_xlabel("trial, in the order run")
     ax.set_ylabel("held-in fitness")
-    ax.set_title("Fitness per trial (orange: baselines)")
-    ax.legend(loc="lower right")
+    ax.set_title("Held-in fitness per trial, against every baseline")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def draw_fitness(
+    records: Sequence[TrialRecord], path: Path, best_weights: Mapping[str, float] | None = None
+) -> Path:
+    """Every trial's fitness in run order, the best so far, a line for the best single
+    checkpoint, the uniform merge and merge-best, and the best merge starred."""
+    import matplotlib.pyplot as plt
+
+    fig = _fitness_figure(records, best_record(records, best_weights))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -75,40 +278,75 @@ def draw_weights(weights: dict[str, float], path: Path) -> Path:
     return path
 
 
-def draw_scores(records: Sequence[TrialRecord], tasks: Sequence[str], path: Path) -> Path:
-    """Every pair of held-in tasks: all trials, the Pareto front, the baselines."""
+def _scores_figure(
+    records: Sequence[TrialRecord], tasks: Sequence[str], best: TrialRecord | None
+) -> Any:
     import matplotlib.pyplot as plt
 
     done = [r for r in _succeeded(records) if all(t in r.held_in for t in tasks)]
     pairs = list(itertools.combinations(tasks, 2)) or [(tasks[0], tasks[0])]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 5), squeeze=False)
     points = [[r.held_in[t] for t in tasks] for r in done]
-    front = set(pareto_front(points))
+    front = [done[i] for i in sorted(set(pareto_front(points)))]
+    search = [r for r in done if r.kind != "baseline"]
+    baselines = [r for r in done if r.kind == "baseline"]
     for ax, (a, b) in zip(axes[0], pairs, strict=True):
-        search = [r for r in done if r.kind != "baseline"]
-        ax.scatter([r.held_in[a] for r in search], [r.held_in[b] for r in search], s=10, alpha=0.5)
-        pf = [done[i] for i in sorted(front)]
-        ax.scatter(
-            [r.held_in[a] for r in pf],
-            [r.held_in[b] for r in pf],
-            s=26,
-            facecolors="none",
-            edgecolors="red",
-            label="Pareto front",
-        )
-        for r in done:
-            if r.kind == "baseline":
-                ax.scatter(r.held_in[a], r.held_in[b], marker="x", color="tab:orange")
-                ax.annotate(
-                    baseline_label(r.id),
-                    (r.held_in[a], r.held_in[b]),
-                    fontsize=7,
-                )
+
+        def xy(
+            rs: Sequence[TrialRecord], a: str = a, b: str = b
+        ) -> tuple[list[float], list[float]]:
+            return [r.held_in[a] for r in rs], [r.held_in[b] for r in rs]
+
+        ax.scatter(*xy(search), s=10, alpha=0.5, c=SEARCH_COLOR, label="search trial")
+        ax.scatter(*xy(front), s=30, facecolors="none", edgecolors="red", label="Pareto front")
+        ax.scatter(*xy(baselines), marker="x", c=BASELINE_COLOR, label="baseline")
+        if best is not None:
+            ax.scatter(
+                *xy([best]),
+                marker="*",
+                s=180,
+                c=BEST_COLOR,
+                edgecolors="black",
+                zorder=5,
+                label=best_name(best),
+            )
         ax.set_xlabel(a)
         ax.set_ylabel(b)
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Held-in task scores (x: baselines)")
-    fig.tight_layout()
+        ax.margins(0.12)
+    fig.suptitle("Held-in task scores, pair by pair")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = len(labels) if len(pairs) > 1 else 2  # one panel is too narrow for one row
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * math.ceil(len(labels) / columns), 1, 1))
+    for ax, (a, b) in zip(axes[0], pairs, strict=True):
+        ax.set_xlim(ax.get_xlim())  # freeze the limits: labels are placed in display units
+        ax.set_ylim(ax.get_ylim())
+        # The best is labelled once, as the best, even when it is a baseline.
+        named = [*(r for r in baselines if r is not best), *([best] if best is not None else [])]
+        _label_points(
+            ax,
+            [(r.held_in[a], r.held_in[b]) for r in named],
+            [best_name(r, short=True) if r is best else baseline_label(r.id) for r in named],
+            markers=[
+                (r.held_in[a], r.held_in[b], BASELINE_PX if r.kind == "baseline" else SEARCH_PX)
+                for r in done
+            ]
+            + ([(best.held_in[a], best.held_in[b], BEST_PX)] if best is not None else []),
+        )
+    return fig
+
+
+def draw_scores(
+    records: Sequence[TrialRecord],
+    tasks: Sequence[str],
+    path: Path,
+    best_weights: Mapping[str, float] | None = None,
+) -> Path:
+    """Every pair of held-in tasks: all trials, the Pareto front, every baseline labelled
+    (labels never overlap), the best merge starred."""
+    import matplotlib.pyplot as plt
+
+    fig = _scores_figure(records, tasks, best_record(records, best_weights))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -122,7 +360,7 @@ def draw_all(
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     return [
-        draw_fitness(records, out / "fitness.png"),
+        draw_fitness(records, out / "fitness.png", best_weights),
         draw_weights(best_weights, out / "weights.png"),
-        draw_scores(records, tasks, out / "scores.png"),
+        draw_scores(records, tasks, out / "scores.png", best_weights),
     ]

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
+from mergerunner.evaluate import EvaluationError, TaskSuite, compute_dtype, make_lm
 from mergerunner.run import StepFailed, _Clock, _describe
 from mergerunner.trial import (
     EvaluatorSpec,
+    FailureKind,
     StepTimings,
     TaskSpec,
     TrialResult,
@@ -51,14 +52,33 @@ class ResidentEvaluator:
         evaluator: EvaluatorSpec | None = None,
         custom_tasks_dir: Path | None = None,
         dtype: str = "bfloat16",
+        bundle: Path | None = None,
+        allow_code_execution: bool = False,
     ) -> None:
+        self.spec = evaluator or EvaluatorSpec()
+        if self.spec.backend != "hf":
+            # Before any checkpoint is read: a resident model is scored in-process only.
+            raise EvaluationError(
+                f"evaluator.backend {self.spec.backend!r}: local mode scores its resident model "
+                "in-process; use backend hf (server backends run in trial pods on a cluster)",
+                kind=FailureKind.CONFIG,
+            )
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
 
-        self.spec = evaluator or EvaluatorSpec()
+        common = {
+            "include_path": custom_tasks_dir,
+            "seed": self.spec.seed,
+            "evaluator": self.spec,
+            "bundle": bundle,
+            "allow_code_execution": allow_code_execution,
+        }
+        # Tasks first: a task, data or code-execution error is found before the model loads.
+        self.held_in = TaskSuite(held_in, **common)
+        self.held_out = TaskSuite(held_out, **common) if held_out else None
         trust = self.spec.trust_remote_code
         gpus, _ = visible_devices(self.spec)
         self.merge_dtype = dtype
@@ -74,11 +94,6 @@ class ResidentEvaluator:
         tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=trust)
         self.lm = make_lm(
             self.model, tokenizer, self.spec, progress=False, device=self.placement.devices[0]
-        )
-        seed = self.spec.seed
-        self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
-        self.held_out = (
-            TaskSuite(held_out, include_path=custom_tasks_dir, seed=seed) if held_out else None
         )
 
     def score(self, weights: Sequence[float], *, with_held_out: bool = False) -> ResidentScores:

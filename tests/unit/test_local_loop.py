@@ -4,6 +4,8 @@ fatal failure kinds stop the search at once, and nothing is evaluated once the s
 from __future__ import annotations
 
 import copy
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch import engine
-from mergesearch.local import LocalSearch
+from mergesearch.local import LocalInputError, LocalSearch
 from mergesearch.records import read_records
 from mergesearch.spec import parse_manifest
 
@@ -45,8 +47,8 @@ class FakeEvaluator:
                 error_kind=self.fail,
                 error=f"{self.fail.value} in trial {trial_id}",
             )
-        score = float(weights[0])
-        return TrialResult(id=trial_id, status="succeeded", held_in={"x": score, "y": score})
+        x, y = float(weights[0]), float(weights[1])  # each task has its own best checkpoint
+        return TrialResult(id=trial_id, status="succeeded", held_in={"x": x, "y": y})
 
 
 def search(tmp_path: Path, evaluator: FakeEvaluator, **execution: Any) -> LocalSearch:
@@ -80,6 +82,20 @@ def test_counted_failures_stop_issuing_work_once_the_search_failed(tmp_path: Pat
     assert [r.error_kind for r in local.records.values()] == ["internal"] * 3
 
 
+def test_the_final_message_names_the_cause_of_a_failed_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergesearch.local_cli import print_summary
+
+    local = search(tmp_path, FakeEvaluator(FailureKind.INTERNAL), maxFailedTrials=1)
+    status = engine.status(local.run())
+    print_summary(local, status, {})
+    out = capsys.readouterr().out
+    assert "stopped: max_failed_trials" in out
+    last = list(local.records)[-1]
+    assert f"last failure: trial {last}: internal in trial {last}" in out
+
+
 def test_a_search_runs_to_its_budget_and_counts_what_ran(tmp_path: Path) -> None:
     fake = FakeEvaluator()
     local = search(tmp_path, fake)
@@ -87,3 +103,99 @@ def test_a_search_runs_to_its_budget_and_counts_what_ran(tmp_path: Path) -> None
     status = engine.status(state)
     assert status.phase == "succeeded"
     assert fake.calls == len(local.records) == status.trials_succeeded
+
+
+def test_the_progress_bar_counts_what_runs_and_logs_print_above_it(tmp_path: Path) -> None:
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from mergesearch.local_cli import _run_with_progress
+
+    # 3 checkpoints: 5 baselines and populations of 7, so a budget of 20 runs 5 + 2·7 = 19.
+    doc = copy.deepcopy(MANIFEST)
+    doc["spec"]["search"]["maxTrials"] = 20
+    local = LocalSearch(parse_manifest(doc), tmp_path, state_dir=tmp_path, cache_dir=tmp_path)
+    local.evaluator = FakeEvaluator(FailureKind.NON_FINITE, after=18)  # the last one fails
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120)
+    handler = logging.StreamHandler(sys.stderr)  # as logging.basicConfig binds it
+    logging.getLogger().addHandler(handler)
+    try:
+        state = _run_with_progress(local, console, show=True)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert engine.trials_told(state) == 19
+    shown = buffer.getvalue()
+    assert "19/19" in shown and "20" not in shown.replace("19/19", "")
+    assert "trial g001-c06 failed" in shown  # the warning went through the bar's console
+
+
+def test_a_run_says_whether_it_resumes_and_where_the_export_goes(tmp_path: Path) -> None:
+    from mergesearch.local_cli import start_lines
+
+    doc = copy.deepcopy(MANIFEST)
+    doc["spec"]["search"]["maxTrials"] = 20
+    doc["spec"]["output"] = {"uri": "out"}  # relative to the manifest's directory
+    state_dir, out = tmp_path / "state", tmp_path / "out"
+
+    def local(evaluator: Any, **kwargs: Any) -> LocalSearch:
+        manifest = parse_manifest(doc)
+        made = LocalSearch(manifest, tmp_path, state_dir=state_dir, cache_dir=tmp_path, **kwargs)
+        made.evaluator = evaluator
+        made.check_output()
+        return made
+
+    first = local(Killed(after=7))
+    assert start_lines(first, state_dir) == [
+        f"starting: 19 trials, state in {state_dir}",
+        f"export: the best merge goes to {out}",
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    again = local(FakeEvaluator())
+    assert (
+        start_lines(again, state_dir)[0] == f"resuming: 7 of 19 trials done, state in {state_dir}"
+    )
+
+    # This search's own earlier export is replaced, and the run says so.
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier export")
+    final = {"best": "g000-c00", "output": {"uri": str(out), "digest": "blake3:0123"}}
+    (state_dir / "final.json").write_text(json.dumps(final))
+    lines = start_lines(local(FakeEvaluator()), state_dir)
+    assert lines[1] == (
+        f"export: the best merge goes to {out}, "
+        "replacing this search's earlier export (blake3:0123)"
+    )
+
+    # Starting over forgets the trials, not which model this search exported.
+    assert local(FakeEvaluator(), fresh=True).own_export() == final["output"]
+
+    # Any other model there is refused before the first trial, unless the user says so.
+    (state_dir / "final.json").unlink()
+    with pytest.raises(LocalInputError, match="--overwrite-output"):
+        local(FakeEvaluator())
+    lines = start_lines(local(FakeEvaluator(), overwrite_output=True), state_dir)
+    assert lines[1].endswith(", replacing the model there")
+
+
+class Killed(FakeEvaluator):
+    """Interrupted (as by Ctrl-C) when asked for trial `after + 1`."""
+
+    def trial(self, trial_id: str, weights: Any, *, with_held_out: bool = False) -> TrialResult:
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return super().trial(trial_id, weights, with_held_out=with_held_out)
+
+
+def test_what_libraries_print_during_a_search_stays_off_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mergesearch.local import quiet_libraries
+
+    with quiet_libraries():
+        print("Passed argument batch_size = auto. Detecting largest batch size")
+    out, err = capsys.readouterr()
+    assert out == "" and "Detecting largest batch size" in err

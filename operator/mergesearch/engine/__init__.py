@@ -11,10 +11,12 @@ from mergesearch.engine.engine import (
     done,
     init,
     pending_candidates,
+    planned_trials,
     slot_id,
     status,
     tell,
     tell_with_report,
+    trials_told,
 )
 from mergesearch.engine.parameterization import (
     Parameterization,
@@ -41,8 +43,10 @@ __all__ = [
     "init",
     "make_parameterization",
     "pending_candidates",
+    "planned_trials",
     "slot_id",
     "status",
     "tell",
     "tell_with_report",
+    "trials_told",
 ]

@@ -245,6 +245,34 @@ def status(state: EngineState) -> EngineStatus:
     )
 
 
+def trials_told(state: EngineState) -> int:
+    """Trials that ran and were told (succeeded or failed): what a progress count shows."""
+    return state.trials.succeeded + state.trials.failed
+
+
+def planned_trials(state: EngineState) -> int | None:
+    """How many trials the search runs in all if it ends by its budgets; None if unbounded.
+
+    Not `max_trials`: a generation opens only when its whole population fits the budget, so a
+    budget of 40 with 11 baselines and a population of 8 runs 35 trials. Counts what has been
+    issued, the trial kept for merge-best, and the whole generations that still fit both
+    `max_trials` and `max_generations`. An early stop (target, stagnation, failures) ends the
+    search sooner; once it has ended, the plan is what ran. Resampled failures may add trials.
+    """
+    if state.finished is not None:
+        return trials_told(state)
+    config = state.config
+    committed = state.trials.issued + _reserved(state)
+    generations: int | None = None
+    if config.max_generations is not None:
+        opened = state.generations_completed + (state.generation is not None)
+        generations = max(0, config.max_generations - opened)
+    if config.max_trials is not None:
+        fits = max(0, config.max_trials - committed) // config.popsize
+        generations = fits if generations is None else min(generations, fits)
+    return None if generations is None else committed + generations * config.popsize
+
+
 def slot_id(generation: int, slot: int, attempt: int) -> str:
     base = f"g{generation:03d}-c{slot:02d}"
     return base if attempt == 0 else f"{base}-r{attempt}"
