@@ -155,6 +155,12 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
             node["x-kubernetes-int-or-string"] = True
             if node.get("default") is None:
                 node.pop("default", None)
+        elif len(options) > 1:
+            # A scalar of several types (applyChatTemplate: true or a name; genKwargs values):
+            # structural schemas have no such type, so the API server keeps any value and the
+            # operator's model validates it (SpecInvalid naming the field).
+            node = {k: v for k, v in node.items() if k == "description"}
+            node["x-kubernetes-preserve-unknown-fields"] = True
         else:
             (only,) = options
             node = {k: v for k, v in {**only, **node}.items() if k not in _DROP}

@@ -259,11 +259,13 @@ class LocalSearch:
 
     def prepare(self) -> None:
         """Fetch and check everything before the first trial, so bad input fails fast."""
+        from mergerunner.bundle import BundleError
         from mergerunner.checkpoint import CheckpointError, validate_checkpoints
         from mergerunner.evaluate import EvaluationError
         from mergerunner.fetch import FetchError, fetch_checkpoint
         from mergerunner.resident import ResidentEvaluator
 
+        self.check_headers()
         self.check_output()
         dirs = []
         for ref in self.spec.checkpoints:
@@ -276,17 +278,53 @@ class LocalSearch:
         except CheckpointError as exc:
             raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
         self.dirs = dirs
+        objective = self.spec.objective
+        bundle = self.data_bundle()
         try:
             self.evaluator = ResidentEvaluator(
                 dirs,
-                held_in=self.spec.objective.held_in,
-                held_out=self.spec.objective.held_out,
-                evaluator=self.spec.objective.evaluator,
+                held_in=objective.held_in,
+                held_out=objective.held_out,
+                evaluator=objective.evaluator,
                 custom_tasks_dir=self.custom_tasks_dir(),
                 dtype=self.spec.merge.dtype,
+                bundle=bundle,
+                allow_code_execution=objective.allow_code_execution,
             )
-        except EvaluationError as exc:
+        except (EvaluationError, BundleError) as exc:
             raise LocalInputError(str(exc)) from None
+
+    def check_headers(self) -> None:
+        """Checkpoints that cannot be merged are found from their headers (ranged reads),
+        before a byte of weights is downloaded."""
+        from mergerunner.checkpoint import CheckpointError
+        from mergerunner.fetch import FetchError
+        from mergerunner.preflight import check_checkpoints
+        from mergerunner.storage import parse_uri
+
+        uris = [resolve_location(ref.uri, self.base) for ref in self.spec.checkpoints]
+        names = {
+            parse_uri(u).uri: ref.name for u, ref in zip(uris, self.spec.checkpoints, strict=True)
+        }
+        try:
+            check_checkpoints(uris)
+        except FetchError as exc:
+            raise LocalInputError(f"checkpoint {names.get(exc.uri, exc.uri)!r}: {exc}") from None
+        except CheckpointError as exc:
+            raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
+
+    def data_bundle(self) -> Path | None:
+        """spec.objective.datasets fetched into the cache (a local path is used in place)."""
+        from mergerunner.fetch import FetchError
+        from mergerunner.run import fetch_bundle
+
+        datasets = self.spec.objective.datasets
+        if datasets is None:
+            return None
+        try:
+            return fetch_bundle(resolve_location(datasets.uri, self.base), self.cache_dir)
+        except FetchError as exc:
+            raise LocalInputError(f"spec.objective.datasets.uri: {exc}") from None
 
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self, candidate: engine.Candidate) -> TrialResult:

@@ -89,6 +89,16 @@ class CustomTasks(_Spec):
         return self
 
 
+class DatasetsSpec(_Spec):
+    """Where the data bundle of the registry tasks lives (docs/deploy.md: building one)."""
+
+    uri: str = Field(
+        min_length=1,
+        description="s3://, gs://, az://, file:// or a local path to a bundle written by "
+        "`mergesearch datasets pack`; fetched with the storage credentials of checkpoints.",
+    )
+
+
 class ObjectiveSpec(_Spec):
     held_in: list[TaskSpec] = Field(
         min_length=1, description="Tasks whose weighted mean score the search maximises."
@@ -97,6 +107,16 @@ class ObjectiveSpec(_Spec):
         default_factory=list, description="Tasks scored for the best merge only, never optimised."
     )
     custom_tasks: CustomTasks | None = Field(default=None, description="Custom task YAMLs.")
+    datasets: DatasetsSpec | None = Field(
+        default=None,
+        description="Data bundle for lm-eval registry tasks (gsm8k, mbpp, ifeval, groups): "
+        "trials never reach a hub.",
+    )
+    allow_code_execution: bool = Field(
+        default=False,
+        description="Allow tasks that execute model-generated code (mbpp, humaneval); each "
+        "program runs in a sandboxed child process (docs/trial-contract.md).",
+    )
     evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
 
     @model_validator(mode="after")

@@ -52,6 +52,8 @@ class ResidentEvaluator:
         evaluator: EvaluatorSpec | None = None,
         custom_tasks_dir: Path | None = None,
         dtype: str = "bfloat16",
+        bundle: Path | None = None,
+        allow_code_execution: bool = False,
     ) -> None:
         self.spec = evaluator or EvaluatorSpec()
         if self.spec.backend != "hf":
@@ -67,6 +69,16 @@ class ResidentEvaluator:
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
 
+        common = {
+            "include_path": custom_tasks_dir,
+            "seed": self.spec.seed,
+            "evaluator": self.spec,
+            "bundle": bundle,
+            "allow_code_execution": allow_code_execution,
+        }
+        # Tasks first: a task, data or code-execution error is found before the model loads.
+        self.held_in = TaskSuite(held_in, **common)
+        self.held_out = TaskSuite(held_out, **common) if held_out else None
         trust = self.spec.trust_remote_code
         gpus, _ = visible_devices(self.spec)
         self.merge_dtype = dtype
@@ -82,11 +94,6 @@ class ResidentEvaluator:
         tokenizer = AutoTokenizer.from_pretrained(first, trust_remote_code=trust)
         self.lm = make_lm(
             self.model, tokenizer, self.spec, progress=False, device=self.placement.devices[0]
-        )
-        seed = self.spec.seed
-        self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
-        self.held_out = (
-            TaskSuite(held_out, include_path=custom_tasks_dir, seed=seed) if held_out else None
         )
 
     def score(self, weights: Sequence[float], *, with_held_out: bool = False) -> ResidentScores:

@@ -88,12 +88,19 @@ def failing_runner(step: str, error: str, kind: FailureKind | None = None) -> Ru
     return run
 
 
+def preflight_passed() -> dict[str, Any]:
+    """A status whose preflight passed: the searches below start with their trials (the
+    preflight's own tests start from an empty status)."""
+    passed = {"type": "Preflight", "status": "True", "reason": "Passed", "message": "passed"}
+    return {"conditions": [{**passed, "lastTransitionTime": NOW, "observedGeneration": 1}]}
+
+
 @dataclass
 class Cluster:
     """Jobs as the indexes would show them; `finish` plays the Job controller and kubelet."""
 
     spec: dict[str, Any]
-    status: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=preflight_passed)
     generation: int = 1
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     summaries: dict[str, JobSummary] = field(default_factory=dict)
@@ -873,3 +880,97 @@ def test_an_unschedulable_or_unpullable_pod_waits_and_says_why() -> None:
     garbled.status["optimizer"] = garbled.status["optimizer"][:-40]  # an encoded state cut
     garbled.step()
     assert condition(garbled.status, "Failed")["reason"] == "StateInvalid"
+
+
+# --------------------------------------------------------------------------- the preflight
+
+GPU_TEMPLATE = {
+    "spec": {
+        "containers": [
+            {
+                "name": "runner",
+                "resources": {
+                    "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1},
+                    "limits": {"nvidia.com/gpu": 1},
+                },
+            }
+        ]
+    }
+}
+
+
+def role(cluster: Cluster, name: str) -> str:
+    return cluster.summaries[name].role if name in cluster.summaries else "?"
+
+
+def test_a_new_search_runs_one_cpu_only_preflight_job_before_any_trial() -> None:
+    cluster = Cluster(make_spec(**{"execution.template": GPU_TEMPLATE}), status={})
+    plan = cluster.step()
+    assert [m["metadata"]["labels"][jobspec.LABEL_ROLE] for m in plan.create] == ["preflight"]
+    assert cluster.status["phase"] == "Pending"
+    assert {c["type"]: c for c in cluster.status["conditions"]}["Progressing"]["reason"] == (
+        "Preflight"
+    )
+    job = plan.create[0]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["mergerunner", "preflight"]
+    assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}}
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert any(e["name"] == jobspec.ENV_CREDENTIALS for e in container["env"])
+    doc = parse_trial(json.dumps(cluster.document(job["metadata"]["name"])))
+    assert [t.task for t in doc.held_in] == ["t1", "t2"] and [t.task for t in doc.held_out] == [
+        "t3"
+    ]
+    assert cluster.step().create == ()  # running: nothing more
+
+
+def test_a_passed_preflight_is_recorded_and_never_repeated() -> None:
+    cluster = Cluster(make_spec(), status={})
+    cluster.step()
+    cluster.finish_all()
+    plan = cluster.step()
+    assert condition(cluster.status, "Preflight")["status"] == "True"
+    assert len(plan.create) == 3 and all(
+        m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in plan.create
+    )
+    restarted = Cluster(make_spec(), status=copy.deepcopy(cluster.status))  # no Jobs seen
+    assert all(
+        m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in restarted.step().create
+    )
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        (FailureKind.UNKNOWN_TASK, "UnknownTask"),
+        (FailureKind.UNKNOWN_METRIC, "UnknownMetric"),
+        (FailureKind.DATA_MISSING, "DataMissing"),
+        (FailureKind.CONFIG, "ConfigInvalid"),
+        (FailureKind.CHECKPOINTS_INCOMPATIBLE, "CheckpointsIncompatible"),
+        (FailureKind.STORAGE_UNAVAILABLE, "StorageUnreachable"),
+    ],
+)
+def test_a_failed_preflight_fails_the_search_with_zero_trial_jobs(
+    kind: FailureKind, reason: str
+) -> None:
+    cluster = Cluster(make_spec(), status={})
+    cluster.step()
+    cluster.finish_all(failing_runner("preflight", "task 'gsm8k': not in the bundle", kind))
+    for _ in range(3):
+        cluster.step()
+    assert cluster.status["phase"] == "Failed"
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == reason and "not in the bundle" in failed["message"]
+    assert [role(cluster, n) for n in cluster.created] == ["preflight"]  # zero trial Jobs
+    assert ("Warning", "PreflightFailed") in cluster.events
+
+
+def test_the_analytic_benchmark_backend_needs_no_preflight() -> None:
+    cluster = Cluster(make_spec(**{"objective.evaluator": {"backend": "analytic"}}), status={})
+    plan = cluster.step()
+    assert plan.create and all(
+        m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in plan.create
+    )

@@ -260,6 +260,9 @@ def reconcile(
         draft.leases = warm.read_leases(previous)
     if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
         draft.events.append(NO_REQUESTS)
+    gate = _preflight(draft, view, spec, mine, pods, settings)
+    if gate is not None:  # no trial Job before the preflight passed
+        return _plan(view, draft, mine, *gate, now)
     try:
         _collect(draft, mine, pods, now)
         if draft.leases is not None:
@@ -638,6 +641,60 @@ def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[str,
     if kind is FailureKind.STORAGE_UNAVAILABLE and first_trials:
         return "StorageUnreachable", message
     return None
+
+
+# --------------------------------------------------------------------------- the preflight
+
+PREFLIGHT = "Preflight"
+
+
+def _preflight(
+    draft: _Draft,
+    view: SearchView,
+    spec: MergeSearchSpec,
+    mine: Sequence[JobSummary],
+    pods: Mapping[str, Sequence[PodSummary]],
+    settings: JobSettings,
+) -> tuple[Phase, str, str] | None:
+    """The search's preflight Job (mergerunner.preflight, CPU only) before any trial Job.
+
+    Returns the phase to report while it runs or once it failed, None when trials may go: it
+    passed (condition `Preflight=True`, kept in the status so a restart never repeats it), or
+    the search has no model to check (the analytic benchmark backend), or trials of this
+    search already exist (a search started before the operator had a preflight). A failure
+    fails the search with the reason of its kind (`UnknownTask`, `DataMissing`, ...) and zero
+    trial Jobs.
+    """
+    passed = condition(view.status, PREFLIGHT)
+    if passed is not None and passed.get("status") == "True":
+        return None
+    if spec.objective.evaluator.backend == "analytic":
+        return None
+    if draft.active or any(j.role in ("trial", "final") for j in mine):
+        return None
+    job = _by_candidate(mine, "preflight", draft).get(jobspec.PREFLIGHT_CANDIDATE)
+    outcome = outcome_of(job, pods.get(job.name, ())) if job else None
+    if outcome is None:
+        if job is None:
+            draft.create.append(jobspec.build_preflight_job(view.owner, spec, settings))
+        name = jobspec.job_name(view.owner, jobspec.PREFLIGHT_CANDIDATE)
+        return (
+            "Pending",
+            PREFLIGHT,
+            (f"preflight Job {name}: checkpoint headers, tasks, data and metrics before any trial"),
+        )
+    if outcome.succeeded:
+        draft.waits[PREFLIGHT] = (True, "Passed", f"preflight Job {outcome.job} passed")
+        return None
+    kind = outcome.error_kind
+    if kind is FailureKind.STORAGE_UNAVAILABLE:
+        reason = "StorageUnreachable"
+    else:
+        reason = FATAL_REASONS.get(kind, "PreflightFailed") if kind else "PreflightFailed"
+    message = outcome.reason  # "preflight: <the cause>", the runner's failed step
+    draft.waits[PREFLIGHT] = (False, reason, message)
+    draft.events.append(Event("Warning", "PreflightFailed", message))
+    return "Failed", reason, message
 
 
 # --------------------------------------------------------------------------- advancing
