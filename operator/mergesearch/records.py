@@ -30,6 +30,9 @@ class TrialRecord:
     merge_s: float = 0.0
     evaluate_s: float = 0.0
     digest: str | None = None
+    # "confirmation": `source` (a baseline or search trial) re-scored on unseen held-in examples.
+    subset: str = "search"
+    source: str | None = None
     subtasks: dict[str, float] = field(default_factory=dict)  # members of group tasks
 
     def to_json(self) -> str:
