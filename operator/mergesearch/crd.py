@@ -245,6 +245,11 @@ STATUS_SCHEMA: dict[str, Any] = {
         },
         "best": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         "bestFitness": {"type": "string", "description": "best.fitness, 4 decimals."},
+        "winner": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "winnerFitness": {
+            "type": "string",
+            "description": "winner.fitness (on the confirmation examples), 4 decimals.",
+        },
         "conditions": {
             "type": "array",
             "x-kubernetes-list-type": "map",
@@ -272,6 +277,7 @@ PRINTER_COLUMNS = [
     # A string the operator formats with 4 decimals (status.bestFitness); a number column
     # would print all 16 digits.
     {"name": "Best", "type": "string", "jsonPath": ".status.bestFitness"},
+    {"name": "Confirmed", "type": "string", "jsonPath": ".status.winnerFitness"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

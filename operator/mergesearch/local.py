@@ -114,6 +114,8 @@ def record_of(
         "kind": candidate.kind,
         "generation": candidate.generation if candidate.generation is not None else -1,
         "weights": dict(candidate.weights),
+        "subset": candidate.subset,
+        "source": candidate.source,
     }
     if result.status != "succeeded":
         kind = result.error_kind.value if result.error_kind else None
@@ -288,6 +290,7 @@ class LocalSearch:
                 evaluator=objective.evaluator,
                 custom_tasks_dir=self.custom_tasks_dir(),
                 dtype=self.spec.merge.dtype,
+                confirm=self.config.confirm_top_k > 0,
                 bundle=bundle,
                 allow_code_execution=objective.allow_code_execution,
             )
@@ -331,7 +334,10 @@ class LocalSearch:
         """One candidate, as the runner reports a trial: a failure is data, never raised."""
         weights = [candidate.weights[name] for name in self.config.checkpoints]
         result = self.evaluator.trial(
-            candidate.id, weights, with_held_out=candidate.kind == "baseline"
+            candidate.id,
+            weights,
+            with_held_out=candidate.kind == "baseline" and candidate.subset == "search",
+            subset=candidate.subset,
         )
         if result.status != "succeeded":
             log.warning("trial %s failed (%s): %s", candidate.id, result.error_kind, result.error)
@@ -367,8 +373,9 @@ class LocalSearch:
 
     # -- the end ---------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
-        """Held-out scores of the best merge, and its export to spec.output.uri."""
-        best = engine.status(self.state).best
+        """Held-out scores of the chosen merge (the confirmed winner, else the search's best),
+        and its export to spec.output.uri."""
+        best = engine.chosen(engine.status(self.state))
         if best is None:
             return {}
         final: dict[str, Any] = {}

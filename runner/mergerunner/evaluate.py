@@ -15,14 +15,21 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergerunner.bundle import TaskNeeds
 from mergerunner.codeexec import ALLOW_FIELD
-from mergerunner.trial import EvaluatorSpec, FailureKind, TaskSpec, TrialError
+from mergerunner.trial import (
+    EvaluatorSpec,
+    FailureKind,
+    Subset,
+    TaskSpec,
+    TrialDocument,
+    TrialError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +51,47 @@ class ResolvedTask:
     key: str
 
 
-def subset_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
+def subset_indices(
+    task: str, n_docs: int, limit: int | None, seed: int, subset: Subset = "search"
+) -> list[int] | None:
     """A fixed subset of `limit` example indices out of `n_docs`, seeded by (seed, task).
 
     Seeding by the task name too keeps a task's subset the same whatever other tasks run
-    beside it.
+    beside it. The "confirmation" subset is drawn, with its own seed, from the examples the
+    search subset leaves out: `limit` of them, or all that remain when fewer do. None means
+    every example.
     """
+    if subset == "confirmation":
+        return confirmation_indices(task, n_docs, limit, seed)
     if limit is None or limit >= n_docs:
         return None
     rng = random.Random(f"{seed}:{task}")
     return sorted(rng.sample(range(n_docs), limit))
+
+
+def confirmation_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int]:
+    """Examples disjoint from the search subset; an error when the search uses them all."""
+    search = subset_indices(task, n_docs, limit, seed)
+    taken = set(range(n_docs) if search is None else search)
+    rest = [i for i in range(n_docs) if i not in taken]
+    if not rest:
+        raise EvaluationError(
+            f"task {task!r}: no examples left for confirmation: the search subset "
+            f"(limit {limit}) uses all {n_docs}; lower the limit or disable search.confirm",
+            kind=FailureKind.CONFIG,
+        )
+    rng = random.Random(f"{seed}:{task}:confirmation")
+    return sorted(rng.sample(rest, min(limit or len(rest), len(rest))))
+
+
+def subset_options(doc: TrialDocument) -> dict[str, list[str]]:
+    """TaskSuite's `confirm` and `reserve` for a trial document's `subset`: a confirmation
+    trial scores its held-in tasks on the confirmation subset; a search trial that says
+    `subset: search` (the search will confirm) checks that one exists."""
+    held_in = [t.task for t in doc.held_in]
+    if doc.subset == "confirmation":
+        return {"confirm": held_in, "reserve": []}
+    return {"confirm": [], "reserve": held_in if doc.subset == "search" else []}
 
 
 def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
@@ -256,7 +294,13 @@ class TaskSuite:
         evaluator: EvaluatorSpec | None = None,
         bundle: Path | None = None,
         allow_code_execution: bool = False,
+        confirm: Collection[str] = (),
+        reserve: Collection[str] = (),
     ) -> None:
+        """`confirm`: the tasks scored on their confirmation subset instead of the search's;
+        `reserve`: tasks whose confirmation subset must exist (a search trial of a search that
+        will confirm checks it, so that a limit leaving nothing unseen fails the first trial,
+        not the confirmation after the whole search)."""
         from mergerunner.codeexec import code_metrics
 
         self.seed = seed
@@ -299,7 +343,10 @@ class TaskSuite:
                     raise EvaluationError(
                         f"task {leaf!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
                     )
-                self._leaves[leaf] = subset_indices(leaf, n_docs, spec.limit, seed)
+                subset: Subset = "confirmation" if spec.task in confirm else "search"
+                self._leaves[leaf] = subset_indices(leaf, n_docs, spec.limit, seed, subset)
+                if spec.task in reserve:
+                    confirmation_indices(leaf, n_docs, spec.limit, seed)
             indices = self._leaves.get(spec.task)
             self.resolved.append(ResolvedTask(spec, indices=indices, key=keys[spec.task]))
 

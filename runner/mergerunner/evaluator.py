@@ -134,7 +134,7 @@ class WarmTrials:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
+        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, subset_options
         from mergerunner.fetch import _run, fetch_checkpoints_async
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
@@ -164,6 +164,7 @@ class WarmTrials:
                 evaluator=doc.evaluator,
                 bundle=bundle,
                 allow_code_execution=doc.allow_code_execution,
+                **subset_options(doc),
             )
             lm = make_lm(model, tokenizer, doc.evaluator, device=placement.devices[0])
         self._state = {"merger": merger, "model": model, "suite": suite, "lm": lm}

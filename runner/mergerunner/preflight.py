@@ -223,9 +223,10 @@ def check_backend(doc: TrialDocument) -> None:
 
 def check_tasks(doc: TrialDocument, bundle: Path | None, custom: Path | None) -> list[str]:
     """Every task resolves, its data is in the bundle, code tasks are allowed, and each
-    entry's metric is one lm-eval reports for it (TaskSuite checks all of it as it loads);
+    entry's metric is one lm-eval reports for it, and unseen examples remain for a search that
+    confirms (TaskSuite checks all of it as it loads);
     returns the leaf tasks."""
-    from mergerunner.evaluate import TaskSuite
+    from mergerunner.evaluate import TaskSuite, subset_options
 
     suite = TaskSuite(
         [*doc.held_in, *doc.held_out],
@@ -234,6 +235,7 @@ def check_tasks(doc: TrialDocument, bundle: Path | None, custom: Path | None) ->
         evaluator=doc.evaluator,
         bundle=bundle,
         allow_code_execution=doc.allow_code_execution,
+        **subset_options(doc),  # a search that will confirm: unseen examples must remain
     )
     from mergerunner.server import check_server_tasks
 

@@ -168,7 +168,7 @@ def run_trial(
     """Run one trial and report it; never raises for a failure of a step."""
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
-    from mergerunner.evaluate import TaskSuite
+    from mergerunner.evaluate import TaskSuite, subset_options
     from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
     from mergerunner.server import check_server_tasks
@@ -194,6 +194,7 @@ def run_trial(
                     evaluator=doc.evaluator,
                     bundle=bundle,
                     allow_code_execution=doc.allow_code_execution,
+                    **subset_options(doc),
                 )
                 check_server_tasks(suite.output_types, doc.evaluator)
                 placement = plan_merged(dirs, doc) if doc.evaluator.backend == "hf" else None

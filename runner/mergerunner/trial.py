@@ -40,6 +40,9 @@ MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 Step = Literal["input", "preflight", "fetch", "merge", "evaluate", "upload"]
+# Which examples the held-in tasks are scored on: the search's seeded subset, or the disjoint
+# confirmation subset that the search never saw (see mergerunner.evaluate.subset_indices).
+Subset = Literal["search", "confirmation"]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
 GenValue = str | int | float | bool | list[str]
 
@@ -348,6 +351,11 @@ class TrialDocument(_Document):
     )
     evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    subset: Subset | None = Field(
+        default=None,
+        description='Held-in examples to score: "search" (the default) or "confirmation", '
+        "the seeded subset disjoint from the search's. Held-out tasks always use the search's.",
+    )
 
     @field_validator("weights")
     @classmethod

@@ -21,7 +21,7 @@ def spec(**objective: object) -> object:
     return parse_spec(
         {
             "checkpoints": [{"name": "a", "uri": "s3://c/a/"}, {"name": "b", "uri": "s3://c/b/"}],
-            "objective": {"heldIn": [{"task": "gsm8k"}], **objective},
+            "objective": {"heldIn": [{"task": "gsm8k", "limit": 250}], **objective},
         }
     )
 

@@ -106,6 +106,7 @@ def test_cel_rules_and_columns() -> None:
         "Iteration",
         "Trials",
         "Best",
+        "Confirmed",
         "Age",
     ]
     assert version["subresources"] == {"status": {}}

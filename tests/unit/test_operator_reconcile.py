@@ -33,7 +33,7 @@ def make_spec(**changes: Any) -> dict[str, Any]:
             {"name": "c", "uri": "s3://ckpt/c/"},
         ],
         "objective": {
-            "heldIn": [{"task": "t1"}, {"task": "t2"}],
+            "heldIn": [{"task": "t1", "limit": 20}, {"task": "t2", "limit": 20}],
             "heldOut": [{"task": "t3"}],
         },
         "search": {"populationSize": 4, "maxGenerations": 2, "seed": 0},
@@ -244,21 +244,46 @@ def test_parallelism_is_never_exceeded_over_a_whole_search() -> None:
     assert cluster.status["phase"] == "Succeeded"
 
 
+def unseen_runner(doc_json: dict[str, Any]) -> tuple[int, str]:
+    """On the confirmation examples the uniform merge scores best: a winner's-curse world."""
+    code, message = good_runner(doc_json)
+    if doc_json.get("subset") != "confirmation":
+        return code, message
+    result = json.loads(message)
+    uniform = all(abs(w - 1 / 3) < 1e-9 for w in doc_json["weights"].values())
+    result["heldIn"] = {t: v + (0.5 if uniform else -0.1) for t, v in result["heldIn"].items()}
+    return code, json.dumps(result)
+
+
 def test_a_whole_search_succeeds_with_a_final_evaluation_and_export() -> None:
     cluster = Cluster(make_spec())
-    cluster.run_to_end()
+    docs: list[dict[str, Any]] = []
+    cluster.run_to_end(lambda doc: (docs.append(doc), unseen_runner(doc))[1])
     status = cluster.status
     final = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE)
-    assert status["final"] == {"job": final, "trial": status["best"]["trial"], "state": "Succeeded"}
+    winner = status["winner"]
+    # chosen on the unseen examples: the uniform merge, not the search's best
+    assert winner["trial"] == "b-uniform" != status["best"]["trial"]
+    assert winner["fitness"] > winner["searchFitness"]
+    assert status["final"] == {"job": final, "trial": winner["trial"], "state": "Succeeded"}
     doc = cluster.document(final)
     assert [t["task"] for t in doc["heldOut"]] == ["t3"] and not doc.get("heldIn")
     assert doc["output"] == {"uri": "s3://out/demo/", "saveModel": True}
-    assert doc["weights"] == status["best"]["weights"]
+    assert doc["weights"] == winner["weights"] and "subset" not in doc
     assert status["output"] == {"uri": "s3://out/demo/", "digest": "sha256:" + "ab" * 32}
-    assert status["best"]["heldOut"] == {"t3": pytest.approx(status["best"]["weights"]["a"])}
+    assert winner["heldOut"] == {"t3": pytest.approx(winner["weights"]["a"])}
     assert status["iteration"] == 2 and status["trials"]["running"] == 0
-    # 3 'each', uniform, merge-best (unless it is one checkpoint's), 2 generations of 4
-    assert status["trials"]["finished"] == status["trials"]["total"] in (12, 13)
+    # the 5 best search trials and every evaluated baseline, side by side
+    confirmation = status["confirmation"]
+    assert [c["kind"] for c in confirmation].count("search") == 5
+    assert all(c["status"] == "succeeded" and "searchFitness" in c for c in confirmation)
+    confirm_docs = [d for d in docs if d.get("subset") == "confirmation"]
+    assert len(confirm_docs) == len(confirmation)
+    assert all(d["subset"] == "confirmation" and not d.get("heldOut") for d in confirm_docs)
+    # 3 'each', uniform, merge-best (unless it is one checkpoint's), 2 generations of 4,
+    # then the confirmations
+    searched = status["trials"]["total"] - len(confirmation)
+    assert status["trials"]["finished"] == status["trials"]["total"] and searched in (12, 13)
     assert condition(status, "Ready")["status"] == "True"
     assert condition(status, "Progressing")["status"] == "False"
     assert condition(status, "Failed")["status"] == "False"
@@ -548,6 +573,7 @@ def test_a_final_evaluation_that_fails_for_good_can_be_retried_by_annotation() -
     assert "access denied" in failed["message"]
     assert cluster.status["final"]["state"] == "Failed"
     assert cluster.status["best"] == best  # the best weights and scores are kept
+    chosen = cluster.status.get("winner") or cluster.status["best"]
     assert not cluster.reconcile().changed  # not retried by itself
     # Access fixed; the documented retry: a new value of the annotation.
     cluster.annotations["mergesearch.io/retry-finalization"] = "1"
@@ -560,7 +586,9 @@ def test_a_final_evaluation_that_fails_for_good_can_be_retried_by_annotation() -
     cluster.step()
     assert cluster.status["phase"] == "Succeeded", cluster.status["conditions"]
     assert cluster.status["best"]["weights"] == best["weights"]
-    assert cluster.status["final"]["state"] == "Succeeded" and "heldOut" in cluster.status["best"]
+    assert cluster.status["final"]["state"] == "Succeeded"
+    assert "heldOut" in (cluster.status.get("winner") or cluster.status["best"])
+    assert (cluster.status.get("winner") or cluster.status["best"])["weights"] == chosen["weights"]
     # The same annotation value again does nothing.
     assert not cluster.reconcile().changed
 
@@ -672,7 +700,7 @@ def test_a_template_outside_the_allow_list_is_refused_before_any_job() -> None:
 
 
 def test_custom_tasks_from_a_local_path_fail_the_first_reconcile_by_field() -> None:
-    objective = {"heldIn": [{"task": "t1"}], "customTasks": {"path": "/home/me/tasks"}}
+    objective = {"heldIn": [{"task": "t1", "limit": 20}], "customTasks": {"path": "/home/me/tasks"}}
     cluster = Cluster(make_spec(objective=objective))
     cluster.step()
     failed = condition(cluster.status, "Failed")

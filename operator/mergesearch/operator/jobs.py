@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
+from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
 from mergesearch.entrypoints import EVALUATOR_COMMAND, PREFLIGHT_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
@@ -215,6 +215,7 @@ def trial_document(
     settings: JobSettings,
     *,
     final: bool = False,
+    subset: Subset = "search",
 ) -> TrialDocument:
     """The runner's input for a candidate; for the final trial: held-out tasks and the export.
 
@@ -242,6 +243,7 @@ def trial_document(
         datasets_uri=objective.datasets.uri if objective.datasets else None,
         allow_code_execution=objective.allow_code_execution,
         output=output,
+        subset=None if final or not spec.search.confirm.enabled else subset,
     )
 
 

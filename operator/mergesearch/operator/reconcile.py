@@ -206,6 +206,11 @@ def backoff_s(attempt: int) -> float:
 # --------------------------------------------------------------------------- entry points
 
 
+def _chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The status entry of the merge a finished search hands over (see status.build_status)."""
+    return status.get("winner") or status.get("best") or {}
+
+
 def reconcile(
     view: SearchView,
     jobs: Sequence[JobSummary],
@@ -253,7 +258,7 @@ def reconcile(
         active=list(previous.get("activeTrials") or []),
         final=dict(previous["final"]) if previous.get("final") else None,
         output=dict(previous["output"]) if previous.get("output") else None,
-        held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
+        held_out=dict(_chosen_entry(previous).get("heldOut") or {}) or None,
         retries={r["trial"]: dict(r) for r in previous.get("retries") or [] if "trial" in r},
     )
     if spec.execution.mode == "warm":
@@ -779,7 +784,9 @@ def _launch(
         candidate = pending[cid]
         attempt = draft.attempt(cid)
         name = jobspec.job_name(owner, cid, attempt)
-        doc = jobspec.trial_document(spec, name, candidate.weights, settings)
+        doc = jobspec.trial_document(
+            spec, name, candidate.weights, settings, subset=candidate.subset
+        )
         draft.create.append(
             jobspec.build_job(
                 owner,
@@ -826,7 +833,9 @@ def _launch_warm(
     )
     for evaluator, cid in given.items():
         name = jobspec.job_name(owner, cid, draft.attempt(cid))
-        doc = jobspec.trial_document(spec, name, pending[cid].weights, settings)
+        doc = jobspec.trial_document(
+            spec, name, pending[cid].weights, settings, subset=pending[cid].subset
+        )
         draft.assignments[evaluator] = warm.Assignment(cid, jobspec.document_json(doc))
 
 
@@ -840,9 +849,11 @@ def _finalize(
     summary: engine.EngineStatus,
     now: str,
 ) -> tuple[Phase, str, str]:
-    """The search succeeded: evaluate the best merge on held-out tasks and export it."""
+    """The search succeeded: evaluate the chosen merge (the confirmed winner, else the best) on
+    held-out tasks and export it."""
     stop = summary.message or "search finished"
-    if not (spec.objective.held_out or spec.output.uri) or summary.best is None:
+    best = engine.chosen(summary)
+    if not (spec.objective.held_out or spec.output.uri) or best is None:
         return "Succeeded", "Succeeded", stop
     owner = view.owner
     attempt = draft.attempt(FINAL_CANDIDATE)
@@ -857,13 +868,13 @@ def _finalize(
     draft.final = {
         **previous,
         "job": name,
-        "trial": summary.best["id"],
+        "trial": best["id"],
         "state": previous.get("state") if previous.get("state") == "Retrying" else "Running",
     }
     if job is None and draft.due(FINAL_CANDIDATE, now):
         draft.final["state"] = "Running"
         draft.final.pop("notBefore", None)
-        doc = jobspec.trial_document(spec, name, summary.best["weights"], settings, final=True)
+        doc = jobspec.trial_document(spec, name, best["weights"], settings, final=True)
         draft.create.append(
             jobspec.build_job(
                 owner,
@@ -879,7 +890,7 @@ def _finalize(
     if draft.final["state"] == "Retrying":
         why = draft.final.get("error", "")
         return "Running", "Finalizing", f"{stop}; the final evaluation is retried ({why})"
-    return "Running", "Finalizing", f"{stop}; evaluating {summary.best['id']} (Job {name})"
+    return "Running", "Finalizing", f"{stop}; evaluating {best['id']} (Job {name})"
 
 
 def _final_outcome(
