@@ -127,10 +127,11 @@ def load_placed(model_dir: Path, placement: Placement, dtype: str, *, trust: boo
     import torch
     from transformers import AutoModelForCausalLM
 
+    # One device: the whole model there, without accelerate's per-module hooks, which only
+    # move activations between devices and cost a little on every forward call.
+    devices = placement.devices
+    device_map = {"": devices[0]} if len(devices) == 1 else placement.device_map
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=getattr(torch, dtype),
-        device_map=placement.device_map,
-        trust_remote_code=trust,
+        model_dir, dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust
     )
     return model.eval()

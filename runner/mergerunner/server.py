@@ -274,7 +274,19 @@ def serving(
                 "evaluator.server.promptLogprobs to false to refuse such tasks before any trial",
                 kind=FailureKind.CONFIG,
             )
-        yield base
+        try:
+            yield base
+        except ServerError:
+            raise
+        except Exception as exc:
+            code = process.process.poll()
+            if code is None:
+                raise
+            # lm-eval reports a connection error after its retries; the cause is the server.
+            raise ServerError(
+                f"server exited with code {code} while scoring; its last lines:\n"
+                f"{process.last_lines()}"
+            ) from exc
     finally:
         process.stop()
 

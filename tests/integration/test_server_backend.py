@@ -164,3 +164,30 @@ def test_token_prompts_for_vllm_are_the_tokens_the_hf_backend_scores(toy_pool: A
         gpus=0,
     )
     assert not served.tokenized_requests  # text for servers without prompt log-probabilities
+
+
+DIES_ON_FIRST_REQUEST = """
+import http.server, json, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        print("out of memory while generating", flush=True)
+        os._exit(9)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_server_that_dies_while_scoring_is_a_server_failure(
+    toy_pool: Any, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-c", DIES_ON_FIRST_REQUEST, "{port}"]
+    evaluator = {"backend": "openai", "server": {"command": command, "port": free_port()}}
+    result = _run(_doc(toy_pool, evaluator), tmp_path)
+    assert result.status == "failed"
+    assert result.error_kind == "server-failed"
+    assert "while scoring" in result.error and "out of memory while generating" in result.error

@@ -242,3 +242,23 @@ def test_host_memory_is_bounded_by_the_containers_cgroup_limit():
     assert limited == 4 << 30
     assert available_bytes(meminfo, "100", "200", fallback=1) == 0
     assert available_bytes(None, None, None, fallback=7) == 7
+
+
+def test_the_reserve_follows_batch_size_and_length():
+    from mergerunner.devices import RESERVE_TOKENS, reserve_bytes
+    from mergerunner.trial import EvaluatorSpec
+
+    config = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_size": 64,
+        "vocab_size": 100,
+        "max_position_embeddings": 131072,
+    }
+    per_token = 2 * 2 * 4 * 16 * 2 + 100 * 4
+    # batch auto counts as 1; a 128k context is capped to RESERVE_TOKENS unless maxLength says
+    assert reserve_bytes(config, EvaluatorSpec(), "bfloat16") == RESERVE_TOKENS * per_token
+    spec = EvaluatorSpec(batch_size=8, max_length=512)
+    assert reserve_bytes(config, spec, "bfloat16") == 8 * 512 * per_token
+    short = config | {"max_position_embeddings": 64}
+    assert reserve_bytes(short, EvaluatorSpec(), "bfloat16") == 64 * per_token

@@ -115,3 +115,16 @@ def test_server_defaults():
     openai = EvaluatorSpec.model_validate({"backend": "openai", "server": {"command": ["s"]}})
     assert openai.server_settings.prompt_logprobs is False
     assert openai.server_settings.ready_timeout_seconds == 1800
+
+
+def test_local_mode_refuses_server_backends_before_reading_a_checkpoint(tmp_path: Path):
+    from mergerunner.evaluate import EvaluationError
+    from mergerunner.resident import ResidentEvaluator
+
+    with pytest.raises(EvaluationError, match="local mode") as caught:
+        ResidentEvaluator(
+            [tmp_path / "not-there", tmp_path / "nor-this"],
+            held_in=[],
+            evaluator=EvaluatorSpec(backend="vllm"),
+        )
+    assert caught.value.failure_kind is FailureKind.CONFIG
