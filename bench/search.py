@@ -11,10 +11,16 @@ Ours runs with the product's defaults (what a MergeSearch without `search` setti
 the mean starts at the uniform merge, sigma0 is the simplex default. Optuna's CMA-ES gets the
 same parameterisation, start and sigma0.
 
+Every method's chosen best (the best on the examples it searched on) is then scored on the
+confirmation examples, a seeded subset of each task disjoint from the search's
+(`subset_indices(..., "confirmation")`): its score on the examples it was selected on is biased
+upwards, and by how much depends on the method, so methods are compared on the unseen ones,
+seed by seed (paired differences against Optuna's CMA-ES with a 90% t interval).
+
 Also measured: how a local trial's time splits between merging into the resident model (plus
 the engine's bookkeeping) and evaluation.
 
-    python bench/search.py [--seeds 3] [--budgets 25,50,100] [--limit 50] [--sigma0 S]
+    python bench/search.py [--seeds 10] [--budgets 25,50,100] [--limit 50] [--sigma0 S]
 
 Writes bench/results/search.json and prints a table.
 """
@@ -45,6 +51,28 @@ from mergesearch.engine.config import SIMPLEX_SIGMA0  # noqa: E402
 from mergesearch.engine.parameterization import make_parameterization  # noqa: E402
 
 SIGMA0 = SIMPLEX_SIGMA0
+# Two-sided 90% Student t quantiles (0.95) by degrees of freedom; the normal's beyond 30.
+T95 = {
+    1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
+    10: 1.812, 11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740,
+    18: 1.734, 19: 1.729, 20: 1.725, 25: 1.708, 30: 1.697,
+}  # fmt: skip
+
+
+def t95(df: int) -> float:
+    if df in T95:
+        return T95[df]
+    below = [d for d in T95 if d <= df]
+    return T95[max(below)] if df <= 30 else 1.645
+
+
+def paired(diffs: list[float]) -> dict[str, float]:
+    """Mean of paired differences with a 90% t interval (seeds are the pairs)."""
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci_low": mean, "ci_high": mean}
+    half = t95(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
 
 
 class Scorer:
@@ -61,6 +89,7 @@ class Scorer:
             evaluator=spec,
             custom_tasks_dir=pool.tasks_dir,
             dtype="float32",
+            confirm=True,
         )
         self.merge_s: list[float] = []
         self.evaluate_s: list[float] = []
@@ -73,6 +102,11 @@ class Scorer:
 
     def fitness(self, weights: np.ndarray) -> float:
         return statistics.fmean(self.held_in(weights).values())
+
+    def confirmed(self, weights: np.ndarray) -> float:
+        """Fitness on the confirmation examples (not counted: it is the measurement)."""
+        scores = self.evaluator.score([float(w) for w in weights], subset="confirmation")
+        return statistics.fmean(scores.held_in.values())
 
     def held_out(self, weights: np.ndarray) -> float:
         scores = self.evaluator.score([float(w) for w in weights], with_held_out=True)
@@ -153,7 +187,7 @@ def run_optuna(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--budgets", default="25,50,100")
     parser.add_argument("--limit", type=int, default=50, help="examples per task")
     parser.add_argument("--sigma0", type=float, default=SIMPLEX_SIGMA0, help="for both CMA-ES")
@@ -181,7 +215,12 @@ def main() -> None:
             for b in budgets:
                 k = min(b, len(trace)) - 1
                 results[method][str(b)]["runs"].append(
-                    {"seed": seed, "best": trace[k], "heldout": scorer.held_out(best_w[k])}
+                    {
+                        "seed": seed,
+                        "best": trace[k],
+                        "confirmed": scorer.confirmed(best_w[k]),
+                        "heldout": scorer.held_out(best_w[k]),
+                    }
                 )
             print(f"seed {seed} {method}: best@{max(budgets)} {trace[-1]:.4f}", flush=True)
 
@@ -189,11 +228,28 @@ def main() -> None:
         for b in budgets:
             runs = results[method][str(b)]["runs"]
             bests = [r["best"] for r in runs]
+            confirmed = [r["confirmed"] for r in runs]
             results[method][str(b)].update(
                 mean=statistics.fmean(bests),
                 sd=statistics.stdev(bests) if len(bests) > 1 else 0.0,
+                confirmed=statistics.fmean(confirmed),
+                confirmed_sd=statistics.stdev(confirmed) if len(confirmed) > 1 else 0.0,
                 heldout=statistics.fmean(r["heldout"] for r in runs),
             )
+            if method != "optuna_cmaes":
+                theirs = {
+                    r["seed"]: r["confirmed"] for r in results["optuna_cmaes"][str(b)]["runs"]
+                }
+                results[method][str(b)]["paired_diff_vs_optuna"] = paired(
+                    [r["confirmed"] - theirs[r["seed"]] for r in runs]
+                )
+    # the moonshot: ours at half the budget against Optuna's at the largest
+    top, half = max(budgets), max(budgets) // 2
+    if str(half) in results["cmaes"]:
+        theirs = {r["seed"]: r["confirmed"] for r in results["optuna_cmaes"][str(top)]["runs"]}
+        results["cmaes"][f"{half}_vs_optuna_{top}"] = paired(
+            [r["confirmed"] - theirs[r["seed"]] for r in results["cmaes"][str(half)]["runs"]]
+        )
 
     baselines = {}
     n = len(scorer.names)
@@ -205,6 +261,7 @@ def main() -> None:
             per_task[task].append(value)
         baselines[name] = {
             "fitness": statistics.fmean(scores.values()),
+            "confirmed": scorer.confirmed(w),
             "heldout": scorer.held_out(w),
         }
     chosen = sorted({int(np.argmax(values)) for values in per_task.values()})
@@ -212,10 +269,15 @@ def main() -> None:
     merge_best[chosen] = 1 / len(chosen)
     baselines["merge-best"] = {
         "fitness": scorer.fitness(merge_best),
+        "confirmed": scorer.confirmed(merge_best),
         "heldout": scorer.held_out(merge_best),
     }
     uniform = np.full(n, 1 / n)
-    baselines["uniform"] = {"fitness": scorer.fitness(uniform), "heldout": scorer.held_out(uniform)}
+    baselines["uniform"] = {
+        "fitness": scorer.fitness(uniform),
+        "confirmed": scorer.confirmed(uniform),
+        "heldout": scorer.held_out(uniform),
+    }
 
     merge = sum(s[0] for s in ours_split)
     evaluate = sum(s[1] for s in ours_split)
@@ -223,6 +285,8 @@ def main() -> None:
     summary = {
         **results,
         "baselines": baselines,
+        "seeds": args.seeds,
+        "scored_on": "confirmation",
         "merge_fraction": (merge + bookkeeping) / (merge + evaluate + bookkeeping),
         "trial_split_s": {
             "merge": merge / sum(s[3] for s in ours_split),
@@ -243,13 +307,20 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     best_baseline = max(v["fitness"] for v in baselines.values())
-    print(f"\n{'method':<14}" + "".join(f"{'@' + str(b):>22}" for b in budgets))
+    print(f"\n{'confirmed':<14}" + "".join(f"{'@' + str(b):>22}" for b in budgets))
     for method in methods:
         cells = "".join(
-            f"{results[method][str(b)]['mean']:>10.4f} ± {results[method][str(b)]['sd']:.4f}  "
+            f"{results[method][str(b)]['confirmed']:>10.4f} ± "
+            f"{results[method][str(b)]['confirmed_sd']:.4f}  "
             for b in budgets
         )
         print(f"{method:<14}{cells}")
+    for b in budgets:
+        diff = results["cmaes"][str(b)]["paired_diff_vs_optuna"]
+        print(
+            f"ours - optuna @{b} (confirmed): {diff['mean']:+.4f} "
+            f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]"
+        )
     print(f"best baseline  {best_baseline:.4f}   uniform {baselines['uniform']['fitness']:.4f}")
     print(f"merge + bookkeeping fraction of a trial: {summary['merge_fraction']:.3%}")
 

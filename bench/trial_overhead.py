@@ -13,10 +13,12 @@ the same cheap fixed evaluation (one toy task, 2 examples, CPU, float32):
 - jobs mode, parallelism 1: per-trial non-scoring time = (Job seen Complete - Job seen
   created) - scoring time. Everything a trial pod does but score: start, runner start-up,
   fetch of all 8 checkpoints into its emptyDir, merge to disk, load, task-suite build;
-- warm mode, parallelism 2 (two evaluators on the one node, sharing the node cache): per
-  trial, from the evaluators' own log lines, the time from posting the previous result to
-  holding the next lease, plus the trial's time other than scoring (the in-place merge). Each
-  evaluator's first trial (fetch, load, suite build: a one-off per pod) is reported apart.
+- warm mode, `--warm-parallelism` evaluators (default 1, timed like the other two: one
+  process at a time; 2 shows two evaluators on the node sharing its cache, written to
+  trial_overhead_p2.json): per trial, from the evaluators' own log lines, the time from
+  posting the previous result to holding the next lease, plus the trial's time other than
+  scoring (the in-place merge). Each evaluator's first trial (fetch, load, suite build: a
+  one-off per pod) is reported apart.
 
 Floors measured in this process at the same shapes: local mode's in-place merge
 (`ResidentMerger.merge_into`, the `local_merge_s` target's denominator) and the scoring time.
@@ -233,10 +235,13 @@ def evaluator_records(agent: NodeAgent, namespace: str) -> dict[str, list[dict[s
     return out
 
 
-def warm_overheads(per_pod: dict[str, list[dict[str, Any]]]) -> tuple[list[float], list[float]]:
-    """(steady per-trial overheads, first-trial set-up times): overhead = the wait from the
-    previous result to the next lease + the trial's time other than scoring."""
-    steady, setup = [], []
+def warm_overheads(
+    per_pod: dict[str, list[dict[str, Any]]],
+) -> tuple[list[float], list[float], list[float]]:
+    """(steady per-trial overheads, first-trial set-up times, hand-overs): overhead = the
+    hand-over (the wait from posting the previous result to holding the next lease) + the
+    trial's time other than scoring (the in-place merge)."""
+    steady, setup, handovers = [], [], []
     for records in per_pod.values():
         for previous, record in zip([None, *records], records, strict=False):
             t = record["timings"]
@@ -244,11 +249,12 @@ def warm_overheads(per_pod: dict[str, list[dict[str, Any]]]) -> tuple[list[float
             if previous is None:
                 setup.append(other + t.get("evaluateS", 0.0))
                 continue
-            steady.append(record["leasedAt"] - previous["doneAt"] + other)
-    return steady, setup
+            handovers.append(record["leasedAt"] - previous["doneAt"])
+            steady.append(handovers[-1] + other)
+    return steady, setup, handovers
 
 
-def run(layers: int, trials: int) -> dict[str, Any]:
+def run(layers: int, trials: int, warm_parallelism: int) -> dict[str, Any]:
     pool = cached_pool("mini")
     toy = next(iter(pool.checkpoints.values()))
     scratch = Path(tempfile.mkdtemp(prefix="mergesearch-overhead-"))
@@ -303,7 +309,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
                 jobs_status = searches.wait_phase("jobs", ["Succeeded", "Failed"], 3600)
                 time.sleep(2)  # the last Job's Complete condition follows the search's status
                 clock.stop.set()
-                searches.create("warm", spec(uris, s3, "warm", 2, trials * 2))
+                searches.create("warm", spec(uris, s3, "warm", warm_parallelism, trials * 2))
                 warm_status = searches.wait_phase("warm", ["Succeeded", "Failed"], 3600)
                 per_pod = evaluator_records(agent, namespace)
         for name, status in (("jobs", jobs_status), ("warm", warm_status)):
@@ -314,7 +320,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
             for n in clock.completed
             if not n.endswith("-evaluators")
         ]
-        steady, setup = warm_overheads(per_pod)
+        steady, setup, handovers = warm_overheads(per_pod)
         fetched = sum(
             max((r["bytesFetched"] for r in recs), default=0) for recs in per_pod.values()
         )
@@ -333,6 +339,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
         "scoring_s": round(scoring, 3),
         "warm_setup_s": [round(s, 3) for s in setup],
         "warm_overhead_samples_s": [round(s, 3) for s in steady],
+        "warm_handover_samples_s": [round(s, 3) for s in handovers],
         "jobs_trial_wall_s": [round(w, 3) for w in walls],
         "evaluators": len(per_pod),
         "ratios": {
@@ -351,7 +358,7 @@ def run(layers: int, trials: int) -> dict[str, Any]:
             "dtype_scored": "float32",
             "task": f"{TASK} (limit {LIMIT}), CPU",
             "jobs": {"parallelism": 1, "trials": trials, "timed": len(walls)},
-            "warm": {"parallelism": 2, "trials": trials * 2},
+            "warm": {"parallelism": warm_parallelism, "trials": trials * 2},
             "machine": f"{os.cpu_count()} CPUs, shared",
         },
     }
@@ -361,9 +368,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers per checkpoint")
     parser.add_argument("--trials", type=int, default=4, help="trials of the jobs search")
+    parser.add_argument(
+        "--warm-parallelism",
+        type=int,
+        default=1,
+        help="evaluators (1: timed like the one-Job and local runs, one process at a time; "
+        "2: two evaluators share the node cache, written to trial_overhead_p2.json)",
+    )
     args = parser.parse_args(argv)
-    result = run(args.layers, args.trials)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(args.layers, args.trials, args.warm_parallelism)
+    out = (
+        RESULT
+        if args.warm_parallelism == 1
+        else RESULT.with_name(f"trial_overhead_p{args.warm_parallelism}.json")
+    )
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

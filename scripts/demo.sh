@@ -12,6 +12,11 @@ pool="$cache/toys/paper-$key"
 "$venv/bin/python" -m mergerunner.toys build "$pool" --preset paper >&2
 # The example manifest names its checkpoints relative to itself: examples/toy-pool/...
 ln -sfn "$pool" "$root/examples/toy-pool"
+# The search runs under the same pinned numerics the pool is trained with
+# (runner/mergerunner/toys/repro.py): torch's scalar kernels, MKL's CNR code path, one thread.
+# Every merge and every score is then the same on every x86-64 CPU, so the table below is the
+# one the README shows.
+export ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # Run again, it resumes (or just prints the result); after the manifest or the defaults
 # changed, it starts over instead of refusing the old state.
 "$venv/bin/mergesearch" run "$root/examples/toy-pool-search.yaml" --fresh-if-changed "${@:2}"

@@ -38,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the ValidatingAdmissionPolicy that goes with it (crds/mergesearch-admission.yaml)",
     )
     crd.set_defaults(func=_cmd_crd)
-    from mergesearch import cluster_cli, local_cli
+    from mergesearch import cluster_cli, datasets_cli, local_cli
 
     local_cli.add_commands(sub)
     cluster_cli.add_commands(sub)
+    datasets_cli.add_commands(sub)
     return parser
 
 

@@ -60,6 +60,12 @@ def status_lines(obj: Mapping[str, Any]) -> list[str]:
     best = status.get("best")
     if best:
         lines.append(f"best: {best.get('trial')} fitness {_fmt(best.get('fitness'))}")
+    winner = status.get("winner")
+    if winner:
+        lines.append(
+            f"confirmed winner: {winner.get('trial')} fitness {_fmt(winner.get('fitness'))} "
+            f"on unseen examples ({_fmt(winner.get('searchFitness'))} on the search's)"
+        )
     for cond in status.get("conditions") or []:
         if cond.get("status") == "True" and cond.get("type") != "Ready":
             lines.append(f"{cond['type']}: {cond.get('reason', '')} {cond.get('message', '')}")
@@ -69,19 +75,44 @@ def status_lines(obj: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def score_rows(obj: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, dict[str, float], Any]]]:
-    """Held-in tasks and one row per baseline and for the best: (label, scores, fitness)."""
+Row = tuple[str, dict[str, float], Any, Any]
+
+
+def score_rows(obj: Mapping[str, Any]) -> tuple[list[str], list[Row]]:
+    """Held-in tasks and one row per baseline, for the best and for the confirmed winner:
+    (label, scores, fitness on the search's examples, fitness on unseen ones or None)."""
     spec, status = obj.get("spec", {}), obj.get("status") or {}
     tasks = [t["task"] for t in (spec.get("objective") or {}).get("heldIn", [])]
-    rows = [
-        (baseline_label(b["id"]), b.get("scores") or {}, b.get("fitness"))
+    confirmed = {
+        c["trial"]: c.get("fitness")
+        for c in status.get("confirmation") or []
+        if c.get("status") == "succeeded"
+    }
+    rows: list[Row] = [
+        (baseline_label(b["id"]), b.get("scores") or {}, b.get("fitness"), confirmed.get(b["id"]))
         for b in status.get("baselines") or []
         if b.get("status") == "succeeded"
     ]
     best = status.get("best")
     if best:
-        rows.append((f"best ({best['trial']})", best.get("scores") or {}, best.get("fitness")))
+        label, trial = f"best ({best['trial']})", best["trial"]
+        rows.append((label, best.get("scores") or {}, best.get("fitness"), confirmed.get(trial)))
+    winner = status.get("winner")
+    if winner:
+        rows.append(
+            (
+                f"confirmed winner ({winner['trial']})",
+                winner.get("searchScores") or {},
+                winner.get("searchFitness"),
+                winner.get("fitness"),
+            )
+        )
     return tasks, rows
+
+
+def chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What the search hands over: the confirmed winner, else the best."""
+    return status.get("winner") or status.get("best") or {}
 
 
 def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
@@ -111,7 +142,34 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
                 held_in=t.get("scores") or {},
                 fitness=t.get("fitness"),
             )
-    return sorted(out.values(), key=lambda r: (r.kind != "baseline", r.generation, r.id))
+    for c in status.get("confirmation") or []:
+        # a finalist not among the records above still shows beside its confirmation
+        out.setdefault(
+            c["trial"],
+            TrialRecord(
+                id=c["trial"],
+                kind=c["kind"],
+                generation=-1 if c["kind"] == "baseline" else 0,
+                weights={},
+                status="succeeded",
+                fitness=c.get("searchFitness"),
+            ),
+        )
+    confirmations = [
+        TrialRecord(
+            id="c-" + c["trial"],
+            kind=c["kind"],
+            generation=-1,
+            weights={},
+            status=c["status"],
+            fitness=c.get("fitness"),
+            subset="confirmation",
+            source=c["trial"],
+        )
+        for c in status.get("confirmation") or []
+    ]
+    searched = sorted(out.values(), key=lambda r: (r.kind != "baseline", r.generation, r.id))
+    return searched + confirmations
 
 
 def print_status(obj: Mapping[str, Any]) -> None:
@@ -128,10 +186,14 @@ def print_status(obj: Mapping[str, Any]) -> None:
         for task in tasks:
             table.add_column(task, justify="right")
         table.add_column("fitness", justify="right", style="bold")
-        for label, scores, fitness in rows:
-            table.add_row(label, *(_fmt(scores.get(t), 3) for t in tasks), _fmt(fitness))
+        confirming = any(row[3] is not None for row in rows)
+        if confirming:
+            table.add_column("confirmed", justify="right", style="bold green")
+        for label, scores, fitness, confirmed in rows:
+            cells = [_fmt(scores.get(t), 3) for t in tasks] + [_fmt(fitness)]
+            table.add_row(label, *cells, *([_fmt(confirmed)] if confirming else []))
         console.print(table)
-    best = (obj.get("status") or {}).get("best") or {}
+    best = chosen_entry(obj.get("status") or {})
     if best.get("weights"):
         weights = ", ".join(f"{k} {v:.3f}" for k, v in best["weights"].items())
         console.print(f"best weights: {weights}", highlight=False)
@@ -165,7 +227,7 @@ def report_from_cluster(name: str, namespace: str | None, out: Path) -> list[Pat
     from mergesearch.report import draw_all
 
     obj = read_search(name, namespace, os.environ.get("KUBECTL", "kubectl"))
-    best = (obj.get("status") or {}).get("best")
+    best = chosen_entry(obj.get("status") or {})
     if not best:
         raise ClusterReadError(f"{name}: no finished trial to draw yet")
     tasks = [t["task"] for t in obj["spec"]["objective"]["heldIn"]]

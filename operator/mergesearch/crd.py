@@ -155,6 +155,12 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
             node["x-kubernetes-int-or-string"] = True
             if node.get("default") is None:
                 node.pop("default", None)
+        elif len(options) > 1:
+            # A scalar of several types (applyChatTemplate: true or a name; genKwargs values):
+            # structural schemas have no such type, so the API server keeps any value and the
+            # operator's model validates it (SpecInvalid naming the field).
+            node = {k: v for k, v in node.items() if k == "description"}
+            node["x-kubernetes-preserve-unknown-fields"] = True
         else:
             (only,) = options
             node = {k: v for k, v in {**only, **node}.items() if k not in _DROP}
@@ -239,6 +245,11 @@ STATUS_SCHEMA: dict[str, Any] = {
         },
         "best": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         "bestFitness": {"type": "string", "description": "best.fitness, 4 decimals."},
+        "winner": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "winnerFitness": {
+            "type": "string",
+            "description": "winner.fitness (on the confirmation examples), 4 decimals.",
+        },
         "conditions": {
             "type": "array",
             "x-kubernetes-list-type": "map",
@@ -266,6 +277,7 @@ PRINTER_COLUMNS = [
     # A string the operator formats with 4 decimals (status.bestFitness); a number column
     # would print all 16 digits.
     {"name": "Best", "type": "string", "jsonPath": ".status.bestFitness"},
+    {"name": "Confirmed", "type": "string", "jsonPath": ".status.winnerFitness"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -19,6 +19,8 @@ OPERATOR_COMMAND: tuple[str, ...] = ("python", "-m", OPERATOR_MODULE)
 # The trial program: the `mergerunner` console script ([project.scripts]) and its subcommand.
 RUNNER_SCRIPT = "mergerunner"
 RUNNER_COMMAND: tuple[str, ...] = (RUNNER_SCRIPT, "run")
+# The search's preflight, once before any trial (mergerunner.preflight).
+PREFLIGHT_COMMAND: tuple[str, ...] = (RUNNER_SCRIPT, "preflight")
 # The warm evaluator (spec.execution.mode: warm): leases candidates from the operator.
 EVALUATOR_COMMAND: tuple[str, ...] = (RUNNER_SCRIPT, "evaluator")
 

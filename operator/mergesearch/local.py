@@ -114,6 +114,8 @@ def record_of(
         "kind": candidate.kind,
         "generation": candidate.generation if candidate.generation is not None else -1,
         "weights": dict(candidate.weights),
+        "subset": candidate.subset,
+        "source": candidate.source,
     }
     if result.status != "succeeded":
         kind = result.error_kind.value if result.error_kind else None
@@ -259,11 +261,13 @@ class LocalSearch:
 
     def prepare(self) -> None:
         """Fetch and check everything before the first trial, so bad input fails fast."""
+        from mergerunner.bundle import BundleError
         from mergerunner.checkpoint import CheckpointError, validate_checkpoints
         from mergerunner.evaluate import EvaluationError
         from mergerunner.fetch import FetchError, fetch_checkpoint
         from mergerunner.resident import ResidentEvaluator
 
+        self.check_headers()
         self.check_output()
         dirs = []
         for ref in self.spec.checkpoints:
@@ -276,24 +280,64 @@ class LocalSearch:
         except CheckpointError as exc:
             raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
         self.dirs = dirs
+        objective = self.spec.objective
+        bundle = self.data_bundle()
         try:
             self.evaluator = ResidentEvaluator(
                 dirs,
-                held_in=self.spec.objective.held_in,
-                held_out=self.spec.objective.held_out,
-                evaluator=self.spec.objective.evaluator,
+                held_in=objective.held_in,
+                held_out=objective.held_out,
+                evaluator=objective.evaluator,
                 custom_tasks_dir=self.custom_tasks_dir(),
                 dtype=self.spec.merge.dtype,
+                confirm=self.config.confirm_top_k > 0,
+                bundle=bundle,
+                allow_code_execution=objective.allow_code_execution,
             )
-        except EvaluationError as exc:
+        except (EvaluationError, BundleError) as exc:
             raise LocalInputError(str(exc)) from None
+
+    def check_headers(self) -> None:
+        """Checkpoints that cannot be merged are found from their headers (ranged reads),
+        before a byte of weights is downloaded."""
+        from mergerunner.checkpoint import CheckpointError
+        from mergerunner.fetch import FetchError
+        from mergerunner.preflight import check_checkpoints
+        from mergerunner.storage import parse_uri
+
+        uris = [resolve_location(ref.uri, self.base) for ref in self.spec.checkpoints]
+        names = {
+            parse_uri(u).uri: ref.name for u, ref in zip(uris, self.spec.checkpoints, strict=True)
+        }
+        try:
+            check_checkpoints(uris)
+        except FetchError as exc:
+            raise LocalInputError(f"checkpoint {names.get(exc.uri, exc.uri)!r}: {exc}") from None
+        except CheckpointError as exc:
+            raise LocalInputError(f"checkpoints cannot be merged: {exc}") from None
+
+    def data_bundle(self) -> Path | None:
+        """spec.objective.datasets fetched into the cache (a local path is used in place)."""
+        from mergerunner.fetch import FetchError
+        from mergerunner.run import fetch_bundle
+
+        datasets = self.spec.objective.datasets
+        if datasets is None:
+            return None
+        try:
+            return fetch_bundle(resolve_location(datasets.uri, self.base), self.cache_dir)
+        except FetchError as exc:
+            raise LocalInputError(f"spec.objective.datasets.uri: {exc}") from None
 
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self, candidate: engine.Candidate) -> TrialResult:
         """One candidate, as the runner reports a trial: a failure is data, never raised."""
         weights = [candidate.weights[name] for name in self.config.checkpoints]
         result = self.evaluator.trial(
-            candidate.id, weights, with_held_out=candidate.kind == "baseline"
+            candidate.id,
+            weights,
+            with_held_out=candidate.kind == "baseline" and candidate.subset == "search",
+            subset=candidate.subset,
         )
         if result.status != "succeeded":
             log.warning("trial %s failed (%s): %s", candidate.id, result.error_kind, result.error)
@@ -329,8 +373,9 @@ class LocalSearch:
 
     # -- the end ---------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
-        """Held-out scores of the best merge, and its export to spec.output.uri."""
-        best = engine.status(self.state).best
+        """Held-out scores of the chosen merge (the confirmed winner, else the search's best),
+        and its export to spec.output.uri."""
+        best = engine.chosen(engine.status(self.state))
         if best is None:
             return {}
         final: dict[str, Any] = {}

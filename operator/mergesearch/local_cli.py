@@ -197,22 +197,33 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
     from mergesearch.summary import check_claims, table_rows
 
     console = Console(width=None if sys.stdout.isatty() else 140)
+    from mergesearch import engine
+
     records = list(search.records.values())
-    best = status.best
+    best = engine.chosen(status)
     held_out = final.get("heldOut", {})
     held_in_tasks = [t.task for t in search.spec.objective.held_in]
     held_out_tasks = [t.task for t in search.spec.objective.held_out]
-    table = Table(title=f"{search.manifest.metadata.name}: baselines against the best merge")
+    table = Table(
+        title=f"{search.manifest.metadata.name}: baselines against the chosen merge "
+        "(held-in avg: the search's examples; confirmed avg: unseen ones)"
+    )
     table.add_column("merge")
     for name in held_in_tasks:
         table.add_column(name, justify="right")
     table.add_column("held-in avg", justify="right", style="bold")
+    rows = table_rows(records, best["id"] if best else None, held_out)
+    confirming = any(row.confirmed is not None for row in rows)
+    if confirming:
+        table.add_column("confirmed avg", justify="right", style="bold green")
     for name in held_out_tasks:
         table.add_column(f"{name} (held-out)", justify="right", style="cyan")
-    for row in table_rows(records, best["id"] if best else None, held_out):
+    for row in rows:
         cells = [f"{row.held_in.get(t, float('nan')):.3f}" for t in held_in_tasks]
         outs = [f"{row.held_out[t]:.3f}" if t in row.held_out else "-" for t in held_out_tasks]
-        table.add_row(row.label, *cells, f"{row.fitness:.4f}", *outs)
+        confirmed = ["-" if row.confirmed is None else f"{row.confirmed:.4f}"]
+        confirmed = confirmed if confirming else []
+        table.add_row(row.label, *cells, f"{row.fitness:.4f}", *confirmed, *outs)
     console.print(table)
     console.print(f"stopped: {status.reason or status.phase}  ({status.message or ''})")
     if status.phase == "failed" and status.recent_failures:
@@ -255,12 +266,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     data = json.loads(paths.state.read_text())
     state = engine.EngineState.from_json(json.dumps(data["engine"]))
-    status = engine.status(state)
-    if status.best is None:
+    best = engine.chosen(engine.status(state))
+    if best is None:
         print("error: no finished trial to draw yet", file=sys.stderr)
         return EXIT_FAILED
     tasks = [t.name for t in state.config.tasks]
     out = args.output or args.state_dir
-    for path in draw_all(read_records(paths.trials), status.best["weights"], tasks, out):
+    for path in draw_all(read_records(paths.trials), best["weights"], tasks, out):
         print(path)
     return EXIT_OK

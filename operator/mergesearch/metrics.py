@@ -16,6 +16,7 @@ Series (all labelled `namespace`, `search`):
 | name | type | extra labels |
 |---|---|---|
 | mergesearch_best_fitness | gauge | |
+| mergesearch_winner_fitness | gauge | subset = search, confirmation |
 | mergesearch_iteration | gauge | |
 | mergesearch_sigma | gauge | |
 | mergesearch_trials_total | counter | outcome = succeeded, failed |
@@ -68,13 +69,17 @@ DEFAULT_ADDRESS = "0.0.0.0"  # noqa: S104 - in a pod; the chart's Service select
 
 HELP = {
     "mergesearch_best_fitness": "Fitness (weighted mean held-in score) of the best trial.",
+    "mergesearch_winner_fitness": "Fitness of the confirmed winner on the search's examples "
+    "and on the unseen confirmation examples.",
     "mergesearch_iteration": "The search's current CMA-ES generation.",
     "mergesearch_sigma": "CMA-ES step size.",
     "mergesearch_trials_total": "Trials finished, by outcome.",
     "mergesearch_trials_running": "Trials (and the final evaluation) running now.",
     "mergesearch_trial_duration_seconds": "Duration of a trial's steps, from the runner.",
-    "mergesearch_task_score": "Per-task score of the best trial (held-out after finalizing).",
-    "mergesearch_checkpoint_weight": "Weight of each checkpoint in the best merge.",
+    "mergesearch_task_score": "Per-task score of the best trial, of the confirmed winner once "
+    "there is one (held-in on the confirmation examples; held-out after finalizing).",
+    "mergesearch_checkpoint_weight": "Weight of each checkpoint in the best (then the "
+    "confirmed winner's) merge.",
     "mergesearch_phase": "1 for the search's current phase.",
     "mergesearch_evaluators": "Warm evaluator pods: wanted, running, ready, busy (leasing).",
     "mergesearch_evaluator_fetched_bytes": "Bytes the search's evaluators fetched from storage.",
@@ -119,12 +124,20 @@ def status_samples(status: Mapping[str, Any]) -> list[Sample]:
     for outcome in OUTCOMES:
         if (value := _number(trials.get(outcome))) is not None:
             out.append(Sample("mergesearch_trials_total", value, (("outcome", outcome),)))
+    winner = status.get("winner") or {}
+    for subset, raw in (
+        ("search", winner.get("searchFitness")),
+        ("confirmation", winner.get("fitness")),
+    ):
+        if (value := _number(raw)) is not None:
+            out.append(Sample("mergesearch_winner_fitness", value, (("subset", subset),)))
+    chosen = winner or best
     for split, field_name in SPLITS.items():
-        for task, raw in sorted((best.get(field_name) or {}).items()):
+        for task, raw in sorted((chosen.get(field_name) or {}).items()):
             if (value := _number(raw)) is not None:
                 labels = (("task", str(task)), ("split", split))
                 out.append(Sample("mergesearch_task_score", value, labels))
-    for checkpoint, raw in sorted((best.get("weights") or {}).items()):
+    for checkpoint, raw in sorted((chosen.get("weights") or {}).items()):
         if (value := _number(raw)) is not None:
             labels = (("checkpoint", str(checkpoint)),)
             out.append(Sample("mergesearch_checkpoint_weight", value, labels))
@@ -260,6 +273,7 @@ def _families(statuses: Mapping[Key, Mapping[str, Any]]) -> Iterable[Metric]:
     extra: dict[str, tuple[str, ...]] = {
         "mergesearch_trials_total": ("outcome",),
         "mergesearch_task_score": ("task", "split"),
+        "mergesearch_winner_fitness": ("subset",),
         "mergesearch_checkpoint_weight": ("checkpoint",),
         "mergesearch_phase": ("phase",),
         "mergesearch_evaluators": ("state",),

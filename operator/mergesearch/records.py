@@ -30,6 +30,9 @@ class TrialRecord:
     merge_s: float = 0.0
     evaluate_s: float = 0.0
     digest: str | None = None
+    # "confirmation": `source` (a baseline or search trial) re-scored on unseen held-in examples.
+    subset: str = "search"
+    source: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -1,4 +1,5 @@
-"""Pictures of a search: fitness over trials, final weights, held-in scores and the Pareto front.
+"""Pictures of a search: fitness over trials, final weights, held-in scores and the Pareto front,
+and the finalists' fitness on the search's examples beside that on unseen ones.
 
 Drawing takes plain records (local mode's trial log, or trials rebuilt from a resource's
 status), so the same pictures come out of a local run and of a search on a cluster.
@@ -14,7 +15,7 @@ from typing import Any
 
 from mergesearch.engine.pareto import dominates
 from mergesearch.records import TrialRecord
-from mergesearch.summary import baseline_label
+from mergesearch.summary import baseline_label, confirmed_fitness
 
 EACH_PREFIX = "b-each-"
 
@@ -36,7 +37,46 @@ def best_so_far(values: Sequence[float]) -> list[float]:
 
 
 def _succeeded(records: Sequence[TrialRecord]) -> list[TrialRecord]:
-    return [r for r in records if r.status == "succeeded" and r.fitness is not None]
+    """Succeeded trials of the search itself (confirmation re-scores are drawn apart)."""
+    return [
+        r
+        for r in records
+        if r.status == "succeeded" and r.fitness is not None and r.subset == "search"
+    ]
+
+
+def confirmation_bars(records: Sequence[TrialRecord]) -> list[tuple[str, float, float]]:
+    """(label, fitness on the search's examples, on unseen ones) per confirmed finalist."""
+    searched = {r.id: r for r in _succeeded(records)}
+    confirmed = confirmed_fitness(records)
+    return [
+        (
+            baseline_label(trial) if trial.startswith("b-") else trial,
+            searched[trial].fitness or 0.0,
+            fit,
+        )
+        for trial, fit in confirmed.items()
+        if trial in searched
+    ]
+
+
+def draw_confirmation(records: Sequence[TrialRecord], path: Path) -> Path:
+    """The winner's curse made visible: the search's figures of its best are inflated."""
+    import matplotlib.pyplot as plt
+
+    bars = confirmation_bars(records)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(bars) + 2), 4.5))
+    xs = list(range(len(bars)))
+    ax.bar([x - 0.2 for x in xs], [b[1] for b in bars], width=0.4, label="search examples")
+    ax.bar([x + 0.2 for x in xs], [b[2] for b in bars], width=0.4, label="unseen examples")
+    ax.set_xticks(xs, [b[0] for b in bars], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("held-in fitness")
+    ax.set_title("Finalists: fitness on the search's examples and on unseen ones")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def best_record(
@@ -269,7 +309,7 @@ def draw_weights(weights: dict[str, float], path: Path) -> Path:
     ax.bar(names, [weights[n] for n in names], color="tab:green")
     ax.axhline(1 / max(len(names), 1), ls="--", color="gray", lw=1, label="uniform")
     ax.set_ylabel("weight")
-    ax.set_title("Weights of the best merge")
+    ax.set_title("Weights of the chosen merge")
     ax.tick_params(axis="x", rotation=45)
     ax.legend()
     fig.tight_layout()
@@ -359,8 +399,11 @@ def draw_all(
 
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
-    return [
+    paths = [
         draw_fitness(records, out / "fitness.png", best_weights),
         draw_weights(best_weights, out / "weights.png"),
         draw_scores(records, tasks, out / "scores.png", best_weights),
     ]
+    if confirmation_bars(records):
+        paths.append(draw_confirmation(records, out / "confirmation.png"))
+    return paths

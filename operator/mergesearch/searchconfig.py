@@ -28,6 +28,7 @@ _FIELDS = {
     "stagnation_generations": "spec.search.stagnationGenerations",
     "baselines": "spec.search.baselines",
     "failure_policy": "spec.search.failurePolicy",
+    "confirm_top_k": "spec.search.confirm.topK",
     "max_failed_trials": "spec.execution.maxFailedTrials",
 }
 
@@ -50,6 +51,7 @@ def engine_config(spec: MergeSearchSpec, source: str = "spec") -> EngineConfig:
             stagnation_generations=search.stagnation_generations,
             baselines=tuple(search.baselines),
             failure_policy=search.failure_policy,
+            confirm_top_k=search.confirm.top_k if search.confirm.enabled else 0,
             max_failed_trials=spec.execution.max_failed_trials,
         )
     except ValidationError as exc:

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from mergerunner.trial import (
@@ -89,6 +97,16 @@ class CustomTasks(_Spec):
         return self
 
 
+class DatasetsSpec(_Spec):
+    """Where the data bundle of the registry tasks lives (docs/deploy.md: building one)."""
+
+    uri: str = Field(
+        min_length=1,
+        description="s3://, gs://, az://, file:// or a local path to a bundle written by "
+        "`mergesearch datasets pack`; fetched with the storage credentials of checkpoints.",
+    )
+
+
 class ObjectiveSpec(_Spec):
     held_in: list[TaskSpec] = Field(
         min_length=1, description="Tasks whose weighted mean score the search maximises."
@@ -97,6 +115,16 @@ class ObjectiveSpec(_Spec):
         default_factory=list, description="Tasks scored for the best merge only, never optimised."
     )
     custom_tasks: CustomTasks | None = Field(default=None, description="Custom task YAMLs.")
+    datasets: DatasetsSpec | None = Field(
+        default=None,
+        description="Data bundle for lm-eval registry tasks (gsm8k, mbpp, ifeval, groups): "
+        "trials never reach a hub.",
+    )
+    allow_code_execution: bool = Field(
+        default=False,
+        description="Allow tasks that execute model-generated code (mbpp, humaneval); each "
+        "program runs in a sandboxed child process (docs/trial-contract.md).",
+    )
     evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
 
     @model_validator(mode="after")
@@ -114,6 +142,26 @@ class ObjectiveSpec(_Spec):
                     "packed; use fewer or shorter task names (or an lm-eval group)"
                 )
         return self
+
+
+class ConfirmSpec(_Spec):
+    """Re-scoring of the finalists on held-in examples the search never saw.
+
+    The search's best is selected on its own examples, so its score there is biased upwards
+    (the winner's curse); a fresh, disjoint sample of each held-in task picks the winner
+    without that bias.
+    """
+
+    enabled: bool = Field(
+        default=True,
+        description="When the search ends, score the best topK candidates and every baseline "
+        "on a seeded subset of each held-in task disjoint from the search's (as many examples "
+        "as the task's limit, fewer if fewer remain) and choose the winner on those scores. "
+        "Needs a limit on every held-in task.",
+    )
+    top_k: int = Field(
+        default=5, ge=1, le=16, description="Search candidates confirmed (the best by fitness)."
+    )
 
 
 class SearchSpec(_Spec):
@@ -148,6 +196,11 @@ class SearchSpec(_Spec):
         default="penalize",
         description="penalize: a failed candidate scores the worst fitness seen; resample: it "
         "is replaced by a new sample.",
+    )
+    confirm: ConfirmSpec = Field(
+        default_factory=ConfirmSpec,
+        description="Confirmation of the finalists on unseen examples (costs topK + the "
+        "baselines' evaluations beyond maxTrials).",
     )
 
     @model_validator(mode="after")
@@ -200,11 +253,31 @@ class MergeSearchSpec(_Spec):
     checkpoints: list[CheckpointRef] = Field(min_length=2, max_length=256)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     objective: ObjectiveSpec
-    search: SearchSpec = Field(default_factory=SearchSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec, validate_default=True)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     storage: StorageSpec | None = None
     output: SearchOutput = Field(default_factory=SearchOutput)
     suspend: bool = Field(default=False, description="Pause the search; nothing is lost.")
+
+    @field_validator("search")
+    @classmethod
+    def _confirm_has_unseen_examples(cls, search: SearchSpec, info: ValidationInfo) -> SearchSpec:
+        """Without a limit a task's search uses every example: none would be left unseen."""
+        objective = info.data.get("objective")
+        if not search.confirm.enabled or objective is None:
+            return search
+        if objective.evaluator.backend == "analytic":  # no examples at all
+            return search
+        unlimited = [i for i, t in enumerate(objective.held_in) if t.limit is None]
+        if unlimited:
+            fields = ", ".join(f"objective.heldIn[{i}].limit" for i in unlimited[:3])
+            if len(unlimited) > 3:
+                fields += f" and {len(unlimited) - 3} more"
+            raise ValueError(
+                f"confirm: needs unseen examples of every held-in task; set {fields} "
+                "(the search's subset), or confirm.enabled: false"
+            )
+        return search
 
     @field_validator("checkpoints")
     @classmethod

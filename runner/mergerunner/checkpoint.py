@@ -98,10 +98,11 @@ class CheckpointLayout:
     # nothing and the file has no head): the head, stored or not, is then the embedding.
     ties_head: bool
     embedding: str | None
+    source: str | None = None  # the URI, when read from object storage (the preflight)
 
     @property
     def label(self) -> str:
-        return str(self.path)
+        return self.source or str(self.path)
 
 
 @dataclass(frozen=True)
@@ -360,13 +361,34 @@ def _find_embedding(tensors: Mapping[str, TensorInfo]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def layout_of(
+    path: Path,
+    tensors: Mapping[str, TensorInfo],
+    config: Mapping[str, Any],
+    source: str | None = None,
+) -> CheckpointLayout:
+    """A layout from headers and a config.json read elsewhere (the preflight reads both with
+    ranged requests from object storage, never downloading weights)."""
+    embedding = _find_embedding(tensors)
+    ties = _ties_from_config(path, config, tensors, embedding)
+    return CheckpointLayout(path, tensors, ties, embedding, source)
+
+
 def _ties_head(path: Path, tensors: Mapping[str, TensorInfo], embedding: str | None) -> bool:
+    return _ties_from_config(path, _read_config(path), tensors, embedding)
+
+
+def _ties_from_config(
+    path: Path,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, TensorInfo],
+    embedding: str | None,
+) -> bool:
     """Whether the model's output head is its input embedding.
 
     config.json decides when it says; when it is silent the file does: a model with an embedding
     and no head can only work tied.
     """
-    config = _read_config(path)
     declared = config.get("tie_word_embeddings")
     if isinstance(declared, bool):
         if declared and embedding is None:

@@ -97,14 +97,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     from mergerunner.run import run_trial
 
-    cache = Path(
-        args.cache_dir
-        or os.environ.get("MERGERUNNER_CACHE_DIR")
-        or Path.home() / ".cache" / "mergerunner"
-    )
-    work = Path(args.work_dir) if args.work_dir else None
     with stdout_to_stderr():
-        result = run_trial(doc, cache_dir=cache, work_dir=work)
+        result = run_trial(doc, cache_dir=_cache_dir(args), work_dir=_work_dir(args))
+    _emit(result, args)
+    return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
+
+
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    """The search's preflight (mergerunner.preflight), reported as a trial result."""
+    try:
+        doc = parse_trial(_read_document(args))
+    except (OSError, ValueError, ValidationError) as exc:
+        _emit(
+            TrialResult(
+                id="?",
+                status="failed",
+                failed_step="input",
+                error_kind=FailureKind.INVALID_INPUT,
+                error=_input_error(exc)[:2000],
+            ),
+            args,
+        )
+        return EXIT_BAD_INPUT
+    from mergerunner.preflight import run_preflight
+    from mergerunner.run import custom_tasks_dir
+
+    with stdout_to_stderr():
+        result, _ = run_preflight(doc, cache_dir=_cache_dir(args), custom=custom_tasks_dir(doc))
     _emit(result, args)
     return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
 
@@ -162,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", help="checkpoint cache (default: $MERGERUNNER_CACHE_DIR)")
     run.add_argument("--work-dir", help="scratch space for the merged model (default: $TMPDIR)")
     run.set_defaults(func=_cmd_run)
+    preflight = sub.add_parser(
+        "preflight",
+        help="check a search's checkpoints (headers only), backend, tasks, data and metrics",
+    )
+    preflight.add_argument("--trial", help="trial document (JSON); default: $MERGERUNNER_TRIAL")
+    preflight.add_argument("--result", default=os.environ.get("MERGERUNNER_RESULT"))
+    preflight.add_argument(
+        "--termination-log", default=os.environ.get("MERGERUNNER_TERMINATION_LOG")
+    )
+    preflight.add_argument("--cache-dir", help="cache (default: $MERGERUNNER_CACHE_DIR)")
+    preflight.set_defaults(func=_cmd_preflight)
     warm = sub.add_parser("evaluator", help="a warm evaluator: lease and run many trials")
     warm.add_argument(
         "--endpoint",

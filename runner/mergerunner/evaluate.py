@@ -10,16 +10,26 @@ the same seed always picks the same examples.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import random
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.trial import EvaluatorSpec, FailureKind, TaskSpec, TrialError
+from mergerunner.bundle import TaskNeeds
+from mergerunner.codeexec import ALLOW_FIELD
+from mergerunner.trial import (
+    EvaluatorSpec,
+    FailureKind,
+    Subset,
+    TaskSpec,
+    TrialDocument,
+    TrialError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +51,47 @@ class ResolvedTask:
     key: str
 
 
-def subset_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
+def subset_indices(
+    task: str, n_docs: int, limit: int | None, seed: int, subset: Subset = "search"
+) -> list[int] | None:
     """A fixed subset of `limit` example indices out of `n_docs`, seeded by (seed, task).
 
     Seeding by the task name too keeps a task's subset the same whatever other tasks run
-    beside it.
+    beside it. The "confirmation" subset is drawn, with its own seed, from the examples the
+    search subset leaves out: `limit` of them, or all that remain when fewer do. None means
+    every example.
     """
+    if subset == "confirmation":
+        return confirmation_indices(task, n_docs, limit, seed)
     if limit is None or limit >= n_docs:
         return None
     rng = random.Random(f"{seed}:{task}")
     return sorted(rng.sample(range(n_docs), limit))
+
+
+def confirmation_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int]:
+    """Examples disjoint from the search subset; an error when the search uses them all."""
+    search = subset_indices(task, n_docs, limit, seed)
+    taken = set(range(n_docs) if search is None else search)
+    rest = [i for i in range(n_docs) if i not in taken]
+    if not rest:
+        raise EvaluationError(
+            f"task {task!r}: no examples left for confirmation: the search subset "
+            f"(limit {limit}) uses all {n_docs}; lower the limit or disable search.confirm",
+            kind=FailureKind.CONFIG,
+        )
+    rng = random.Random(f"{seed}:{task}:confirmation")
+    return sorted(rng.sample(rest, min(limit or len(rest), len(rest))))
+
+
+def subset_options(doc: TrialDocument) -> dict[str, list[str]]:
+    """TaskSuite's `confirm` and `reserve` for a trial document's `subset`: a confirmation
+    trial scores its held-in tasks on the confirmation subset; a search trial that says
+    `subset: search` (the search will confirm) checks that one exists."""
+    held_in = [t.task for t in doc.held_in]
+    if doc.subset == "confirmation":
+        return {"confirm": held_in, "reserve": []}
+    return {"confirm": [], "reserve": held_in if doc.subset == "search" else []}
 
 
 def resolve_metric(task: str, wanted: str, available: Iterable[str]) -> str:
@@ -79,27 +120,62 @@ def metric_keys(task: Any) -> list[str]:
     return [f"{metric},{name}" for metric in task.aggregation() for name in filters]
 
 
-def resolve_tasks(loaded: Mapping[str, Any], specs: Sequence[TaskSpec]) -> dict[str, str]:
+def group_metric_keys(group: Any, leaf_keys: Mapping[str, Sequence[str]]) -> list[str]:
+    """The keys a group's `aggregate_metric_list` reports: `metric,filter` for its listed
+    filters, or for every filter its members report that metric under when it lists none."""
+    keys: list[str] = []
+    for agg in group.aggregate_metric_list or []:
+        filters = agg.filter_list
+        if filters is None:
+            found = {k for ks in leaf_keys.values() for k in ks if k.split(",")[0] == agg.metric}
+            keys += sorted(found)
+        else:
+            keys += [
+                f"{agg.metric},{f}" for f in ([filters] if isinstance(filters, str) else filters)
+            ]
+    return keys
+
+
+def resolve_tasks(
+    loaded: Mapping[str, Any],
+    specs: Sequence[TaskSpec],
+    groups: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
     """Each spec's task → the result key its metric names, checked against the loaded tasks.
 
     The one place a metric is resolved against its task: every mode calls it before the first
-    trial (local mode when it loads its suites, the runner when it loads its tasks), so a
-    metric the task does not report (`acc` on a generate_until task) fails at once, as
-    `unknown-metric`, instead of after a model was merged and scored.
+    trial (local mode when it loads its suites, the runner and the preflight when they load
+    their tasks), so a metric the task does not report (`acc` on a generate_until task) fails
+    at once, as `unknown-metric`, instead of after a model was merged and scored. An entry
+    naming a group resolves against the group's aggregate metrics.
     """
+    groups = groups or {}
     keys: dict[str, str] = {}
     for spec in specs:
-        task = loaded.get(spec.task)
-        if task is None:
+        if spec.task in groups:
+            leaves = {
+                t.task_name: metric_keys(loaded[t.task_name])
+                for t in groups[spec.task].get_all_tasks()
+            }
+            available = group_metric_keys(groups[spec.task], leaves)
+            if not available:
+                raise EvaluationError(
+                    f"group {spec.task!r} has no aggregate metric (aggregate_metric_list); "
+                    "list its tasks instead",
+                    kind=FailureKind.UNKNOWN_METRIC,
+                )
+        elif spec.task in loaded:
+            available = metric_keys(loaded[spec.task])
+        else:
             raise EvaluationError(
                 f"unknown lm-eval task: {spec.task}", kind=FailureKind.UNKNOWN_TASK
             )
-        keys[spec.task] = resolve_metric(spec.task, spec.metric, metric_keys(task))
+        keys[spec.task] = resolve_metric(spec.task, spec.metric, available)
     return keys
 
 
 def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
-    """A TaskManager that knows every requested task.
+    """A TaskManager that knows every requested task or group.
 
     Indexing lm-eval's thousands of built-in task YAMLs takes seconds, so custom tasks alone are
     tried first and the built-ins are indexed only when a requested task needs them.
@@ -108,16 +184,77 @@ def _task_manager(include_path: Path | None, names: Sequence[str]) -> Any:
 
     if include_path is not None:
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
-        if all(name in manager.all_tasks for name in names):
+        if all(name in manager.task_index for name in names):
             return manager
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = [name for name in names if name not in manager.all_tasks]
+    unknown = [name for name in names if name not in manager.task_index]
     if unknown:
         where = f" (custom tasks from {include_path})" if include_path else ""
+        hints = [_hint(name, manager.task_index) for name in unknown]
         raise EvaluationError(
-            f"unknown lm-eval task(s): {', '.join(unknown)}{where}", kind=FailureKind.UNKNOWN_TASK
+            f"unknown lm-eval task(s) or group(s): {', '.join(unknown)}{where}"
+            + "".join(h for h in hints if h),
+            kind=FailureKind.UNKNOWN_TASK,
         )
     return manager
+
+
+def _hint(name: str, index: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(index), n=3, cutoff=0.8)
+    return f"; did you mean {' or '.join(close)} (for {name})?" if close else ""
+
+
+def check_task_needs(
+    tasks: Sequence[TaskSpec],
+    index: Mapping[str, Any],
+    *,
+    bundle: Path | None,
+    allow_code_execution: bool,
+) -> list[TaskNeeds]:
+    """Before anything is loaded: every task's data is in the bundle and code tasks are allowed.
+
+    Raises EvaluationError naming the task and what to change: `config` for a code task without
+    spec.objective.allowCodeExecution, `data-missing` for data that is not in the bundle (or no
+    bundle at all for a task that reads a hub dataset).
+    """
+    from mergerunner.bundle import missing_for, read_manifest, task_needs
+
+    needs = []
+    for spec in tasks:
+        try:
+            need = task_needs(index, spec.task)
+        except KeyError as exc:
+            raise EvaluationError(
+                f"task {spec.task!r}: member {exc.args[0]!r} is not a known lm-eval task",
+                kind=FailureKind.UNKNOWN_TASK,
+            ) from None
+        if need.unsafe_code and not allow_code_execution:
+            members = (
+                "" if need.unsafe_code == (spec.task,) else f" ({', '.join(need.unsafe_code)})"
+            )
+            raise EvaluationError(
+                f"task {spec.task!r}{members} executes model-generated code; set {ALLOW_FIELD}: "
+                "true to allow it (programs run sandboxed, docs/trial-contract.md)",
+                kind=FailureKind.CONFIG,
+            )
+        needs.append(need)
+    wanted = [n for n in needs if n.datasets or n.nltk]
+    if not wanted:
+        return needs
+    if bundle is None:
+        first = wanted[0]
+        data = ", ".join(r.path for r in first.datasets) or ", ".join(first.nltk)
+        raise EvaluationError(
+            f"task {first.task!r} reads {data}, and trials never reach a hub: set "
+            "spec.objective.datasets.uri to a data bundle (mergesearch datasets pack "
+            f"{' '.join(n.task for n in wanted)} -o DIR)",
+            kind=FailureKind.DATA_MISSING,
+        )
+    manifest = read_manifest(bundle)
+    problems = [line for need in wanted for line in missing_for(need, manifest, bundle)]
+    if problems:
+        raise EvaluationError("; ".join(problems), kind=FailureKind.DATA_MISSING)
+    return needs
 
 
 @contextlib.contextmanager
@@ -132,8 +269,21 @@ def _in_directory(path: Path | None) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class SuiteScores:
+    """Scores per requested task or group, and the members' scores of groups."""
+
+    scores: dict[str, float]
+    subtasks: dict[str, float]
+
+
 class TaskSuite:
-    """The tasks of a search, loaded once and scored many times."""
+    """The tasks of a search, loaded once and scored many times.
+
+    An entry may name a group (leaderboard_musr, mmlu_pro): its members are loaded, each
+    scored on its own seeded subset of `limit` examples, and the group's aggregate metric (its
+    `aggregate_metric_list`) is the entry's score; members' scores are reported apart.
+    """
 
     def __init__(
         self,
@@ -141,30 +291,70 @@ class TaskSuite:
         *,
         include_path: Path | None = None,
         seed: int = 1234,
+        evaluator: EvaluatorSpec | None = None,
+        bundle: Path | None = None,
+        allow_code_execution: bool = False,
+        confirm: Collection[str] = (),
+        reserve: Collection[str] = (),
     ) -> None:
+        """`confirm`: the tasks scored on their confirmation subset instead of the search's;
+        `reserve`: tasks whose confirmation subset must exist (a search trial of a search that
+        will confirm checks it, so that a limit leaving nothing unseen fails the first trial,
+        not the confirmation after the whole search)."""
+        from mergerunner.codeexec import code_metrics
+
         self.seed = seed
+        self.evaluator = evaluator or EvaluatorSpec(seed=seed)
+        self.allow_code_execution = allow_code_execution
         names = [t.task for t in tasks]
+        if bundle is not None:
+            from mergerunner.bundle import activate, check_compatible, read_manifest
+
+            check_compatible(read_manifest(bundle), bundle)
+            activate(bundle)
         manager = _task_manager(include_path, names)
-        with _in_directory(include_path):
-            loaded = manager.load(names)
+        check_task_needs(
+            tasks,
+            manager.task_index,
+            bundle=bundle,
+            allow_code_execution=allow_code_execution,
+        )
+        with _in_directory(include_path), code_metrics(allow_code_execution):
+            loaded = _load_each(manager, names)
         self._task_dict = loaded
         self._tasks: dict[str, Any] = loaded["tasks"]
-        keys = resolve_tasks(self._tasks, tasks)
+        self._groups: dict[str, Any] = loaded["groups"]
+        keys = resolve_tasks(self._tasks, tasks, self._groups)
         self.resolved: list[ResolvedTask] = []
+        self._leaves: dict[str, list[int] | None] = {}
+        gen_kwargs = dict(self.evaluator.gen_kwargs or {})
         for spec in tasks:
-            task = self._tasks[spec.task]
-            if spec.num_fewshot is not None:
-                task.set_config(key="num_fewshot", value=spec.num_fewshot)
-            elif task.get_config("num_fewshot") is None:
-                task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=seed)
-            n_docs = len(task.eval_docs)
-            if n_docs == 0:
-                raise EvaluationError(
-                    f"task {spec.task!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
-                )
-            indices = subset_indices(spec.task, n_docs, spec.limit, seed)
+            for leaf in self.leaves_of(spec.task):
+                task = self._tasks[leaf]
+                if spec.num_fewshot is not None:
+                    task.set_config(key="num_fewshot", value=spec.num_fewshot)
+                elif task.get_config("num_fewshot") is None:
+                    task.set_config(key="num_fewshot", value=0)
+                if gen_kwargs and task.get_config("output_type") == "generate_until":
+                    task.set_config(key="generation_kwargs", value=gen_kwargs, update=True)
+                task.set_fewshot_seed(seed=seed)
+                n_docs = len(task.eval_docs)
+                if n_docs == 0:
+                    raise EvaluationError(
+                        f"task {leaf!r} has no evaluation examples", kind=FailureKind.DATA_MISSING
+                    )
+                subset: Subset = "confirmation" if spec.task in confirm else "search"
+                self._leaves[leaf] = subset_indices(leaf, n_docs, spec.limit, seed, subset)
+                if spec.task in reserve:
+                    confirmation_indices(leaf, n_docs, spec.limit, seed)
+            indices = self._leaves.get(spec.task)
             self.resolved.append(ResolvedTask(spec, indices=indices, key=keys[spec.task]))
+
+    def leaves_of(self, name: str) -> list[str]:
+        """The leaf tasks an entry scores: itself, or every task under a group."""
+        if name in self._groups:
+            return [t.task_name for t in self._groups[name].get_all_tasks()]
+        return [name]
 
     @property
     def task_names(self) -> list[str]:
@@ -172,45 +362,87 @@ class TaskSuite:
 
     @property
     def output_types(self) -> dict[str, str]:
-        """Task → lm-eval output type (generate_until, loglikelihood, multiple_choice, ...)."""
-        return {r.spec.task: str(self._tasks[r.spec.task].OUTPUT_TYPE) for r in self.resolved}
+        """Task → lm-eval output type (generate_until, loglikelihood, multiple_choice, ...),
+        for every leaf task (a group's members each have theirs)."""
+        return {
+            leaf: str(self._tasks[leaf].OUTPUT_TYPE)
+            for r in self.resolved
+            for leaf in self.leaves_of(r.spec.task)
+        }
 
     def score(self, lm: Any) -> dict[str, float]:
         """Score `lm` (an lm-eval LM) on every task; returns task → score as plain floats."""
+        return self.score_detailed(lm).scores
+
+    def score_detailed(self, lm: Any) -> SuiteScores:
+        """`score`, with the members' scores of group entries."""
         from lm_eval.evaluator import evaluate
 
+        from mergerunner.codeexec import code_metrics
+
         samples = {
-            r.spec.task: r.indices
-            if r.indices is not None
-            else list(range(len(self._tasks[r.spec.task].eval_docs)))
-            for r in self.resolved
+            leaf: indices if indices is not None else list(range(len(self._tasks[leaf].eval_docs)))
+            for leaf, indices in self._leaves.items()
         }
-        out = evaluate(
-            lm=lm,
-            task_dict=self._task_dict,
-            samples=samples,
-            bootstrap_iters=0,
-            log_samples=False,
-            verbosity="WARNING",
-        )
+        spec = self.evaluator
+        with code_metrics(self.allow_code_execution):
+            out = evaluate(
+                lm=lm,
+                task_dict=self._task_dict,
+                samples=samples,
+                bootstrap_iters=0,
+                log_samples=False,
+                verbosity="WARNING",
+                system_instruction=spec.system_instruction,
+                apply_chat_template=spec.apply_chat_template,
+                fewshot_as_multiturn=spec.multiturn,
+                confirm_run_unsafe_code=self.allow_code_execution,
+            )
         if out is None:  # only non-zero ranks of a distributed run get None
             raise EvaluationError("lm-eval returned no results")
         results = out["results"]
         scores: dict[str, float] = {}
+        subtasks: dict[str, float] = {}
         for r in self.resolved:
-            task_results = results.get(r.spec.task)
-            if task_results is None:
-                raise EvaluationError(f"task {r.spec.task!r}: lm-eval returned no results")
-            value = task_results.get(r.key)
-            if value is None:
-                raise EvaluationError(
-                    f"task {r.spec.task!r}: lm-eval reported no {r.key!r}",
-                    kind=FailureKind.UNKNOWN_METRIC,
-                )
-            if not isinstance(value, int | float):
-                raise EvaluationError(f"task {r.spec.task!r}: metric {r.key!r} is not a number")
-            scores[r.spec.task] = float(value)
-        return scores
+            scores[r.spec.task] = _value(r.spec.task, r.key, results)
+            if r.spec.task in self._groups:
+                for leaf in self.leaves_of(r.spec.task):
+                    with contextlib.suppress(EvaluationError):
+                        subtasks[leaf] = _value(leaf, r.key, results)
+        return SuiteScores(scores, subtasks)
+
+
+def _value(task: str, key: str, results: Mapping[str, Any]) -> float:
+    task_results = results.get(task)
+    if task_results is None:
+        raise EvaluationError(f"task {task!r}: lm-eval returned no results")
+    value = task_results.get(key)
+    if value is None:
+        raise EvaluationError(
+            f"task {task!r}: lm-eval reported no {key!r}", kind=FailureKind.UNKNOWN_METRIC
+        )
+    if not isinstance(value, int | float):
+        raise EvaluationError(f"task {task!r}: metric {key!r} is not a number")
+    return float(value)
+
+
+def _load_each(manager: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Load the tasks one entry at a time, so that a failure names the entry; an error that
+    knows its failure kind (a refused code metric) keeps it."""
+    merged: dict[str, Any] = {"tasks": {}, "groups": {}, "group_map": {}}
+    for name in names:
+        try:
+            part = manager.load([name])
+        except TrialError as exc:
+            raise EvaluationError(f"task {name!r}: {exc}", kind=exc.failure_kind) from exc
+        except (FileNotFoundError, ConnectionError) as exc:
+            raise EvaluationError(
+                f"task {name!r}: its data could not be loaded offline: {exc}",
+                kind=FailureKind.DATA_MISSING,
+            ) from exc
+        for key in merged:
+            merged[key].update(part.get(key) or {})
+    return merged
 
 
 def pick_device(spec: EvaluatorSpec) -> str:
@@ -276,9 +508,23 @@ def make_lm(
         kwargs["max_length"] = spec.max_length
     cls = HFLM if progress else _quiet(HFLM)
     lm = cls(pretrained=model, tokenizer=tokenizer, **kwargs)
+    if spec.apply_chat_template and not _has_chat_template(lm, spec.apply_chat_template):
+        which = "" if spec.apply_chat_template is True else f" named {spec.apply_chat_template!r}"
+        raise EvaluationError(
+            f"evaluator.applyChatTemplate: the checkpoint's tokenizer has no chat template{which}",
+            kind=FailureKind.CONFIG,
+        )
     if spec.batch_size == "auto":
         lm.batch_size_per_gpu = probe_batch_size(lm)
     return lm
+
+
+def _has_chat_template(lm: Any, wanted: bool | str) -> bool:
+    """Whether lm-eval's own template selection finds one (a name must exist among several)."""
+    try:
+        return bool(lm.chat_template(wanted))
+    except (KeyError, ValueError):
+        return False
 
 
 # The longest sequence `batchSize: auto` probes with when `maxLength` is unset. lm-eval probes

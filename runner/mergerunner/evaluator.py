@@ -36,7 +36,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
-from mergerunner.run import StepFailed, _Clock, _describe, custom_tasks_dir, run_trial
+from mergerunner.run import (
+    StepFailed,
+    _Clock,
+    _describe,
+    custom_tasks_dir,
+    fetch_bundle,
+    run_trial,
+)
 from mergerunner.trial import (
     FailureKind,
     TrialDocument,
@@ -115,6 +122,7 @@ class WarmTrials:
             status="succeeded",
             held_in=held_in,
             held_out={t.task: scores[t.task] for t in doc.held_out},
+            prompt=doc.evaluator.prompt_settings(),
             fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
             digest=digest,
             timings=clock.timings(now() - start),
@@ -126,7 +134,7 @@ class WarmTrials:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
+        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, subset_options
         from mergerunner.fetch import _run, fetch_checkpoints_async
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
@@ -148,10 +156,15 @@ class WarmTrials:
             placement = plan_for(layout, model_config(dirs[0]), doc.evaluator, dtype)
             model = load_placed(dirs[0], placement, dtype, trust=trust)
             tokenizer = AutoTokenizer.from_pretrained(dirs[0], trust_remote_code=trust)
+            bundle = fetch_bundle(doc.datasets_uri, self.cache_dir) if doc.datasets_uri else None
             suite = TaskSuite(
                 [*doc.held_in, *doc.held_out],
                 include_path=custom_tasks_dir(doc),
                 seed=doc.evaluator.seed,
+                evaluator=doc.evaluator,
+                bundle=bundle,
+                allow_code_execution=doc.allow_code_execution,
+                **subset_options(doc),
             )
             lm = make_lm(model, tokenizer, doc.evaluator, device=placement.devices[0])
         self._state = {"merger": merger, "model": model, "suite": suite, "lm": lm}

@@ -64,6 +64,7 @@ __all__ = [
     "fetch_checkpoint_result",
     "fetch_checkpoints",
     "fetch_checkpoints_async",
+    "fetch_tree",
     "upload_directory",
     "upload_directory_async",
 ]
@@ -475,9 +476,11 @@ async def _download(
     nothing. An S3 multipart object whose ETag no likely part size reproduces is downloaded a
     second time: that copy must match the ETag, or agree with the first (bytes damaged in
     transit do not repeat themselves)."""
-    temporary = directory / f".{remote.name}.part-{secrets.token_hex(4)}"
-    second = directory / f".{remote.name}.again-{secrets.token_hex(4)}"
+    target = directory / remote.name
+    temporary = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
+    second = target.with_name(f".{target.name}.again-{secrets.token_hex(4)}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # nested names: data bundles
         attributes = await _transfer_to(temporary, store, uri, remote, transfer, config)
         expected = expected_of(remote, attributes, recorded, config.verify_md5_etag)
         verified = await asyncio.to_thread(_verify, uri, remote, temporary, expected)
@@ -496,7 +499,7 @@ async def _download(
                     f"{remote.name}: two downloads differ (BLAKE3 {verified.blake3} and "
                     f"{again.blake3}) and its multipart ETag vouches for neither",
                 )
-        temporary.replace(directory / remote.name)
+        temporary.replace(target)
     except OSError as error:
         raise FetchError(uri, "io", f"writing {remote.name} to the cache: {error}") from error
     finally:
@@ -777,6 +780,110 @@ class _CheckpointSync:
             remote.size,
             time.monotonic() - started,
         )
+
+
+async def _list_tree(
+    store: ObjectStore, uri: str, config: StorageConfig
+) -> dict[str, RemoteObject]:
+    """Every object under the prefix, by its path relative to it (a data bundle's tree)."""
+    import obstore
+
+    objects = {}
+    try:
+        async for batch in obstore.list(store, None, chunk_size=1000):
+            for meta in batch:
+                name = meta["path"]
+                objects[name] = RemoteObject(
+                    name=name,
+                    size=int(meta["size"]),
+                    etag=normalise_etag(meta.get("e_tag")),
+                    modified=meta["last_modified"].isoformat(),
+                )
+    except Exception as error:
+        raise storage_error(uri, error, config) from error
+    return objects
+
+
+def plan_tree(uri: str, names: Iterable[str], required: str) -> list[str]:
+    """The files of a data bundle: every object but hidden ones, names checked to stay inside
+    the cache entry; `required` (the bundle's manifest) must be among them."""
+    plan = []
+    for name in sorted(names):
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in name:
+            raise FetchError(uri, "invalid-checkpoint", f"object name {name!r} is not a plain path")
+        if any(p.startswith(".") for p in parts):
+            continue
+        plan.append(name)
+    if required not in plan:
+        raise FetchError(uri, "not-found", f"no {required} under this prefix (not a data bundle)")
+    return plan
+
+
+def _prune_tree(directory: Path, keep: Iterable[str]) -> None:
+    wanted = {*keep, MANIFEST_NAME}
+    for path in sorted(directory.rglob("*"), reverse=True):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name not in wanted:
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+class _TreeSync(_CheckpointSync):
+    """A data bundle: a whole tree of files under a prefix, kept like a checkpoint (verified
+    by size and ETag, reused when the listing matches)."""
+
+    def __init__(self, *args: Any, required: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.required = required
+
+    async def run(self) -> FetchResult:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        async with _file_lock(self.lock_path, self.uri, self.transfer.lock_timeout_s):
+            store = make_store(self.location, self.config)
+            listing = await _list_tree(store, self.uri, self.config)
+            plan = plan_tree(self.uri, listing, self.required)
+            self.directory.mkdir(exist_ok=True)
+            self.manifest = _read_manifest(self.directory)
+            try:
+                stale = [name for name in plan if not self._current(listing[name])]
+                for name in stale:
+                    self._forget(listing[name])
+                await _gather(self._fetch_one(store, listing[name]) for name in stale)
+                self.manifest = {name: self.manifest[name] for name in plan}
+                _prune_tree(self.directory, plan)
+            finally:
+                _write_manifest(self.directory, self.uri, self.manifest)
+        reused = tuple(name for name in plan if name not in self.downloaded)
+        return FetchResult(
+            self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
+        )
+
+
+def fetch_tree(
+    uri: str, cache_dir: Path, *, required: str, config: StorageConfig | None = None
+) -> FetchResult:
+    """A directory tree (a data bundle) at `uri`, fetched into the verified cache or, for a
+    local path, checked and used in place. `required` is a file that must be in it."""
+    location = parse_uri(uri)
+    if location.is_local:
+        path = Path(location.prefix)
+        if not (path / required).is_file():
+            raise FetchError(location.uri, "not-found", f"no {required} in {path}")
+        return FetchResult(location.uri, path, local=True)
+    config = config or StorageConfig.from_env()
+
+    async def sync() -> FetchResult:
+        transfer = _Transfer(asyncio.Semaphore(MAX_CONCURRENCY), PART_SIZE, LOCK_TIMEOUT_S)
+        try:
+            return await _TreeSync(
+                location, Path(cache_dir), config, transfer, required=required
+            ).run()
+        except OSError as error:
+            raise FetchError(location.uri, "io", f"cache directory {cache_dir}: {error}") from error
+
+    return _run(sync())
 
 
 def validate_local(location: Location) -> FetchResult:

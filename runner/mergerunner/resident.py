@@ -24,6 +24,7 @@ from mergerunner.trial import (
     EvaluatorSpec,
     FailureKind,
     StepTimings,
+    Subset,
     TaskSpec,
     TrialResult,
     failure_kind_of,
@@ -52,6 +53,9 @@ class ResidentEvaluator:
         evaluator: EvaluatorSpec | None = None,
         custom_tasks_dir: Path | None = None,
         dtype: str = "bfloat16",
+        confirm: bool = False,
+        bundle: Path | None = None,
+        allow_code_execution: bool = False,
     ) -> None:
         self.spec = evaluator or EvaluatorSpec()
         if self.spec.backend != "hf":
@@ -67,6 +71,19 @@ class ResidentEvaluator:
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
 
+        common = {
+            "include_path": custom_tasks_dir,
+            "seed": self.spec.seed,
+            "evaluator": self.spec,
+            "bundle": bundle,
+            "allow_code_execution": allow_code_execution,
+        }
+        # Tasks first: a task, data or code-execution error is found before the model loads.
+        self.held_in = TaskSuite(held_in, **common)
+        self.held_out = TaskSuite(held_out, **common) if held_out else None
+        # The same held-in tasks on the examples the search never sees (None: not needed).
+        confirmed = [t.task for t in held_in]
+        self.confirmation = TaskSuite(held_in, **common, confirm=confirmed) if confirm else None
         trust = self.spec.trust_remote_code
         gpus, _ = visible_devices(self.spec)
         self.merge_dtype = dtype
@@ -83,21 +100,28 @@ class ResidentEvaluator:
         self.lm = make_lm(
             self.model, tokenizer, self.spec, progress=False, device=self.placement.devices[0]
         )
-        seed = self.spec.seed
-        self.held_in = TaskSuite(held_in, include_path=custom_tasks_dir, seed=seed)
-        self.held_out = (
-            TaskSuite(held_out, include_path=custom_tasks_dir, seed=seed) if held_out else None
-        )
 
-    def score(self, weights: Sequence[float], *, with_held_out: bool = False) -> ResidentScores:
-        """Merge `weights` into the resident model and score it; raises `StepFailed`."""
+    def score(
+        self,
+        weights: Sequence[float],
+        *,
+        with_held_out: bool = False,
+        subset: Subset = "search",
+    ) -> ResidentScores:
+        """Merge `weights` into the resident model and score it (held-in tasks on `subset`);
+        raises `StepFailed`."""
         import torch
 
+        suite = self.held_in
+        if subset == "confirmation":
+            if self.confirmation is None:
+                raise ValueError("this evaluator was built without confirm=True")
+            suite = self.confirmation
         clock = _Clock()
         with clock.step("merge"), torch.no_grad():
             digest = self.merger.merge_into(self.model, weights, dtype=self.merge_dtype)
         with clock.step("evaluate"):
-            held_in = self.held_in.score(self.lm)
+            held_in = suite.score(self.lm)
             held_out = (
                 self.held_out.score(self.lm) if with_held_out and self.held_out is not None else {}
             )
@@ -110,14 +134,19 @@ class ResidentEvaluator:
         )
 
     def trial(
-        self, trial_id: str, weights: Sequence[float], *, with_held_out: bool = False
+        self,
+        trial_id: str,
+        weights: Sequence[float],
+        *,
+        with_held_out: bool = False,
+        subset: Subset = "search",
     ) -> TrialResult:
         """One candidate as a trial result, the runner's type: a failed step is reported with
         its failure kind (never raised), so local mode decides from the same kinds as the
         operator."""
         start = time.perf_counter()
         try:
-            scores = self.score(weights, with_held_out=with_held_out)
+            scores = self.score(weights, with_held_out=with_held_out, subset=subset)
         except StepFailed as failure:
             return TrialResult(
                 id=trial_id,

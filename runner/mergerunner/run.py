@@ -29,7 +29,7 @@ from mergerunner.trial import (
 )
 
 if TYPE_CHECKING:
-    from mergerunner.evaluate import TaskSuite
+    from mergerunner.evaluate import SuiteScores, TaskSuite
     from mergerunner.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,14 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
     return Path(where) if where else None
 
 
+def fetch_bundle(uri: str, cache_dir: Path) -> Path:
+    """The data bundle at `uri`, in the verified cache beside the checkpoints."""
+    from mergerunner.bundle import BUNDLE_MANIFEST
+    from mergerunner.fetch import fetch_tree
+
+    return fetch_tree(uri, cache_dir, required=BUNDLE_MANIFEST).path
+
+
 def plan_merged(dirs: Sequence[Path], doc: TrialDocument) -> Placement:
     """Where the merged model will live, from the checkpoints' headers: a model that fits on
     no device fails here, before the merge, with the shortfall (`PlacementError`)."""
@@ -118,7 +126,7 @@ def load_merged_model(model_dir: Path, doc: TrialDocument, placement: Placement)
 
 def score_merged(
     model_dir: Path, doc: TrialDocument, suite: TaskSuite, placement: Placement | None
-) -> dict[str, float]:
+) -> SuiteScores:
     """Score the merged model in-process (hf) or through a server started on it."""
     from transformers import AutoTokenizer
 
@@ -130,13 +138,13 @@ def score_merged(
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=spec.trust_remote_code
         )
-        return suite.score(make_lm(model, tokenizer, spec, device=placement.devices[0]))
+        return suite.score_detailed(make_lm(model, tokenizer, spec, device=placement.devices[0]))
     from mergerunner.server import LOGPROB_OUTPUT_TYPES, make_server_lm, serving
 
     gpus = visible_gpu_count(spec)
     needs = any(kind in LOGPROB_OUTPUT_TYPES for kind in suite.output_types.values())
     with serving(spec, model_dir, gpus=gpus, dtype=doc.dtype, needs_logprobs=needs) as base:
-        return suite.score(make_server_lm(spec, base, model_dir, gpus=gpus))
+        return suite.score_detailed(make_server_lm(spec, base, model_dir, gpus=gpus))
 
 
 def visible_gpu_count(spec: EvaluatorSpec) -> int:
@@ -160,7 +168,7 @@ def run_trial(
     """Run one trial and report it; never raises for a failure of a step."""
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
-    from mergerunner.evaluate import TaskSuite
+    from mergerunner.evaluate import TaskSuite, subset_options
     from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
     from mergerunner.server import check_server_tasks
@@ -172,23 +180,34 @@ def run_trial(
             if doc.output.save_model and doc.output.uri:
                 with clock.step("upload"):  # the destination first: a bad one costs no merge
                     check_destination(doc.output.uri)
-            with clock.step("fetch"):
-                dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
-            merged_dir = Path(tmp) / "merged"
+            bundle = None
+            if doc.datasets_uri:
+                with clock.step("fetch"):  # the tasks' data first: the tasks load from it
+                    bundle = fetch_bundle(doc.datasets_uri, cache_dir)
             with clock.step("evaluate"):
-                # Everything that can refuse the trial does so before the merge: unknown
-                # tasks, tasks the server cannot score, a model the devices cannot hold.
+                # Everything that can refuse the trial does so before the fetch and the merge:
+                # unknown tasks, metrics the tasks do not report, tasks the server cannot
+                # score; a model the devices cannot hold right after the fetch.
                 suite = TaskSuite(
                     [*doc.held_in, *doc.held_out],
                     include_path=custom_tasks_dir(doc),
                     seed=doc.evaluator.seed,
+                    evaluator=doc.evaluator,
+                    bundle=bundle,
+                    allow_code_execution=doc.allow_code_execution,
+                    **subset_options(doc),
                 )
                 check_server_tasks(suite.output_types, doc.evaluator)
+            with clock.step("fetch"):
+                dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
+            merged_dir = Path(tmp) / "merged"
+            with clock.step("evaluate"):
                 placement = plan_merged(dirs, doc) if doc.evaluator.backend == "hf" else None
             with clock.step("merge"):
                 report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)
             with clock.step("evaluate"):
-                scores = score_merged(merged_dir, doc, suite, placement)
+                detailed = score_merged(merged_dir, doc, suite, placement)
+                scores = detailed.scores
             output_uri = None
             if doc.output.save_model and doc.output.uri:
                 with clock.step("upload"):
@@ -210,6 +229,8 @@ def run_trial(
         status="succeeded",
         held_in=held_in,
         held_out={t.task: scores[t.task] for t in doc.held_out},
+        subtasks=detailed.subtasks or None,
+        prompt=doc.evaluator.prompt_settings(),
         fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
         digest=report.digest,
         timings=clock.timings(now() - start),

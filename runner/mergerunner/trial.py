@@ -16,7 +16,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -39,8 +39,12 @@ MESSAGE_ERROR_CHARS = 500
 MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
-Step = Literal["input", "fetch", "merge", "evaluate", "upload"]
+Step = Literal["input", "preflight", "fetch", "merge", "evaluate", "upload"]
+# Which examples the held-in tasks are scored on: the search's seeded subset, or the disjoint
+# confirmation subset that the search never saw (see mergerunner.evaluate.subset_indices).
+Subset = Literal["search", "confirmation"]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
+GenValue = str | int | float | bool | list[str]
 
 
 class FailureKind(StrEnum):
@@ -271,6 +275,51 @@ class EvaluatorSpec(_Document):
             server = server.model_copy(update={"prompt_logprobs": self.backend == "vllm"})
         return server
 
+    apply_chat_template: bool | str = Field(
+        default=False,
+        description="Format prompts with the tokenizer's chat template (true), or the named one "
+        "of several (lm-eval's --apply_chat_template). For instruct checkpoints.",
+    )
+    system_instruction: str | None = Field(
+        default=None,
+        min_length=1,
+        description="System message put before every prompt (lm-eval's --system_instruction).",
+    )
+    fewshot_as_multiturn: bool | None = Field(
+        default=None,
+        description="Few-shot examples as alternating user/assistant turns; needs "
+        "applyChatTemplate. Unset: true with a chat template, else false (as lm-eval's CLI).",
+    )
+    gen_kwargs: dict[str, GenValue] | None = Field(
+        default=None,
+        description="Generation settings that update every generative task's own "
+        "(lm-eval's --gen_kwargs), e.g. {max_gen_toks: 512, temperature: 0}.",
+    )
+
+    @model_validator(mode="after")
+    def _instruct(self) -> EvaluatorSpec:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshotAsMultiturn: true needs applyChatTemplate")
+        if self.apply_chat_template == "":
+            raise ValueError("applyChatTemplate: give true, false or a template name")
+        return self
+
+    @property
+    def multiturn(self) -> bool:
+        """fewshotAsMultiturn as lm-eval's CLI resolves it: on with a chat template."""
+        if self.fewshot_as_multiturn is None:
+            return bool(self.apply_chat_template)
+        return self.fewshot_as_multiturn
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """The instruct settings as recorded in a result (what shaped the prompts)."""
+        return {
+            "applyChatTemplate": self.apply_chat_template,
+            "systemInstruction": self.system_instruction,
+            "fewshotAsMultiturn": self.multiturn,
+            "genKwargs": dict(self.gen_kwargs or {}),
+        }
+
 
 class OutputSpec(_Document):
     """Where the runner writes the merged model and full results, if anywhere."""
@@ -292,8 +341,21 @@ class TrialDocument(_Document):
     custom_tasks_dir: str | None = Field(
         default=None, description="Directory of lm-eval task YAMLs to register."
     )
+    datasets_uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Data bundle (mergesearch datasets pack) holding the registry tasks' data.",
+    )
+    allow_code_execution: bool = Field(
+        default=False, description="Let code tasks (mbpp, humaneval) run generated programs."
+    )
     evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    subset: Subset | None = Field(
+        default=None,
+        description='Held-in examples to score: "search" (the default) or "confirmation", '
+        "the seeded subset disjoint from the search's. Held-out tasks always use the search's.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -365,6 +427,14 @@ class TrialResult(_Model):
     error: str | None = None
     held_in: dict[str, float] = Field(default_factory=dict)
     held_out: dict[str, float] = Field(default_factory=dict)
+    subtasks: dict[str, float] | None = Field(
+        default=None,
+        description="Scores of the members of group tasks (result file only, never in the "
+        "termination message).",
+    )
+    prompt: dict[str, Any] | None = Field(
+        default=None, description="The instruct settings the prompts were built with."
+    )
     fitness: float | None = None
     digest: str | None = None
     timings: StepTimings = Field(default_factory=StepTimings)
@@ -386,10 +456,11 @@ class TrialResult(_Model):
         the result file. The trial document's validation (`worst_case_message_bytes`) makes
         sure the held-in and held-out scores always fit, packed.
         """
-        text = self.to_json()
+        slim = self.model_copy(update={"subtasks": None})  # the result file keeps them
+        text = slim.to_json()
         if len(text.encode()) <= limit:
             return text
-        slim = self.model_copy(update={"truncated": True, "timings": StepTimings()})
+        slim = slim.model_copy(update={"truncated": True, "timings": StepTimings()})
         if slim.error and len(slim.error) > MESSAGE_ERROR_CHARS:
             slim = slim.model_copy(update={"error": slim.error[:MESSAGE_ERROR_CHARS] + "…"})
         candidates = (

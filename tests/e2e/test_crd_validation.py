@@ -81,7 +81,7 @@ def test_valid_manifest_is_accepted_with_defaults(k8s_cluster: KubeCluster, crd_
     assert "sigma0" not in got["spec"]["search"]  # its default depends on the parameterization
     assert got["spec"]["objective"]["heldIn"][0]["weight"] == 1.0
     table = k8s_cluster.kubectl("get", "msearch", "-n", crd_namespace)
-    assert table.split()[:6] == ["NAME", "PHASE", "ITERATION", "TRIALS", "BEST", "AGE"]
+    assert table.split()[:7] == ["NAME", "PHASE", "ITERATION", "TRIALS", "BEST", "CONFIRMED", "AGE"]
 
 
 INVALID = [

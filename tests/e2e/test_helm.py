@@ -80,8 +80,8 @@ def search_manifest(name: str) -> dict[str, Any]:
             "checkpoints": [{"name": n, "uri": f"s3://ckpt/{n}/"} for n in ("a", "b", "c")],
             "objective": {
                 "heldIn": [
-                    {"task": "toy_t1", "metric": "acc"},
-                    {"task": "toy_t2", "metric": "acc"},
+                    {"task": "toy_t1", "metric": "acc", "limit": 10},
+                    {"task": "toy_t2", "metric": "acc", "limit": 10},
                 ],
                 "heldOut": [{"task": "toy_out", "metric": "acc"}],
             },
@@ -151,6 +151,12 @@ def assert_exporter_matches_status(
                 got[(sample.name, tuple(sorted(labels.items())))] = sample.value
     best = status["best"]
     assert got[("mergesearch_best_fitness", ())] == pytest.approx(best["fitness"])
+    winner = status.get("winner")
+    if winner is not None:  # scores and weights follow the confirmed winner once there is one
+        for subset, key in (("search", "searchFitness"), ("confirmation", "fitness")):
+            sample = ("mergesearch_winner_fitness", (("subset", subset),))
+            assert got[sample] == pytest.approx(winner[key])
+        best = winner
     assert got[("mergesearch_iteration", ())] == status["iteration"]
     for outcome in ("succeeded", "failed"):
         key = ("mergesearch_trials_total", (("outcome", outcome),))

@@ -280,3 +280,36 @@ def test_a_failed_final_evaluation_is_retried_then_retried_on_request(
     )
     assert set(status["best"]["heldOut"]) == {"task-two"}
     assert status["final"]["attempt"] == 3 and status["final"]["state"] == "Succeeded"
+
+
+# --------------------------------------------------------------------------- item: finalizer
+
+
+def test_the_finalizer_of_an_earlier_version_is_removed(
+    k8s_cluster: KubeCluster, k8s_node_agent: NodeAgent, operator_factory: OperatorFactory
+) -> None:
+    """Searches an earlier operator marked with `mergesearch.io/finalizer` lose it as soon as
+    this one sees them, so that deleting them later never waits for an operator."""
+    namespace = new_namespace(k8s_cluster, "legacy")
+    searches = Searches(k8s_cluster, namespace)
+    spec = analytic_spec()
+    spec["suspend"] = True
+    body = {
+        "apiVersion": "mergesearch.io/v1alpha1",
+        "kind": "MergeSearch",
+        "metadata": {"name": "old", "finalizers": ["mergesearch.io/finalizer"]},
+        "spec": spec,
+    }
+    k8s_cluster.api().create(searches.path, body)
+    operator_factory([namespace])
+    wait_until(
+        lambda: not searches.get("old")["metadata"].get("finalizers"),
+        60,
+        "the old finalizer to be removed",
+    )
+    searches.delete("old")
+    wait_until(
+        lambda: not k8s_cluster.api().get(searches.path)["items"],
+        30,
+        "the search to be deleted",
+    )

@@ -58,9 +58,11 @@ def new_namespace(cluster: KubeCluster, prefix: str) -> str:
 
 def result_of(status: dict[str, Any]) -> dict[str, Any]:
     """What must not depend on how the search was run: the best trial, the per-generation
-    history and the final distribution's mean."""
+    history, the final distribution's mean, the finalists' confirmation and the winner."""
     return {
         "best": {k: status["best"][k] for k in ("trial", "fitness", "weights", "scores")},
+        "confirmation": status["confirmation"],
+        "winner": status["winner"],
         "history": status["history"],
         "mean": status["search"]["meanWeights"],
         "sigma": status["search"]["sigma"],
@@ -93,10 +95,12 @@ def assert_each_trial_ran_once(searches: Searches, expected: int) -> None:
 
 
 def trials_run(status: dict[str, Any]) -> int:
-    """Every search slot, plus the baselines that ran: merge-best is not run again when it is
-    the same merge as one checkpoint alone (`sameAs`)."""
+    """Every search slot, plus the baselines that ran (merge-best is not run again when it is
+    the same merge as one checkpoint alone, `sameAs`), plus the confirmation of the best five
+    search trials and of every baseline that ran."""
     ran = [b for b in status["baselines"] if not b.get("sameAs")]
-    return len(ran) + POPULATION * GENERATIONS
+    assert len(status["confirmation"]) == 5 + len(ran)
+    return 2 * len(ran) + POPULATION * GENERATIONS + 5
 
 
 def assert_counts_exact(status: dict[str, Any], succeeded: int, failed: int = 0) -> None:
@@ -139,15 +143,16 @@ def test_sigkill_mid_generation_changes_nothing(
     operator_factory: OperatorFactory,
     reference: dict[str, Any],
 ) -> None:
-    """SIGKILL the operator three times (baselines, generation 0 and 1 in flight), restart it:
-    the same final weights, fitness and history as the uninterrupted run, each candidate's Job
-    created once with one pod, no trial lost."""
+    """SIGKILL the operator four times (baselines, generation 0 and 1, the confirmation in
+    flight), restart it: the same final weights, fitness, history, confirmation and winner as
+    the uninterrupted run, each candidate's Job created once with one pod, no trial lost."""
     namespace = new_namespace(k8s_cluster, "kill")
     searches = Searches(k8s_cluster, namespace)
     operator = operator_factory([namespace])
     searches.create("crash", analytic_spec())
     kills = 0
-    for finished in (3, 8, 12):
+    searched = trials_run(reference) - len(reference["confirmation"])
+    for finished in (3, 8, 12, searched + 2):
         wait_until(
             lambda n=finished: (
                 (searches.status("crash").get("trials") or {}).get("finished", 0) >= n
@@ -163,7 +168,7 @@ def test_sigkill_mid_generation_changes_nothing(
         operator.start()
     status = searches.wait_phase("crash", ["Succeeded", "Failed"], 180)
     assert status["phase"] == "Succeeded", status.get("conditions")
-    assert kills == 3 and operator.starts == 4
+    assert kills == 4 and operator.starts == 5
     assert result_of(status) == result_of(reference)
     assert_counts_exact(status, trials_run(reference))
     assert_each_trial_ran_once(searches, trials_run(reference))

@@ -178,8 +178,8 @@ def test_a_configuration_error_fails_the_search_with_a_condition(
     assert setup.operator.alive()
 
 
-def test_search_succeeds_and_exports_the_best_merge(setup: Setup, tmp_path: Path) -> None:
-    status = setup.searches.wait_phase("good", ["Failed", "Succeeded"], 600)
+def test_search_succeeds_and_exports_the_confirmed_winner(setup: Setup, tmp_path: Path) -> None:
+    status = setup.searches.wait_phase("good", ["Failed", "Succeeded"], 800)
     assert status["phase"] == "Succeeded", status.get("conditions")
     assert setup.operator.alive() and setup.operator.starts == 1
 
@@ -191,14 +191,24 @@ def test_search_succeeds_and_exports_the_best_merge(setup: Setup, tmp_path: Path
     trials = status["trials"]
     assert trials["running"] == 0 and trials["failed"] == 0
     assert trials["total"] == trials["succeeded"] + trials["failed"] + trials["running"]
-    assert set(best["heldOut"]) == set(HELD_OUT)
+
+    # The finalists (every search trial: there are 4 < topK, and every baseline) were scored
+    # again on unseen examples, and the winner was chosen on those.
+    confirmation = status["confirmation"]
+    assert len(confirmation) == 4 + len([b for b in baselines if not b.get("sameAs")])
+    assert all(c["status"] == "succeeded" for c in confirmation)
+    winner = status["winner"]
+    confirmed = {c["trial"]: c["fitness"] for c in confirmation}
+    assert winner["fitness"] == max(confirmed.values()) == confirmed[winner["trial"]]
+    assert set(winner["heldOut"]) == set(HELD_OUT) and "heldOut" not in best
 
     output = status["output"]
     assert output["uri"] == f"s3://{setup.bucket}/merged/good/" and output["digest"]
     scores = score_exported(setup, tmp_path / "merged")
-    assert scores["held_in"] == pytest.approx(best["scores"], abs=1e-12)
-    assert scores["fitness"] == pytest.approx(best["fitness"], abs=1e-12)
-    assert scores["held_out"] == pytest.approx(best["heldOut"], abs=1e-12)
+    assert scores["held_in"] == pytest.approx(winner["searchScores"], abs=1e-12)
+    assert scores["fitness"] == pytest.approx(winner["searchFitness"], abs=1e-12)
+    assert scores["held_out"] == pytest.approx(winner["heldOut"], abs=1e-12)
+    assert scores["confirmation"] == pytest.approx(winner["scores"], abs=1e-12)
 
 
 def score_exported(setup: Setup, into: Path) -> dict[str, Any]:
@@ -224,14 +234,20 @@ def score_exported(setup: Setup, into: Path) -> dict[str, Any]:
     held_out = [TaskSpec(task=t, metric=m, limit=LIMIT) for t, m in HELD_OUT.items()]
     suite_in = TaskSuite(held_in, include_path=setup.tasks_dir, seed=SEED).score(lm)
     suite_out = TaskSuite(held_out, include_path=setup.tasks_dir, seed=SEED).score(lm)
-    return {"held_in": suite_in, "held_out": suite_out, "fitness": fitness_of(suite_in, held_in)}
+    unseen = TaskSuite(held_in, include_path=setup.tasks_dir, seed=SEED, confirm=list(HELD_IN))
+    return {
+        "held_in": suite_in,
+        "held_out": suite_out,
+        "fitness": fitness_of(suite_in, held_in),
+        "confirmation": unseen.score(lm),
+    }
 
 
 def test_kubectl_shows_the_printer_columns(setup: Setup) -> None:
     status = setup.searches.wait_phase("good", ["Failed", "Succeeded"], 600)
     table = setup.cluster.kubectl("get", "msearch", "good", "-n", setup.searches.namespace)
     header, row = table.strip().splitlines()
-    assert header.split() == ["NAME", "PHASE", "ITERATION", "TRIALS", "BEST", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "ITERATION", "TRIALS", "BEST", "CONFIRMED", "AGE"]
     cells = row.split()
     assert cells[:4] == [
         "good",
@@ -240,3 +256,4 @@ def test_kubectl_shows_the_printer_columns(setup: Setup) -> None:
         str(status["trials"]["finished"]),
     ]
     assert cells[4] == f"{status['best']['fitness']:.4f}"  # 4 decimals, not 16 digits
+    assert cells[5] == f"{status['winner']['fitness']:.4f}"

@@ -70,15 +70,31 @@ def reference(toy_pool: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 def test_search_ends_with_the_table_and_exports(reference: dict[str, Any], toy_pool: Any) -> None:
     out = reference["stdout"]
-    assert "baselines against the best merge" in out
+    assert "baselines against the chosen merge" in out and "confirmed avg" in out
     for name in toy_pool.checkpoints:
         assert name in out
     assert "uniform" in out and "merge-best" in out
-    assert "(a) beats the best single checkpoint" in out
+    assert "(a) on unseen (confirmation) examples, beats the best single checkpoint" in out
     ids = trial_ids(reference["state"])
-    assert len(ids) == len(set(ids)) == 14
+    searched = [i for i in ids if not i.startswith("c-")]
+    assert len(ids) == len(set(ids)) and len(searched) == 14
     assert ids[0].startswith("b-each-")
+    # after the search: the 5 best search trials and every baseline on unseen examples
+    engine = final_state(reference["state"])
+    confirmed = [c["source"] for c in engine["confirmations"]]
+    assert ids[14:] == ["c-" + c for c in confirmed]
+    assert [c["kind"] for c in engine["confirmations"]].count("search") == 5
+    records = [json.loads(line) for line in (reference["state"] / "trials.jsonl").open()]
+    assert all(r["subset"] == "confirmation" for r in records[14:])
+    # scored on other examples: the same model gets other held-in scores
+    by_id = {r["id"]: r for r in records}
+    assert any(by_id["c-" + c]["held_in"] != by_id[c]["held_in"] for c in confirmed)
     final = json.loads((reference["state"] / "final.json").read_text())
+    winner = max(
+        (c for c in engine["confirmations"] if c["status"] == "succeeded"),
+        key=lambda c: c["fitness"],
+    )
+    assert final["best"] == winner["source"]
     assert set(final["heldOut"]) == set(toy_pool.heldout)
 
 
@@ -92,21 +108,21 @@ def test_resume_after_kill_gives_the_same_result(
     log = state / "trials.jsonl"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= 8:
+        if log.exists() and len(log.read_text().splitlines()) >= 17:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # during the confirmation (trials 15 and on)
     proc.wait()
     done_before = trial_ids(state)
-    assert 8 <= len(done_before) < 14
+    total = len(trial_ids(reference["state"]))
+    assert 17 <= len(done_before) < total
     resumed = run(path, state)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ids = trial_ids(state)
     assert ids[: len(done_before)] == done_before  # nothing evaluated twice
-    assert len(ids) == len(set(ids)) == 14
+    assert len(ids) == len(set(ids)) == total
     ours, ref = final_state(state), final_state(reference["state"])
-    assert ours["best"] == ref["best"]
-    assert ours["cma"] == ref["cma"]
+    assert ours == ref
 
 
 def test_a_second_run_evaluates_nothing(reference: dict[str, Any]) -> None:
@@ -133,6 +149,12 @@ def test_bad_input_fails_before_the_search(toy_pool: Any, tmp_path: Path) -> Non
     proc = run(write(tmp_path, doc, "c.yaml"), tmp_path / "c")
     assert proc.returncode == 2 and "toy_nonesuch" in proc.stderr
     assert not (tmp_path / "c" / "trials.jsonl").exists()
+
+    doc = manifest(toy_pool, "no-unseen")  # the search would use every example
+    doc["spec"]["objective"]["heldIn"][1]["limit"] = toy_pool.manifest()["eval_examples"]
+    proc = run(write(tmp_path, doc, "d.yaml"), tmp_path / "d")
+    assert proc.returncode == 2 and "no examples left for confirmation" in proc.stderr
+    assert not (tmp_path / "d" / "trials.jsonl").exists()
 
 
 def test_a_wrong_metric_fails_before_the_first_trial(toy_pool: Any, tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergerunner.toys import build_pool, get_preset, load_pool
+from mergerunner.toys import Pool, build_pool, get_preset, load_pool
 from mergerunner.toys.model import ModelSpec
-from mergerunner.toys.presets import Preset, Stage
+from mergerunner.toys.pool import pool_digest
+from mergerunner.toys.presets import COMMITTED_DIGESTS, Preset, Stage
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +89,28 @@ def test_builds_are_bit_for_bit_repeatable(micro_pool_dir: Path, tmp_path: Path)
         assert (path / "model.safetensors").read_bytes() == original.read_bytes()
 
 
+# pool_digest of MICRO as built under the pinned numerics (mergerunner.toys.repro). It must not
+# change with the machine: a failure here on another x86-64 CPU means the pins do not hold.
+MICRO_DIGEST = "aa4494a21bf144841a07307b6aedfd948d430b86467cbc343296c68153976d62"
+
+
+def test_build_matches_the_committed_digest(micro_pool_dir: Path) -> None:
+    pool = load_pool(micro_pool_dir)
+    assert pool.digest == pool_digest(micro_pool_dir) == MICRO_DIGEST
+
+
+def test_build_ignores_the_callers_threads_and_cpu_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller with other thread settings, and glibc told the CPU lacks AVX2, FMA and AVX-512
+    (so its math functions take their baseline variants), still builds the same bytes."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2,-FMA,-AVX512F,-AVX512VL")
+    assert build_pool(tmp_path / "masked", MICRO).digest == MICRO_DIGEST
+
+
 def test_moved_pool_repoints_its_task_files(micro_pool_dir: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     shutil.copytree(micro_pool_dir, moved)
@@ -117,3 +140,13 @@ def test_named_presets_resolve() -> None:
     assert get_preset("mini").name == "mini"
     with pytest.raises(ValueError):
         build_pool(Path("/nonexistent/never"), "nope")
+
+
+def test_mini_pool_is_the_committed_one(toy_pool: Pool) -> None:
+    assert toy_pool.digest == pool_digest(toy_pool.root) == COMMITTED_DIGESTS["mini"]
+
+
+@pytest.mark.slow
+def test_paper_pool_is_the_committed_one(paper_pool: Pool) -> None:
+    """The demo's pool: the README's table holds for every user only if this holds."""
+    assert paper_pool.digest == pool_digest(paper_pool.root) == COMMITTED_DIGESTS["paper"]

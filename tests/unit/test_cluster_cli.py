@@ -50,11 +50,11 @@ def test_status_lines(obj: dict[str, Any]) -> None:
 def test_score_rows_put_baselines_before_the_best(obj: dict[str, Any]) -> None:
     tasks, rows = score_rows(obj)
     assert tasks == ["x", "y"]
-    labels = [label for label, _, _ in rows]
+    labels = [label for label, _, _, _ in rows]
     assert labels[:4] == ["a", "b", "c", "uniform"]
     assert labels[-1].startswith("best (")
     best_fitness = rows[-1][2]
-    assert all(fitness <= best_fitness for _, _, fitness in rows)
+    assert all(fitness <= best_fitness for _, _, fitness, _ in rows)
 
 
 def test_records_from_status(obj: dict[str, Any]) -> None:
@@ -63,3 +63,37 @@ def test_records_from_status(obj: dict[str, Any]) -> None:
     assert ids[0].startswith("b-each-")
     assert obj["status"]["best"]["trial"] in ids
     assert len(ids) == len(set(ids))
+
+
+def test_search_and_confirmation_scores_side_by_side() -> None:
+    config = engine.EngineConfig(
+        checkpoints=("a", "b", "c"), tasks={"x": 1}, max_trials=17, seed=2, confirm_top_k=2
+    )
+    state = engine.init(config)
+    while not engine.done(state)[0]:
+        state, candidates = engine.ask(state)
+        state = engine.tell(
+            state,
+            [
+                engine.Result(
+                    c.id,
+                    scores={"x": c.weights["a"] - (0.5 if c.subset == "confirmation" else 0)},
+                )
+                for c in candidates
+            ],
+        )
+    obj = {
+        "metadata": {"name": "s", "namespace": "ns"},
+        "spec": {"objective": {"heldIn": [{"task": "x"}]}, "search": {}},
+        "status": {**engine_fields(state), "phase": "Succeeded"},
+    }
+    winner = obj["status"]["winner"]
+    assert winner["fitness"] == pytest.approx(winner["searchFitness"] - 0.5)
+    assert (
+        f"confirmed winner: {winner['trial']} fitness {winner['fitness']:.4f} on unseen "
+        f"examples ({winner['searchFitness']:.4f} on the search's)"
+    ) in status_lines(obj)
+    _, rows = score_rows(obj)
+    assert rows[-1][0] == f"confirmed winner ({winner['trial']})"
+    confirmed = {label: (fit, conf) for label, _, fit, conf in rows}
+    assert confirmed["uniform"][1] == pytest.approx(confirmed["uniform"][0] - 0.5)

@@ -26,7 +26,7 @@ MANIFEST = {
     "spec": {
         "checkpoints": [{"name": n, "uri": f"ckpt/{n}"} for n in ("a", "b", "c")],
         "objective": {"heldIn": [{"task": "x"}, {"task": "y"}]},
-        "search": {"maxTrials": 30, "seed": 7},
+        "search": {"maxTrials": 30, "seed": 7, "confirm": {"enabled": False}},
     },
 }
 
@@ -37,7 +37,9 @@ class FakeEvaluator:
     def __init__(self, fail: FailureKind | None = None, after: int = 0) -> None:
         self.fail, self.after, self.calls = fail, after, 0
 
-    def trial(self, trial_id: str, weights: Any, *, with_held_out: bool = False) -> TrialResult:
+    def trial(
+        self, trial_id: str, weights: Any, *, with_held_out: bool = False, subset: str = "search"
+    ) -> TrialResult:
         self.calls += 1
         if self.fail is not None and self.calls > self.after:
             return TrialResult(
@@ -184,10 +186,12 @@ def test_a_run_says_whether_it_resumes_and_where_the_export_goes(tmp_path: Path)
 class Killed(FakeEvaluator):
     """Interrupted (as by Ctrl-C) when asked for trial `after + 1`."""
 
-    def trial(self, trial_id: str, weights: Any, *, with_held_out: bool = False) -> TrialResult:
+    def trial(
+        self, trial_id: str, weights: Any, *, with_held_out: bool = False, subset: str = "search"
+    ) -> TrialResult:
         if self.calls == self.after:
             raise KeyboardInterrupt
-        return super().trial(trial_id, weights, with_held_out=with_held_out)
+        return super().trial(trial_id, weights, with_held_out=with_held_out, subset=subset)
 
 
 def test_what_libraries_print_during_a_search_stays_off_stdout(

@@ -19,7 +19,7 @@ from mergesearch.local import (
     spec_fingerprint,
 )
 from mergesearch.records import TrialRecord, append_record, read_records
-from mergesearch.report import best_so_far, draw_all, pareto_front
+from mergesearch.report import best_so_far, confirmation_bars, draw_all, pareto_front
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import SpecError, parse_manifest
 from mergesearch.summary import check_claims, table_rows
@@ -32,7 +32,9 @@ MANIFEST = {
     "metadata": {"name": "t"},
     "spec": {
         "checkpoints": [{"name": n, "uri": f"ckpt/{n}"} for n in ("a", "b", "c")],
-        "objective": {"heldIn": [{"task": "x"}, {"task": "y", "weight": 3}]},
+        "objective": {
+            "heldIn": [{"task": "x", "limit": 50}, {"task": "y", "weight": 3, "limit": 50}]
+        },
         "search": {"maxTrials": 20, "seed": 7},
     },
 }
@@ -179,3 +181,42 @@ def test_pictures_are_drawn(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["fitness.png", "weights.png", "scores.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confirmation_is_drawn_and_tabled_beside_the_search() -> None:
+    records = [
+        rec("b-each-a", "baseline", 0.5, 0.9, 0.4),
+        rec("b-uniform", "baseline", 0.52, 0.5, 0.52),
+        rec("g000-c00", "search", 0.6, 0.6, 0.6),
+        rec("c-g000-c00", "search", 0.51, 0.5, 0.52, subset="confirmation", source="g000-c00"),
+        rec("c-b-each-a", "baseline", 0.45, 0.8, 0.3, subset="confirmation", source="b-each-a"),
+        rec("c-b-uniform", "baseline", 0.53, 0.5, 0.56, subset="confirmation", source="b-uniform"),
+    ]
+    assert confirmation_bars(records) == [
+        ("g000-c00", 0.6, 0.51),
+        ("a", 0.5, 0.45),
+        ("uniform", 0.52, 0.53),
+    ]
+    rows = table_rows(records, "b-uniform", {})
+    assert [(r.label, r.fitness, r.confirmed) for r in rows] == [
+        ("a", 0.5, 0.45),
+        ("uniform", 0.52, 0.53),
+        ("best (b-uniform)", 0.52, 0.53),
+    ]
+    # (a) is judged on the unseen examples: the search's best loses there
+    claims = check_claims(records, "g000-c00", {"a": 0.5, "b": 0.5}, {})
+    assert claims.basis == "confirmation" and not claims.beats_uniform
+    assert claims.beats_best_single
+    search_only = check_claims(records[:3], "g000-c00", {"a": 0.5, "b": 0.5}, {})
+    assert search_only.basis == "search" and search_only.beats_uniform
+
+
+def test_confirmation_picture(tmp_path: Path) -> None:
+    records = [
+        rec("b-uniform", "baseline", 0.52, 0.5, 0.52),
+        rec("g000-c00", "search", 0.6, 0.6, 0.6),
+        rec("c-g000-c00", "search", 0.51, 0.5, 0.52, subset="confirmation", source="g000-c00"),
+    ]
+    paths = draw_all(records, {"a": 0.5, "b": 0.5}, ["x", "y"], tmp_path)
+    assert [p.name for p in paths][-1] == "confirmation.png"
+    assert paths[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -149,3 +149,27 @@ def test_a_late_reconcile_of_a_deleted_search_does_not_bring_it_back() -> None:
     assert metrics.keys() == set()
     metrics.update_status(("ns", "s"), STATUS, uid="uid-2")  # re-created under the same name
     assert metrics.keys() == {("ns", "s")}
+
+
+def test_confirmed_winner_fitness_side_by_side_and_its_scores_and_weights() -> None:
+    status = {
+        **STATUS,
+        "phase": "Succeeded",
+        "winner": {
+            "trial": "b-uniform",
+            "fitness": 0.55,
+            "searchFitness": 0.58,
+            "scores": {"gsm8k": 0.6, "mbpp": 0.5},
+            "heldOut": {"ifeval": 0.45},
+            "weights": {"sft-a": 0.5, "po-b": 0.5},
+        },
+    }
+    samples = {(s.name, s.labels): s.value for s in status_samples(status)}
+    assert samples[("mergesearch_winner_fitness", (("subset", "search"),))] == 0.58
+    assert samples[("mergesearch_winner_fitness", (("subset", "confirmation"),))] == 0.55
+    assert samples[("mergesearch_best_fitness", ())] == 0.61  # the search's best, as before
+    score = "mergesearch_task_score"
+    assert samples[(score, (("task", "gsm8k"), ("split", "held_in")))] == 0.6
+    assert samples[(score, (("task", "ifeval"), ("split", "held_out")))] == 0.45
+    assert samples[("mergesearch_checkpoint_weight", (("checkpoint", "po-b"),))] == 0.5
+    assert not any(s.name == "mergesearch_winner_fitness" for s in status_samples(STATUS))

@@ -33,7 +33,7 @@ def make_spec(**changes: Any) -> dict[str, Any]:
             {"name": "c", "uri": "s3://ckpt/c/"},
         ],
         "objective": {
-            "heldIn": [{"task": "t1"}, {"task": "t2"}],
+            "heldIn": [{"task": "t1", "limit": 20}, {"task": "t2", "limit": 20}],
             "heldOut": [{"task": "t3"}],
         },
         "search": {"populationSize": 4, "maxGenerations": 2, "seed": 0},
@@ -88,12 +88,19 @@ def failing_runner(step: str, error: str, kind: FailureKind | None = None) -> Ru
     return run
 
 
+def preflight_passed() -> dict[str, Any]:
+    """A status whose preflight passed: the searches below start with their trials (the
+    preflight's own tests start from an empty status)."""
+    passed = {"type": "Preflight", "status": "True", "reason": "Passed", "message": "passed"}
+    return {"conditions": [{**passed, "lastTransitionTime": NOW, "observedGeneration": 1}]}
+
+
 @dataclass
 class Cluster:
     """Jobs as the indexes would show them; `finish` plays the Job controller and kubelet."""
 
     spec: dict[str, Any]
-    status: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=preflight_passed)
     generation: int = 1
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     summaries: dict[str, JobSummary] = field(default_factory=dict)
@@ -237,21 +244,46 @@ def test_parallelism_is_never_exceeded_over_a_whole_search() -> None:
     assert cluster.status["phase"] == "Succeeded"
 
 
+def unseen_runner(doc_json: dict[str, Any]) -> tuple[int, str]:
+    """On the confirmation examples the uniform merge scores best: a winner's-curse world."""
+    code, message = good_runner(doc_json)
+    if doc_json.get("subset") != "confirmation":
+        return code, message
+    result = json.loads(message)
+    uniform = all(abs(w - 1 / 3) < 1e-9 for w in doc_json["weights"].values())
+    result["heldIn"] = {t: v + (0.5 if uniform else -0.1) for t, v in result["heldIn"].items()}
+    return code, json.dumps(result)
+
+
 def test_a_whole_search_succeeds_with_a_final_evaluation_and_export() -> None:
     cluster = Cluster(make_spec())
-    cluster.run_to_end()
+    docs: list[dict[str, Any]] = []
+    cluster.run_to_end(lambda doc: (docs.append(doc), unseen_runner(doc))[1])
     status = cluster.status
     final = jobspec.job_name(OWNER, jobspec.FINAL_CANDIDATE)
-    assert status["final"] == {"job": final, "trial": status["best"]["trial"], "state": "Succeeded"}
+    winner = status["winner"]
+    # chosen on the unseen examples: the uniform merge, not the search's best
+    assert winner["trial"] == "b-uniform" != status["best"]["trial"]
+    assert winner["fitness"] > winner["searchFitness"]
+    assert status["final"] == {"job": final, "trial": winner["trial"], "state": "Succeeded"}
     doc = cluster.document(final)
     assert [t["task"] for t in doc["heldOut"]] == ["t3"] and not doc.get("heldIn")
     assert doc["output"] == {"uri": "s3://out/demo/", "saveModel": True}
-    assert doc["weights"] == status["best"]["weights"]
+    assert doc["weights"] == winner["weights"] and "subset" not in doc
     assert status["output"] == {"uri": "s3://out/demo/", "digest": "sha256:" + "ab" * 32}
-    assert status["best"]["heldOut"] == {"t3": pytest.approx(status["best"]["weights"]["a"])}
+    assert winner["heldOut"] == {"t3": pytest.approx(winner["weights"]["a"])}
     assert status["iteration"] == 2 and status["trials"]["running"] == 0
-    # 3 'each', uniform, merge-best (unless it is one checkpoint's), 2 generations of 4
-    assert status["trials"]["finished"] == status["trials"]["total"] in (12, 13)
+    # the 5 best search trials and every evaluated baseline, side by side
+    confirmation = status["confirmation"]
+    assert [c["kind"] for c in confirmation].count("search") == 5
+    assert all(c["status"] == "succeeded" and "searchFitness" in c for c in confirmation)
+    confirm_docs = [d for d in docs if d.get("subset") == "confirmation"]
+    assert len(confirm_docs) == len(confirmation)
+    assert all(d["subset"] == "confirmation" and not d.get("heldOut") for d in confirm_docs)
+    # 3 'each', uniform, merge-best (unless it is one checkpoint's), 2 generations of 4,
+    # then the confirmations
+    searched = status["trials"]["total"] - len(confirmation)
+    assert status["trials"]["finished"] == status["trials"]["total"] and searched in (12, 13)
     assert condition(status, "Ready")["status"] == "True"
     assert condition(status, "Progressing")["status"] == "False"
     assert condition(status, "Failed")["status"] == "False"
@@ -541,6 +573,7 @@ def test_a_final_evaluation_that_fails_for_good_can_be_retried_by_annotation() -
     assert "access denied" in failed["message"]
     assert cluster.status["final"]["state"] == "Failed"
     assert cluster.status["best"] == best  # the best weights and scores are kept
+    chosen = cluster.status.get("winner") or cluster.status["best"]
     assert not cluster.reconcile().changed  # not retried by itself
     # Access fixed; the documented retry: a new value of the annotation.
     cluster.annotations["mergesearch.io/retry-finalization"] = "1"
@@ -553,7 +586,9 @@ def test_a_final_evaluation_that_fails_for_good_can_be_retried_by_annotation() -
     cluster.step()
     assert cluster.status["phase"] == "Succeeded", cluster.status["conditions"]
     assert cluster.status["best"]["weights"] == best["weights"]
-    assert cluster.status["final"]["state"] == "Succeeded" and "heldOut" in cluster.status["best"]
+    assert cluster.status["final"]["state"] == "Succeeded"
+    assert "heldOut" in (cluster.status.get("winner") or cluster.status["best"])
+    assert (cluster.status.get("winner") or cluster.status["best"])["weights"] == chosen["weights"]
     # The same annotation value again does nothing.
     assert not cluster.reconcile().changed
 
@@ -665,7 +700,7 @@ def test_a_template_outside_the_allow_list_is_refused_before_any_job() -> None:
 
 
 def test_custom_tasks_from_a_local_path_fail_the_first_reconcile_by_field() -> None:
-    objective = {"heldIn": [{"task": "t1"}], "customTasks": {"path": "/home/me/tasks"}}
+    objective = {"heldIn": [{"task": "t1", "limit": 20}], "customTasks": {"path": "/home/me/tasks"}}
     cluster = Cluster(make_spec(objective=objective))
     cluster.step()
     failed = condition(cluster.status, "Failed")
@@ -873,3 +908,97 @@ def test_an_unschedulable_or_unpullable_pod_waits_and_says_why() -> None:
     garbled.status["optimizer"] = garbled.status["optimizer"][:-40]  # an encoded state cut
     garbled.step()
     assert condition(garbled.status, "Failed")["reason"] == "StateInvalid"
+
+
+# --------------------------------------------------------------------------- the preflight
+
+GPU_TEMPLATE = {
+    "spec": {
+        "containers": [
+            {
+                "name": "runner",
+                "resources": {
+                    "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1},
+                    "limits": {"nvidia.com/gpu": 1},
+                },
+            }
+        ]
+    }
+}
+
+
+def role(cluster: Cluster, name: str) -> str:
+    return cluster.summaries[name].role if name in cluster.summaries else "?"
+
+
+def test_a_new_search_runs_one_cpu_only_preflight_job_before_any_trial() -> None:
+    cluster = Cluster(make_spec(**{"execution.template": GPU_TEMPLATE}), status={})
+    plan = cluster.step()
+    assert [m["metadata"]["labels"][jobspec.LABEL_ROLE] for m in plan.create] == ["preflight"]
+    assert cluster.status["phase"] == "Pending"
+    assert {c["type"]: c for c in cluster.status["conditions"]}["Progressing"]["reason"] == (
+        "Preflight"
+    )
+    job = plan.create[0]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["mergerunner", "preflight"]
+    assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}}
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert any(e["name"] == jobspec.ENV_CREDENTIALS for e in container["env"])
+    doc = parse_trial(json.dumps(cluster.document(job["metadata"]["name"])))
+    assert [t.task for t in doc.held_in] == ["t1", "t2"] and [t.task for t in doc.held_out] == [
+        "t3"
+    ]
+    assert cluster.step().create == ()  # running: nothing more
+
+
+def test_a_passed_preflight_is_recorded_and_never_repeated() -> None:
+    cluster = Cluster(make_spec(), status={})
+    cluster.step()
+    cluster.finish_all()
+    plan = cluster.step()
+    assert condition(cluster.status, "Preflight")["status"] == "True"
+    assert len(plan.create) == 3 and all(
+        m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in plan.create
+    )
+    restarted = Cluster(make_spec(), status=copy.deepcopy(cluster.status))  # no Jobs seen
+    assert all(
+        m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in restarted.step().create
+    )
+    cluster.run_to_end()
+    assert cluster.status["phase"] == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        (FailureKind.UNKNOWN_TASK, "UnknownTask"),
+        (FailureKind.UNKNOWN_METRIC, "UnknownMetric"),
+        (FailureKind.DATA_MISSING, "DataMissing"),
+        (FailureKind.CONFIG, "ConfigInvalid"),
+        (FailureKind.CHECKPOINTS_INCOMPATIBLE, "CheckpointsIncompatible"),
+        (FailureKind.STORAGE_UNAVAILABLE, "StorageUnreachable"),
+    ],
+)
+def test_a_failed_preflight_fails_the_search_with_zero_trial_jobs(
+    kind: FailureKind, reason: str
+) -> None:
+    cluster = Cluster(make_spec(), status={})
+    cluster.step()
+    cluster.finish_all(failing_runner("preflight", "task 'gsm8k': not in the bundle", kind))
+    for _ in range(3):
+        cluster.step()
+    assert cluster.status["phase"] == "Failed"
+    failed = condition(cluster.status, "Failed")
+    assert failed["reason"] == reason and "not in the bundle" in failed["message"]
+    assert [role(cluster, n) for n in cluster.created] == ["preflight"]  # zero trial Jobs
+    assert ("Warning", "PreflightFailed") in cluster.events
+
+
+def test_the_analytic_benchmark_backend_needs_no_preflight() -> None:
+    cluster = Cluster(make_spec(**{"objective.evaluator": {"backend": "analytic"}}), status={})
+    plan = cluster.step()
+    assert plan.create and all(
+        m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in plan.create
+    )

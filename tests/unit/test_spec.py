@@ -18,7 +18,7 @@ GOOD: dict[str, Any] = {
     "metadata": {"name": "demo"},
     "spec": {
         "checkpoints": [{"name": "a", "uri": "s3://ckpt/a/"}, {"name": "b", "uri": "/data/b"}],
-        "objective": {"heldIn": [{"task": "add", "metric": "exact_match"}]},
+        "objective": {"heldIn": [{"task": "add", "metric": "exact_match", "limit": 100}]},
     },
 }
 
@@ -44,6 +44,18 @@ def test_defaults_follow_the_paper() -> None:
     assert spec.objective.evaluator.trust_remote_code is False
     assert spec.suspend is False
     assert spec.checkpoint_names == ["a", "b"]
+    assert spec.search.confirm.enabled and spec.search.confirm.top_k == 5
+
+
+def test_confirmation_needs_a_limit_on_every_held_in_task() -> None:
+    """Without a limit the search sees every example: nothing unseen is left to confirm on."""
+    doc = with_spec(objective={"heldIn": [{"task": "add", "limit": 50}, {"task": "rev"}]})
+    assert errors_of(doc) == [
+        "spec.search: confirm: needs unseen examples of every held-in task; set "
+        "objective.heldIn[1].limit (the search's subset), or confirm.enabled: false"
+    ]
+    doc["spec"]["search"] = {"confirm": {"enabled": False}}
+    assert parse_manifest(doc).spec.search.confirm.enabled is False
 
 
 @pytest.mark.parametrize(
@@ -99,7 +111,7 @@ def test_missing_spec_and_wrong_kind() -> None:
 
 def test_parse_spec_prefixes_paths() -> None:
     with pytest.raises(SpecError) as info:
-        parse_spec({"checkpoints": [], "objective": {"heldIn": [{"task": "t"}]}})
+        parse_spec({"checkpoints": [], "objective": {"heldIn": [{"task": "t", "limit": 9}]}})
     assert info.value.errors == ["spec.checkpoints: must have at least 2 item(s)"]
 
 
@@ -136,7 +148,7 @@ BAD_REF = {"name": "-x"}
 
 
 def _objective(**evaluator: Any) -> dict[str, Any]:
-    return {"heldIn": [{"task": "add"}], "evaluator": evaluator}
+    return {"heldIn": [{"task": "add", "limit": 50}], "evaluator": evaluator}
 
 
 @pytest.mark.parametrize(
@@ -168,9 +180,14 @@ def test_devices_lm_eval_accepts(device: str) -> None:
 
 
 def test_custom_tasks_from_a_path_are_local_only() -> None:
-    local = with_spec(objective={"heldIn": [{"task": "a"}], "customTasks": {"path": "./t"}})
+    local = with_spec(
+        objective={"heldIn": [{"task": "a", "limit": 50}], "customTasks": {"path": "./t"}}
+    )
     spec = parse_manifest(local).spec  # valid for `mergesearch run`
     (error,) = cluster_errors(spec)
     assert error.startswith("spec.objective.customTasks.path: ") and "configMapRef" in error
-    cm = {"heldIn": [{"task": "a"}], "customTasks": {"configMapRef": {"name": "tasks.v1"}}}
+    cm = {
+        "heldIn": [{"task": "a", "limit": 50}],
+        "customTasks": {"configMapRef": {"name": "tasks.v1"}},
+    }
     assert cluster_errors(parse_manifest(with_spec(objective=cm)).spec) == []

@@ -78,3 +78,32 @@ def test_validate_rejects_broken_recipes(stages: tuple[Stage, ...], message: str
 def test_unknown_preset_names_the_choices() -> None:
     with pytest.raises(ValueError, match="mini"):
         get_preset("huge")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_recipe_round_trips_through_json(name: str) -> None:
+    """The build process receives its recipe as JSON: the same recipe, the same key."""
+    preset = get_preset(name)
+    again = presets.Preset.from_json(preset.to_json())
+    assert again == preset and again.key() == preset.key()
+
+
+def test_build_refuses_unpinned_numerics() -> None:
+    """This test process has torch's per-CPU kernels: training here would depend on the CPU."""
+    from mergerunner.toys.repro import pin_torch
+
+    with pytest.raises(RuntimeError, match="ATEN_CPU_CAPABILITY"):
+        pin_torch()
+
+
+def test_the_demo_searches_under_the_pool_s_pinned_numerics() -> None:
+    """scripts/demo.sh exports every pinned setting, so its table is the same on any CPU."""
+    from pathlib import Path
+
+    from mergerunner.toys.repro import PINNED_ENV
+
+    demo = (Path(__file__).parents[2] / "scripts" / "demo.sh").read_text()
+    exports = next(line for line in demo.splitlines() if line.startswith("export ATEN"))
+    assert set(exports.removeprefix("export ").split()) == {
+        f"{k}={v}" for k, v in PINNED_ENV.items()
+    }

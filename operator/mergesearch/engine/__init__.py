@@ -8,6 +8,7 @@ from mergesearch.engine.config import EngineConfig, HeldInTask
 from mergesearch.engine.engine import (
     EngineStatus,
     ask,
+    chosen,
     done,
     init,
     pending_candidates,
@@ -39,6 +40,7 @@ __all__ = [
     "TellReport",
     "Unconstrained",
     "ask",
+    "chosen",
     "done",
     "init",
     "make_parameterization",

@@ -70,6 +70,9 @@ class EngineConfig(BaseModel):
     failure_policy: FailurePolicy = "penalize"
     max_failed_trials: int | None = Field(default=None, ge=0)
     max_resamples: int = Field(default=3, ge=0)
+    # When the search ends, the best `confirm_top_k` search candidates and every baseline are
+    # scored again on examples the search never saw; the winner is chosen on those. 0: off.
+    confirm_top_k: int = Field(default=0, ge=0, le=16)
     history_limit: int = Field(default=50, ge=1)
     pareto_limit: int = Field(default=16, ge=1)
 

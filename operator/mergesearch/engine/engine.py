@@ -53,6 +53,7 @@ from mergesearch.engine.records import (
 )
 from mergesearch.engine.state import (
     BaselineRecord,
+    ConfirmRecord,
     EngineState,
     FailureNote,
     Finish,
@@ -71,6 +72,7 @@ START_SHRINK = 0.5
 MIN_STEP = 1e-12
 MAX_CONDITION = 1e14
 _SLOT_ID = re.compile(r"^g(\d+)-c(\d+)(?:-r(\d+))?$")
+CONFIRM_PREFIX = "c-"
 
 
 # --------------------------------------------------------------------------- public API
@@ -136,6 +138,19 @@ def pending_candidates(state: EngineState) -> list[Candidate]:
             for s in gen.slots
             if s.status == "pending"
         )
+    out.extend(
+        Candidate(
+            id=c.id,
+            kind=c.kind,
+            generation=c.generation,
+            weights=_named(config, _confirm_weights(state, c)),
+            baseline=c.baseline,
+            subset="confirmation",
+            source=c.source,
+        )
+        for c in state.confirmations
+        if c.status == "pending"
+    )
     return out
 
 
@@ -177,6 +192,8 @@ def _tell(
         outcome = score_result(state.config, result)
         if where[0] == "baseline":
             state = _tell_baseline(state, where[1], outcome)
+        elif where[0] == "confirm":
+            state = _tell_confirmation(state, where[1], outcome)
         else:
             state, live = _tell_slot(state, where[1], outcome, live)
         applied.append(cid)
@@ -214,6 +231,10 @@ class EngineStatus:
     history: list[dict[str, Any]] = field(default_factory=list)
     recent_failures: list[dict[str, str]] = field(default_factory=list)
     replay_mismatches: int = 0
+    # Search and confirmation scores side by side, and the candidate chosen on the latter
+    # (None until every confirmation is in, and when confirmation is off).
+    confirmation: list[dict[str, Any]] = field(default_factory=list)
+    winner: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -242,7 +263,14 @@ def status(state: EngineState) -> EngineStatus:
         history=[h.model_dump(mode="json") for h in state.history],
         recent_failures=[f.model_dump(mode="json") for f in state.recent_failures],
         replay_mismatches=state.replay_mismatches,
+        confirmation=[_confirm_public(state, c) for c in state.confirmations],
+        winner=_winner_public(state),
     )
+
+
+def chosen(status: EngineStatus) -> dict[str, Any] | None:
+    """The merge a finished search hands over: the confirmed winner, else the search's best."""
+    return status.winner if status.winner is not None else status.best
 
 
 def trials_told(state: EngineState) -> int:
@@ -255,8 +283,9 @@ def planned_trials(state: EngineState) -> int | None:
 
     Not `max_trials`: a generation opens only when its whole population fits the budget, so a
     budget of 40 with 11 baselines and a population of 8 runs 35 trials. Counts what has been
-    issued, the trial kept for merge-best, and the whole generations that still fit both
-    `max_trials` and `max_generations`. An early stop (target, stagnation, failures) ends the
+    issued, the trial kept for merge-best, the whole generations that still fit both
+    `max_trials` and `max_generations`, and the confirmation that follows (topK and every
+    baseline; merge-best may need none). An early stop (target, stagnation, failures) ends the
     search sooner; once it has ended, the plan is what ran. Resampled failures may add trials.
     """
     if state.finished is not None:
@@ -270,7 +299,11 @@ def planned_trials(state: EngineState) -> int | None:
     if config.max_trials is not None:
         fits = max(0, config.max_trials - committed) // config.popsize
         generations = fits if generations is None else min(generations, fits)
-    return None if generations is None else committed + generations * config.popsize
+    if state.confirmations:  # issued all at once: counted in `issued`
+        return committed
+    # the confirmation to come: topK search trials and the baselines (at most)
+    confirming = config.confirm_top_k + config.baseline_trials if config.confirm_top_k else 0
+    return None if generations is None else committed + generations * config.popsize + confirming
 
 
 def slot_id(generation: int, slot: int, attempt: int) -> str:
@@ -519,11 +552,15 @@ def _finish_early(state: EngineState) -> EngineState:
     if state.finished is not None:
         return state
     limit = state.config.max_failed_trials
+    if state.confirmations:  # the search is over: a failed confirmation only loses a finalist
+        return state
     if limit is not None and state.trials.failed > limit:
         message = f"{state.trials.failed} trials failed, more than max_failed_trials={limit}"
         return _finish(state, "failed", "max_failed_trials", message)
     if _target_reached(state):
         assert state.best is not None
+        if state.config.confirm_top_k > 0:  # stop searching; confirm once the baselines are in
+            return state.model_copy(update={"generation": None, "search_stop": "target_fitness"})
         message = f"trial {state.best.id} reached fitness {state.best.fitness:.6g}"
         return _finish(state, "succeeded", "target_fitness", message)
     return state
@@ -535,8 +572,18 @@ def _settle(state: EngineState) -> EngineState:
         return state
     if state.best is None:
         return _finish(state, "failed", "no_successful_trial", "no trial succeeded")
+    if state.config.confirm_top_k > 0 and not state.confirmations:
+        return _begin_confirmation(state)
+    if any(c.status == "pending" for c in state.confirmations):
+        return state
     reason = state.search_stop or "completed"
     message = f"stopped on {reason} after {state.generations_completed} generations"
+    winner = _winner(state)
+    if winner is not None:
+        message += (
+            f"; confirmed winner {winner.source} (fitness {winner.fitness:.6g} on unseen "
+            f"examples, {winner.search_fitness:.6g} on the search examples)"
+        )
     return _finish(state, "succeeded", reason, message)
 
 
@@ -546,6 +593,85 @@ def _finish(
     return state.model_copy(
         update={"finished": Finish(phase=phase, reason=reason, message=message)}
     )
+
+
+# --------------------------------------------------------------------------- confirmation
+
+
+def _finalists(state: EngineState) -> list[ConfirmRecord]:
+    """The best search trials, then every baseline that was evaluated (one per distinct model).
+
+    Issued in that order, which is also the tie-break between equal confirmation scores.
+    """
+    seq = state.trials.issued
+    out: list[ConfirmRecord] = []
+    for record in state.leaders:
+        out.append(
+            ConfirmRecord(
+                id=CONFIRM_PREFIX + record.id,
+                source=record.id,
+                kind="search",
+                generation=record.generation,
+                seq=seq + len(out),
+                status="pending",
+                weights=record.weights,
+                search_fitness=record.fitness,
+                search_scores=dict(record.scores),
+            )
+        )
+    for b in state.baselines:
+        if b.status != "succeeded" or b.same_as is not None:
+            continue
+        assert b.fitness is not None and b.scores is not None
+        out.append(
+            ConfirmRecord(
+                id=CONFIRM_PREFIX + b.id,
+                source=b.id,
+                kind="baseline",
+                baseline=b.kind,
+                seq=seq + len(out),
+                status="pending",
+                search_fitness=b.fitness,
+                search_scores=dict(b.scores),
+            )
+        )
+    return out
+
+
+def _confirm_weights(state: EngineState, record: ConfirmRecord) -> np.ndarray:
+    if record.weights is not None:
+        return decode_f8(record.weights, state.config.n_checkpoints)
+    baseline = next(b for b in state.baselines if b.id == record.source)
+    return baseline_weights(state.config, baseline)
+
+
+def _begin_confirmation(state: EngineState) -> EngineState:
+    finalists = _finalists(state)
+    trials = state.trials.model_copy(update={"issued": state.trials.issued + len(finalists)})
+    return state.model_copy(update={"confirmations": tuple(finalists), "trials": trials})
+
+
+def _tell_confirmation(state: EngineState, index: int, outcome: Outcome) -> EngineState:
+    record = state.confirmations[index]
+    if outcome.failed:
+        updated = record.model_copy(update={"status": "failed", "reason": outcome.reason})
+        state = _record_failure(state, record.id, outcome.reason or "failed")
+    else:
+        updated = record.model_copy(
+            update={"status": "succeeded", "fitness": outcome.fitness, "scores": outcome.scores}
+        )
+        trials = state.trials.model_copy(update={"succeeded": state.trials.succeeded + 1})
+        state = state.model_copy(update={"trials": trials})
+    confirmations = (*state.confirmations[:index], updated, *state.confirmations[index + 1 :])
+    return state.model_copy(update={"confirmations": confirmations})
+
+
+def _winner(state: EngineState) -> ConfirmRecord | None:
+    """The best confirmation score once all are in; ties go to the earlier finalist."""
+    if not state.confirmations or any(c.status == "pending" for c in state.confirmations):
+        return None
+    done = [c for c in state.confirmations if c.status == "succeeded" and c.fitness is not None]
+    return max(done, key=lambda c: c.fitness) if done else None  # type: ignore[arg-type, return-value]
 
 
 def _anything_pending(state: EngineState) -> bool:
@@ -564,6 +690,9 @@ def _locate(state: EngineState, cid: str) -> tuple[str, int] | None:
         for i, s in enumerate(gen.slots):
             if s.status == "pending" and slot_id(gen.index, s.slot, s.attempt) == cid:
                 return "slot", i
+    for i, c in enumerate(state.confirmations):
+        if c.id == cid and c.status == "pending":
+            return "confirm", i
     return None
 
 
@@ -571,6 +700,8 @@ def _not_pending_reason(state: EngineState, cid: str) -> str:
     for b in state.baselines:
         if b.id == cid:
             return "not issued yet" if b.status == "waiting" else "already told"
+    if any(c.id == cid for c in state.confirmations):
+        return "already told"
     match = _SLOT_ID.match(cid)
     if match is None:
         return "unknown candidate"
@@ -601,9 +732,14 @@ def _record_success(state: EngineState, record: TrialRecord) -> EngineState:
         state.pareto, record, [t.name for t in config.tasks], config.pareto_limit, best.id
     )
     worst = state.worst_fitness
+    leaders = state.leaders
+    if record.kind == "search" and config.confirm_top_k > 0:
+        ranked = sorted((*leaders, record), key=lambda r: (-r.fitness, r.seq))
+        leaders = tuple(ranked[: config.confirm_top_k])
     return state.model_copy(
         update={
             "best": best,
+            "leaders": leaders,
             "pareto": front,
             "worst_fitness": record.fitness if worst is None else min(worst, record.fitness),
             "trials": state.trials.model_copy(update={"succeeded": state.trials.succeeded + 1}),
@@ -735,6 +871,33 @@ def _replace_slot(state: EngineState, index: int, slot: SlotRecord) -> EngineSta
 
 def _named(config: EngineConfig, weights: np.ndarray) -> dict[str, float]:
     return {name: float(w) for name, w in zip(config.checkpoints, weights, strict=True)}
+
+
+def _confirm_public(state: EngineState, record: ConfirmRecord) -> dict[str, Any]:
+    data = record.model_dump(mode="json", exclude={"seq", "weights"}, exclude_none=True)
+    data["weights"] = _named(state.config, _confirm_weights(state, record))
+    return data
+
+
+def _winner_public(state: EngineState) -> dict[str, Any] | None:
+    """The winner in the shape of `best` (id, kind, generation, fitness, scores, weights), with
+    the search-side figures beside the confirmation ones."""
+    winner = _winner(state)
+    if winner is None:
+        return None
+    config = state.config
+    return {
+        "id": winner.source,
+        "kind": winner.kind,
+        "baseline": winner.baseline,
+        "generation": winner.generation,
+        "fitness": winner.fitness,
+        "scores": dict(winner.scores or {}),
+        "searchFitness": winner.search_fitness,
+        "searchScores": dict(winner.search_scores),
+        "confirmationId": winner.id,
+        "weights": _named(config, _confirm_weights(state, winner)),
+    }
 
 
 def _baseline_public(config: EngineConfig, record: BaselineRecord) -> dict[str, Any]:

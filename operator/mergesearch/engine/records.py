@@ -14,6 +14,8 @@ from mergesearch.engine.codec import decode_f8
 from mergesearch.engine.config import EngineConfig
 
 CandidateKind = Literal["baseline", "search"]
+# "confirmation": a candidate scored again, on the held-in examples the search never saw.
+Subset = Literal["search", "confirmation"]
 REASON_CHARS = 300
 
 
@@ -22,7 +24,8 @@ class Candidate:
     """A merge to evaluate. `id` is stable: asking twice yields the same ids and weights.
 
     `generation` is None for baselines. `baseline` names the baseline ("each", "uniform",
-    "merge-best") and is None for search candidates.
+    "merge-best") and is None for search candidates. A confirmation candidate (`subset`
+    "confirmation") re-scores the trial `source` (of `kind`) on the unseen held-in examples.
     """
 
     id: str
@@ -30,6 +33,8 @@ class Candidate:
     generation: int | None
     weights: dict[str, float]
     baseline: str | None = None
+    subset: Subset = "search"
+    source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +42,8 @@ class Candidate:
             "kind": self.kind,
             "generation": self.generation,
             "baseline": self.baseline,
+            "subset": self.subset,
+            "source": self.source,
             "weights": dict(self.weights),
         }
 

@@ -103,6 +103,30 @@ class GenerationSummary(_Frozen):
     best_so_far: float | None = None
 
 
+class ConfirmRecord(_Frozen):
+    """One candidate re-scored on the confirmation examples once the search has ended.
+
+    `source` is the trial it re-scores (a search candidate among the best, or a baseline);
+    `search_fitness` is that trial's fitness on the search examples, kept for the side-by-side
+    report; `fitness` and `scores` are the confirmation ones. Bounded: at most topK (<= 16)
+    search trials and N + 2 baselines, whose weights are not stored twice.
+    """
+
+    id: str
+    source: str
+    kind: Literal["baseline", "search"]
+    baseline: BaselineKind | None = None
+    generation: int | None = None
+    seq: int = Field(ge=0)
+    status: TrialStatus
+    weights: str | None = None  # a search trial's; a baseline's follow from its record
+    search_fitness: float
+    search_scores: dict[str, float]
+    fitness: float | None = None
+    scores: dict[str, float] | None = None
+    reason: str | None = None
+
+
 class TrialCounters(_Frozen):
     issued: int = 0
     succeeded: int = 0
@@ -136,6 +160,10 @@ class EngineState(_Frozen):
     baselines: tuple[BaselineRecord, ...] = ()
     trials: TrialCounters = TrialCounters()
     best: TrialRecord | None = None
+    # The best `config.confirm_top_k` search trials (fitness, then issue order), and the
+    # confirmation trials once the search has ended (empty until then).
+    leaders: tuple[TrialRecord, ...] = ()
+    confirmations: tuple[ConfirmRecord, ...] = ()
     pareto: tuple[TrialRecord, ...] = ()
     history: tuple[GenerationSummary, ...] = ()
     worst_fitness: float | None = None

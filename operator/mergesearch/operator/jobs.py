@@ -19,12 +19,12 @@ import importlib.metadata
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mergerunner.trial import CheckpointRef, OutputSpec, TaskSpec, TrialDocument
-from mergesearch.entrypoints import EVALUATOR_COMMAND, RUNNER_COMMAND
+from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
+from mergesearch.entrypoints import EVALUATOR_COMMAND, PREFLIGHT_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
@@ -40,7 +40,10 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "mergesearch-operator"}
 
 RUNNER_CONTAINER = "runner"
 FINAL_CANDIDATE = "final"
-Role = Literal["trial", "final"]
+PREFLIGHT_CANDIDATE = "preflight"
+Role = Literal["trial", "final", "preflight"]
+# Extended resources that are accelerators: a preflight pod requests none of them.
+ACCELERATOR_MARKERS = ("gpu", "tpu", "neuron", "habana", "accelerator")
 
 NAME_LIMIT = 63
 _HASH = 6
@@ -86,6 +89,7 @@ class JobSettings:
     # choose another. The chart makes one without any permissions in each served namespace.
     service_account: str = podpolicy.DEFAULT_SERVICE_ACCOUNT
     command: tuple[str, ...] = RUNNER_COMMAND
+    preflight_command: tuple[str, ...] = PREFLIGHT_COMMAND
     cache_dir: str = "/var/cache/mergerunner"
     tmp_dir: str = "/tmp"  # noqa: S108 - a path inside the trial container, an emptyDir
     credentials_dir: str = "/var/run/secrets/mergesearch/storage"
@@ -107,6 +111,10 @@ class JobSettings:
         env = os.environ if environ is None else environ
         image = env.get(DEFAULT_IMAGE_ENV) or FALLBACK_IMAGE
         command = tuple(env.get("MERGESEARCH_RUNNER_COMMAND", "").split()) or cls.command
+        # A replaced runner command (a test double) answers the preflight too, unless told.
+        preflight = tuple(env.get("MERGESEARCH_PREFLIGHT_COMMAND", "").split()) or (
+            command if command != cls.command else cls.preflight_command
+        )
         evaluator = (
             tuple(env.get("MERGESEARCH_EVALUATOR_COMMAND", "").split()) or cls.evaluator_command
         )
@@ -116,6 +124,7 @@ class JobSettings:
         return cls(
             default_image=image,
             command=command,
+            preflight_command=preflight,
             service_account=account,
             evaluator_command=evaluator,
             evaluator_url=env.get(EVALUATOR_URL_ENV) or None,
@@ -191,8 +200,8 @@ def job_name(owner: Owner, candidate_id: str, attempt: int = 0) -> str:
 
 
 def iteration_label(generation: int | None, role: Role) -> str:
-    if role == "final":
-        return "final"
+    if role in ("final", "preflight"):
+        return role
     return "baseline" if generation is None else str(generation)
 
 
@@ -206,6 +215,7 @@ def trial_document(
     settings: JobSettings,
     *,
     final: bool = False,
+    subset: Subset = "search",
 ) -> TrialDocument:
     """The runner's input for a candidate; for the final trial: held-out tasks and the export.
 
@@ -230,7 +240,10 @@ def trial_document(
         held_in=held_in,
         held_out=held_out,
         evaluator=objective.evaluator,
+        datasets_uri=objective.datasets.uri if objective.datasets else None,
+        allow_code_execution=objective.allow_code_execution,
         output=output,
+        subset=None if final or not spec.search.confirm.enabled else subset,
     )
 
 
@@ -296,6 +309,48 @@ def build_job(
             "template": pod_template(spec, text, settings, labels, annotations),
         },
     }
+
+
+def build_preflight_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettings) -> dict:
+    """The search's preflight Job: `mergerunner preflight` on a document naming every
+    checkpoint (uniform weights) and every task, held-in and held-out. The same pod as a trial
+    (storage credentials by reference, no Kubernetes credentials, hardened) but CPU-only: the
+    template's accelerator requests and limits are removed."""
+    name = job_name(owner, PREFLIGHT_CANDIDATE)
+    weights = {c.name: 1.0 / len(spec.checkpoints) for c in spec.checkpoints}
+    doc = trial_document(spec, name, weights, settings)
+    doc = doc.model_copy(
+        update={"held_in": list(spec.objective.held_in), "held_out": list(spec.objective.held_out)}
+    )
+    job = build_job(
+        owner,
+        spec,
+        candidate_id=PREFLIGHT_CANDIDATE,
+        generation=None,
+        document=doc,
+        settings=replace(settings, command=settings.preflight_command),
+        role="preflight",
+    )
+    pod = job["spec"]["template"]["spec"]
+    for container in pod.get("containers") or []:
+        resources = container.get("resources") or {}
+        for part in ("requests", "limits", "claims"):
+            if part == "claims":
+                resources.pop("claims", None)  # dynamic resource claims (accelerators)
+                continue
+            kept = {k: v for k, v in (resources.get(part) or {}).items() if not _accelerator(k)}
+            if kept:
+                resources[part] = kept
+            else:
+                resources.pop(part, None)
+        if "resources" in container and not container["resources"]:
+            container.pop("resources")
+    pod.pop("resourceClaims", None)
+    return job
+
+
+def _accelerator(resource: str) -> bool:
+    return "/" in resource and any(m in resource.lower() for m in ACCELERATOR_MARKERS)
 
 
 def _pod_failure_policy() -> dict[str, Any]:

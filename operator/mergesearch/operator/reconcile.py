@@ -206,6 +206,11 @@ def backoff_s(attempt: int) -> float:
 # --------------------------------------------------------------------------- entry points
 
 
+def _chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The status entry of the merge a finished search hands over (see status.build_status)."""
+    return status.get("winner") or status.get("best") or {}
+
+
 def reconcile(
     view: SearchView,
     jobs: Sequence[JobSummary],
@@ -253,13 +258,16 @@ def reconcile(
         active=list(previous.get("activeTrials") or []),
         final=dict(previous["final"]) if previous.get("final") else None,
         output=dict(previous["output"]) if previous.get("output") else None,
-        held_out=dict((previous.get("best") or {}).get("heldOut") or {}) or None,
+        held_out=dict(_chosen_entry(previous).get("heldOut") or {}) or None,
         retries={r["trial"]: dict(r) for r in previous.get("retries") or [] if "trial" in r},
     )
     if spec.execution.mode == "warm":
         draft.leases = warm.read_leases(previous)
     if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
         draft.events.append(NO_REQUESTS)
+    gate = _preflight(draft, view, spec, mine, pods, settings)
+    if gate is not None:  # no trial Job before the preflight passed
+        return _plan(view, draft, mine, *gate, now)
     try:
         _collect(draft, mine, pods, now)
         if draft.leases is not None:
@@ -576,13 +584,16 @@ def retryable(outcome: TrialOutcome, *, first_trials: bool) -> bool:
 def _check_blockers(
     draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]]
 ) -> None:
-    """Pods of active trials (and of the final Job) that do not start: a configuration
-    cause fails the search now; a transient one is the `TrialsBlocked` condition."""
+    """Pods of active trials (and of the final Job, and in warm mode of the evaluator Job)
+    that do not start: a configuration cause fails the search now; a transient one is the
+    `TrialsBlocked` condition."""
     current = {**_by_candidate(mine, "trial", draft), **_by_candidate(mine, "final", draft)}
     wanted = [*draft.active, *([FINAL_CANDIDATE] if draft.final else [])]
+    jobs = [current.get(cid) for cid in wanted]
+    if draft.leases is not None:
+        jobs += [j for j in mine if j.role == warm.EVALUATOR_ROLE and not j.deleting]
     waiting = []
-    for cid in wanted:
-        job = current.get(cid)
+    for job in jobs:
         if job is None or job.state != "active":
             continue
         blocker = blocker_of(job, pods.get(job.name, ()))
@@ -638,6 +649,60 @@ def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[str,
     if kind is FailureKind.STORAGE_UNAVAILABLE and first_trials:
         return "StorageUnreachable", message
     return None
+
+
+# --------------------------------------------------------------------------- the preflight
+
+PREFLIGHT = "Preflight"
+
+
+def _preflight(
+    draft: _Draft,
+    view: SearchView,
+    spec: MergeSearchSpec,
+    mine: Sequence[JobSummary],
+    pods: Mapping[str, Sequence[PodSummary]],
+    settings: JobSettings,
+) -> tuple[Phase, str, str] | None:
+    """The search's preflight Job (mergerunner.preflight, CPU only) before any trial Job.
+
+    Returns the phase to report while it runs or once it failed, None when trials may go: it
+    passed (condition `Preflight=True`, kept in the status so a restart never repeats it), or
+    the search has no model to check (the analytic benchmark backend), or trials of this
+    search already exist (a search started before the operator had a preflight). A failure
+    fails the search with the reason of its kind (`UnknownTask`, `DataMissing`, ...) and zero
+    trial Jobs.
+    """
+    passed = condition(view.status, PREFLIGHT)
+    if passed is not None and passed.get("status") == "True":
+        return None
+    if spec.objective.evaluator.backend == "analytic":
+        return None
+    if draft.active or any(j.role in ("trial", "final") for j in mine):
+        return None
+    job = _by_candidate(mine, "preflight", draft).get(jobspec.PREFLIGHT_CANDIDATE)
+    outcome = outcome_of(job, pods.get(job.name, ())) if job else None
+    if outcome is None:
+        if job is None:
+            draft.create.append(jobspec.build_preflight_job(view.owner, spec, settings))
+        name = jobspec.job_name(view.owner, jobspec.PREFLIGHT_CANDIDATE)
+        return (
+            "Pending",
+            PREFLIGHT,
+            (f"preflight Job {name}: checkpoint headers, tasks, data and metrics before any trial"),
+        )
+    if outcome.succeeded:
+        draft.waits[PREFLIGHT] = (True, "Passed", f"preflight Job {outcome.job} passed")
+        return None
+    kind = outcome.error_kind
+    if kind is FailureKind.STORAGE_UNAVAILABLE:
+        reason = "StorageUnreachable"
+    else:
+        reason = FATAL_REASONS.get(kind, "PreflightFailed") if kind else "PreflightFailed"
+    message = outcome.reason  # "preflight: <the cause>", the runner's failed step
+    draft.waits[PREFLIGHT] = (False, reason, message)
+    draft.events.append(Event("Warning", "PreflightFailed", message))
+    return "Failed", reason, message
 
 
 # --------------------------------------------------------------------------- advancing
@@ -722,7 +787,9 @@ def _launch(
         candidate = pending[cid]
         attempt = draft.attempt(cid)
         name = jobspec.job_name(owner, cid, attempt)
-        doc = jobspec.trial_document(spec, name, candidate.weights, settings)
+        doc = jobspec.trial_document(
+            spec, name, candidate.weights, settings, subset=candidate.subset
+        )
         draft.create.append(
             jobspec.build_job(
                 owner,
@@ -769,7 +836,9 @@ def _launch_warm(
     )
     for evaluator, cid in given.items():
         name = jobspec.job_name(owner, cid, draft.attempt(cid))
-        doc = jobspec.trial_document(spec, name, pending[cid].weights, settings)
+        doc = jobspec.trial_document(
+            spec, name, pending[cid].weights, settings, subset=pending[cid].subset
+        )
         draft.assignments[evaluator] = warm.Assignment(cid, jobspec.document_json(doc))
 
 
@@ -783,9 +852,11 @@ def _finalize(
     summary: engine.EngineStatus,
     now: str,
 ) -> tuple[Phase, str, str]:
-    """The search succeeded: evaluate the best merge on held-out tasks and export it."""
+    """The search succeeded: evaluate the chosen merge (the confirmed winner, else the best) on
+    held-out tasks and export it."""
     stop = summary.message or "search finished"
-    if not (spec.objective.held_out or spec.output.uri) or summary.best is None:
+    best = engine.chosen(summary)
+    if not (spec.objective.held_out or spec.output.uri) or best is None:
         return "Succeeded", "Succeeded", stop
     owner = view.owner
     attempt = draft.attempt(FINAL_CANDIDATE)
@@ -800,13 +871,13 @@ def _finalize(
     draft.final = {
         **previous,
         "job": name,
-        "trial": summary.best["id"],
+        "trial": best["id"],
         "state": previous.get("state") if previous.get("state") == "Retrying" else "Running",
     }
     if job is None and draft.due(FINAL_CANDIDATE, now):
         draft.final["state"] = "Running"
         draft.final.pop("notBefore", None)
-        doc = jobspec.trial_document(spec, name, summary.best["weights"], settings, final=True)
+        doc = jobspec.trial_document(spec, name, best["weights"], settings, final=True)
         draft.create.append(
             jobspec.build_job(
                 owner,
@@ -822,7 +893,7 @@ def _finalize(
     if draft.final["state"] == "Retrying":
         why = draft.final.get("error", "")
         return "Running", "Finalizing", f"{stop}; the final evaluation is retried ({why})"
-    return "Running", "Finalizing", f"{stop}; evaluating {summary.best['id']} (Job {name})"
+    return "Running", "Finalizing", f"{stop}; evaluating {best['id']} (Job {name})"
 
 
 def _final_outcome(

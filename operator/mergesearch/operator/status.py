@@ -254,7 +254,44 @@ def engine_fields(state: engine.EngineState) -> dict[str, Any]:
     if summary.best is not None:
         out["best"] = _trial(summary.best)
         out["bestFitness"] = fitness_text(summary.best["fitness"])
+    if summary.confirmation:
+        out["confirmation"] = [_confirmation(c) for c in summary.confirmation]
+    if summary.winner is not None:
+        out["winner"] = _winner(summary.winner)
+        out["winnerFitness"] = fitness_text(summary.winner["fitness"])
     return out
+
+
+def _confirmation(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One finalist: its fitness on the search's examples beside that on unseen ones."""
+    return camel_keys(
+        {
+            "trial": entry["source"],
+            "kind": entry["kind"],
+            "baseline": entry.get("baseline"),
+            "status": entry["status"],
+            "search_fitness": entry["search_fitness"],
+            "fitness": entry.get("fitness"),
+            "reason": entry.get("reason"),
+        }
+    )
+
+
+def _winner(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The confirmed winner: `fitness` on the confirmation examples, `searchFitness` beside."""
+    return camel_keys(
+        {
+            "trial": entry["id"],
+            "kind": entry["kind"],
+            "baseline": entry.get("baseline"),
+            "generation": entry.get("generation"),
+            "fitness": entry["fitness"],
+            "search_fitness": entry["searchFitness"],
+            "scores": entry["scores"],
+            "search_scores": entry["searchScores"],
+            "weights": entry["weights"],
+        }
+    )
 
 
 def build_status(
@@ -286,8 +323,9 @@ def build_status(
     trials["running"] = len(active) + (1 if final and final.get("state") == "Running" else 0)
     doc["trials"] = trials
     doc.setdefault("iteration", 0)
-    if held_out and "best" in doc:
-        doc["best"] = {**doc["best"], "heldOut": dict(held_out)}
+    chosen = "winner" if "winner" in doc else "best"  # the merge the search hands over
+    if held_out and chosen in doc:
+        doc[chosen] = {**doc[chosen], "heldOut": dict(held_out)}
     conditions = phase_conditions(
         previous.get("conditions") or [],
         phase=phase,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergerunner.toys.pool import build_pool
-from mergerunner.toys.presets import PRESETS
+from mergerunner.toys.presets import COMMITTED_DIGESTS, PRESETS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _digest_note(digest: str, committed: str | None) -> str:
+    """Says whether this pool is the one every other machine builds (and the README shows)."""
+    if committed is None:
+        return f"pool digest {digest}"
+    if digest == committed:
+        return f"pool digest {digest[:12]}: the committed one, that the README's figures come from"
+    return (
+        f"WARNING: pool digest {digest[:12]} differs from the committed {committed[:12]}: "
+        "results will not match the README"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = time.monotonic()
@@ -41,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pool {pool.preset} ({pool.key}) ready in {pool.root} after "
         f"{time.monotonic() - started:.1f}s: {', '.join(pool.names)}"
     )
+    _log(_digest_note(pool.digest, COMMITTED_DIGESTS.get(pool.preset)))
     if args.evaluate:
         from mergerunner.toys.evaluate import evaluate_pool, format_table
 

@@ -8,8 +8,11 @@ interrupted build leaves nothing that could be mistaken for a pool.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,6 +22,7 @@ from typing import Any
 
 from mergerunner.toys.lmeval_tasks import write_task_yamls, write_tasks
 from mergerunner.toys.presets import GENERATOR_VERSION, Preset, Stage, get_preset, validate
+from mergerunner.toys.repro import worker_env
 from mergerunner.toys.tasks import TASKS
 
 MANIFEST = "pool.json"
@@ -33,7 +37,8 @@ Log = Callable[[str], None]
 class Pool:
     """A built pool: where its checkpoints and lm-eval tasks are, and how to score them.
 
-    `heldin` and `heldout` map task names to the metric key in lm-eval's results.
+    `heldin` and `heldout` map task names to the metric key in lm-eval's results; `digest`
+    identifies what is scored (every checkpoint's weights and every task's examples).
     """
 
     root: Path
@@ -43,6 +48,7 @@ class Pool:
     checkpoints: dict[str, Path]
     heldin: dict[str, str]
     heldout: dict[str, str]
+    digest: str
 
     @property
     def tasks_dir(self) -> Path:
@@ -80,7 +86,7 @@ def build_pool(out_dir: Path, preset: str | Preset = "mini", log: Log | None = N
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
-        _build_into(staging, out_dir, recipe, log or _quiet)
+        _build_in_child(staging, out_dir, recipe, log or _quiet)
         _install(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -111,7 +117,24 @@ def _pool_from_manifest(root: Path, manifest: dict[str, Any]) -> Pool:
         checkpoints={c["name"]: root / c["path"] for c in manifest["checkpoints"]},
         heldin={t["task"]: t["metric"] for t in manifest["heldin"]},
         heldout={t["task"]: t["metric"] for t in manifest["heldout"]},
+        digest=manifest["digest"],
     )
+
+
+def pool_digest(root: Path) -> str:
+    """sha256 over every checkpoint's weights and every task's JSONL, in name order.
+
+    Configs and task YAMLs stay out: they carry library versions and absolute paths, which
+    change nothing that is merged or scored.
+    """
+    files = sorted(
+        [*root.glob(f"{CHECKPOINTS_DIR}/*/{WEIGHTS_FILE}"), *root.glob(f"{TASKS_DIR}/*.jsonl")]
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _complete_pool(root: Path, recipe: Preset) -> Pool | None:
@@ -158,8 +181,30 @@ def _quiet(_: str) -> None:
     return None
 
 
-def _build_into(staging: Path, final: Path, recipe: Preset, log: Log) -> None:
-    """Train every stage and write the whole layout, the manifest last."""
+def _build_in_child(staging: Path, final: Path, recipe: Preset, log: Log) -> None:
+    """Run `build_into` in a process started with the pinned numerics of toys.repro."""
+    job = {"recipe": recipe.to_json(), "staging": str(staging), "final": str(final)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "mergerunner.toys.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=worker_env(),
+        text=True,
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps(job))
+        child.stdin.close()
+        for line in child.stdout:
+            log(line.rstrip("\n"))
+    if child.returncode != 0:
+        raise RuntimeError(f"toy pool build failed (exit {child.returncode}); see stderr above")
+
+
+def build_into(staging: Path, final: Path, recipe: Preset, log: Log) -> None:
+    """Train every stage and write the whole layout, the manifest last.
+
+    Runs in the build process (mergerunner.toys.worker), whose numerics are pinned.
+    """
     from mergerunner.toys.checkpoints import save_checkpoint, train_stages
     from mergerunner.toys.model import new_model, parameter_count
     from mergerunner.toys.tokenizer import build_tokenizer
@@ -180,6 +225,7 @@ def _build_into(staging: Path, final: Path, recipe: Preset, log: Log) -> None:
         "heldin": [_task_record(name) for name in recipe.heldin],
         "heldout": [_task_record(name) for name in recipe.heldout],
         "checkpoints": records,
+        "digest": pool_digest(staging),
         "model": {
             **recipe.model.to_json(),
             "architecture": "LlamaForCausalLM",

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mergerunner.toys.model import ModelSpec
 from mergerunner.toys.tasks import TASKS
 
 # Bump whenever anything that changes the produced pool changes (tasks, tokenizer, training).
-GENERATOR_VERSION = "1"
+# 2: trained under pinned numerics (mergerunner.toys.repro), the same bytes on every x86-64 CPU.
+GENERATOR_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class Stage:
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Stage:
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,20 @@ class Preset:
             "init_seed": self.init_seed,
             "eval_examples": self.eval_examples,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preset:
+        """The inverse of to_json (the build process receives its recipe this way)."""
+        return cls(
+            name=data["name"],
+            heldin=tuple(data["heldin"]),
+            heldout=tuple(data["heldout"]),
+            stages=tuple(Stage.from_json(stage) for stage in data["stages"]),
+            model=ModelSpec(**data["model"]),
+            batch_size=data["batch_size"],
+            init_seed=data["init_seed"],
+            eval_examples=data["eval_examples"],
+        )
 
     def key(self) -> str:
         """Identifies what this preset produces: a changed recipe never reuses a stale cache."""
@@ -240,6 +260,13 @@ PAPER = Preset(
 )
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (MINI, PAPER)}
+
+# What build_pool produces for each named preset (Pool.digest: every checkpoint's weights and
+# every task's examples), on any x86-64 machine; tests/integration/test_toys_pool.py checks it.
+COMMITTED_DIGESTS: dict[str, str] = {
+    "mini": "41999ce7792f899d404c2082ca8aff516d9d8ab769cb712b3d29158254612f5c",
+    "paper": "7e15f0659aae8aa71d03d993644538f46acdb3149ec39ea2020b32f4d74db074",
+}
 
 
 def get_preset(name: str) -> Preset:
