@@ -209,13 +209,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper.json")
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
-    for pool_seed in range(args.pools):
-        recipe = pool_recipe(pool_seed)
-        started = time.monotonic()
-        pool = build_pool(args.cache / "toys" / f"{recipe.name}-{recipe.key()}", recipe)
-        print(f"pool {pool_seed} ({pool.digest[:12]}) in {time.monotonic() - started:.0f}s")
-        for seed in range(args.seeds):
-            run = one_run(pool, pool_seed, seed, args)
+    pools: dict[int, Any] = {}
+    # Seed-major order: an interrupted benchmark has covered every pool with fewer seeds.
+    for seed in range(args.seeds):
+        for pool_seed in range(args.pools):
+            if pool_seed not in pools:
+                recipe = pool_recipe(pool_seed)
+                started = time.monotonic()
+                pool = build_pool(args.cache / "toys" / f"{recipe.name}-{recipe.key()}", recipe)
+                print(f"pool {pool_seed} ({pool.digest[:12]}) in {time.monotonic() - started:.0f}s")
+                pools[pool_seed] = pool
+            run = one_run(pools[pool_seed], pool_seed, seed, args)
             runs.append(run)
             print(json.dumps({k: run[k] for k in ("pool", "seed", "a", "b", "c", "seconds")}))
             args.out.write_text(json.dumps(summarise(runs, args), indent=2) + "\n")

@@ -180,13 +180,14 @@ def run_trial(
             if doc.output.save_model and doc.output.uri:
                 with clock.step("upload"):  # the destination first: a bad one costs no merge
                     check_destination(doc.output.uri)
-            with clock.step("fetch"):
-                dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
-                bundle = fetch_bundle(doc.datasets_uri, cache_dir) if doc.datasets_uri else None
-            merged_dir = Path(tmp) / "merged"
+            bundle = None
+            if doc.datasets_uri:
+                with clock.step("fetch"):  # the tasks' data first: the tasks load from it
+                    bundle = fetch_bundle(doc.datasets_uri, cache_dir)
             with clock.step("evaluate"):
-                # Everything that can refuse the trial does so before the merge: unknown
-                # tasks, tasks the server cannot score, a model the devices cannot hold.
+                # Everything that can refuse the trial does so before the fetch and the merge:
+                # unknown tasks, metrics the tasks do not report, tasks the server cannot
+                # score; a model the devices cannot hold right after the fetch.
                 suite = TaskSuite(
                     [*doc.held_in, *doc.held_out],
                     include_path=custom_tasks_dir(doc),
@@ -197,6 +198,10 @@ def run_trial(
                     **subset_options(doc),
                 )
                 check_server_tasks(suite.output_types, doc.evaluator)
+            with clock.step("fetch"):
+                dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
+            merged_dir = Path(tmp) / "merged"
+            with clock.step("evaluate"):
                 placement = plan_merged(dirs, doc) if doc.evaluator.backend == "hf" else None
             with clock.step("merge"):
                 report = merge_to_directory(dirs, doc.weight_vector(), merged_dir, dtype=doc.dtype)

@@ -190,3 +190,83 @@ def test_suspending_a_warm_search_stops_its_evaluators_and_resume_ends_the_same(
     assert status["phase"] == reference["phase"] == "Succeeded", status.get("conditions")
     assert result_of(status) == result_of(reference)
     assert_counts_exact(status, trials_run(reference))
+
+
+def test_a_real_warm_search_over_s3_equals_the_one_job_search(
+    k8s_cluster: KubeCluster,
+    k8s_node_agent: NodeAgent,
+    operator_factory: OperatorFactory,
+    s3_server: Any,
+    toy_pool: Any,
+    tmp_path: Path,
+) -> None:
+    """The real runner: toy checkpoints fetched from the S3 server with the Secret's
+    credentials, tasks from a ConfigMap, lm-eval scoring. The same spec and seed as one Job per
+    trial and on warm evaluators (with a node cache): the same trials, scores and best."""
+    from test_operator_search import portable_tasks, upload_dir
+
+    port = free_port()
+    key = tmp_path / "key"
+    key.write_text(os.urandom(16).hex())
+    (tmp_path / "node-cache").mkdir()
+    env = {
+        "MERGESEARCH_EVALUATOR_PORT": str(port),
+        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
+        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key),
+        "MERGESEARCH_NODE_CACHE_DIR": str(tmp_path / "node-cache"),
+    }
+    bucket = s3_server.create_bucket()
+    names = list(toy_pool.checkpoints)[:3]
+    uris = {n: upload_dir(s3_server, bucket, toy_pool.checkpoints[n], f"pool/{n}") for n in names}
+    task, metric = next(iter(toy_pool.heldin.items()))
+    tasks = portable_tasks(toy_pool.tasks_dir, tmp_path / "tasks", [task])
+    runs: dict[str, Searches] = {}
+    for mode in ("jobs", "warm"):
+        namespace = new_namespace(k8s_cluster, f"real{mode}")
+        api = k8s_cluster.api()
+        api.create(
+            f"/api/v1/namespaces/{namespace}/configmaps",
+            {"metadata": {"name": "toy-tasks"}, "data": tasks},
+        )
+        api.create(
+            f"/api/v1/namespaces/{namespace}/secrets",
+            {
+                "metadata": {"name": "toy-store"},
+                "stringData": {
+                    "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                    "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                },
+            },
+        )
+        runs[mode] = Searches(k8s_cluster, namespace)
+    operator_factory([runs["jobs"].namespace, runs["warm"].namespace], env=env)
+    for mode, searches in runs.items():
+        searches.create(
+            "real",
+            {
+                "checkpoints": [{"name": n, "uri": u} for n, u in uris.items()],
+                "merge": {"dtype": "float32"},
+                "objective": {
+                    "heldIn": [{"task": task, "metric": metric, "limit": 4}],
+                    "customTasks": {"configMapRef": {"name": "toy-tasks"}},
+                    "evaluator": {"device": "cpu", "batchSize": 8, "seed": 7},
+                },
+                "search": {"populationSize": 3, "maxGenerations": 1, "seed": 2, "baselines": []},
+                "execution": {"mode": mode, "parallelism": 1, "backoffLimit": 0},
+                "storage": {
+                    "endpoint": s3_server.endpoint,
+                    "region": s3_server.region,
+                    "secretRef": {"name": "toy-store"},
+                },
+            },
+        )
+    done = {mode: s.wait_phase("real", ["Succeeded", "Failed"], 420) for mode, s in runs.items()}
+    assert done["jobs"]["phase"] == done["warm"]["phase"] == "Succeeded", done["warm"].get(
+        "conditions"
+    )
+    for key_ in ("best", "history", "trials", "paretoFront"):
+        assert done["warm"][key_] == done["jobs"][key_], key_
+    # Every Job that ever made a pod in the warm namespace: the evaluators and the preflight,
+    # never a Job per trial.
+    made = {e["involvedObject"]["name"] for e in runs["warm"].job_events()}
+    assert made and all(n.endswith(("-evaluators", "-preflight")) for n in made), made

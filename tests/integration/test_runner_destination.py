@@ -1,4 +1,5 @@
-"""`mergerunner run` checks its output destination before it fetches or merges anything."""
+"""`mergerunner run` checks its output destination and its tasks and metrics before it fetches or
+merges anything."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import pytest
 pytestmark = [pytest.mark.integration]
 
 
-def test_a_bad_destination_fails_before_the_fetch(toy_pool: Any, tmp_path: Path) -> None:
-    taken = tmp_path / "taken"
-    taken.write_text("a file")
+def document(toy_pool: Any, **changes: Any) -> dict[str, Any]:
     names = list(toy_pool.checkpoints)
     doc = {
         "apiVersion": "mergerunner.mergesearch.io/v2",
@@ -24,8 +23,11 @@ def test_a_bad_destination_fails_before_the_fetch(toy_pool: Any, tmp_path: Path)
         "weights": {n: 1 / len(names) for n in names},
         "heldIn": [{"task": t, "metric": m, "limit": 2} for t, m in toy_pool.heldin.items()],
         "customTasksDir": str(toy_pool.tasks_dir),
-        "output": {"uri": str(taken), "saveModel": True},
     }
+    return doc | changes
+
+
+def run(doc: dict[str, Any], tmp_path: Path) -> tuple[int, dict[str, Any]]:
     (tmp_path / "trial.json").write_text(json.dumps(doc))
     command = [sys.executable, "-m", "mergerunner", "run", "--trial", str(tmp_path / "trial.json")]
     proc = subprocess.run(
@@ -34,8 +36,25 @@ def test_a_bad_destination_fails_before_the_fetch(toy_pool: Any, tmp_path: Path)
         text=True,
         check=False,
     )
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_a_bad_destination_fails_before_the_fetch(toy_pool: Any, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    doc = document(toy_pool, output={"uri": str(taken), "saveModel": True})
+    code, result = run(doc, tmp_path)
+    assert code == 1
     assert result["failedStep"] == "upload" and result["errorKind"] == "config"
     assert str(taken) in result["error"]
+    assert result["timings"]["fetchS"] == 0 and result["timings"]["mergeS"] == 0
+
+
+def test_a_wrong_metric_fails_before_the_fetch(toy_pool: Any, tmp_path: Path) -> None:
+    doc = document(toy_pool)
+    doc["heldIn"][0]["metric"] = "acc"  # a generate_until task reports exact_match
+    code, result = run(doc, tmp_path)
+    assert code == 1
+    assert result["failedStep"] == "evaluate" and result["errorKind"] == "unknown-metric"
+    assert "'acc'" in result["error"] and doc["heldIn"][0]["task"] in result["error"]
     assert result["timings"]["fetchS"] == 0 and result["timings"]["mergeS"] == 0

@@ -44,10 +44,9 @@ def resident_by_dtype(toy_pool: Any) -> dict[str, Any]:
 def test_local_runner_and_export_agree(
     toy_pool: Any, resident_by_dtype: dict[str, Any], tmp_path: Path, dtype: str
 ) -> None:
-    from mergerunner.evaluate import TaskSuite, make_lm
+    from mergerunner.evaluate import TaskSuite
     from mergerunner.merge import merge_to_directory
-    from mergerunner.run import load_merged_model
-    from mergerunner.trial import EvaluatorSpec, TaskSpec, TrialDocument
+    from mergerunner.trial import TaskSpec
 
     names = list(toy_pool.checkpoints)
     weights = dict(zip(names, WEIGHTS, strict=True))
@@ -82,13 +81,13 @@ def test_local_runner_and_export_agree(
     export = merge_to_directory(
         list(toy_pool.checkpoints.values()), WEIGHTS, tmp_path / "local-export", dtype=dtype
     )
-    # The exported model, loaded afresh and scored on the same examples.
-    trial = TrialDocument.model_validate(doc)
-    model, tokenizer = load_merged_model(out, trial)
+    # The exported model, loaded afresh by lm-eval itself (on a CPU in float32, as every mode
+    # computes there) and scored on the same examples.
+    from lm_eval.models.huggingface import HFLM
+
+    plain = HFLM(pretrained=str(out), dtype="float32", device="cpu", batch_size=32)
     tasks = [TaskSpec.model_validate(s) for s in specs(toy_pool.tasks)]
-    again = TaskSuite(tasks, include_path=toy_pool.tasks_dir).score(
-        make_lm(model, tokenizer, EvaluatorSpec(batch_size=32, device="cpu"), progress=False)
-    )
+    again = TaskSuite(tasks, include_path=toy_pool.tasks_dir).score(plain)
 
     assert local.digest == pod["digest"] == export.digest
     assert local.held_in == pod["heldIn"]

@@ -485,3 +485,23 @@ def test_evaluator_gauges_come_from_the_status() -> None:
     assert values[("mergesearch_evaluators", (("state", "ready"),))] == 1
     assert values[("mergesearch_evaluators", (("state", "wanted"),))] == 2
     assert values[("mergesearch_evaluator_fetched_bytes", ())] == 7
+
+
+def test_evaluator_pods_that_cannot_start_are_reported_like_trial_pods() -> None:
+    from mergesearch.operator.observe import PodSummary
+
+    cluster = started()
+    job = warm.evaluator_job_name(OWNER)
+    cluster.pods[job] = [
+        PodSummary(f"{job}-a", job, None, message="back-off", waiting="ImagePullBackOff")
+    ]
+    cluster.step()
+    blocked = condition(cluster.status, "TrialsBlocked")
+    assert blocked["status"] == "True" and blocked["reason"] == "ImagePullBackOff"
+    assert job in blocked["message"]
+    cluster.pods[job] = [
+        PodSummary(f"{job}-a", job, None, message="bad ref", waiting="InvalidImageName")
+    ]
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "ImageInvalid"
+    assert job in cluster.deleted

@@ -359,7 +359,10 @@ async def _observe(
     out_jobs: list[JobSummary] = []
     out: dict[str, list[PodSummary]] = {}
     for job in jobs:
-        if not (job.candidate in active or job.role in ("final", "preflight")):
+        running_evaluators = job.role == warm.EVALUATOR_ROLE and job.state == "active"
+        if not (
+            job.candidate in active or job.role in ("final", "preflight") or running_evaluators
+        ):
             out_jobs.append(job)
             continue
         pods = [p for p in index.get((namespace, job.name), []) if p.of(job)]

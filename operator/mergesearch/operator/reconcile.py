@@ -584,13 +584,16 @@ def retryable(outcome: TrialOutcome, *, first_trials: bool) -> bool:
 def _check_blockers(
     draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]]
 ) -> None:
-    """Pods of active trials (and of the final Job) that do not start: a configuration
-    cause fails the search now; a transient one is the `TrialsBlocked` condition."""
+    """Pods of active trials (and of the final Job, and in warm mode of the evaluator Job)
+    that do not start: a configuration cause fails the search now; a transient one is the
+    `TrialsBlocked` condition."""
     current = {**_by_candidate(mine, "trial", draft), **_by_candidate(mine, "final", draft)}
     wanted = [*draft.active, *([FINAL_CANDIDATE] if draft.final else [])]
+    jobs = [current.get(cid) for cid in wanted]
+    if draft.leases is not None:
+        jobs += [j for j in mine if j.role == warm.EVALUATOR_ROLE and not j.deleting]
     waiting = []
-    for cid in wanted:
-        job = current.get(cid)
+    for job in jobs:
         if job is None or job.state != "active":
             continue
         blocker = blocker_of(job, pods.get(job.name, ()))
