@@ -247,10 +247,13 @@ def run_preflight(
     doc: TrialDocument, *, cache_dir: Path, custom: Path | None = None
 ) -> tuple[TrialResult, PreflightReport | None]:
     """The preflight of a search whose trials look like `doc`; never raises for a finding."""
+    from mergerunner.fetch import check_destination
     from mergerunner.run import fetch_bundle
 
     start = time.perf_counter()
     try:
+        if doc.output.uri:  # where the final trial will export: usable, before any trial
+            check_destination(doc.output.uri)
         plan, stats = check_checkpoints([c.uri for c in doc.checkpoints])
         check_backend(doc)
         bundle = fetch_bundle(doc.datasets_uri, cache_dir) if doc.datasets_uri else None

@@ -131,6 +131,7 @@ def test_a_preflight_of_a_good_search_succeeds(
         ("metric", "unknown-metric", ["leaderboard_musr", "exact_match"]),
         ("group-typo", "unknown-task", ["leaderboard_musrr"]),
         ("backend", "config", ["vllm"]),
+        ("output", "config", ["output destination", "is a file"]),
     ],
 )
 def test_each_configuration_error_is_named_with_its_kind(
@@ -169,7 +170,9 @@ def test_each_configuration_error_is_named_with_its_kind(
         "metric": {"heldIn": [held[0], {"task": "leaderboard_musr", "metric": "exact_match"}]},
         "group-typo": {"heldIn": [held[0], {"task": "leaderboard_musrr", "metric": "acc_norm"}]},
         "backend": {"evaluator": {"backend": "vllm"}},
+        "output": {"output": {"uri": str(tmp_path / "taken")}},
     }[case]
+    (tmp_path / "taken").write_text("a file where the export would go")
     if case == "backend" and __import__("importlib").util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     result, report = run_preflight(doc(toy_pool, bucket, **{**base, **changes}), cache_dir=tmp_path)

@@ -481,3 +481,9 @@ def test_settings_from_env() -> None:
     assert JobSettings.from_env({}).service_account == "default"
     trial_sa = {jobspec.SERVICE_ACCOUNT_ENV: "mergesearch-trial"}
     assert JobSettings.from_env(trial_sa).service_account == "mergesearch-trial"
+
+
+def test_the_preflight_document_names_the_export_destination_without_writing_it() -> None:
+    job = jobspec.build_preflight_job(OWNER, make_spec(), SETTINGS)
+    doc = parse_trial(env_of(runner_of(job))["MERGERUNNER_TRIAL"])
+    assert doc.output.uri == "s3://out/x/" and doc.output.save_model is False

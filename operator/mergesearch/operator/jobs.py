@@ -315,12 +315,18 @@ def build_preflight_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettin
     """The search's preflight Job: `mergerunner preflight` on a document naming every
     checkpoint (uniform weights) and every task, held-in and held-out. The same pod as a trial
     (storage credentials by reference, no Kubernetes credentials, hardened) but CPU-only: the
-    template's accelerator requests and limits are removed."""
+    template's accelerator requests and limits are removed. Its output names spec.output.uri
+    without saveModel: the preflight checks the destination and writes nothing."""
     name = job_name(owner, PREFLIGHT_CANDIDATE)
     weights = {c.name: 1.0 / len(spec.checkpoints) for c in spec.checkpoints}
     doc = trial_document(spec, name, weights, settings)
     doc = doc.model_copy(
-        update={"held_in": list(spec.objective.held_in), "held_out": list(spec.objective.held_out)}
+        update={
+            "held_in": list(spec.objective.held_in),
+            "held_out": list(spec.objective.held_out),
+            # The export's destination, checked (not written) before the first trial.
+            "output": OutputSpec(uri=spec.output.uri) if spec.output.uri else OutputSpec(),
+        }
     )
     job = build_job(
         owner,
