@@ -129,6 +129,7 @@ def record_of(
         merge_s=result.timings.merge_s,
         evaluate_s=result.timings.evaluate_s,
         digest=result.digest,
+        subtasks=dict(result.subtasks or {}),
     )
 
 

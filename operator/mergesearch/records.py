@@ -33,6 +33,7 @@ class TrialRecord:
     # "confirmation": `source` (a baseline or search trial) re-scored on unseen held-in examples.
     subset: str = "search"
     source: str | None = None
+    subtasks: dict[str, float] = field(default_factory=dict)  # members of group tasks
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,24 +374,53 @@ class _Transfer:
     lock_timeout_s: float = LOCK_TIMEOUT_S
 
 
+# How often a waiter looks whether the lock's holder is still making progress.
+PROGRESS_CHECK_S = 5.0
+
+
+def allocated_bytes(directory: Path) -> int:
+    """Bytes allocated to the files of a cache entry, partial downloads included: it grows
+    while the entry's lock holder fetches (st_blocks, since a ranged download may create its
+    file at full size at once)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sum(e.stat().st_blocks * 512 for e in entries if e.is_file())
+    except OSError:
+        return 0
+
+
 @contextlib.asynccontextmanager
-async def _file_lock(path: Path, uri: str, timeout_s: float) -> AsyncIterator[None]:
+async def _file_lock(
+    path: Path, uri: str, timeout_s: float, progress: Callable[[], int] | None = None
+) -> AsyncIterator[None]:
     """An exclusive `flock`, polled so that a wait never blocks the event loop.
 
     flock locks belong to the open file description, so two threads of one process exclude
-    each other as two processes do.
+    each other as two processes do, and a holder that dies releases it. So the wait ends only
+    for a holder that is alive and stuck: `timeout_s` counts from the last time `progress()`
+    (the entry's allocated bytes) changed. A second evaluator on a node waits for the first
+    to fetch 2 TB, however long that takes, as long as bytes keep arriving.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout_s
+        now = time.monotonic()
+        deadline, next_check = now + timeout_s, now + PROGRESS_CHECK_S
+        seen = progress() if progress else 0
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if progress is not None and now >= next_check:
+                    next_check = now + PROGRESS_CHECK_S
+                    if (current := progress()) != seen:
+                        seen, deadline = current, now + timeout_s
+                if now > deadline:
                     raise FetchError(
-                        uri, "io", f"cache entry still locked after {timeout_s:.0f}s: {path}"
+                        uri,
+                        "io",
+                        f"cache entry still locked after {timeout_s:.0f}s without progress: {path}",
                     ) from None
                 await asyncio.sleep(0.05)
         yield
@@ -704,7 +733,12 @@ class _CheckpointSync:
 
     async def run(self) -> FetchResult:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        async with _file_lock(self.lock_path, self.uri, self.transfer.lock_timeout_s):
+        async with _file_lock(
+            self.lock_path,
+            self.uri,
+            self.transfer.lock_timeout_s,
+            progress=lambda: allocated_bytes(self.directory),
+        ):
             store = make_store(self.location, self.config)
             listing = await _list_top_level(store, self.uri, self.config)
             if not listing:
@@ -840,7 +874,12 @@ class _TreeSync(_CheckpointSync):
 
     async def run(self) -> FetchResult:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        async with _file_lock(self.lock_path, self.uri, self.transfer.lock_timeout_s):
+        async with _file_lock(
+            self.lock_path,
+            self.uri,
+            self.transfer.lock_timeout_s,
+            progress=lambda: allocated_bytes(self.directory),
+        ):
             store = make_store(self.location, self.config)
             listing = await _list_tree(store, self.uri, self.config)
             plan = plan_tree(self.uri, listing, self.required)

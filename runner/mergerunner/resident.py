@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ResidentScores:
     digest: str
     merge_s: float
     evaluate_s: float
+    subtasks: dict[str, float] = field(default_factory=dict)  # members of group entries
 
 
 class ResidentEvaluator:
@@ -121,13 +122,16 @@ class ResidentEvaluator:
         with clock.step("merge"), torch.no_grad():
             digest = self.merger.merge_into(self.model, weights, dtype=self.merge_dtype)
         with clock.step("evaluate"):
-            held_in = suite.score(self.lm)
-            held_out = (
-                self.held_out.score(self.lm) if with_held_out and self.held_out is not None else {}
+            inside = suite.score_detailed(self.lm)
+            outside = (
+                self.held_out.score_detailed(self.lm)
+                if with_held_out and self.held_out is not None
+                else None
             )
         return ResidentScores(
-            held_in=held_in,
-            held_out=held_out,
+            held_in=inside.scores,
+            held_out=outside.scores if outside else {},
+            subtasks={**inside.subtasks, **(outside.subtasks if outside else {})},
             digest=digest,
             merge_s=clock.times["merge"],
             evaluate_s=clock.times["evaluate"],
@@ -165,6 +169,8 @@ class ResidentEvaluator:
             status="succeeded",
             held_in=scores.held_in,
             held_out=scores.held_out,
+            subtasks=scores.subtasks or None,
+            prompt=self.spec.prompt_settings(),
             fitness=fitness_of(scores.held_in, self.held_in_specs),
             digest=scores.digest,
             timings=timings,

@@ -342,11 +342,60 @@ def test_rendered_deployment_is_hardened_and_uses_the_entrypoint(k8s_cluster: Ku
     assert json.loads(dashboard["data"]["mergesearch.json"]) == json.loads(DASHBOARD.read_text())
 
 
+def test_rendered_evaluators_serve_warm_mode_behind_a_network_policy(
+    k8s_cluster: KubeCluster,
+) -> None:
+    """evaluators.enabled: the operator serves the evaluator port with its key mounted, a
+    Service reaches it, only evaluator pods may (NetworkPolicy), and the admission policy
+    knows the node cache directory; off by default."""
+    assert not [d for d in render(k8s_cluster, "ops") if d["kind"] == "NetworkPolicy"]
+    docs = render(
+        k8s_cluster,
+        "ops",
+        "evaluators.enabled=true",
+        "evaluators.nodeCacheDir=/var/cache/mergesearch/",
+    )
+    (deployment,) = by_kind(docs, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MERGESEARCH_EVALUATOR_PORT"] == "8443"
+    assert (
+        env["MERGESEARCH_EVALUATOR_URL"] == f"http://{RELEASE}-mergesearch-evaluators.ops.svc:8443"
+    )
+    assert env["MERGESEARCH_NODE_CACHE_DIR"] == "/var/cache/mergesearch/"
+    key_file = env["MERGESEARCH_EVALUATOR_KEY_FILE"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[key_file.rsplit("/", 1)[0]]["readOnly"] is True
+    secrets = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-key")]
+    assert len(secrets) == 1 and secrets[0]["data"]["key"]
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    evaluator_rule = policy["spec"]["ingress"][0]
+    assert evaluator_rule["from"][0]["podSelector"]["matchLabels"] == {
+        "mergesearch.io/role": "evaluator"
+    }
+    assert evaluator_rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    services = [
+        d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-evaluators")
+    ]
+    assert services[0]["spec"]["ports"][0]["targetPort"] == "evaluators"
+    admission = [
+        d
+        for d in by_kind(docs, "ValidatingAdmissionPolicy")
+        if "operator-jobs" in d["metadata"]["name"]
+    ]
+    variables = {v["name"]: v["expression"] for v in admission[0]["spec"]["variables"]}
+    assert variables["nodeCacheDir"] == "'/var/cache/mergesearch'"
+
+
 def test_rendered_manifests_pass_the_api_servers_dry_run(
     k8s_cluster: KubeCluster, namespaces: tuple[str, str]
 ) -> None:
     ops, work = namespaces
-    for sets in ([], [f"watchNamespaces={{{work}}}", "dashboard.enabled=true"]):
+    for sets in (
+        [],
+        [f"watchNamespaces={{{work}}}", "dashboard.enabled=true"],
+        ["evaluators.enabled=true", "evaluators.nodeCacheDir=/var/cache/mergesearch"],
+    ):
         args = [arg for s in sets for arg in ("--set", s)]
         manifest = k8s_cluster.helm("template", RELEASE, CHART, "-n", ops, *args)
         out = k8s_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)

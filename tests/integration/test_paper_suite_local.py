@@ -107,11 +107,14 @@ def test_the_paper_suite_runs_and_the_export_rescores_with_plain_lm_eval(
     proc, state = run(setup, manifest(setup, "paper"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     engine = json.loads((state / "state.json").read_text())["engine"]
-    records = [json.loads(line) for line in (state / "trials.jsonl").read_text().splitlines()]
+    lines = (state / "trials.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r.get("subset", "search") == "search"]
     assert len(records) == 5 and all(r["status"] == "succeeded" for r in records)
     final = json.loads((state / "final.json").read_text())
     best = next(r for r in records if r["id"] == final["best"])
     assert set(best["held_in"]) == {"gsm8k", "mbpp", "leaderboard_musr"}
+    assert {k.rsplit("_", 2)[0] for k in best["subtasks"]} == {"leaderboard_musr"}
+    assert len(best["subtasks"]) == 3  # the group's members, in the trial log only
     assert set(final["heldOut"]) == {"ifeval"}
     assert engine  # the state was written
     rescored = plain_lm_eval(Path(final["output"]["uri"]), setup["bundle"])
