@@ -233,7 +233,7 @@ def test_pack_from_manifest_takes_its_tasks(
         "spec": {
             "checkpoints": [{"name": "a", "uri": "/a"}, {"name": "b", "uri": "/b"}],
             "objective": {
-                "heldIn": [{"task": "gsm8k"}],
+                "heldIn": [{"task": "gsm8k", "limit": 2}],
                 "heldOut": [{"task": "leaderboard_musr", "metric": "acc_norm"}],
             },
         },
