@@ -126,7 +126,8 @@ def test_outages_mid_search_and_during_finalization_cost_nothing(
     assert final["phase"] == "Succeeded", final.get("conditions")
     assert final["trials"]["failed"] == 0 and final["trials"]["running"] == 0
     assert final["final"]["state"] == "Succeeded" and final["final"]["attempt"] >= 1
-    assert final["output"]["digest"] and set(final["best"]["heldOut"]) == set(HELD_OUT)
+    handed_over = final.get("winner") or final["best"]  # the confirmed winner, when confirmed
+    assert final["output"]["digest"] and set(handed_over["heldOut"]) == set(HELD_OUT)
     assert conditions(final)["StorageUnavailable"]["status"] == "False"
     assert "StorageUnavailable" in seen
     events = api.get(f"/api/v1/namespaces/{namespace}/events")["items"]

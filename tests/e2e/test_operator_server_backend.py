@@ -87,7 +87,14 @@ def test_a_search_scores_every_trial_through_a_server(
             "customTasks": {"configMapRef": {"name": "toy-tasks"}},
             "evaluator": evaluator,
         },
-        "search": {"populationSize": 3, "maxGenerations": 1, "seed": 3, "baselines": []},
+        # Confirmation off: this test is about the server path, and each trial serves a model.
+        "search": {
+            "populationSize": 3,
+            "maxGenerations": 1,
+            "seed": 3,
+            "baselines": [],
+            "confirm": {"enabled": False},
+        },
         # One trial at a time: the node agent's pods share the machine's network namespace,
         # so two servers on one port would collide (a real pod has its own).
         "execution": {
