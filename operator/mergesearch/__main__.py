@@ -1,7 +1,5 @@
 """`python -m mergesearch` is the same as the `mergesearch` command."""
 
-import sys
+from mergesearch.cli import run_and_exit
 
-from mergesearch.cli import main
-
-sys.exit(main())
+run_and_exit()

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -56,5 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args))
 
 
+def run_and_exit(argv: list[str] | None = None) -> NoReturn:
+    """The `mergesearch` entry point: `main`, then exit without interpreter finalization.
+
+    Local mode and `datasets pack` fetch and upload through obstore; `mergerunner.shutdown`
+    says why such a process must not finalize.
+    """
+    from mergerunner.shutdown import run_then_exit
+
+    run_then_exit(lambda: main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
+from mergerunner.shutdown import run_then_exit
 from mergerunner.trial import FailureKind, TrialDocument, TrialResult, parse_trial
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -231,16 +232,9 @@ def run_and_exit(argv: list[str] | None = None) -> NoReturn:
     """The command's entry point: `main`, then exit without interpreter finalization.
 
     By the time `main` returns, the result and the termination message are written and
-    flushed. Finalization would only tear down native threads that are still alive, such as the
-    Tokio runtime behind obstore; that teardown raced once in our test suite and aborted the
-    process (SIGABRT, after a complete result), which a Job would count as a crash. An
-    exception from `main` still propagates with its traceback.
+    flushed; `mergerunner.shutdown` says why finalization is skipped (obstore's runtime).
     """
-    code = main(argv)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_then_exit(lambda: main(argv))
 
 
 if __name__ == "__main__":

@@ -443,8 +443,10 @@ FETCH_IN_CHILD = """
 import json, sys
 from pathlib import Path
 from mergerunner.fetch import fetch_checkpoint_result
+from mergerunner.shutdown import exit_without_finalization
 result = fetch_checkpoint_result(sys.argv[1], Path(sys.argv[2]))
 print(json.dumps({"path": str(result.path), "downloaded": list(result.downloaded)}))
+exit_without_finalization(0)  # as every entry point that fetches does (obstore's runtime)
 """
 
 
