@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mergesearch.records import TrialRecord
+from mergesearch.records import TrialLogEntry
 from mergesearch.summary import baseline_label
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -115,14 +115,14 @@ def chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
     return status.get("winner") or status.get("best") or {}
 
 
-def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
+def records_from_status(obj: Mapping[str, Any]) -> list[TrialLogEntry]:
     """What a resource's (bounded) status still holds as trial records: the baselines, the
     Pareto front and the best. The per-trial history of a local run is not kept there."""
     status = obj.get("status") or {}
-    out: dict[str, TrialRecord] = {}
+    out: dict[str, TrialLogEntry] = {}
     for b in status.get("baselines") or []:
         if b.get("status") == "succeeded":
-            out[b["id"]] = TrialRecord(
+            out[b["id"]] = TrialLogEntry(
                 id=b["id"],
                 kind="baseline",
                 generation=-1,
@@ -133,7 +133,7 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
             )
     for t in [*(status.get("paretoFront") or []), status.get("best") or None]:
         if t and t["trial"] not in out:
-            out[t["trial"]] = TrialRecord(
+            out[t["trial"]] = TrialLogEntry(
                 id=t["trial"],
                 kind=t.get("kind", "search"),
                 generation=t.get("generation") or 0,
@@ -146,7 +146,7 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
         # a finalist not among the records above still shows beside its confirmation
         out.setdefault(
             c["trial"],
-            TrialRecord(
+            TrialLogEntry(
                 id=c["trial"],
                 kind=c["kind"],
                 generation=-1 if c["kind"] == "baseline" else 0,
@@ -156,7 +156,7 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
             ),
         )
     confirmations = [
-        TrialRecord(
+        TrialLogEntry(
             id="c-" + c["trial"],
             kind=c["kind"],
             generation=-1,

@@ -25,8 +25,7 @@ from typing import Any
 
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult
 from mergesearch import engine
-from mergesearch.engine.records import fitness_of
-from mergesearch.records import TrialRecord, append_record, read_records, write_json_atomic
+from mergesearch.records import TrialLogEntry, append_record, read_records, write_json_atomic
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import MergeSearch, MergeSearchSpec
 
@@ -105,9 +104,7 @@ def save_state(paths: StatePaths, spec: MergeSearchSpec, state: engine.EngineSta
     )
 
 
-def record_of(
-    candidate: engine.Candidate, result: TrialResult, fitness: float | None
-) -> TrialRecord:
+def record_of(candidate: engine.Candidate, result: TrialResult) -> TrialLogEntry:
     """A finished trial as the log keeps it, from the runner's result type."""
     common = {
         "id": candidate.id,
@@ -119,13 +116,13 @@ def record_of(
     }
     if result.status != "succeeded":
         kind = result.error_kind.value if result.error_kind else None
-        return TrialRecord(**common, status="failed", error=result.error, error_kind=kind)
-    return TrialRecord(
+        return TrialLogEntry(**common, status="failed", error=result.error, error_kind=kind)
+    return TrialLogEntry(
         **common,
         status="succeeded",
         held_in=dict(result.held_in),
         held_out=dict(result.held_out),
-        fitness=fitness,
+        fitness=result.fitness,
         merge_s=result.timings.merge_s,
         evaluate_s=result.timings.evaluate_s,
         digest=result.digest,
@@ -133,7 +130,7 @@ def record_of(
     )
 
 
-def result_of(record: TrialRecord) -> engine.Result:
+def result_of(record: TrialLogEntry) -> engine.Result:
     if record.status != "succeeded":
         return engine.Result(candidate_id=record.id, failed=True, reason=record.error)
     return engine.Result(candidate_id=record.id, scores=record.held_in)
@@ -166,7 +163,7 @@ def fatal_failure(result: TrialResult) -> FatalFailure | None:
     return FatalFailure(trial=result.id, kind=kind, error=result.error or kind.value)
 
 
-Progress = Callable[[engine.EngineState, TrialRecord | None], None]
+Progress = Callable[[engine.EngineState, TrialLogEntry | None], None]
 
 
 class LocalSearch:
@@ -362,8 +359,7 @@ class LocalSearch:
                 self.fatal = fatal_failure(result)
                 if self.fatal is not None:
                     break
-                fitness = fitness_of(self.config, result.held_in) if result.held_in else None
-                record = record_of(candidate, result, fitness)
+                record = record_of(candidate, result)
                 append_record(self.paths.trials, record)
                 self.records[record.id] = record
             self.state = engine.tell(self.state, [result_of(record)])

@@ -39,19 +39,13 @@ from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
 from mergerunner.run import (
     StepFailed,
     _Clock,
-    _describe,
     custom_tasks_dir,
+    failed_result,
     fetch_bundle,
     run_trial,
+    scored_result,
 )
-from mergerunner.trial import (
-    FailureKind,
-    TrialDocument,
-    TrialResult,
-    failure_kind_of,
-    fitness_of,
-    parse_trial,
-)
+from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
 log = logging.getLogger(__name__)
 EXIT_DONE, EXIT_CONFIG = 0, 2
@@ -108,25 +102,8 @@ class WarmTrials:
             log.error("trial %s failed in step %s: %s", doc.id, failure.step, failure.cause)
             if failure.step == "fetch" or self._key is None:
                 self._key, self._state = None, {}
-            return TrialResult(
-                id=doc.id,
-                status="failed",
-                failed_step=failure.step,
-                error_kind=failure_kind_of(failure.cause),
-                error=_describe(failure.cause)[:2000],
-                timings=clock.timings(now() - start),
-            )
-        held_in = {t.task: scores[t.task] for t in doc.held_in}
-        return TrialResult(
-            id=doc.id,
-            status="succeeded",
-            held_in=held_in,
-            held_out={t.task: scores[t.task] for t in doc.held_out},
-            prompt=doc.evaluator.prompt_settings(),
-            fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
-            digest=digest,
-            timings=clock.timings(now() - start),
-        )
+            return failed_result(doc.id, failure, clock.timings(now() - start))
+        return scored_result(doc, scores, digest=digest, timings=clock.timings(now() - start))
 
     def _setup(self, doc: TrialDocument, clock: _Clock) -> None:
         """Fetch the checkpoints (once), hold their tensors, load one model in the trial's
@@ -201,14 +178,7 @@ def _rejected(candidate: str, text: str, exc: Exception) -> dict[str, Any]:
     doc_id = "?"
     with contextlib.suppress(ValueError, AttributeError):
         doc_id = str(json.loads(text).get("id", "?"))
-    result = TrialResult(
-        id=doc_id,
-        status="failed",
-        failed_step="input",
-        error_kind=FailureKind.INVALID_INPUT,
-        error=str(exc)[:2000],
-    )
-    return {"candidate": candidate, "result": result.to_wire()}
+    return {"candidate": candidate, "result": TrialResult.rejected(str(exc), doc_id).to_wire()}
 
 
 def serve(

@@ -25,7 +25,6 @@ from mergerunner.trial import (
     TrialDocument,
     TrialResult,
     failure_kind_of,
-    fitness_of,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CUSTOM_TASKS_ENV = "MERGERUNNER_CUSTOM_TASKS_DIR"
+# The longest error text a failed step's result keeps (the termination message keeps less).
+ERROR_CHARS = 2000
 
 
 class StepFailed(Exception):
@@ -75,6 +76,33 @@ class _Clock:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {text}"
+
+
+def failed_result(
+    trial_id: str, failure: StepFailed, timings: StepTimings | None = None
+) -> TrialResult:
+    """A trial whose step failed, reported with the kind its exception carries
+    (`failure_kind_of`): how a trial Job, a warm evaluator and local mode report a failure."""
+    return TrialResult.failed(
+        trial_id,
+        failure.step,
+        failure_kind_of(failure.cause),
+        _describe(failure.cause)[:ERROR_CHARS],
+        timings=timings or StepTimings(),
+    )
+
+
+def scored_result(doc: TrialDocument, scores: Mapping[str, float], **details: Any) -> TrialResult:
+    """A scored trial document: its held-in and held-out scores, the fitness, the instruct
+    settings the prompts were built with, and `details` (digest, timings, ...)."""
+    return TrialResult.scored(
+        doc.id,
+        scores,
+        held_in=doc.held_in,
+        held_out=doc.held_out,
+        prompt=doc.evaluator.prompt_settings(),
+        **details,
+    )
 
 
 def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -215,23 +243,11 @@ def run_trial(
                     output_uri = doc.output.uri
     except StepFailed as failure:
         log.error("trial %s failed in step %s: %s", doc.id, failure.step, failure.cause)
-        return TrialResult(
-            id=doc.id,
-            status="failed",
-            failed_step=failure.step,
-            error_kind=failure_kind_of(failure.cause),
-            error=_describe(failure.cause),
-            timings=clock.timings(now() - start),
-        )
-    held_in = {t.task: scores[t.task] for t in doc.held_in}
-    return TrialResult(
-        id=doc.id,
-        status="succeeded",
-        held_in=held_in,
-        held_out={t.task: scores[t.task] for t in doc.held_out},
+        return failed_result(doc.id, failure, clock.timings(now() - start))
+    return scored_result(
+        doc,
+        scores,
         subtasks=detailed.subtasks or None,
-        prompt=doc.evaluator.prompt_settings(),
-        fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
         digest=report.digest,
         timings=clock.timings(now() - start),
         output_uri=output_uri,

@@ -14,7 +14,7 @@ import math
 import random
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -36,6 +36,8 @@ TERMINATION_MESSAGE_LIMIT = 4000
 # The longest error text a termination message keeps, and the most a packed result may inflate
 # to when it is read back (a guard against a compression bomb in a pod's message).
 MESSAGE_ERROR_CHARS = 500
+# The longest error text a rejected trial document's result keeps (in the result file).
+INPUT_ERROR_CHARS = 2000
 MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -441,6 +443,48 @@ class TrialResult(_Model):
     output_uri: str | None = None
     truncated: bool = False
 
+    @classmethod
+    def scored(
+        cls,
+        trial_id: str,
+        scores: Mapping[str, float],
+        *,
+        held_in: Sequence[TaskSpec],
+        held_out: Sequence[TaskSpec] = (),
+        **details: Any,
+    ) -> TrialResult:
+        """A succeeded trial: the scores of its held-in and held-out tasks, and its fitness
+        (`fitness_of` the held-in scores; none without held-in tasks). `details` are the other
+        fields (digest, timings, prompt, ...)."""
+        inside = {t.task: scores[t.task] for t in held_in}
+        return cls(
+            id=trial_id,
+            status="succeeded",
+            held_in=inside,
+            held_out={t.task: scores[t.task] for t in held_out},
+            fitness=fitness_of(inside, held_in_weights(held_in)) if held_in else None,
+            **details,
+        )
+
+    @classmethod
+    def failed(
+        cls, trial_id: str, step: Step, kind: FailureKind, error: str, **details: Any
+    ) -> TrialResult:
+        """A failed trial: the step that failed, why as a kind, and the error's text."""
+        return cls(
+            id=trial_id,
+            status="failed",
+            failed_step=step,
+            error_kind=kind,
+            error=error,
+            **details,
+        )
+
+    @classmethod
+    def rejected(cls, error: str, trial_id: str = "?") -> TrialResult:
+        """A trial document that could not be read or was refused: a bad input, no step ran."""
+        return cls.failed(trial_id, "input", FailureKind.INVALID_INPUT, error[:INPUT_ERROR_CHARS])
+
     def to_json(self) -> str:
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
 
@@ -567,10 +611,21 @@ def finite_in_float32(value: float) -> bool:
     return True
 
 
-def fitness_of(scores: dict[str, float], held_in: list[TaskSpec]) -> float:
-    """Weighted mean of held-in scores: the paper's macro-average, with optional task weights."""
-    total = sum(t.weight for t in held_in)
-    return sum(t.weight * scores[t.task] for t in held_in) / total
+def fitness_of(scores: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """The number a search maximises: the weighted mean of the held-in scores (the paper's
+    macro-average, with optional task weights, `weights` by task name).
+
+    The one definition, for the runner's result, the engine and local mode alike. `math.fsum`
+    rounds each sum exactly once, so the figure does not depend on the order of the tasks (a
+    plain `sum` of 3 scores can differ in the last bit between two orders).
+    """
+    total = math.fsum(weight * scores[task] for task, weight in weights.items())
+    return total / math.fsum(weights.values())
+
+
+def held_in_weights(tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """The held-in tasks' weights by name, as `fitness_of` takes them."""
+    return {t.task: t.weight for t in tasks}
 
 
 def parse_trial(text: str) -> TrialDocument:

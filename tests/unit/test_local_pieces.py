@@ -18,7 +18,7 @@ from mergesearch.local import (
     saved_under_other_spec,
     spec_fingerprint,
 )
-from mergesearch.records import TrialRecord, append_record, read_records
+from mergesearch.records import TrialLogEntry, append_record, read_records
 from mergesearch.report import best_so_far, confirmation_bars, draw_all, pareto_front
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import SpecError, parse_manifest
@@ -40,8 +40,8 @@ MANIFEST = {
 }
 
 
-def rec(rid: str, kind: str, fit: float, x: float, y: float, **kw: object) -> TrialRecord:
-    return TrialRecord(
+def rec(rid: str, kind: str, fit: float, x: float, y: float, **kw: object) -> TrialLogEntry:
+    return TrialLogEntry(
         id=rid,
         kind=kind,
         generation=-1 if kind == "baseline" else 0,

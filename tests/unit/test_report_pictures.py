@@ -9,7 +9,7 @@ import matplotlib
 import pytest
 from matplotlib.text import Text
 
-from mergesearch.records import TrialRecord
+from mergesearch.records import TrialLogEntry
 from mergesearch.report import _fitness_figure, _scores_figure, best_record, place_labels
 
 matplotlib.use("Agg")
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.unit
 NAMES = ["base", "sft-add", "sft-rev", "sft-sort", "sft-add-sort", "sft-rev-lowlr", "sft-mix"]
 
 
-def record(rid: str, kind: str, x: float, y: float, z: float) -> TrialRecord:
-    return TrialRecord(
+def record(rid: str, kind: str, x: float, y: float, z: float) -> TrialLogEntry:
+    return TrialLogEntry(
         id=rid,
         kind=kind,
         generation=-1 if kind == "baseline" else 0,
@@ -30,7 +30,7 @@ def record(rid: str, kind: str, x: float, y: float, z: float) -> TrialRecord:
     )
 
 
-def clustered() -> list[TrialRecord]:
+def clustered() -> list[TrialLogEntry]:
     """Single checkpoints bunched within a few examples of each other, as on a real pool."""
     singles = [
         record(f"b-each-{n}", "baseline", 0.20 + 0.01 * i, 0.15 + 0.01 * (i % 3), 0.5 - 0.01 * i)

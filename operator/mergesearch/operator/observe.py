@@ -88,12 +88,35 @@ class TrialOutcome:
     succeeded: bool
     held_in: dict[str, float] = field(default_factory=dict)
     held_out: dict[str, float] = field(default_factory=dict)
-    fitness: float | None = None
     digest: str | None = None
     output_uri: str | None = None
     failed_step: str | None = None
     error_kind: FailureKind | None = None
     error: str | None = None
+
+    @classmethod
+    def from_result(cls, candidate: str, job: str, result: TrialResult) -> TrialOutcome:
+        """A runner's result for `candidate`, as read from a trial Job's termination message
+        or posted by a warm evaluator. The fitness is not kept: the engine computes it from
+        the held-in scores with the same `fitness_of`."""
+        if result.status == "succeeded":
+            return cls(
+                candidate,
+                job,
+                succeeded=True,
+                held_in=dict(result.held_in),
+                held_out=dict(result.held_out),
+                digest=result.digest,
+                output_uri=result.output_uri,
+            )
+        return cls(
+            candidate,
+            job,
+            succeeded=False,
+            failed_step=result.failed_step,
+            error_kind=result.error_kind,
+            error=cut(result.error or "failed"),
+        )
 
     @property
     def reason(self) -> str:
@@ -259,20 +282,14 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
         for pod in (p for p in pods if p.exit_code == 0):
             result, problem = parse_result(pod.message, job.name)
             if result is not None and result.status == "succeeded":
-                return _success(base, result)
+                return TrialOutcome.from_result(job.candidate, job.name, result)
             problems.append(problem or "the runner reported a failure but exited 0")
         error = problems[0] if problems else "no terminated pod found for the Job"
         return TrialOutcome(**base, succeeded=False, error=error)
     for pod in pods:
         result, _ = parse_result(pod.message, job.name)
         if result is not None and result.status == "failed":
-            return TrialOutcome(
-                **base,
-                succeeded=False,
-                failed_step=result.failed_step,
-                error_kind=result.error_kind,
-                error=cut(result.error or "failed"),
-            )
+            return TrialOutcome.from_result(job.candidate, job.name, result)
     detail = [job.reason or "Job failed"]
     kind = _JOB_FAILURE_KINDS.get(job.reason or "")
     if pods:
@@ -286,18 +303,6 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
 # memory will be killed again at the same limit; a trial past its deadline counts as failed.
 _POD_FAILURE_KINDS = {"OOMKilled": FailureKind.OUT_OF_MEMORY}
 _JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
-
-
-def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:
-    return TrialOutcome(
-        **base,
-        succeeded=True,
-        held_in=dict(result.held_in),
-        held_out=dict(result.held_out),
-        fitness=result.fitness,
-        digest=result.digest,
-        output_uri=result.output_uri,
-    )
 
 
 # --------------------------------------------------------------------------- pods that do not start

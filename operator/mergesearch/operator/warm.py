@@ -196,30 +196,8 @@ def collect_posted(
         if cid not in active or cid in told or posted.result.id not in (job, "?"):
             ignored.append(cid)
             continue
-        told[cid] = outcome_of_result(cid, job, posted.result)
+        told[cid] = TrialOutcome.from_result(cid, job, posted.result)
     return list(told.values()), ignored
-
-
-def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
-    """A posted TrialResult as the reconcile tells it (as a trial Job's would be)."""
-    base = {"candidate": candidate, "job": job}
-    if result.status == "succeeded":
-        return TrialOutcome(
-            **base,
-            succeeded=True,
-            held_in=dict(result.held_in),
-            held_out=dict(result.held_out),
-            fitness=result.fitness,
-            digest=result.digest,
-            output_uri=result.output_uri,
-        )
-    return TrialOutcome(
-        **base,
-        succeeded=False,
-        failed_step=result.failed_step,
-        error_kind=result.error_kind,
-        error=cut(result.error or "failed"),
-    )
 
 
 def release_lost(
