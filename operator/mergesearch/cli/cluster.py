@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mergesearch.records import TrialRecord
-from mergesearch.summary import baseline_label
+from mergesearch.local.records import TrialRecord
+from mergesearch.local.summary import baseline_label
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def report_from_cluster(name: str, namespace: str | None, out: Path) -> list[Path]:
-    from mergesearch.report import draw_all
+    from mergesearch.local.report import draw_all
 
     obj = read_search(name, namespace, os.environ.get("KUBECTL", "kubectl"))
     best = chosen_entry(obj.get("status") or {})
@@ -236,6 +236,6 @@ def report_from_cluster(name: str, namespace: str | None, out: Path) -> list[Pat
 
 def kubectl_plugin() -> int:
     """`kubectl mergesearch status NAME`: kubectl finds `kubectl-mergesearch` on PATH."""
-    from mergesearch.cli import main
+    from mergesearch.cli.main import main
 
     return main(sys.argv[1:])
