@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from mergesearch import engine
-from mergesearch.local import (
+from mergesearch.local.records import TrialRecord, append_record, read_records
+from mergesearch.local.report import best_so_far, confirmation_bars, draw_all, pareto_front
+from mergesearch.local.search import (
     LocalInputError,
     LocalSearch,
     StatePaths,
@@ -18,11 +20,9 @@ from mergesearch.local import (
     saved_under_other_spec,
     spec_fingerprint,
 )
-from mergesearch.records import TrialRecord, append_record, read_records
-from mergesearch.report import best_so_far, confirmation_bars, draw_all, pareto_front
+from mergesearch.local.summary import check_claims, table_rows
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import SpecError, parse_manifest
-from mergesearch.summary import check_claims, table_rows
 
 pytestmark = pytest.mark.unit
 

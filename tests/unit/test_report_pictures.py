@@ -9,8 +9,8 @@ import matplotlib
 import pytest
 from matplotlib.text import Text
 
-from mergesearch.records import TrialRecord
-from mergesearch.report import _fitness_figure, _scores_figure, best_record, place_labels
+from mergesearch.local.records import TrialRecord
+from mergesearch.local.report import _fitness_figure, _scores_figure, best_record, place_labels
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.unit

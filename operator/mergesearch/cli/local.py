@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mergesearch.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from mergesearch.cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 def default_cache() -> Path:
@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from mergerunner.storage import FetchError
-    from mergesearch.local import LocalInputError, LocalSearch, quiet_libraries
+    from mergesearch.local.search import LocalInputError, LocalSearch, quiet_libraries
     from mergesearch.spec import SpecError, load_manifest
 
     console = Console(stderr=True)
@@ -194,7 +194,7 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mergesearch.summary import check_claims, table_rows
+    from mergesearch.local.summary import check_claims, table_rows
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     from mergesearch import engine
@@ -243,7 +243,7 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     if args.name:
-        from mergesearch.cluster_cli import ClusterReadError, report_from_cluster
+        from mergesearch.cli.cluster import ClusterReadError, report_from_cluster
 
         try:
             paths = report_from_cluster(args.name, args.namespace, args.output or Path())
@@ -256,9 +256,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("error: give a state directory or --name", file=sys.stderr)
         return EXIT_BAD_INPUT
     from mergesearch import engine
-    from mergesearch.local import StatePaths
-    from mergesearch.records import read_records
-    from mergesearch.report import draw_all
+    from mergesearch.local.records import read_records
+    from mergesearch.local.report import draw_all
+    from mergesearch.local.search import StatePaths
 
     paths = StatePaths(args.state_dir)
     if not paths.state.exists():

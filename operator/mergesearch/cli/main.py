@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the ValidatingAdmissionPolicy that goes with it (crds/mergesearch-admission.yaml)",
     )
     crd.set_defaults(func=_cmd_crd)
-    from mergesearch import cluster_cli, datasets_cli, local_cli
+    from mergesearch.cli import cluster, datasets, local
 
-    local_cli.add_commands(sub)
-    cluster_cli.add_commands(sub)
-    datasets_cli.add_commands(sub)
+    local.add_commands(sub)
+    cluster.add_commands(sub)
+    datasets.add_commands(sub)
     return parser
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergesearch.cli import EXIT_BAD_INPUT, EXIT_OK
+from mergesearch.cli.main import EXIT_BAD_INPUT, EXIT_OK
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

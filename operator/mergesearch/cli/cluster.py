@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergesearch.crd import PLURAL
-from mergesearch.records import TrialRecord
+from mergesearch.local.records import TrialRecord
+from mergesearch.local.summary import baseline_label
 from mergesearch.spec import API_GROUP, API_VERSION
-from mergesearch.summary import baseline_label
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -307,7 +307,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def report_from_cluster(
     name: str, namespace: str | None, out: Path, context: str | None = None
 ) -> list[Path]:
-    from mergesearch.report import draw_all
+    from mergesearch.local.report import draw_all
 
     obj = read_search(name, namespace, context)
     best = chosen_entry(obj.get("status") or {})
@@ -319,6 +319,6 @@ def report_from_cluster(
 
 def kubectl_plugin() -> int:
     """`kubectl mergesearch status NAME`: kubectl finds `kubectl-mergesearch` on PATH."""
-    from mergesearch.cli import main
+    from mergesearch.cli.main import main
 
     return main(sys.argv[1:])
