@@ -16,19 +16,13 @@ from mergesearch import engine
 from mergesearch.local.records import read_records
 from mergesearch.local.search import LocalInputError, LocalSearch
 from mergesearch.spec import parse_manifest
+from support.local_inputs import three_checkpoint_manifest
 
 pytestmark = pytest.mark.unit
 
-MANIFEST = {
-    "apiVersion": "mergesearch.io/v1alpha1",
-    "kind": "MergeSearch",
-    "metadata": {"name": "t"},
-    "spec": {
-        "checkpoints": [{"name": n, "uri": f"ckpt/{n}"} for n in ("a", "b", "c")],
-        "objective": {"heldIn": [{"task": "x"}, {"task": "y"}]},
-        "search": {"maxTrials": 30, "seed": 7, "confirm": {"enabled": False}},
-    },
-}
+MANIFEST = three_checkpoint_manifest(
+    [{"task": "x"}, {"task": "y"}], {"maxTrials": 30, "seed": 7, "confirm": {"enabled": False}}
+)
 
 
 class FakeEvaluator:
