@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
+from mergerunner.contract import ExitCode
 from mergerunner.run import (
     StepFailed,
     _Clock,
@@ -55,7 +56,7 @@ from mergerunner.trial import (
 )
 
 log = logging.getLogger(__name__)
-EXIT_DONE, EXIT_CONFIG = 0, 2
+EXIT_DONE, EXIT_CONFIG = ExitCode.OK, ExitCode.BAD_INPUT
 # The operator holds a request up to ~20 s when it has no candidate (the generation's last
 # results are still being scored); the client waits a little longer than that.
 REQUEST_TIMEOUT_S = 60.0

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.evaluator_port = args.evaluator_port
     runtime.metrics_port = args.metrics_port
     if args.metrics_port:
-        from mergesearch import metrics
+        from mergesearch.operator import metrics
 
         metrics.install(runtime)
         metrics.serve(args.metrics_port)

@@ -50,7 +50,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-log = logging.getLogger("mergesearch.metrics")
+log = logging.getLogger("mergesearch.operator.metrics")
 
 Key = tuple[str, str]  # (namespace, search name)
 LABELS = ("namespace", "search")
