@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from support.cluster import ApiError, KubeCluster
-from support.nodeagent import NodeAgent, wait_for
+from support.nodeagent import NodeAgent
+from support.polling import wait_for
 
 # The fixtures k8s_cluster and k8s_node_agent (harmless if tests/conftest.py lists them too).
 

@@ -21,7 +21,8 @@ from test_operator_search import CHECKPOINTS, HELD_IN, HELD_OUT, portable_tasks,
 
 from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
-from support.operator_proc import Searches, running_operator, wait_until
+from support.operator_proc import Searches, running_operator
+from support.polling import wait_for
 from support.s3server import SeaweedS3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -78,12 +79,12 @@ def test_outages_mid_search_and_during_finalization_cost_nothing(
 
     with running_operator(k8s_cluster, [namespace]) as operator:
         searches.create("weather", manifest)
-        wait_until(lambda: status().get("trials", {}).get("succeeded", 0) >= 2, 400, "2 trials")
+        wait_for(lambda: status().get("trials", {}).get("succeeded", 0) >= 2, 400, "2 trials")
 
         # 1. The store goes away mid-search for 75 s.
         store.stop()
         stopped = time.monotonic()
-        waiting = wait_until(
+        waiting = wait_for(
             lambda: (
                 (c := conditions(status()).get("StorageUnavailable"))
                 and c["status"] == "True"
@@ -101,14 +102,14 @@ def test_outages_mid_search_and_during_finalization_cost_nothing(
         store.restart()
 
         # 2. Again, as soon as the final evaluation starts.
-        wait_until(
+        wait_for(
             lambda: (status().get("final") or {}).get("state") == "Running",
             600,
             "the final evaluation",
             interval_s=0.1,
         )
         store.stop()
-        retrying = wait_until(
+        retrying = wait_for(
             lambda: (
                 (current := status()).get("final", {}).get("state") in ("Retrying", "Succeeded")
                 and current

@@ -27,8 +27,8 @@ import pytest
 
 from mergesearch.operator import jobs as jobspec
 from support.cluster import ApiClient, ApiError, KubeCluster
-from support.nodeagent import wait_for
 from support.operator_proc import OperatorProcess
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 

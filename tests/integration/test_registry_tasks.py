@@ -53,7 +53,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def pack(out: Path, sources: dict[str, Any], *tasks: str, extra: tuple[str, ...] = ()) -> int:
-    from mergesearch.cli import main
+    from mergesearch.cli.main import main
 
     return main(
         [

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from support.cluster import ApiError, KubeCluster
-from support.nodeagent import wait_for
+from support.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "mergesearch.yaml"
@@ -240,13 +240,6 @@ def operator_factory(
                     print(f"\n===== operator {proc.namespaces} =====\n{proc.logs()[-8000:]}")
 
 
-def wait_until(
-    condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.3
-) -> Any:
-    """Polls `condition` until it returns something truthy, which is returned."""
-    return wait_for(condition, timeout_s=timeout_s, interval_s=interval_s, what=what)
-
-
 @dataclass
 class Searches:
     """MergeSearch resources of one namespace, through the admin's REST client."""
@@ -288,7 +281,7 @@ class Searches:
             status = self.status(name)
             return status if status.get("phase") in phases else None
 
-        return wait_until(reached, timeout_s, f"{self.namespace}/{name} in phase {phases}")
+        return wait_for(reached, timeout_s, f"{self.namespace}/{name} in phase {phases}")
 
     def jobs(self, name: str | None = None) -> list[dict[str, Any]]:
         """Trial Jobs of the namespace (of one search when `name` is given)."""

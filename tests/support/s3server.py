@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sysconfig
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from support.net import free_ports
+from support.polling import wait_for
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 30.0
@@ -212,15 +212,20 @@ class SeaweedS3:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise S3ServerError(f"weed exited with {self._process.returncode}\n{self.log()}")
-            if s3_answers(self.endpoint) and self._bucket_api_ready():
-                return
-            time.sleep(0.1)
-        raise S3ServerError(f"weed not ready after {START_TIMEOUT_S:.0f}s\n{self.log()}")
+        process = self._process
+        assert process is not None
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise S3ServerError(f"weed exited with {process.returncode}\n{self.log()}")
+            return s3_answers(self.endpoint) and self._bucket_api_ready()
+
+        try:
+            wait_for(ready, START_TIMEOUT_S, "weed", interval_s=0.1)
+        except TimeoutError:
+            raise S3ServerError(
+                f"weed not ready after {START_TIMEOUT_S:.0f}s\n{self.log()}"
+            ) from None
 
     def _bucket_api_ready(self) -> bool:
         """The gateway answers before the filer behind it can serve; a signed listing cannot."""

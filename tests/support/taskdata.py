@@ -129,7 +129,7 @@ def source_args(sources: dict[str, Path]) -> list[str]:
 
 def build_bundle(out: Path, scratch: Path, tasks: Iterable[str] = PAPER_TASKS) -> Path:
     """`mergesearch datasets pack TASKS -o OUT` from local copies written under `scratch`."""
-    from mergesearch.cli import main
+    from mergesearch.cli.main import main
 
     sources = write_sources(scratch / "sources")
     nltk = write_punkt_tab(scratch / "nltk")

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mergesearch.metrics import (
+from mergesearch.operator.metrics import (
     Histogram,
     Sample,
     SearchMetrics,

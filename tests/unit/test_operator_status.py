@@ -13,13 +13,10 @@ from mergesearch.engine import (
     EngineConfig,
     EngineState,
     Result,
-    ask,
-    done,
     init,
     pending_candidates,
     tell,
 )
-from mergesearch.engine.synthetic import SyntheticObjective
 from mergesearch.operator.events import milestones
 from mergesearch.operator.status import (
     SIZE_BUDGET,
@@ -36,6 +33,7 @@ from mergesearch.operator.status import (
     set_condition,
     size_of,
 )
+from support.engine_runs import large_search
 from support.statusdoc import condition
 
 pytestmark = pytest.mark.unit
@@ -61,32 +59,14 @@ def _status(state: EngineState, active: list[str]) -> MergeSearchStatus:
 
 @pytest.mark.slow
 def test_status_for_64_checkpoints_and_5000_trials_stays_under_the_budget() -> None:
-    checkpoints = tuple(f"checkpoint-{i:02d}" for i in range(64))
-    tasks = ("gsm8k", "mbpp", "ifeval", "arc_challenge")
-    config = EngineConfig(
-        checkpoints=checkpoints,
-        tasks=dict.fromkeys(tasks, 1.0),
-        max_trials=5000,
-        failure_policy="resample",
-        seed=3,
-    )
-    objective = SyntheticObjective.random(checkpoints, tasks, 5)
-    state = init(config)
     sizes: list[tuple[int, int]] = []
-    told = 0
-    while not done(state)[0]:
-        _, candidates = ask(state)
-        results = [
-            Result(c.id, failed=True, reason="y" * 2000)
-            if (told + i) % 29 == 3
-            else objective.evaluate(c)
-            for i, c in enumerate(candidates)
-        ]
-        told += len(results)
-        active = [c.id for c in candidates][:64]  # a wide parallelism: 64 active trials
-        status = _status(state, active)
-        sizes.append((state.trials.issued, size_of(status)))
-        state = tell(state, results)
+    for step in large_search(
+        seed=3, objective_seed=5, fails=lambda told, i: (told + i) % 29 == 3, reason="y" * 2000
+    ):
+        active = [c.id for c in step.asked][:64]  # a wide parallelism: 64 active trials
+        status = _status(step.before, active)
+        sizes.append((step.before.trials.issued, size_of(status)))
+    state = step.after
     last = _status(state, [])
     sizes.append((state.trials.issued, size_of(last)))
     final = last.to_wire()

@@ -477,7 +477,7 @@ def test_told_results_and_fetched_bytes_reach_the_plan_and_the_status() -> None:
 
 
 def test_evaluator_gauges_come_from_the_status() -> None:
-    from mergesearch import metrics
+    from mergesearch.operator import metrics
 
     samples = metrics.status_samples(
         MergeSearchStatus.read(

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runtime = handlers.Runtime(settings=settings)
     if args.metrics_port:
-        from mergesearch import metrics
+        from mergesearch.operator import metrics
 
         metrics.install(runtime)
         metrics.serve(args.metrics_port)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
-from mergesearch.records import TrialRecord
+from mergesearch.local.records import TrialRecord
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mergesearch import engine
-from mergesearch.cluster_cli import records_from_status, score_rows, status_lines
+from mergesearch.cli.cluster import records_from_status, score_rows, status_lines
 from mergesearch.operator.status import engine_fields
 
 pytestmark = pytest.mark.unit

@@ -52,7 +52,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from mergesearch.operator.status import MergeSearchStatus, Phase, TrialEntry
 
-log = logging.getLogger("mergesearch.metrics")
+log = logging.getLogger("mergesearch.operator.metrics")
 
 Key = tuple[str, str]  # (namespace, search name)
 LABELS = ("namespace", "search")

@@ -26,7 +26,7 @@ from typing import Any
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult
 from mergesearch import engine
 from mergesearch.engine.records import fitness_of
-from mergesearch.records import TrialRecord, append_record, read_records, write_json_atomic
+from mergesearch.local.records import TrialRecord, append_record, read_records, write_json_atomic
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import MergeSearch, MergeSearchSpec
 
