@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from support.search_inputs import upload_checkpoints
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LIMIT = 12
@@ -23,10 +25,7 @@ LIMIT = 12
 @pytest.fixture(scope="module")
 def bucket(s3_server: Any, toy_pool: Any) -> str:
     name = s3_server.create_bucket()
-    client = s3_server.client()
-    for ckpt, path in toy_pool.checkpoints.items():
-        for file in Path(path).iterdir():
-            client.upload_file(str(file), name, f"pool/{ckpt}/{file.name}")
+    upload_checkpoints(s3_server, name, toy_pool.checkpoints)
     return name
 
 
