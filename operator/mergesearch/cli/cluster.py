@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mergerunner.contract import ExitCode
 from mergesearch.local.records import TrialRecord
 from mergesearch.local.summary import baseline_label
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class ClusterReadError(Exception):
@@ -215,12 +214,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         obj = read_search(args.name, args.namespace, os.environ.get("KUBECTL", "kubectl"))
     except ClusterReadError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     if args.output == "json":
         print(json.dumps(obj.get("status") or {}, indent=2, sort_keys=True))
     else:
         print_status(obj)
-    return EXIT_FAILED if (obj.get("status") or {}).get("phase") == "Failed" else EXIT_OK
+    return ExitCode.FAILED if (obj.get("status") or {}).get("phase") == "Failed" else ExitCode.OK
 
 
 def report_from_cluster(name: str, namespace: str | None, out: Path) -> list[Path]:
@@ -232,10 +231,3 @@ def report_from_cluster(name: str, namespace: str | None, out: Path) -> list[Pat
         raise ClusterReadError(f"{name}: no finished trial to draw yet")
     tasks = [t["task"] for t in obj["spec"]["objective"]["heldIn"]]
     return draw_all(records_from_status(obj), best["weights"], tasks, out)
-
-
-def kubectl_plugin() -> int:
-    """`kubectl mergesearch status NAME`: kubectl finds `kubectl-mergesearch` on PATH."""
-    from mergesearch.cli.main import main
-
-    return main(sys.argv[1:])

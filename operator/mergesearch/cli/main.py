@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from mergerunner.contract import ExitCode
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def _cmd_crd(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = build_parser().parse_args(argv)
     return int(args.func(args))
+
+
+def kubectl_plugin() -> int:
+    """`kubectl mergesearch status NAME`: kubectl finds `kubectl-mergesearch` on PATH."""
+    return main(sys.argv[1:])
 
 
 def run_and_exit(argv: list[str] | None = None) -> NoReturn:

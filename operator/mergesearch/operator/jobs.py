@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mergerunner.contract import ExitCode
 from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
 from mergesearch.entrypoints import EVALUATOR_COMMAND, PREFLIGHT_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
@@ -370,7 +371,7 @@ def _pod_failure_policy() -> dict[str, Any]:
                 "onExitCodes": {
                     "containerName": RUNNER_CONTAINER,
                     "operator": "In",
-                    "values": [1, 2],
+                    "values": [int(ExitCode.FAILED), int(ExitCode.BAD_INPUT)],
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from mergerunner.contract import ExitCode
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
@@ -52,7 +53,7 @@ LEASE_GRACE_S = 30
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # The evaluator exits 2 when its configuration is unusable (no token, the endpoint refuses
 # it): a replacement pod would fail alike.
-EXIT_CONFIG = 2
+EXIT_CONFIG = int(ExitCode.BAD_INPUT)
 
 
 # --------------------------------------------------------------------------- time
