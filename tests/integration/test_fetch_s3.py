@@ -115,12 +115,7 @@ def base() -> str:
 
 @pytest.fixture
 def config(s3_server: SeaweedS3) -> StorageConfig:
-    return StorageConfig(
-        endpoint=s3_server.endpoint,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
+    return s3_server.storage_config()
 
 
 @pytest.fixture
