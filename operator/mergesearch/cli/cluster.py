@@ -1,9 +1,11 @@
 """`mergesearch status NAME`, `mergesearch report --name NAME`: a cluster search, for people.
 
-The resource is read with `kubectl get -o json`, not with an API client of our own: kubectl
-already speaks every authentication a user's kubeconfig may use (exec plugins, OIDC, cloud
-helpers), and this command is also shipped as the kubectl plugin `kubectl mergesearch`, where
-kubectl is by definition at hand. Everything after the read is pure and unit-tested.
+The resource is read with the official `kubernetes` client and its kubeconfig loading, so the
+command authenticates as kubectl would without kubectl installed: `$KUBECONFIG` (several files
+merged) or `~/.kube/config`, its current context or `--context`, the context's namespace, client
+certificates, tokens, exec credential plugins (cloud helpers, OIDC login tools), and the pod's
+service account when it runs inside the cluster. The same code serves the kubectl plugin
+`kubectl mergesearch`. Everything after the read is pure and unit-tested.
 """
 
 from __future__ import annotations
@@ -11,32 +13,111 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergerunner.contract import ExitCode
+from mergesearch.crd import PLURAL
 from mergesearch.local.records import TrialRecord
 from mergesearch.local.summary import baseline_label
+from mergesearch.spec import API_GROUP, API_VERSION
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+READ_TIMEOUT_S = 30.0
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class ClusterReadError(Exception):
-    """kubectl could not read the resource; the message is kubectl's."""
+    """The resource could not be read: no configuration, refused, absent or unreachable."""
 
 
-def read_search(name: str, namespace: str | None, kubectl: str = "kubectl") -> dict[str, Any]:
-    cmd = [kubectl, "get", "mergesearches.mergesearch.io", name, "-o", "json"]
-    if namespace:
-        cmd += ["-n", namespace]
-    if shutil.which(cmd[0]) is None:
-        raise ClusterReadError(f"{kubectl!r} not found on PATH (set $KUBECTL)")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ClusterReadError(proc.stderr.strip() or f"kubectl exited {proc.returncode}")
-    return json.loads(proc.stdout)
+def _kubeconfig_paths() -> list[Path]:
+    """`$KUBECONFIG` (a list, as kubectl reads it), else `~/.kube/config`."""
+    value = os.environ.get("KUBECONFIG", "")
+    if value:
+        return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+    return [Path("~/.kube/config").expanduser()]
+
+
+def _context_namespace(context: Mapping[str, Any] | None) -> str | None:
+    return ((context or {}).get("context") or {}).get("namespace") or None
+
+
+def api_client(context: str | None = None) -> tuple[ApiClient, str]:
+    """An `ApiClient` for the kubeconfig's context (or the pod's service account) and the
+    namespace that context names ("default" when it names none), as kubectl would pick."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    paths = _kubeconfig_paths()
+    in_cluster = not any(p.exists() for p in paths) and "KUBERNETES_SERVICE_HOST" in os.environ
+    configuration = client.Configuration()
+    try:
+        if in_cluster:
+            config.load_incluster_config(client_configuration=configuration)
+            namespace = IN_CLUSTER_NAMESPACE.read_text().strip() or "default"
+        else:
+            config_file = os.pathsep.join(str(p) for p in paths)
+            contexts, active = config.list_kube_config_contexts(config_file)
+            if context is not None:
+                active = next((c for c in contexts if c.get("name") == context), None)
+                if active is None:
+                    raise ClusterReadError(f"context {context!r} not found in {config_file}")
+            config.load_kube_config(
+                config_file=config_file,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,  # a read-only command never rewrites the user's file
+            )
+            namespace = _context_namespace(active) or "default"
+    except (ConfigException, OSError) as exc:
+        where = "in-cluster service account" if in_cluster else os.pathsep.join(map(str, paths))
+        raise ClusterReadError(f"no usable Kubernetes configuration ({where}): {exc}") from exc
+    # One attempt, as kubectl makes: a refused connection is reported, not retried (and
+    # urllib3's retry warnings would bury the one line that says what is wrong).
+    configuration.retries = 0
+    return client.ApiClient(configuration), namespace
+
+
+def _server_said(exc: Any) -> str:
+    """kubectl's wording: `Error from server (NotFound): <the server's message>`."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    reason = body.get("reason") or exc.reason or f"HTTP {exc.status}"
+    return f"Error from server ({reason}): {body.get('message') or exc.body or exc.reason}"
+
+
+def read_search(name: str, namespace: str | None, context: str | None = None) -> dict[str, Any]:
+    """The MergeSearch as the API server has it now (a dict, as `kubectl get -o json` prints)."""
+    from kubernetes.client import CustomObjectsApi
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    api, default_namespace = api_client(context)
+    with api:
+        host = api.configuration.host
+        try:
+            obj = CustomObjectsApi(api).get_namespaced_custom_object(
+                API_GROUP,
+                API_VERSION,
+                namespace or default_namespace,
+                PLURAL,
+                name,
+                _request_timeout=READ_TIMEOUT_S,
+            )
+        except ApiException as exc:
+            raise ClusterReadError(_server_said(exc)) from exc
+        except HTTPError as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ClusterReadError(f"cannot reach the Kubernetes API at {host}: {reason}") from exc
+    return dict(obj)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -204,14 +285,15 @@ def print_status(obj: Mapping[str, Any]) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="show a MergeSearch on the cluster")
     status.add_argument("name")
-    status.add_argument("-n", "--namespace")
+    status.add_argument("-n", "--namespace", help="default: the context's namespace")
+    status.add_argument("--context", help="the kubeconfig context (default: the current one)")
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
     status.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        obj = read_search(args.name, args.namespace, os.environ.get("KUBECTL", "kubectl"))
+        obj = read_search(args.name, args.namespace, args.context)
     except ClusterReadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -222,10 +304,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return ExitCode.FAILED if (obj.get("status") or {}).get("phase") == "Failed" else ExitCode.OK
 
 
-def report_from_cluster(name: str, namespace: str | None, out: Path) -> list[Path]:
+def report_from_cluster(
+    name: str, namespace: str | None, out: Path, context: str | None = None
+) -> list[Path]:
     from mergesearch.local.report import draw_all
 
-    obj = read_search(name, namespace, os.environ.get("KUBECTL", "kubectl"))
+    obj = read_search(name, namespace, context)
     best = chosen_entry(obj.get("status") or {})
     if not best:
         raise ClusterReadError(f"{name}: no finished trial to draw yet")
