@@ -3,7 +3,7 @@
 For each pool seed (the `paper` recipe with its initialisation and data seeds shifted; pool 0
 is the demo's pool) and each search seed, the product runs the demo's search in local mode
 (`examples/toy-pool-search.yaml`'s settings, confirmation on) and checks, as the demo table
-does (mergesearch.summary.check_claims):
+does (mergesearch.local.summary.check_claims):
 
 - (a) the confirmed winner beats the best single checkpoint, the uniform merge and merge-best
   on held-in fitness measured on the confirmation examples (unseen by the search);
@@ -42,9 +42,9 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "runner")]
 from mergerunner.toys import build_pool, get_preset  # noqa: E402
 from mergerunner.toys.presets import Preset  # noqa: E402
 from mergesearch import engine  # noqa: E402
-from mergesearch.local import LocalSearch, quiet_libraries  # noqa: E402
+from mergesearch.local.search import LocalSearch, quiet_libraries  # noqa: E402
+from mergesearch.local.summary import check_claims, confirmed_fitness  # noqa: E402
 from mergesearch.spec import parse_manifest  # noqa: E402
-from mergesearch.summary import check_claims, confirmed_fitness  # noqa: E402
 
 Z90 = 1.6448536269514722  # two-sided 90%: the standard normal's 95th percentile
 POOL_SEED_STRIDE = 1000

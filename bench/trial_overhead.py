@@ -1,45 +1,64 @@
 """Per-trial overhead of one Job per trial against warm evaluators, on the real control plane.
 
-    V=$(scripts/env.sh); nice $V/bin/python -P bench/trial_overhead.py [--layers 4] [--trials 4]
+    nice -n 5 $VENV/bin/python -P bench/trial_overhead.py        # the issue's scale (~0.5B)
+    $VENV/bin/python -P bench/trial_overhead.py --small --out /tmp/overhead.json   # dry run
 
 Starts its own control plane (tests/support/cluster.py), a node agent (one node), the real S3
 server (SeaweedFS) and the operator as its own process (RBAC ServiceAccount credentials,
 serving the evaluator endpoint, with a node cache directory). Generates 8 synthetic Llama
-checkpoints (random init, bf16, hidden 1024, MLP 2816, 16 heads, `--layers` layers; the toy
-pool's 44-token tokenizer, so that the toy tasks can score them; nothing is downloaded) and
-uploads them to S3. Then runs two searches side by side in time, one after the other, with
-the same cheap fixed evaluation (one toy task, 2 examples, CPU, float32):
+checkpoints (random init, nothing downloaded) and uploads them to S3. By default each has
+0.50B parameters, 1.0 GB in bfloat16 (8.0 GB per pool): hidden 1536, MLP 4096, 16 layers, 12
+heads with 4 key/value heads (grouped-query attention, as current Llamas) and a 32000-token
+vocabulary with untied embeddings (Llama 2's): the tensor shapes of a small real LLM. The toy
+pool's 44-token tokenizer comes with them, so that the toy tasks can score them (the other
+vocabulary rows are merged and never indexed). Stored in bfloat16, as fine-tunes ship: half
+the S3 bytes, fetch time and resident host memory of float32; merged to bfloat16
+(`merge.dtype`, what a user exports), computed in float32 on this CPU (`compute_dtype`).
+
+Then runs two searches side by side in time, one after the other, with the same cheap fixed
+evaluation (one toy task, 2 examples, CPU):
 
 - jobs mode, parallelism 1: per-trial non-scoring time = (Job seen Complete - Job seen
   created) - scoring time. Everything a trial pod does but score: start, runner start-up,
   fetch of all 8 checkpoints into its emptyDir, merge to disk, load, task-suite build;
 - warm mode, `--warm-parallelism` evaluators (default 1, timed like the other two: one
-  process at a time; 2 shows two evaluators on the node sharing its cache, written to
-  trial_overhead_p2.json): per trial, from the evaluators' own log lines, the time from
-  posting the previous result to holding the next lease, plus the trial's time other than
-  scoring (the in-place merge). Each evaluator's first trial (fetch, load, suite build: a
-  one-off per pod) is reported apart.
+  process at a time; 2 shows two evaluators on the node sharing its cache): per trial, from
+  the evaluators' own log lines, the time from posting the previous result to holding the
+  next lease, plus the trial's time other than scoring (the in-place merge and its content
+  digest). Each evaluator's first trial (fetch, load, suite build: a one-off per pod) is
+  reported apart.
 
-Floors measured in this process at the same shapes: local mode's in-place merge
-(`ResidentMerger.merge_into`, the `local_merge_s` target's denominator) and the scoring time.
-Bytes fetched from S3 by the warm search: the sum of what its evaluators report (their log
-lines; a second evaluator on the node finds the cache filled and fetches 0 bytes).
+Floors, at the same shapes and dtypes, measured in a child process before the cluster starts
+(its resident checkpoints are freed when it ends): local mode's in-place merge
+(`ResidentMerger.merge_into` with its content digest, the `local_merge_s` target's
+denominator) and the scoring time. Bytes fetched from S3 by the warm search: the sum of what
+its evaluators report (their log lines; a second evaluator on the node finds the cache filled
+and fetches 0 bytes).
 
-Writes bench/results/trial_overhead.json. A shared 2-core machine: compare ratios.
+Memory: a warm evaluator holds the 8 checkpoints (8.0 GB) and the model in float32 (2.0 GB);
+its peak RSS (from its log lines), the floors' child's and the least MemAvailable seen are
+recorded. A collected trial pod's emptyDir is removed as a kubelet would (the node agent
+keeps pod directories for their logs): 8 GB per trial would otherwise fill the disk.
+
+Writes bench/results/trial_overhead.json (or `--out`) with the CPU count and the load average
+per phase: on a shared machine compare the ratios, which are measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,66 +72,120 @@ sys.path[:0] = [
 ]
 
 from support.cluster import ApiClient, KubeCluster  # noqa: E402
-from support.net import free_port  # noqa: E402
 from support.nodeagent import NodeAgent  # noqa: E402
-from support.operator_proc import Searches, running_operator  # noqa: E402
+from support.operator_proc import (  # noqa: E402
+    Searches,
+    evaluator_endpoint_env,
+    running_operator,
+)
 from support.s3server import SeaweedS3  # noqa: E402
+from support.search_inputs import (  # noqa: E402
+    STORE_SECRET,
+    create_search_inputs,
+    portable_tasks,
+    upload_checkpoints,
+)
 from support.toypool import cached_pool  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "trial_overhead.json"
 CHECKPOINTS = 8
 TASK, METRIC, LIMIT = "toy_rev", "exact_match", 2
 EVALUATOR = {"device": "cpu", "batchSize": 8, "seed": 1}
+STORED_DTYPE = MERGE_DTYPE = "bfloat16"
+TOY_VOCAB = 44  # the toy tokenizer's ids: the model's vocabulary must hold them
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama's tensor shapes; the default is a ~0.5B-parameter model (see the docstring)."""
+
+    hidden: int = 1536
+    intermediate: int = 4096
+    layers: int = 16
+    heads: int = 12
+    kv_heads: int = 4
+    vocab: int = 32000
+
+    def config(self) -> dict[str, int]:
+        return {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+        }
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        h, m, v = self.hidden, self.intermediate, self.vocab
+        kv = h // self.heads * self.kv_heads
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (v, h),
+            "lm_head.weight": (v, h),
+            "model.norm.weight": (h,),
+        }
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                f"{p}self_attn.q_proj.weight": (h, h),
+                f"{p}self_attn.k_proj.weight": (kv, h),
+                f"{p}self_attn.v_proj.weight": (kv, h),
+                f"{p}self_attn.o_proj.weight": (h, h),
+                f"{p}mlp.gate_proj.weight": (m, h),
+                f"{p}mlp.up_proj.weight": (m, h),
+                f"{p}mlp.down_proj.weight": (h, m),
+                f"{p}input_layernorm.weight": (h,),
+                f"{p}post_attention_layernorm.weight": (h,),
+            }
+        return shapes
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for s in self.tensors().values())
+
+
+SMALL = Shape(hidden=256, intermediate=688, layers=2, heads=4, kv_heads=2, vocab=1000)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def make_checkpoints(root: Path, layers: int, toy: Path) -> list[Path]:
-    """8 fine-tune-like random-init Llamas: a shared base plus a per-checkpoint perturbation
-    (bench/merge.py's shapes), with the toy tokenizer and a config transformers loads."""
+def make_checkpoints(root: Path, shape: Shape, toy: Path) -> list[Path]:
+    """8 fine-tune-like random-init Llamas: a shared base plus a per-checkpoint perturbation,
+    stored in bfloat16, with the toy tokenizer and a config transformers loads. Memory: the
+    base and one checkpoint in bfloat16, one tensor in float32."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from merge import llama_shapes
-
     config = LlamaConfig(
-        vocab_size=44,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
+        **shape.config(),
         max_position_embeddings=64,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-    )
-    shapes = llama_shapes(
-        {
-            "hidden_size": 1024,
-            "intermediate_size": 2816,
-            "vocab_size": 44,
-            "num_hidden_layers": layers,
-        }
+        dtype=STORED_DTYPE,
     )
     generator = torch.Generator().manual_seed(0)
-    base = {n: torch.randn(s, generator=generator) * 0.02 for n, s in shapes.items()}
+    base = {
+        n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16)
+        for n, s in shape.tensors().items()
+    }
     dirs = []
     for i in range(CHECKPOINTS):
         gen = torch.Generator().manual_seed(i + 1)
-        tensors = {
-            n: (t + torch.randn(t.shape, generator=gen) * 0.002).to(torch.bfloat16)
-            for n, t in base.items()
-        }
-        for n in tensors:
+        tensors = {}
+        for n, t in base.items():
             if n.endswith("norm.weight"):
-                tensors[n] = torch.ones_like(tensors[n])
+                tensors[n] = torch.ones_like(t)
+            else:
+                noise = torch.randn(t.shape, generator=gen).mul_(0.002)
+                tensors[n] = noise.add_(t).to(torch.bfloat16)
         path = root / f"ckpt{i}"
         path.mkdir(parents=True)
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
         config.save_pretrained(path)
         for extra in toy.iterdir():
             if extra.name.startswith(("tokenizer", "special_tokens")):
@@ -121,44 +194,95 @@ def make_checkpoints(root: Path, layers: int, toy: Path) -> list[Path]:
     return dirs
 
 
-def upload(s3: SeaweedS3, bucket: str, dirs: list[Path]) -> dict[str, str]:
-    client = s3.client()
-    uris = {}
-    for path in dirs:
-        for file in sorted(path.iterdir()):
-            client.upload_file(str(file), bucket, f"pool/{path.name}/{file.name}")
-        uris[path.name] = f"s3://{bucket}/pool/{path.name}/"
-    return uris
-
-
 # --------------------------------------------------------------------------- floors
 
 
-def floors(dirs: list[Path], tasks_dir: Path) -> dict[str, float]:
-    """Local mode's in-place merge and the scoring time, at the searches' shapes and dtype."""
+def floors(dirs: list[Path], tasks_dir: Path) -> dict[str, Any]:
+    """Local mode's in-place merge (with the content digest it computes) and the scoring time,
+    at the searches' shapes and dtypes, the model loaded and placed as local mode does."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from mergerunner.evaluate import TaskSuite, make_lm
+    from mergerunner.devices import load_placed, model_config, plan_for
+    from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
     from mergerunner.merge import ResidentMerger
+    from mergerunner.placement import layout_of_merge
     from mergerunner.trial import EvaluatorSpec, TaskSpec
 
+    evaluator = EvaluatorSpec.model_validate(EVALUATOR)
     merger = ResidentMerger(dirs)
-    model = AutoModelForCausalLM.from_pretrained(dirs[0], dtype=torch.float32).eval()
+    dtype = compute_dtype(MERGE_DTYPE, "cpu")
+    layout = layout_of_merge(merger.plan, dtype)
+    placement = plan_for(layout, model_config(dirs[0]), evaluator, dtype)
+    model = load_placed(dirs[0], placement, dtype, trust=False)
     tokenizer = AutoTokenizer.from_pretrained(dirs[0])
     weights = [1 / len(dirs)] * len(dirs)
     merges, scores = [], []
     suite = TaskSuite([TaskSpec(task=TASK, metric=METRIC, limit=LIMIT)], include_path=tasks_dir)
-    lm = make_lm(model, tokenizer, EvaluatorSpec.model_validate(EVALUATOR), progress=False)
+    lm = make_lm(model, tokenizer, evaluator, progress=False)
     for i in range(3):
-        start = time.perf_counter()
         mix = [w * (1 + 0.1 * ((i + j) % 3)) for j, w in enumerate(weights)]
-        merger.merge_into(model, [m / sum(mix) for m in mix])
+        start = time.perf_counter()
+        with torch.no_grad():
+            merger.merge_into(model, [m / sum(mix) for m in mix], dtype=MERGE_DTYPE)
         merges.append(time.perf_counter() - start)
         start = time.perf_counter()
         suite.score(lm)
         scores.append(time.perf_counter() - start)
-    return {"local_merge_s": statistics.median(merges), "scoring_s": statistics.median(scores)}
+    return {
+        "local_merge_s": statistics.median(merges),
+        "local_merge_samples_s": merges,
+        "scoring_s": statistics.median(scores),
+        "peak_rss_bytes": peak_rss(),
+    }
+
+
+def floors_apart(dirs: list[Path], tasks_dir: Path) -> dict[str, Any]:
+    """`floors` in a child process: its resident checkpoints are freed when it ends."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(floors, (dirs, tasks_dir))
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Machine(threading.Thread):
+    """Samples the 1-minute load average and MemAvailable every second, per phase: the run
+    shares its CPUs, and a reader judges the noise of the figures from these."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.phase = "setup"
+        self.load: dict[str, list[float]] = {}
+        self.least_available = meminfo("MemAvailable")
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.load.setdefault(self.phase, []).append(os.getloadavg()[0])
+            self.least_available = min(self.least_available, meminfo("MemAvailable"))
+            time.sleep(1.0)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "cpus": os.cpu_count(),
+            "load_1m_mean": {p: round(statistics.mean(v), 2) for p, v in self.load.items()},
+            "load_1m_max": {p: round(max(v), 2) for p, v in self.load.items()},
+            "mem_total_bytes": meminfo("MemTotal"),
+            "least_mem_available_bytes": self.least_available,
+        }
 
 
 # --------------------------------------------------------------------------- the searches
@@ -167,13 +291,19 @@ def floors(dirs: list[Path], tasks_dir: Path) -> dict[str, float]:
 def spec(uris: dict[str, str], s3: SeaweedS3, mode: str, parallelism: int, trials: int) -> dict:
     return {
         "checkpoints": [{"name": n, "uri": u} for n, u in uris.items()],
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": MERGE_DTYPE},
         "objective": {
             "heldIn": [{"task": TASK, "metric": METRIC, "limit": LIMIT}],
             "customTasks": {"configMapRef": {"name": "toy-tasks"}},
             "evaluator": EVALUATOR,
         },
-        "search": {"populationSize": trials, "maxGenerations": 1, "seed": 5, "baselines": []},
+        "search": {
+            "populationSize": trials,
+            "maxGenerations": 1,
+            "seed": 5,
+            "baselines": [],
+            "confirm": {"enabled": False},  # exactly `trials` trials, all alike
+        },
         "execution": {
             "mode": mode,
             "parallelism": parallelism,
@@ -189,7 +319,7 @@ def spec(uris: dict[str, str], s3: SeaweedS3, mode: str, parallelism: int, trial
         "storage": {
             "endpoint": s3.endpoint,
             "region": s3.region,
-            "secretRef": {"name": "store"},
+            "secretRef": {"name": STORE_SECRET},
         },
     }
 
@@ -199,9 +329,9 @@ class JobClock(threading.Thread):
     gone (the operator deletes a succeeded trial's Job as soon as it has its pod's result,
     often before the Job controller marks it Complete)."""
 
-    def __init__(self, api: ApiClient, namespace: str) -> None:
+    def __init__(self, api: ApiClient, namespace: str, node_dir: Path) -> None:
         super().__init__(daemon=True)
-        self.api, self.namespace = api, namespace
+        self.api, self.namespace, self.node_dir = api, namespace, node_dir
         self.created: dict[str, float] = {}
         self.completed: dict[str, float] = {}
         self.stop = threading.Event()
@@ -220,7 +350,15 @@ class JobClock(threading.Thread):
                     self.completed.setdefault(name, now)
             for name in set(self.created) - present:
                 self.completed.setdefault(name, now)  # collected (deleted) by the operator
+                self.remove_scratch(name)
             time.sleep(0.2)
+
+    def remove_scratch(self, job: str) -> None:
+        """What a kubelet does with a deleted pod's emptyDirs (the node agent keeps the pod's
+        directory for its log): each trial pod fetched every checkpoint into one."""
+        for pod_dir in self.node_dir.glob(f"{self.namespace}_{job}-*"):
+            for scratch in ("volumes", "tmp", "work"):
+                shutil.rmtree(pod_dir / scratch, ignore_errors=True)
 
 
 def evaluator_records(agent: NodeAgent, namespace: str) -> dict[str, list[dict[str, Any]]]:
@@ -235,100 +373,108 @@ def evaluator_records(agent: NodeAgent, namespace: str) -> dict[str, list[dict[s
     return out
 
 
-def warm_overheads(
-    per_pod: dict[str, list[dict[str, Any]]],
-) -> tuple[list[float], list[float], list[float]]:
-    """(steady per-trial overheads, first-trial set-up times, hand-overs): overhead = the
-    hand-over (the wait from posting the previous result to holding the next lease) + the
-    trial's time other than scoring (the in-place merge)."""
-    steady, setup, handovers = [], [], []
+@dataclass
+class WarmTimes:
+    """Per steady trial: overhead = the hand-over (the wait from posting the previous result
+    to holding the next lease) + the trial's time other than scoring (the in-place merge);
+    each evaluator's first trial (fetch, load, suite build) apart."""
+
+    steady: list[float]
+    setup: list[float]
+    handovers: list[float]
+    merges: list[float]
+
+
+def warm_overheads(per_pod: dict[str, list[dict[str, Any]]]) -> WarmTimes:
+    times = WarmTimes([], [], [], [])
     for records in per_pod.values():
         for previous, record in zip([None, *records], records, strict=False):
             t = record["timings"]
             other = t.get("totalS", 0.0) - t.get("evaluateS", 0.0)
             if previous is None:
-                setup.append(other + t.get("evaluateS", 0.0))
+                times.setup.append(other + t.get("evaluateS", 0.0))
                 continue
-            handovers.append(record["leasedAt"] - previous["doneAt"])
-            steady.append(handovers[-1] + other)
-    return steady, setup, handovers
+            times.handovers.append(record["leasedAt"] - previous["doneAt"])
+            times.merges.append(t.get("mergeS", 0.0))
+            times.steady.append(times.handovers[-1] + other)
+    return times
 
 
-def run(layers: int, trials: int, warm_parallelism: int) -> dict[str, Any]:
+def searches(
+    dirs: list[Path], tasks: dict[str, str], scratch: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Both searches on one control plane, S3 server and node; what they measured."""
+    node_cache = scratch / "node-cache"
+    node_cache.mkdir()
+    env = {
+        **evaluator_endpoint_env(scratch / "key"),
+        "MERGESEARCH_NODE_CACHE_DIR": str(node_cache),
+    }
+    machine: Machine = args.machine
+    with (
+        KubeCluster(scratch / "cluster") as cluster,
+        NodeAgent(cluster.api(), max_running=4) as agent,
+        SeaweedS3(scratch / "s3") as s3,
+    ):
+        bucket = s3.create_bucket()
+        uris = upload_checkpoints(s3, bucket, {d.name: d for d in dirs})
+        shutil.rmtree(scratch / "ckpt")  # in S3 now, and the floors are measured: disk back
+        namespace = "overhead"
+        cluster.create_namespace(namespace)
+        api = cluster.api()
+        create_search_inputs(api, namespace, s3, tasks)
+        made = Searches(cluster, namespace)
+        with running_operator(cluster, [namespace], env=env):
+            clock = JobClock(api, namespace, agent.workdir)
+            clock.start()
+            machine.phase = "jobs"
+            made.create("jobs", spec(uris, s3, "jobs", 1, args.trials))
+            jobs_status = made.wait_phase("jobs", ["Succeeded", "Failed"], 3600)
+            time.sleep(2)  # the last Job's Complete condition follows the search's status
+            clock.stop.set()
+            machine.phase = "warm"
+            made.create("warm", spec(uris, s3, "warm", args.warm_parallelism, args.warm_trials))
+            warm_status = made.wait_phase("warm", ["Succeeded", "Failed"], 3600)
+            machine.phase = "teardown"
+            per_pod = evaluator_records(agent, namespace)
+    for name, status in (("jobs", jobs_status), ("warm", warm_status)):
+        if status["phase"] != "Succeeded":
+            raise SystemExit(f"{name} search: {status.get('conditions')}")
+    walls = [
+        clock.completed[n] - clock.created[n]
+        for n in clock.completed
+        if not n.endswith("-evaluators")
+    ]
+    return {"walls": walls, "per_pod": per_pod}
+
+
+def run(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
+    machine = args.machine = Machine()
+    machine.start()
     pool = cached_pool("mini")
     toy = next(iter(pool.checkpoints.values()))
     scratch = Path(tempfile.mkdtemp(prefix="mergesearch-overhead-"))
     try:
-        dirs = make_checkpoints(scratch / "ckpt", layers, Path(toy))
+        started = time.monotonic()
+        dirs = make_checkpoints(scratch / "ckpt", shape, Path(toy))
         checkpoint_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
-        from test_operator_search import portable_tasks
-
-        tasks = portable_tasks(pool.tasks_dir, scratch / "tasks", [TASK])
-        measured = floors(dirs, scratch / "tasks")
+        generated = time.monotonic() - started
+        tasks = portable_tasks(pool.tasks_dir, [TASK], scratch / "tasks")
+        machine.phase = "floors"
+        measured = floors_apart(dirs, scratch / "tasks")
         print(f"floors: {measured}", flush=True)
-        node_cache = scratch / "node-cache"
-        node_cache.mkdir()
-        key = scratch / "key"
-        key.write_text(uuid.uuid4().hex)
-        port = free_port()
-        env = {
-            "MERGESEARCH_EVALUATOR_PORT": str(port),
-            "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
-            "MERGESEARCH_EVALUATOR_KEY_FILE": str(key),
-            "MERGESEARCH_NODE_CACHE_DIR": str(node_cache),
-        }
-        with (
-            KubeCluster(scratch / "cluster") as cluster,
-            NodeAgent(cluster.api(), max_running=4) as agent,
-            SeaweedS3(scratch / "s3") as s3,
-        ):
-            bucket = s3.create_bucket()
-            uris = upload(s3, bucket, dirs)
-            namespace = "overhead"
-            cluster.create_namespace(namespace)
-            api = cluster.api()
-            api.create(
-                f"/api/v1/namespaces/{namespace}/configmaps",
-                {"metadata": {"name": "toy-tasks"}, "data": tasks},
-            )
-            api.create(
-                f"/api/v1/namespaces/{namespace}/secrets",
-                {
-                    "metadata": {"name": "store"},
-                    "stringData": {
-                        "AWS_ACCESS_KEY_ID": s3.access_key,
-                        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                    },
-                },
-            )
-            searches = Searches(cluster, namespace)
-            with running_operator(cluster, [namespace], env=env):
-                clock = JobClock(api, namespace)
-                clock.start()
-                searches.create("jobs", spec(uris, s3, "jobs", 1, trials))
-                jobs_status = searches.wait_phase("jobs", ["Succeeded", "Failed"], 3600)
-                time.sleep(2)  # the last Job's Complete condition follows the search's status
-                clock.stop.set()
-                searches.create("warm", spec(uris, s3, "warm", warm_parallelism, trials * 2))
-                warm_status = searches.wait_phase("warm", ["Succeeded", "Failed"], 3600)
-                per_pod = evaluator_records(agent, namespace)
-        for name, status in (("jobs", jobs_status), ("warm", warm_status)):
-            if status["phase"] != "Succeeded":
-                raise SystemExit(f"{name} search: {status.get('conditions')}")
-        walls = [
-            clock.completed[n] - clock.created[n]
-            for n in clock.completed
-            if not n.endswith("-evaluators")
-        ]
-        steady, setup, handovers = warm_overheads(per_pod)
-        fetched = sum(
-            max((r["bytesFetched"] for r in recs), default=0) for recs in per_pod.values()
-        )
+        machine.phase = "setup"
+        observed = searches(dirs, tasks, scratch, args)
     finally:
+        machine.stop.set()
         shutil.rmtree(scratch, ignore_errors=True)
+    per_pod, walls = observed["per_pod"], observed["walls"]
+    warm = warm_overheads(per_pod)
+    fetched = sum(max((r["bytesFetched"] for r in recs), default=0) for recs in per_pod.values())
     scoring = measured["scoring_s"]
     jobs_overhead = statistics.median(walls) - scoring
-    warm_overhead = statistics.median(steady)
+    warm_overhead = statistics.median(warm.steady)
+    rounded = lambda values: [round(v, 3) for v in values]  # noqa: E731
     return {
         "jobs_overhead_s": round(jobs_overhead, 3),
         "warm_overhead_s": round(warm_overhead, 3),
@@ -336,11 +482,14 @@ def run(layers: int, trials: int, warm_parallelism: int) -> dict[str, Any]:
         "s3_bytes_per_search": fetched,
         "checkpoint_bytes": checkpoint_bytes,
         "nodes": 1,
+        "jobs_s3_bytes_per_search": checkpoint_bytes * len(walls),
         "scoring_s": round(scoring, 3),
-        "warm_setup_s": [round(s, 3) for s in setup],
-        "warm_overhead_samples_s": [round(s, 3) for s in steady],
-        "warm_handover_samples_s": [round(s, 3) for s in handovers],
-        "jobs_trial_wall_s": [round(w, 3) for w in walls],
+        "local_merge_samples_s": rounded(measured["local_merge_samples_s"]),
+        "warm_setup_s": rounded(warm.setup),
+        "warm_overhead_samples_s": rounded(warm.steady),
+        "warm_merge_samples_s": rounded(warm.merges),
+        "warm_handover_samples_s": rounded(warm.handovers),
+        "jobs_trial_wall_s": rounded(walls),
         "evaluators": len(per_pod),
         "ratios": {
             "warm_over_local_merge": round(warm_overhead / measured["local_merge_s"], 2),
@@ -348,41 +497,54 @@ def run(layers: int, trials: int, warm_parallelism: int) -> dict[str, Any]:
             "s3_copies_per_node": round(fetched / checkpoint_bytes, 3),
         },
         "targets": {"warm_over_local_merge": "<= 1.5", "jobs_over_warm": ">= 5"},
+        "memory": {
+            "evaluator_peak_rss_bytes": [
+                max((r.get("peakRssBytes", 0) for r in recs), default=0)
+                for recs in per_pod.values()
+            ],
+            "floors_peak_rss_bytes": measured["peak_rss_bytes"],
+            "bench_peak_rss_bytes": peak_rss(),
+        },
+        "machine": machine.summary(),
         "setup": {
             "checkpoints": CHECKPOINTS,
-            "layers": layers,
-            "params_per_checkpoint": 2 * 44 * 1024
-            + 1024
-            + layers * (4 * 1024 * 1024 + 3 * 1024 * 2816 + 2 * 1024),
-            "dtype_stored": "bfloat16",
-            "dtype_scored": "float32",
+            "shape": asdict(shape),
+            "params_per_checkpoint": shape.params,
+            "dtype_stored": STORED_DTYPE,
+            "dtype_merged": MERGE_DTYPE,
+            "dtype_computed": "float32 (CPU)",
+            "generation_s": round(generated, 1),
             "task": f"{TASK} (limit {LIMIT}), CPU",
-            "jobs": {"parallelism": 1, "trials": trials, "timed": len(walls)},
-            "warm": {"parallelism": warm_parallelism, "trials": trials * 2},
-            "machine": f"{os.cpu_count()} CPUs, shared",
+            "jobs": {"parallelism": 1, "trials": args.trials, "timed": len(walls)},
+            "warm": {"parallelism": args.warm_parallelism, "trials": args.warm_trials},
         },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers per checkpoint")
-    parser.add_argument("--trials", type=int, default=4, help="trials of the jobs search")
+    parser.add_argument(
+        "--small", action="store_true", help=f"a dry run at a toy shape ({SMALL.params:,} params)"
+    )
+    parser.add_argument("--layers", type=int, help="decoder layers per checkpoint")
+    parser.add_argument("--trials", type=int, default=3, help="trials of the jobs search")
+    parser.add_argument("--warm-trials", type=int, default=6, help="trials of the warm search")
     parser.add_argument(
         "--warm-parallelism",
         type=int,
         default=1,
         help="evaluators (1: timed like the one-Job and local runs, one process at a time; "
-        "2: two evaluators share the node cache, written to trial_overhead_p2.json)",
+        "2: two evaluators share the node cache)",
     )
+    parser.add_argument("--out", type=Path, default=RESULT, help="where the JSON goes")
     args = parser.parse_args(argv)
-    result = run(args.layers, args.trials, args.warm_parallelism)
-    out = (
-        RESULT
-        if args.warm_parallelism == 1
-        else RESULT.with_name(f"trial_overhead_p{args.warm_parallelism}.json")
-    )
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    shape = SMALL if args.small else Shape()
+    if args.layers:
+        shape = replace(shape, layers=args.layers)
+    if shape.vocab < TOY_VOCAB:
+        parser.error(f"the vocabulary must hold the toy tokenizer's {TOY_VOCAB} ids")
+    result = run(shape, args)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,5 +1,5 @@
 """`python -m mergesearch` is the same as the `mergesearch` command."""
 
-from mergesearch.cli import run_and_exit
+from mergesearch.cli.main import run_and_exit
 
 run_and_exit()

@@ -20,10 +20,11 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
+from mergerunner.contract import ExitCode
 from mergerunner.shutdown import run_then_exit
 from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
-EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAILED, ExitCode.BAD_INPUT
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 
 

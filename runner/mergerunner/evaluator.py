@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import resource
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
+from mergerunner.contract import ExitCode
 from mergerunner.run import (
     StepFailed,
     _Clock,
@@ -48,7 +50,7 @@ from mergerunner.run import (
 from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
 log = logging.getLogger(__name__)
-EXIT_DONE, EXIT_CONFIG = 0, 2
+EXIT_DONE, EXIT_CONFIG = ExitCode.OK, ExitCode.BAD_INPUT
 # The operator holds a request up to ~20 s when it has no candidate (the generation's last
 # results are still being scored); the client waits a little longer than that.
 REQUEST_TIMEOUT_S = 60.0
@@ -243,7 +245,8 @@ def trial_record(
     trial_id: str, leased_at: float, result: TrialResult, trials: WarmTrials
 ) -> dict[str, Any]:
     """One log line per trial (`MERGERUNNER_LOG_LEVEL=INFO`): when it was leased and done,
-    the step timings, and the bytes this evaluator has fetched so far."""
+    the step timings, the bytes this evaluator has fetched so far and its peak resident set
+    (the checkpoints it holds plus the model: what a pod's memory request must cover)."""
     return {
         "trial": trial_id,
         "status": result.status,
@@ -251,4 +254,10 @@ def trial_record(
         "doneAt": round(time.time(), 4),
         "timings": result.timings.to_wire(),
         "bytesFetched": trials.bytes_fetched,
+        "peakRssBytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux's ru_maxrss is in kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

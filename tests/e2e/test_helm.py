@@ -26,8 +26,9 @@ import yaml
 from mergesearch import entrypoints
 from mergesearch.rbac import rules
 from support.cluster import ClusterError, KubeCluster
-from support.nodeagent import NodeAgent, wait_for
+from support.nodeagent import NodeAgent
 from support.operator_proc import apply_crd
+from support.polling import wait_for
 from support.prometheus import Prometheus, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -19,7 +19,8 @@ import pytest
 
 from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
-from support.operator_proc import OperatorFactory, Searches, operator_factory, wait_until
+from support.operator_proc import OperatorFactory, Searches, operator_factory
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 __all__ = ["operator_factory"]  # the fixture, imported so that pytest finds it here
@@ -74,7 +75,7 @@ def test_a_job_quota_smaller_than_parallelism_slows_the_search_but_never_stops_i
         f"/api/v1/namespaces/{namespace}/resourcequotas",
         {"metadata": {"name": "jobs"}, "spec": {"hard": {"count/jobs.batch": "2"}}},
     )
-    wait_until(
+    wait_for(
         lambda: (
             api.get(f"/api/v1/namespaces/{namespace}/resourcequotas/jobs")
             .get("status", {})
@@ -86,7 +87,7 @@ def test_a_job_quota_smaller_than_parallelism_slows_the_search_but_never_stops_i
     searches = Searches(k8s_cluster, namespace)
     operator_factory([namespace])
     searches.create("squeezed", analytic_spec(parallelism=4))
-    waiting = wait_until(
+    waiting = wait_for(
         lambda: (
             (c := conditions(searches.status("squeezed")).get("QuotaExceeded"))
             and c["status"] == "True"
@@ -125,7 +126,7 @@ def test_a_trial_job_that_completes_without_a_result_is_kept(
         return [j["metadata"]["annotations"]["mergesearch.io/candidate-id"] for j in jobs]
 
     # (the last collected Jobs are deleted just after the status that records them)
-    wait_until(lambda: len(candidates()) == 1, 30, "the collected Jobs to be deleted")
+    wait_for(lambda: len(candidates()) == 1, 30, "the collected Jobs to be deleted")
     assert candidates() == ["g000-c02"]
     kept = searches.jobs("silent")
     assert kept[0]["status"].get("succeeded") == 1  # it completed; its logs are still there
@@ -158,7 +159,7 @@ def test_a_missing_secret_or_configmap_fails_the_search_at_once_naming_it(
     assert failed["reason"] == "VolumeUnavailable", failed
     assert "FailedMount" in failed["message"] and f'"{name}" not found' in failed["message"]
     assert status["trials"]["finished"] == 0 and pods_started(k8s_node_agent, namespace) == 0
-    wait_until(lambda: not searches.jobs("orphan"), 60, "the stuck trial Jobs to be deleted")
+    wait_for(lambda: not searches.jobs("orphan"), 60, "the stuck trial Jobs to be deleted")
     # Created afterwards, and any edit of the spec resumes the search.
     kind, body = (
         ("secrets", {"stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})
@@ -227,7 +228,7 @@ def test_an_unschedulable_trial_waits_and_says_why(
     gpus = {"limits": {"nvidia.com/gpu": "64"}}
     spec = analytic_spec(template={"spec": {"containers": [{"name": "runner", "resources": gpus}]}})
     searches.create("huge", spec)
-    blocked = wait_until(
+    blocked = wait_for(
         lambda: (
             (c := conditions(searches.status("huge")).get("TrialsBlocked"))
             and c["status"] == "True"
@@ -303,13 +304,13 @@ def test_the_finalizer_of_an_earlier_version_is_removed(
     }
     k8s_cluster.api().create(searches.path, body)
     operator_factory([namespace])
-    wait_until(
+    wait_for(
         lambda: not searches.get("old")["metadata"].get("finalizers"),
         60,
         "the old finalizer to be removed",
     )
     searches.delete("old")
-    wait_until(
+    wait_for(
         lambda: not k8s_cluster.api().get(searches.path)["items"],
         30,
         "the search to be deleted",

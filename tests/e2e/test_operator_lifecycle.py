@@ -26,8 +26,8 @@ from support.operator_proc import (
     Searches,
     operator_factory,
     running_operator,
-    wait_until,
 )
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 __all__ = ["operator_factory"]  # the fixture, imported so that pytest finds it here
@@ -85,7 +85,7 @@ def pods_per_job(searches: Searches) -> Counter[str]:
 
 
 def assert_each_trial_ran_once(searches: Searches, expected: int) -> None:
-    per_job = wait_until(
+    per_job = wait_for(
         lambda: (c := pods_per_job(searches)) and sum(c.values()) >= expected and c,
         30,
         f"{expected} pod-creation events",
@@ -153,7 +153,7 @@ def test_sigkill_mid_generation_changes_nothing(
     kills = 0
     searched = trials_run(reference) - len(reference["confirmation"])
     for finished in (3, 8, 12, searched + 2):
-        wait_until(
+        wait_for(
             lambda n=finished: (
                 (searches.status("crash").get("trials") or {}).get("finished", 0) >= n
             ),
@@ -184,14 +184,14 @@ def test_suspend_stops_launching_and_resume_finishes_the_same(
     searches = Searches(k8s_cluster, namespace)
     operator_factory([namespace])
     searches.create("pause", analytic_spec(parallelism=2))
-    wait_until(
+    wait_for(
         lambda: (searches.status("pause").get("trials") or {}).get("finished", 0) >= 4,
         120,
         "4 finished trials",
         interval_s=0.1,
     )
     searches.patch_spec("pause", {"suspend": True})
-    suspended = wait_until(
+    suspended = wait_for(
         lambda: (
             (s := searches.status("pause")).get("phase") == "Suspended"
             and not s.get("activeTrials")
@@ -258,8 +258,8 @@ def test_failed_trial_is_penalised_and_deletion_collects_everything(
         except ApiError as err:
             return err.status == 404
 
-    wait_until(gone, 60, "the MergeSearch to be deleted (the operator's finalizer released)")
-    wait_until(lambda: not searches.jobs() and not searches.pods(), 60, "Jobs and pods collected")
+    wait_for(gone, 60, "the MergeSearch to be deleted (the operator's finalizer released)")
+    wait_for(lambda: not searches.jobs() and not searches.pods(), 60, "Jobs and pods collected")
 
 
 def test_deleting_a_running_search_collects_running_trials(
@@ -269,9 +269,9 @@ def test_deleting_a_running_search_collects_running_trials(
     searches = Searches(k8s_cluster, namespace)
     operator = operator_factory([namespace])
     searches.create("doomed", analytic_spec())
-    wait_until(lambda: searches.jobs("doomed"), 60, "the first trial Jobs")
+    wait_for(lambda: searches.jobs("doomed"), 60, "the first trial Jobs")
     searches.delete("doomed")
-    wait_until(lambda: not searches.jobs() and not searches.pods(), 60, "Jobs and pods collected")
+    wait_for(lambda: not searches.jobs() and not searches.pods(), 60, "Jobs and pods collected")
     with pytest.raises(ApiError) as err:
         searches.get("doomed")
     assert err.value.status == 404

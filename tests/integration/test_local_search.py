@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -106,11 +107,12 @@ def test_resume_after_kill_gives_the_same_result(
     cmd = [sys.executable, "-m", "mergesearch", "run", str(path), "--state-dir", str(state)]
     proc = subprocess.Popen([*cmd, "--no-progress"], env=ENV, stdout=subprocess.DEVNULL)
     log = state / "trials.jsonl"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= 17:
-            break
-        time.sleep(0.2)
+    wait_for(
+        lambda: log.exists() and len(log.read_text().splitlines()) >= 17,
+        600,
+        "17 trial records",
+        interval_s=0.2,
+    )
     proc.send_signal(signal.SIGKILL)  # during the confirmation (trials 15 and on)
     proc.wait()
     done_before = trial_ids(state)

@@ -26,7 +26,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import pytest
 import yaml
 
 from support.net import free_ports
+from support.polling import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-testbin.sh"
@@ -492,14 +492,15 @@ class KubeCluster:
         self.services.append(Service.start(name, command, logs / f"{name}.log"))
 
     def _wait_for(self, what: str, ready: Any) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+        def alive_and_ready() -> Any:
             for service in self.services:
                 service.check_alive()
-            if ready():
-                return
-            time.sleep(0.25)
-        raise ClusterError(f"timed out after {START_TIMEOUT_S:.0f} s waiting for {what}")
+            return ready()
+
+        def timed_out() -> Exception:
+            return ClusterError(f"timed out after {START_TIMEOUT_S:.0f} s waiting for {what}")
+
+        wait_for(alive_and_ready, START_TIMEOUT_S, what, failure=timed_out)
 
     def _etcd_ready(self) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", self.ports.etcd_client, timeout=5)

@@ -27,6 +27,10 @@ the image's USER (`image_users`, default 65532 as the project's images declare).
 itself runs as the agent's user: there is no container runtime to switch users or make the root
 file system read-only, so those settings are checked, not enforced.
 
+Layout: the statuses it reports are built by the pure functions of tests/support/pod_status.py,
+the environment, volumes and security check by tests/support/pod_setup.py; this module is the
+process loop (`NodeAgent`) and the processes it runs (`LocalContainer`).
+
 Not supported: init and sidecar containers, probes, persistent volumes, resource enforcement,
 `kubectl logs`/`exec` (use `NodeAgent.logs`). Service-account tokens in projected volumes are
 not written (the runner needs no Kubernetes credentials).
@@ -34,30 +38,57 @@ not written (the runner needs no Kubernetes credentials).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from support.cluster import ApiClient, ApiError, KubeCluster
+from support.pod_setup import (
+    DEFAULT_IMAGE_USER,
+    ObjectReader,
+    PodRejected,
+    PodSetupError,
+    VolumeSetupError,
+    base_env,
+    container_command,
+    materialise_volume,
+    resolve_env,
+    rewrite_paths,
+    verify_non_root,
+    volume_mounts,
+)
+from support.pod_status import (
+    ContainerRun,
+    binding_manifest,
+    exit_status,
+    finished_pod_status,
+    insufficient,
+    lost_pod_status,
+    node_manifest,
+    node_status,
+    now_rfc3339,
+    running_pod_status,
+    should_restart,
+    terminated_state,
+    termination_message,
+    unschedulable_pod_status,
+    waiting_pod_status,
+    warning_event,
+)
 
 NODE_NAME = "mergesearch-node"
-KUBELET_VERSION = "v1.36.3"
 DEFAULT_CAPACITY: dict[str, str] = {
     "cpu": "16",
     "memory": "64Gi",
@@ -66,556 +97,7 @@ DEFAULT_CAPACITY: dict[str, str] = {
     "nvidia.com/gpu": "8",
 }
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
-MAX_MESSAGE_BYTES = 4096
-FALLBACK_LOG_LINES = 80
 KILL_GRACE_CAP_S = 5.0
-
-
-class PodSetupError(Exception):
-    """The container cannot start yet (a missing secret, say): the pod stays Pending, retried.
-    Messages are the kubelet's (`secret "x" not found`); the pod waits in
-    CreateContainerConfigError, as the kubelet's does for env references."""
-
-
-class VolumeSetupError(PodSetupError):
-    """A volume cannot be set up (its Secret or ConfigMap is missing): as on a real kubelet,
-    the pod stays ContainerCreating and a `FailedMount` Warning event says why."""
-
-
-class PodRejected(Exception):
-    """The pod asks for something the agent cannot do: the pod fails with this message."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure core: manifests, statuses, env and path handling
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def node_status(name: str, capacity: Mapping[str, str], now: str) -> dict[str, Any]:
-    """A Ready node's status; lastHeartbeatTime is what the node lifecycle controller watches."""
-
-    def condition(kind: str, status: str, reason: str) -> dict[str, str]:
-        return {
-            "type": kind,
-            "status": status,
-            "reason": reason,
-            "message": "node agent of the test suite",
-            "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
-        }
-
-    return {
-        "capacity": dict(capacity),
-        "allocatable": dict(capacity),
-        "conditions": [
-            condition("MemoryPressure", "False", "KubeletHasSufficientMemory"),
-            condition("DiskPressure", "False", "KubeletHasNoDiskPressure"),
-            condition("PIDPressure", "False", "KubeletHasSufficientPID"),
-            condition("Ready", "True", "KubeletReady"),
-        ],
-        "addresses": [
-            {"type": "InternalIP", "address": "127.0.0.1"},
-            {"type": "Hostname", "address": name},
-        ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
-        "nodeInfo": {
-            "machineID": "",
-            "systemUUID": "",
-            "bootID": "",
-            "kernelVersion": "",
-            "osImage": "mergesearch test node agent",
-            "containerRuntimeVersion": "process://local",
-            "kubeletVersion": KUBELET_VERSION,
-            "kubeProxyVersion": "",
-            "operatingSystem": "linux",
-            "architecture": "amd64",
-        },
-    }
-
-
-def node_manifest(name: str) -> dict[str, Any]:
-    labels = {
-        "kubernetes.io/hostname": name,
-        "kubernetes.io/os": "linux",
-        "kubernetes.io/arch": "amd64",
-        "mergesearch.io/node-agent": "true",
-    }
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
-
-
-_SUFFIXES = {
-    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
-}  # fmt: skip
-
-
-def parse_quantity(text: str | int | float) -> float:
-    """A Kubernetes quantity (`500m`, `8`, `64Gi`) as a number."""
-    text = str(text)
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
-    return float(text)
-
-
-def insufficient(pod: Mapping[str, Any], capacity: Mapping[str, str]) -> list[str]:
-    """The resources the pod's containers request (limits for extended resources, which need
-    no request) beyond what the node has: what the scheduler reports as `Insufficient`."""
-    wanted: dict[str, float] = {}
-    for container in pod["spec"].get("containers") or []:
-        resources = container.get("resources") or {}
-        merged = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-        for name, value in merged.items():
-            wanted[name] = wanted.get(name, 0.0) + parse_quantity(value)
-    return sorted(
-        name for name, value in wanted.items() if value > parse_quantity(capacity.get(name, "0"))
-    )
-
-
-def binding_manifest(pod_name: str, node_name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Binding",
-        "metadata": {"name": pod_name},
-        "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
-    }
-
-
-_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-
-def expand_refs(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes' `$(VAR)` expansion: known names are replaced, unknown ones kept, `$$` is `$`."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1)
-        return env.get(name, match.group(0))
-
-    return _REF.sub(replace, text)
-
-
-def rewrite_paths(text: str, mounts: Sequence[tuple[str, str]]) -> str:
-    """Replaces container paths by host paths where a path starts: at the start of the text or
-    after '=', ':', ',' or whitespace, and ending at '/', the end, or one of those separators.
-    One pass, longest container path first: /data/cache wins over /data, and a host path put in
-    (under /tmp, say) is never rewritten again by a mount at /tmp.
-
-    A path below a mount point that already exists on this host is left alone: pods run here
-    as local processes, so a command may name a file of the checkout, which may itself live
-    under /tmp (a CI clone, say) while the pod mounts an emptyDir at /tmp."""
-    if not mounts:
-        return text
-    table = {container.rstrip("/") or "/": host for container, host in mounts}
-    alternatives = "|".join(re.escape(p) for p in sorted(table, key=len, reverse=True))
-    pattern = re.compile(
-        r"(?:^|(?<=[=:,\s]))(" + alternatives + r")(?=$|[/=:,\s])((?:/[^=:,\s]*)?)"
-    )
-
-    def replace(match: re.Match[str]) -> str:
-        mount, rest = match.group(1), match.group(2)
-        if rest.strip("/") and Path(mount + rest).exists():
-            return match.group(0)
-        return table[mount] + rest
-
-    return pattern.sub(replace, text)
-
-
-def field_ref_value(pod: Mapping[str, Any], field_path: str, node_name: str) -> str:
-    """The downward API fields a process can ask for through env or a downwardAPI volume."""
-    meta = pod["metadata"]
-    simple = {
-        "metadata.name": meta.get("name", ""),
-        "metadata.namespace": meta.get("namespace", ""),
-        "metadata.uid": meta.get("uid", ""),
-        "spec.nodeName": node_name,
-        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
-        "status.hostIP": "127.0.0.1",
-        "status.podIP": "127.0.0.1",
-    }
-    if field_path in simple:
-        return str(simple[field_path])
-    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", field_path)
-    if match:
-        return str(meta.get(match.group(1), {}).get(match.group(2), ""))
-    raise PodRejected(f"fieldRef {field_path!r} is not supported by the node agent")
-
-
-def termination_message(file_text: str, log_text: str, exit_code: int, policy: str | None) -> str:
-    """The message the kubelet would report: the file, else (FallbackToLogsOnError) the log tail
-    of a failed container; at most 4 KiB either way."""
-    message = file_text
-    if not message.strip() and exit_code != 0 and policy == "FallbackToLogsOnError":
-        message = "\n".join(log_text.splitlines()[-FALLBACK_LOG_LINES:])
-    encoded = message.encode()
-    if len(encoded) > MAX_MESSAGE_BYTES:
-        message = encoded[-MAX_MESSAGE_BYTES:].decode(errors="ignore")
-    return message
-
-
-@dataclass(frozen=True)
-class ContainerRun:
-    """What the pod status needs to know about one run of the container."""
-
-    name: str
-    image: str
-    container_id: str
-    started_at: str
-    restart_count: int = 0
-    finished_at: str | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    message: str = ""
-    last_state: Mapping[str, Any] | None = None
-
-
-def _condition(kind: str, status: bool, now: str, reason: str | None = None) -> dict[str, Any]:
-    condition: dict[str, Any] = {
-        "type": kind,
-        "status": "True" if status else "False",
-        "lastTransitionTime": now,
-        "lastProbeTime": None,
-    }
-    if reason:
-        condition["reason"] = reason
-    return condition
-
-
-def pod_conditions(now: str, running: bool, reason: str | None = None) -> list[dict[str, Any]]:
-    return [
-        _condition("PodScheduled", True, now),
-        _condition("PodReadyToStartContainers", running, now),
-        _condition("Initialized", True, now),
-        _condition("ContainersReady", running, now, reason),
-        _condition("Ready", running, now, reason),
-    ]
-
-
-def container_status(run: ContainerRun) -> dict[str, Any]:
-    status: dict[str, Any] = {
-        "name": run.name,
-        "image": run.image,
-        "imageID": run.image,
-        "containerID": run.container_id,
-        "restartCount": run.restart_count,
-        "lastState": dict(run.last_state or {}),
-    }
-    if run.exit_code is None:
-        status.update(ready=True, started=True, state={"running": {"startedAt": run.started_at}})
-    else:
-        status.update(ready=False, started=False, state={"terminated": terminated_state(run)})
-    return status
-
-
-def terminated_state(run: ContainerRun) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "exitCode": run.exit_code,
-        "reason": run.reason or ("Completed" if run.exit_code == 0 else "Error"),
-        "startedAt": run.started_at,
-        "finishedAt": run.finished_at,
-        "containerID": run.container_id,
-    }
-    if run.message:
-        state["message"] = run.message
-    return state
-
-
-def running_pod_status(run: ContainerRun, now: str) -> dict[str, Any]:
-    return {
-        "phase": "Running",
-        "hostIP": "127.0.0.1",
-        "hostIPs": [{"ip": "127.0.0.1"}],
-        "podIP": "127.0.0.1",
-        "podIPs": [{"ip": "127.0.0.1"}],
-        "startTime": run.started_at,
-        "conditions": pod_conditions(now, running=True),
-        "containerStatuses": [container_status(run)],
-    }
-
-
-def finished_pod_status(
-    run: ContainerRun, now: str, phase_reason: str | None = None
-) -> dict[str, Any]:
-    """Succeeded if the container exited 0, else Failed; `phase_reason` (DeadlineExceeded, ...)
-    becomes the pod's reason."""
-    status = running_pod_status(run, now)
-    status["phase"] = "Succeeded" if run.exit_code == 0 else "Failed"
-    status["conditions"] = pod_conditions(now, running=False, reason="PodCompleted")
-    if phase_reason:
-        status["reason"] = phase_reason
-        status["message"] = run.message
-    return status
-
-
-def waiting_pod_status(
-    pod: Mapping[str, Any], reason: str, message: str, now: str
-) -> dict[str, Any]:
-    container = pod["spec"]["containers"][0]
-    return {
-        "phase": "Pending",
-        "hostIP": "127.0.0.1",
-        "conditions": pod_conditions(now, running=False, reason="ContainersNotReady"),
-        "containerStatuses": [
-            {
-                "name": container["name"],
-                "image": container.get("image", ""),
-                "imageID": "",
-                "ready": False,
-                "started": False,
-                "restartCount": 0,
-                "state": {"waiting": {"reason": reason, "message": message}},
-            }
-        ],
-    }
-
-
-def lost_pod_status(now: str) -> dict[str, Any]:
-    """A pod this node was running before the agent (re)started: its process is gone."""
-    return {
-        "phase": "Failed",
-        "reason": "NodeAgentRestarted",
-        "message": "the node agent that ran this pod is gone",
-        "conditions": pod_conditions(now, running=False, reason="PodCompleted"),
-    }
-
-
-def should_restart(restart_policy: str, exit_code: int) -> bool:
-    return restart_policy == "Always" or (restart_policy == "OnFailure" and exit_code != 0)
-
-
-def exit_status(returncode: int) -> int:
-    """A shell-style exit status: death by signal N is 128 + N, as container runtimes report."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-# ---------------------------------------------------------------------------------------------
-# Preparing a container: env, volumes (reads objects through the API)
-
-
-@dataclass
-class ObjectReader:
-    """Reads Secrets and ConfigMaps of one namespace, each once per pod start."""
-
-    api: ApiClient
-    namespace: str
-    cache: dict[tuple[str, str], dict[str, bytes] | None] = field(default_factory=dict)
-
-    def data(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
-        if (kind, name) not in self.cache:
-            self.cache[(kind, name)] = self._fetch(kind, name)
-        found = self.cache[(kind, name)]
-        if found is None and not optional:
-            raise PodSetupError(f'{kind.lower()} "{name}" not found')
-        return found
-
-    def _fetch(self, kind: str, name: str) -> dict[str, bytes] | None:
-        plural = "secrets" if kind == "secret" else "configmaps"
-        try:
-            obj = self.api.get(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
-        except ApiError as err:
-            if err.status == 404:
-                return None
-            raise
-        if kind == "secret":
-            return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-        text = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
-        binary = {k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()}
-        return {**text, **binary}
-
-    def key(self, kind: str, ref: Mapping[str, Any]) -> bytes | None:
-        data = self.data(kind, ref["name"], bool(ref.get("optional")))
-        if data is None:
-            return None
-        if ref["key"] not in data:
-            if ref.get("optional"):
-                return None
-            what = "Secret" if kind == "secret" else "ConfigMap"
-            raise PodSetupError(
-                f"couldn't find key {ref['key']} in {what} {self.namespace}/{ref['name']}"
-            )
-        return data[ref["key"]]
-
-
-def resolve_env(
-    container: Mapping[str, Any], pod: Mapping[str, Any], reader: ObjectReader, node_name: str
-) -> dict[str, str]:
-    """The container's environment as the kubelet builds it: envFrom first, then env in order,
-    each value expanded against the variables defined before it."""
-    env: dict[str, str] = {}
-    for source in container.get("envFrom") or []:
-        prefix = source.get("prefix", "")
-        for kind in ("secret", "configMap"):
-            ref = source.get(f"{kind}Ref")
-            if ref:
-                data = reader.data(kind, ref["name"], bool(ref.get("optional"))) or {}
-                env.update({prefix + k: v.decode() for k, v in data.items()})
-    for var in container.get("env") or []:
-        value = _env_value(var, pod, reader, node_name, env)
-        if value is not None:
-            env[var["name"]] = value
-    return env
-
-
-def _env_value(
-    var: Mapping[str, Any],
-    pod: Mapping[str, Any],
-    reader: ObjectReader,
-    node_name: str,
-    env: Mapping[str, str],
-) -> str | None:
-    source = var.get("valueFrom")
-    if not source:
-        return expand_refs(var.get("value", ""), env)
-    if "secretKeyRef" in source:
-        raw = reader.key("secret", source["secretKeyRef"])
-        return None if raw is None else raw.decode()
-    if "configMapKeyRef" in source:
-        raw = reader.key("configMap", source["configMapKeyRef"])
-        return None if raw is None else raw.decode()
-    if "fieldRef" in source:
-        return field_ref_value(pod, source["fieldRef"]["fieldPath"], node_name)
-    raise PodRejected(f"env {var['name']}: unsupported valueFrom {sorted(source)}")
-
-
-def _write_items(
-    directory: Path,
-    data: Mapping[str, bytes],
-    items: Sequence[Mapping[str, Any]] | None,
-    mode: int | None,
-) -> None:
-    """Writes a secret/configMap's keys (or only `items`, renamed to their `path`) as files."""
-    chosen = [(i["key"], i["path"], i.get("mode")) for i in items] if items else None
-    for key, rel, item_mode in chosen or [(k, k, None) for k in data]:
-        if key not in data:
-            raise PodSetupError(f"volume item key {key!r} not found")
-        target = directory / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data[key])
-        if item_mode is not None or mode is not None:
-            target.chmod(item_mode if item_mode is not None else mode)
-
-
-def materialise_volume(
-    volume: Mapping[str, Any],
-    directory: Path,
-    pod: Mapping[str, Any],
-    reader: ObjectReader,
-    node_name: str,
-) -> Path:
-    """Makes one pod volume a host directory and returns it (hostPath: the host path itself)."""
-    if "hostPath" in volume:
-        return Path(volume["hostPath"]["path"])
-    directory.mkdir(parents=True, exist_ok=True)
-    if "emptyDir" in volume:
-        return directory
-    sources: list[tuple[str, Mapping[str, Any]]] = []
-    if "secret" in volume:
-        sources.append(("secret", volume["secret"]))
-    elif "configMap" in volume:
-        sources.append(("configMap", volume["configMap"]))
-    elif "downwardAPI" in volume:
-        sources.append(("downwardAPI", volume["downwardAPI"]))
-    elif "projected" in volume:
-        for source in volume["projected"].get("sources") or []:
-            sources.extend((kind, spec) for kind, spec in source.items())
-    else:
-        raise PodRejected(f"volume {volume.get('name')}: type not supported by the node agent")
-    default_mode = next(
-        (volume[k].get("defaultMode") for k in ("secret", "configMap", "projected") if k in volume),
-        None,
-    )
-    for kind, spec in sources:
-        try:
-            _write_source(kind, spec, directory, pod, reader, node_name, default_mode)
-        except PodSetupError as err:
-            raise VolumeSetupError(
-                f'MountVolume.SetUp failed for volume "{volume.get("name")}" : {err}'
-            ) from None
-    return directory
-
-
-def _write_source(
-    kind: str,
-    spec: Mapping[str, Any],
-    directory: Path,
-    pod: Mapping[str, Any],
-    reader: ObjectReader,
-    node_name: str,
-    mode: int | None,
-) -> None:
-    if kind in ("secret", "configMap"):
-        name = spec.get("secretName") or spec.get("name")
-        data = reader.data(kind, str(name), bool(spec.get("optional")))
-        if data is not None:
-            _write_items(directory, data, spec.get("items"), mode)
-    elif kind == "downwardAPI":
-        for item in spec.get("items") or []:
-            if "fieldRef" not in item:
-                raise PodRejected("downwardAPI resourceFieldRef is not supported")
-            value = field_ref_value(pod, item["fieldRef"]["fieldPath"], node_name)
-            _write_items(
-                directory, {"v": value.encode()}, [{"key": "v", "path": item["path"]}], mode
-            )
-    elif kind == "serviceAccountToken":
-        return  # no Kubernetes credentials for trial processes
-    else:
-        raise PodRejected(f"projected source {kind!r} is not supported by the node agent")
-
-
-# The user a container image declares (its USER) when `image_users` does not say: the project's
-# images (the Dockerfile's operator and runner targets) run as USER 65532:65532.
-DEFAULT_IMAGE_USER: int | str = 65532
-
-
-def verify_non_root(
-    pod: Mapping[str, Any], container: Mapping[str, Any], image_user: int | str
-) -> None:
-    """The kubelet's runAsNonRoot check (kuberuntime `verifyRunAsNonRoot`), made before the
-    container is created: a refusal leaves the pod Pending in CreateContainerConfigError, and
-    the kubelet retries it forever, as a real node does.
-
-    The effective user is the container's runAsUser, else the pod's, else the image's USER; a
-    non-numeric image user cannot be verified and is refused likewise."""
-    pod_context = pod["spec"].get("securityContext") or {}
-    context = container.get("securityContext") or {}
-    non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
-    if not non_root:
-        return
-    where = f'(pod: "{pod["metadata"]["name"]}_{pod["metadata"]["namespace"]}", container: '
-    where += f"{container['name']})"
-    uid = context.get("runAsUser", pod_context.get("runAsUser"))
-    if uid is not None:
-        if int(uid) == 0:
-            raise PodSetupError(f"container's runAsUser breaks non-root policy {where}")
-        return
-    if isinstance(image_user, str) and not image_user.isdigit():
-        raise PodSetupError(
-            f"container has runAsNonRoot and image has non-numeric user ({image_user}), "
-            f"cannot verify user is non-root {where}"
-        )
-    if int(image_user) == 0:
-        raise PodSetupError(f"container has runAsNonRoot and image will run as root {where}")
-
-
-def container_command(
-    container: Mapping[str, Any], entrypoints: Mapping[str, Sequence[str]], env: Mapping[str, str]
-) -> list[str]:
-    """command + args with `$(VAR)` expanded; the image's entrypoint comes from `entrypoints`."""
-    command = list(container.get("command") or entrypoints.get(container.get("image", ""), []))
-    if not command:
-        raise PodRejected(
-            f"container {container['name']} has no command and image "
-            f"{container.get('image')!r} has no entrypoint known to the node agent"
-        )
-    return [expand_refs(part, env) for part in [*command, *(container.get("args") or [])]]
-
-
-# ---------------------------------------------------------------------------------------------
-# The agent (imperative shell)
 
 
 @dataclass
@@ -681,16 +163,6 @@ class LocalContainer:
             reason=reason,
             message=message,
         )
-
-
-def _base_env(pod_dir: Path) -> dict[str, str]:
-    """What a container image would provide: PATH (with this interpreter's bin first, so
-    `python` is the test environment's), a HOME and TMPDIR of the pod's own, a UTF-8 locale."""
-    home, tmp = pod_dir / "home", pod_dir / "tmp"
-    home.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {"PATH": path, "HOME": str(home), "TMPDIR": str(tmp), "LANG": "C.UTF-8"}
 
 
 class NodeAgent:
@@ -954,37 +426,21 @@ class NodeAgent:
         if uid in self._unschedulable_pods:
             return
         self._unschedulable_pods.add(uid)
-        detail = ", ".join(f"1 Insufficient {name}" for name in missing)
-        message = f"0/1 nodes are available: {detail}."
-        condition = _condition("PodScheduled", False, now_rfc3339(), "Unschedulable")
-        condition["message"] = message
-        self._report(pod, {"phase": "Pending", "conditions": [condition]})
+        status = unschedulable_pod_status(missing, now_rfc3339())
+        self._report(pod, status)
+        message = status["conditions"][0]["message"]
         self._warn(pod, "FailedScheduling", message, component="default-scheduler")
 
     def _warn(
         self, pod: Mapping[str, Any], reason: str, message: str, component: str = "kubelet"
     ) -> None:
         """A Warning event about the pod, as the kubelet (or the scheduler) posts one."""
-        meta = pod["metadata"]
-        now = now_rfc3339()
-        event = {
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}"},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning",
-            "source": {"component": component, "host": self.node_name},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        self.api.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        event_name = f"{name}.{uuid.uuid4().hex[:16]}"
+        event = warning_event(
+            pod, reason, message, component, self.node_name, now_rfc3339(), event_name
+        )
+        self.api.create(f"/api/v1/namespaces/{namespace}/events", event)
 
     def _fail_unstartable(self, pod: Mapping[str, Any], message: str, reason: str) -> None:
         container = pod["spec"]["containers"][0]
@@ -1018,7 +474,7 @@ class NodeAgent:
             )
             for v in spec.get("volumes") or []
         }
-        mounts = self._mounts(container, volumes)
+        mounts = volume_mounts(container, volumes)
         termination_file = pod_dir / "termination-log"
         container_tm_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
         mounts.append((container_tm_path, str(termination_file)))
@@ -1030,7 +486,7 @@ class NodeAgent:
         cwd = Path(rewrite_paths(container.get("workingDir") or str(pod_dir / "work"), mounts))
         cwd.mkdir(parents=True, exist_ok=True)
         process_env = {
-            **_base_env(pod_dir),
+            **base_env(pod_dir),
             "HOSTNAME": meta["name"],
             **self.extra_env,
             **env,
@@ -1057,18 +513,6 @@ class NodeAgent:
                 started_at=now_rfc3339(),
             ),
         )
-
-    @staticmethod
-    def _mounts(container: Mapping[str, Any], volumes: Mapping[str, Path]) -> list[tuple[str, str]]:
-        mounts = []
-        for mount in container.get("volumeMounts") or []:
-            if mount["name"] not in volumes:
-                raise PodRejected(f"volumeMount {mount['name']!r} names no volume")
-            host = volumes[mount["name"]] / mount.get("subPath", "")
-            if mount.get("subPath"):
-                host.mkdir(parents=True, exist_ok=True)
-            mounts.append((mount["mountPath"], str(host).rstrip("/")))
-        return mounts
 
     def _check_running(self, pod: Mapping[str, Any], container: LocalContainer) -> None:
         assert container.process is not None
@@ -1121,16 +565,3 @@ def k8s_node_agent(k8s_cluster: KubeCluster) -> Iterator[NodeAgent]:
     with agent:
         yield agent
     assert not agent.errors, "node agent errors:\n" + "\n".join(agent.errors[-20:])
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout_s: float = 60.0, interval_s: float = 0.25, what: str = ""
-) -> Any:
-    """Polls until `condition()` returns something truthy and returns it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what or condition}")

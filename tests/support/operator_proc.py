@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from support.cluster import ApiError, KubeCluster
-from support.nodeagent import wait_for
+from support.net import free_port
+from support.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "mergesearch.yaml"
@@ -71,6 +72,18 @@ def operator_kubeconfig(
         rbac.cluster_role_binding(account, namespace),
     )
     return cluster.service_account_kubeconfig(namespace, account)
+
+
+def evaluator_endpoint_env(key_file: Path) -> dict[str, str]:
+    """The operator's environment for serving warm-mode evaluators on a free loopback port,
+    with a fresh random key written to `key_file`."""
+    port = free_port()
+    key_file.write_text(os.urandom(16).hex())
+    return {
+        "MERGESEARCH_EVALUATOR_PORT": str(port),
+        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
+        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key_file),
+    }
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -240,13 +253,6 @@ def operator_factory(
                     print(f"\n===== operator {proc.namespaces} =====\n{proc.logs()[-8000:]}")
 
 
-def wait_until(
-    condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.3
-) -> Any:
-    """Polls `condition` until it returns something truthy, which is returned."""
-    return wait_for(condition, timeout_s=timeout_s, interval_s=interval_s, what=what)
-
-
 @dataclass
 class Searches:
     """MergeSearch resources of one namespace, through the admin's REST client."""
@@ -288,7 +294,7 @@ class Searches:
             status = self.status(name)
             return status if status.get("phase") in phases else None
 
-        return wait_until(reached, timeout_s, f"{self.namespace}/{name} in phase {phases}")
+        return wait_for(reached, timeout_s, f"{self.namespace}/{name} in phase {phases}")
 
     def jobs(self, name: str | None = None) -> list[dict[str, Any]]:
         """Trial Jobs of the namespace (of one search when `name` is given)."""

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from support.net import free_port
+from support.polling import wait_for
 
 SCRAPE_INTERVAL = "1s"
 
@@ -89,19 +89,22 @@ class Prometheus:
         self.stop()
 
     def _wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
+        process = self.process
+        assert process is not None
+
+        def ready() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(f"prometheus exited:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as answer:  # noqa: S310
-                    if answer.status == 200:
-                        return
+                    return answer.status == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready after {timeout_s} s:\n{self.log_tail()}")
+                return False
+
+        def not_ready() -> Exception:
+            return TimeoutError(f"prometheus not ready after {timeout_s} s:\n{self.log_tail()}")
+
+        wait_for(ready, timeout_s, "prometheus", interval_s=0.2, failure=not_ready)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""

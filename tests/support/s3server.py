@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sysconfig
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from support.net import free_ports
+from support.polling import wait_for
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 30.0
@@ -212,15 +212,18 @@ class SeaweedS3:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise S3ServerError(f"weed exited with {self._process.returncode}\n{self.log()}")
-            if s3_answers(self.endpoint) and self._bucket_api_ready():
-                return
-            time.sleep(0.1)
-        raise S3ServerError(f"weed not ready after {START_TIMEOUT_S:.0f}s\n{self.log()}")
+        process = self._process
+        assert process is not None
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise S3ServerError(f"weed exited with {process.returncode}\n{self.log()}")
+            return s3_answers(self.endpoint) and self._bucket_api_ready()
+
+        def not_ready() -> Exception:
+            return S3ServerError(f"weed not ready after {START_TIMEOUT_S:.0f}s\n{self.log()}")
+
+        wait_for(ready, START_TIMEOUT_S, "weed", interval_s=0.1, failure=not_ready)
 
     def _bucket_api_ready(self) -> bool:
         """The gateway answers before the filer behind it can serve; a signed listing cannot."""
@@ -260,6 +263,18 @@ class SeaweedS3:
             aws_secret_access_key=secret_key or self.secret_key,
             region_name=self.region,
             config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=30),
+        )
+
+    def storage_config(self, endpoint: str | None = None) -> Any:
+        """The runner's StorageConfig for this server (its keys and region), as a pod's
+        credentials would give it; `endpoint` stands in for the server's own (a proxy, say)."""
+        from mergerunner.storage import StorageConfig
+
+        return StorageConfig(
+            endpoint=endpoint or self.endpoint,
+            region=self.region,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
         )
 
     def create_bucket(self, name: str | None = None) -> str:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergesearch import admission, chartsync, entrypoints, metrics
+from mergesearch import admission, chartsync, entrypoints
 from mergesearch.crd import crd_yaml
+from mergesearch.operator import metrics
 from mergesearch.rbac import rules
 
 pytestmark = pytest.mark.unit

@@ -31,6 +31,7 @@ from mergesearch.engine import (
 )
 from mergesearch.engine.codec import decode_f8_rows, encode_f8
 from mergesearch.engine.synthetic import SyntheticObjective
+from support.engine_runs import objective_for, roundtrip
 
 pytestmark = pytest.mark.unit
 
@@ -46,14 +47,6 @@ def make_config(n: int = 3, **overrides: Any) -> EngineConfig:
     }
     fields.update(overrides)
     return EngineConfig(**fields)
-
-
-def objective_for(config: EngineConfig, seed: int = 0) -> SyntheticObjective:
-    return SyntheticObjective.random(config.checkpoints, tuple(t.name for t in config.tasks), seed)
-
-
-def roundtrip(state: EngineState) -> EngineState:
-    return EngineState.from_json(json.dumps(json.loads(state.to_json())))
 
 
 def tell_all(state: EngineState, objective: SyntheticObjective) -> EngineState:

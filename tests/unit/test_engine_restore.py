@@ -7,7 +7,6 @@ results told, while baselines are pending, and around resampled failures.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import cma
@@ -29,7 +28,7 @@ from mergesearch.engine.cmastate import NormalSource, StrategySettings, strategy
 from mergesearch.engine.engine import start_weights
 from mergesearch.engine.parameterization import make_parameterization
 from mergesearch.engine.streams import main_generator
-from mergesearch.engine.synthetic import SyntheticObjective
+from support.engine_runs import objective_for, roundtrip
 
 pytestmark = pytest.mark.unit
 
@@ -50,15 +49,6 @@ def make_config(n: int, generations: int, **overrides: Any) -> EngineConfig:
     return EngineConfig(**fields)
 
 
-def objective_for(config: EngineConfig) -> SyntheticObjective:
-    return SyntheticObjective.random(config.checkpoints, tuple(t.name for t in config.tasks), 7)
-
-
-def roundtrip(state: EngineState) -> EngineState:
-    """Through text, as the operator's status or local mode's state file would carry it."""
-    return EngineState.from_dict(json.loads(json.dumps(json.loads(state.to_json()))))
-
-
 def _fingerprint(candidates: list[Candidate]) -> tuple[tuple[str, bytes], ...]:
     return tuple(
         (c.id, np.array(list(c.weights.values()), dtype=np.float64).tobytes()) for c in candidates
@@ -73,7 +63,7 @@ def _fails(candidate: Candidate) -> bool:
 def drive(
     config: EngineConfig, *, interrupt: bool, with_failures: bool = False
 ) -> tuple[Log, EngineState]:
-    objective = objective_for(config)
+    objective = objective_for(config, 7)
     state = init(config)
     log: Log = []
     step = 0
@@ -133,7 +123,7 @@ def test_search_candidates_are_what_a_single_live_cma_run_asks(
 ) -> None:
     """The reference never serialises anything: one `CMAEvolutionStrategy`, ask and tell."""
     config = make_config(n, generations, start=start)
-    objective = objective_for(config)
+    objective = objective_for(config, 7)
     param = make_parameterization(config.parameterization, n)
     log, final = drive(config, interrupt=True)
     x0 = param.origin()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergesearch.engine import EngineConfig, EngineState, Result, ask, done, init, tell
-from mergesearch.engine.synthetic import SyntheticObjective
+from mergesearch.engine import EngineState
+from support.engine_runs import large_search
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]  # ~300 generations of 64 checkpoints
 
@@ -13,32 +13,16 @@ LIMIT = 150 * 1024
 
 
 def test_state_for_64_checkpoints_and_5000_trials_stays_bounded() -> None:
-    checkpoints = tuple(f"checkpoint-{i:02d}" for i in range(64))
-    tasks = ("gsm8k", "mbpp", "ifeval", "arc_challenge")
-    config = EngineConfig(
-        checkpoints=checkpoints,
-        tasks=dict.fromkeys(tasks, 1.0),
-        max_trials=5000,
-        failure_policy="resample",
-        seed=9,
-    )
-    objective = SyntheticObjective.random(checkpoints, tasks, 3)
-    state = init(config)
     sizes: list[tuple[int, int]] = []
-    told = 0
-    while not done(state)[0]:
-        _, candidates = ask(state)
-        half = max(1, len(candidates) // 2)
-        for batch in (candidates[:half], candidates[half:]):
-            results = [
-                Result(c.id, failed=True, reason="x" * 5000)  # long reasons are truncated
-                if told % 23 == 5
-                else objective.evaluate(c)
-                for c in batch
-            ]
-            told += len(batch)
-            state = tell(state, results)
-            sizes.append((state.trials.issued, len(state.to_json())))
+    for step in large_search(
+        seed=9,
+        objective_seed=3,
+        fails=lambda told, _: told % 23 == 5,
+        reason="x" * 5000,  # long reasons are truncated
+        halves=True,
+    ):
+        sizes.append((step.after.trials.issued, len(step.after.to_json())))
+    state = step.after
     assert state.trials.issued >= 4900 and state.finished is not None
     assert state.finished.reason == "max_trials"
     largest = max(size for _, size in sizes)

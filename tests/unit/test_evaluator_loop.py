@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ def test_each_trial_is_logged_with_its_timings(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = Endpoint([lease("c0", document("job-c0", 0.25)), (200, {"done": True})])
+    resident_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
+        "SC_PAGE_SIZE"
+    )
     with caplog.at_level("INFO", logger="mergerunner.evaluator"):
         serve(
             "http://op/lease",
@@ -95,6 +99,9 @@ def test_each_trial_is_logged_with_its_timings(
     assert record["trial"] == "job-c0" and record["status"] == "succeeded"
     assert record["doneAt"] >= record["leasedAt"] and "mergeS" in record["timings"]
     assert record["bytesFetched"] == 0
+    # This process's high-water mark, in bytes (ru_maxrss is in kilobytes: 1024 times less).
+    # The kernel folds per-thread RSS counts into it lazily, so it may trail by a few pages.
+    assert record["peakRssBytes"] >= resident_before * 0.9
 
 
 def test_a_refused_token_ends_the_evaluator_with_the_configuration_exit_code(

@@ -40,5 +40,5 @@ def test_exit_keeps_the_code_and_flushes_both_streams() -> None:
 @pytest.mark.unit
 def test_both_commands_use_it() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'mergesearch = "mergesearch.cli:run_and_exit"' in text
+    assert 'mergesearch = "mergesearch.cli.main:run_and_exit"' in text
     assert 'mergerunner = "mergerunner.cli:run_and_exit"' in text

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mergesearch.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from mergerunner.contract import ExitCode
 
 
 def default_cache() -> Path:
@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from mergerunner.storage import FetchError
-    from mergesearch.local import (
+    from mergesearch.local.search import (
         FinalEvaluationFailed,
         LocalInputError,
         LocalSearch,
@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             search.prepare()
     except (SpecError, LocalInputError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     for line in start_lines(search, state_dir):
         console.print(line)
     with quiet_libraries():
@@ -93,22 +93,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         if search.fatal is not None:
             console.print(f"[red]search failed:[/] {search.fatal.message}")
             console.print(f"state: {state_dir}  (fix the cause and run again to resume)")
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         try:
             final = search.finish()
         except FinalEvaluationFailed as exc:
             console.print(f"[red]search failed:[/] {exc}")
             console.print(f"state: {state_dir}  (fix the cause and run again to resume)")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         except (LocalInputError, FetchError, OSError) as exc:
             console.print(f"[red]export failed:[/] {exc}")
-            return EXIT_FAILED
+            return ExitCode.FAILED
     from mergesearch import engine
 
     status = engine.status(state)
     print_summary(search, status, final)
     console.print(f"state: {state_dir}  (pictures: mergesearch report {state_dir})")
-    return EXIT_OK if status.phase == "succeeded" else EXIT_FAILED
+    return ExitCode.OK if status.phase == "succeeded" else ExitCode.FAILED
 
 
 def start_lines(search: Any, state_dir: Path) -> list[str]:
@@ -203,7 +203,7 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mergesearch.summary import check_claims, table_rows
+    from mergesearch.local.summary import check_claims, table_rows
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     from mergesearch import engine
@@ -252,35 +252,35 @@ def print_summary(search: Any, status: Any, final: dict[str, Any]) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     if args.name:
-        from mergesearch.cluster_cli import ClusterReadError, report_from_cluster
+        from mergesearch.cli.cluster import ClusterReadError, report_from_cluster
 
         try:
             paths = report_from_cluster(args.name, args.namespace, args.output or Path())
         except ClusterReadError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         print("\n".join(str(p) for p in paths))
-        return EXIT_OK
+        return ExitCode.OK
     if args.state_dir is None:
         print("error: give a state directory or --name", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     from mergesearch import engine
-    from mergesearch.local import StatePaths
-    from mergesearch.records import read_records
-    from mergesearch.report import draw_all
+    from mergesearch.local.records import read_records
+    from mergesearch.local.report import draw_all
+    from mergesearch.local.search import StatePaths
 
     paths = StatePaths(args.state_dir)
     if not paths.state.exists():
         print(f"error: no search state in {args.state_dir}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     data = json.loads(paths.state.read_text())
     state = engine.EngineState.from_json(json.dumps(data["engine"]))
     best = engine.chosen(engine.status(state))
     if best is None:
         print("error: no finished trial to draw yet", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     tasks = [t.name for t in state.config.tasks]
     out = args.output or args.state_dir
     for path in draw_all(read_records(paths.trials), best["weights"], tasks, out):
         print(path)
-    return EXIT_OK
+    return ExitCode.OK

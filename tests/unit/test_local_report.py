@@ -1,16 +1,27 @@
-"""The pictures are readable at a glance: labels never overlap, the best merge is marked, and
-fitness.png draws the best single checkpoint and every baseline, with a truthful legend."""
+"""Local mode's report (mergesearch/local/report.py): its pictures are drawn, and readable at a
+glance: labels never overlap, the best merge is marked, and fitness.png draws the best single
+checkpoint and every baseline, with a truthful legend."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import matplotlib
 import pytest
 from matplotlib.text import Text
 
-from mergesearch.records import TrialLogEntry
-from mergesearch.report import _fitness_figure, _scores_figure, best_record, place_labels
+from mergesearch.local.records import TrialLogEntry
+from mergesearch.local.report import (
+    _fitness_figure,
+    _scores_figure,
+    best_record,
+    best_so_far,
+    draw_all,
+    pareto_front,
+    place_labels,
+)
+from support.local_inputs import trial_record as rec
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.unit
@@ -117,3 +128,32 @@ def test_a_baseline_that_stays_best_is_named_once_as_the_best() -> None:
     fitness = _fitness_figure(records, best)
     labels = {t.get_text() for t in fitness.axes[0].get_legend().get_texts()}
     assert f"best: uniform ({best.fitness:.3f})" in labels
+
+
+def test_pareto_and_best_so_far() -> None:
+    points = [(1, 0), (0, 1), (0.5, 0.5), (0.4, 0.4), (1, 0)]
+    assert pareto_front(points) == [0, 1, 2, 4]
+    assert best_so_far([0.1, 0.3, 0.2, 0.5]) == [0.1, 0.3, 0.3, 0.5]
+
+
+def test_pictures_are_drawn(tmp_path: Path) -> None:
+    records = [
+        rec("b-each-a", "baseline", 0.5, 0.9, 0.4),
+        rec("b-uniform", "baseline", 0.52, 0.5, 0.52),
+        rec("g000-c00", "search", 0.6, 0.6, 0.6),
+    ]
+    paths = draw_all(records, {"a": 0.5, "b": 0.5}, ["x", "y"], tmp_path)
+    assert [p.name for p in paths] == ["fitness.png", "weights.png", "scores.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confirmation_picture(tmp_path: Path) -> None:
+    records = [
+        rec("b-uniform", "baseline", 0.52, 0.5, 0.52),
+        rec("g000-c00", "search", 0.6, 0.6, 0.6),
+        rec("c-g000-c00", "search", 0.51, 0.5, 0.52, subset="confirmation", source="g000-c00"),
+    ]
+    paths = draw_all(records, {"a": 0.5, "b": 0.5}, ["x", "y"], tmp_path)
+    assert [p.name for p in paths][-1] == "confirmation.png"
+    assert paths[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

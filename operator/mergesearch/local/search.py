@@ -33,7 +33,7 @@ from mergerunner.trial import (
     runs_again,
 )
 from mergesearch import engine
-from mergesearch.records import TrialLogEntry, append_record, read_records, write_json_atomic
+from mergesearch.local.records import TrialLogEntry, append_record, read_records, write_json_atomic
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import MergeSearch, MergeSearchSpec
 

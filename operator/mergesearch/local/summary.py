@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
-from mergesearch.records import TrialLogEntry
+from mergesearch.local.records import TrialLogEntry
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergesearch.cli import EXIT_BAD_INPUT, EXIT_OK
+from mergerunner.contract import ExitCode
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +87,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         )
     except (BundleError, SpecError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     data = manifest.to_json()
     print(
         f"{args.output}: {len(data['tasks'])} task(s), {len(data['datasets'])} dataset(s), "
@@ -95,4 +95,4 @@ def cmd_pack(args: argparse.Namespace) -> int:
     )
     for ref in data["datasets"]:
         print(f"  {ref['path']}" + (f" ({ref['name']})" if ref["name"] else ""))
-    return EXIT_OK
+    return ExitCode.OK

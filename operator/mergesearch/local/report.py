@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mergesearch.engine.pareto import dominates
-from mergesearch.records import TrialLogEntry
-from mergesearch.summary import baseline_label, confirmed_fitness
+from mergesearch.local.records import TrialLogEntry
+from mergesearch.local.summary import baseline_label, confirmed_fitness
 
 EACH_PREFIX = "b-each-"
 

@@ -13,22 +13,16 @@ import pytest
 
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch import engine
-from mergesearch.local import LocalInputError, LocalSearch
-from mergesearch.records import read_records
+from mergesearch.local.records import read_records
+from mergesearch.local.search import LocalInputError, LocalSearch
 from mergesearch.spec import parse_manifest
+from support.local_inputs import three_checkpoint_manifest
 
 pytestmark = pytest.mark.unit
 
-MANIFEST = {
-    "apiVersion": "mergesearch.io/v1alpha1",
-    "kind": "MergeSearch",
-    "metadata": {"name": "t"},
-    "spec": {
-        "checkpoints": [{"name": n, "uri": f"ckpt/{n}"} for n in ("a", "b", "c")],
-        "objective": {"heldIn": [{"task": "x"}, {"task": "y"}]},
-        "search": {"maxTrials": 30, "seed": 7, "confirm": {"enabled": False}},
-    },
-}
+MANIFEST = three_checkpoint_manifest(
+    [{"task": "x"}, {"task": "y"}], {"maxTrials": 30, "seed": 7, "confirm": {"enabled": False}}
+)
 
 
 class FakeEvaluator:
@@ -87,7 +81,7 @@ def test_counted_failures_stop_issuing_work_once_the_search_failed(tmp_path: Pat
 def test_the_final_message_names_the_cause_of_a_failed_search(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mergesearch.local_cli import print_summary
+    from mergesearch.cli.local import print_summary
 
     local = search(tmp_path, FakeEvaluator(FailureKind.INTERNAL), maxFailedTrials=1)
     status = engine.status(local.run())
@@ -113,7 +107,7 @@ def test_the_progress_bar_counts_what_runs_and_logs_print_above_it(tmp_path: Pat
 
     from rich.console import Console
 
-    from mergesearch.local_cli import _run_with_progress
+    from mergesearch.cli.local import _run_with_progress
 
     # 3 checkpoints: 5 baselines and populations of 7, so a budget of 20 runs 5 + 2·7 = 19.
     doc = copy.deepcopy(MANIFEST)
@@ -135,7 +129,7 @@ def test_the_progress_bar_counts_what_runs_and_logs_print_above_it(tmp_path: Pat
 
 
 def test_a_run_says_whether_it_resumes_and_where_the_export_goes(tmp_path: Path) -> None:
-    from mergesearch.local_cli import start_lines
+    from mergesearch.cli.local import start_lines
 
     doc = copy.deepcopy(MANIFEST)
     doc["spec"]["search"]["maxTrials"] = 20
@@ -197,7 +191,7 @@ class Killed(FakeEvaluator):
 def test_what_libraries_print_during_a_search_stays_off_stdout(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mergesearch.local import quiet_libraries
+    from mergesearch.local.search import quiet_libraries
 
     with quiet_libraries():
         print("Passed argument batch_size = auto. Detecting largest batch size")
@@ -281,7 +275,7 @@ def finished(tmp_path: Path) -> LocalSearch:
 
 def test_the_final_evaluation_is_tried_three_times_then_fails_the_search(tmp_path: Path) -> None:
     from mergerunner.trial import FINAL_ATTEMPTS
-    from mergesearch.local import FinalEvaluationFailed
+    from mergesearch.local.search import FinalEvaluationFailed
 
     local = finished(tmp_path)
     fake = Scripted({1: FailureKind.TIMEOUT, 2: FailureKind.INTERNAL, 3: FailureKind.INTERNAL})
@@ -300,7 +294,7 @@ def test_the_final_evaluation_is_tried_three_times_then_fails_the_search(tmp_pat
 
 
 def test_a_fatal_kind_fails_the_final_evaluation_at_once(tmp_path: Path) -> None:
-    from mergesearch.local import FinalEvaluationFailed
+    from mergesearch.local.search import FinalEvaluationFailed
 
     local = finished(tmp_path)
     local.evaluator = fake = Scripted({1: FailureKind.OUT_OF_MEMORY})

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from mergerunner.contract import ExitCode
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def _cmd_crd(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the ValidatingAdmissionPolicy that goes with it (crds/mergesearch-admission.yaml)",
     )
     crd.set_defaults(func=_cmd_crd)
-    from mergesearch import cluster_cli, datasets_cli, local_cli
+    from mergesearch.cli import cluster, datasets, local
 
-    local_cli.add_commands(sub)
-    cluster_cli.add_commands(sub)
-    datasets_cli.add_commands(sub)
+    local.add_commands(sub)
+    cluster.add_commands(sub)
+    datasets.add_commands(sub)
     return parser
 
 
@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = build_parser().parse_args(argv)
     return int(args.func(args))
+
+
+def kubectl_plugin() -> int:
+    """`kubectl mergesearch status NAME`: kubectl finds `kubectl-mergesearch` on PATH."""
+    return main(sys.argv[1:])
 
 
 def run_and_exit(argv: list[str] | None = None) -> NoReturn:

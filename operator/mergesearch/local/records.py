@@ -18,7 +18,7 @@ from typing import Any
 @dataclass(frozen=True)
 class TrialLogEntry:
     """One finished trial as local mode's log keeps it (a line of trials.jsonl) and as the
-    reports draw it (`cluster_cli` builds the same entries from a resource's status)."""
+    reports draw it (`cli/cluster.py` builds the same entries from a resource's status)."""
 
     id: str
     kind: str  # "baseline" or "search"
