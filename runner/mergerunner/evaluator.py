@@ -41,11 +41,11 @@ from mergerunner.contract import ExitCode
 from mergerunner.run import (
     StepFailed,
     _Clock,
-    custom_tasks_dir,
     failed_result,
     fetch_bundle,
     run_trial,
     scored_result,
+    task_suite,
 )
 from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
@@ -113,7 +113,7 @@ class WarmTrials:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, subset_options
+        from mergerunner.evaluate import compute_dtype, make_lm
         from mergerunner.fetch import _run, fetch_checkpoints_async
         from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
@@ -136,15 +136,7 @@ class WarmTrials:
             model = load_placed(dirs[0], placement, dtype, trust=trust)
             tokenizer = AutoTokenizer.from_pretrained(dirs[0], trust_remote_code=trust)
             bundle = fetch_bundle(doc.datasets_uri, self.cache_dir) if doc.datasets_uri else None
-            suite = TaskSuite(
-                [*doc.held_in, *doc.held_out],
-                include_path=custom_tasks_dir(doc),
-                seed=doc.evaluator.seed,
-                evaluator=doc.evaluator,
-                bundle=bundle,
-                allow_code_execution=doc.allow_code_execution,
-                **subset_options(doc),
-            )
+            suite = task_suite(doc, bundle)
             lm = make_lm(model, tokenizer, doc.evaluator, device=placement.devices[0])
         self._state = {"merger": merger, "model": model, "suite": suite, "lm": lm}
         self._key = setup_key(doc)

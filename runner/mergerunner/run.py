@@ -117,6 +117,22 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
     return Path(where) if where else None
 
 
+def task_suite(doc: TrialDocument, bundle: Path | None) -> TaskSuite:
+    """The trial's held-in and held-out tasks, loaded once (a trial Job's, a warm evaluator's):
+    an unknown task, a metric its task does not report, missing data fail here."""
+    from mergerunner.evaluate import TaskSuite, subset_options
+
+    return TaskSuite(
+        [*doc.held_in, *doc.held_out],
+        include_path=custom_tasks_dir(doc),
+        seed=doc.evaluator.seed,
+        evaluator=doc.evaluator,
+        bundle=bundle,
+        allow_code_execution=doc.allow_code_execution,
+        **subset_options(doc),
+    )
+
+
 def fetch_bundle(uri: str, cache_dir: Path) -> Path:
     """The data bundle at `uri`, in the verified cache beside the checkpoints."""
     from mergerunner.bundle import BUNDLE_MANIFEST
@@ -196,7 +212,6 @@ def run_trial(
     """Run one trial and report it; never raises for a failure of a step."""
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
-    from mergerunner.evaluate import TaskSuite, subset_options
     from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
     from mergerunner.server import check_server_tasks
@@ -216,15 +231,7 @@ def run_trial(
                 # Everything that can refuse the trial does so before the fetch and the merge:
                 # unknown tasks, metrics the tasks do not report, tasks the server cannot
                 # score; a model the devices cannot hold right after the fetch.
-                suite = TaskSuite(
-                    [*doc.held_in, *doc.held_out],
-                    include_path=custom_tasks_dir(doc),
-                    seed=doc.evaluator.seed,
-                    evaluator=doc.evaluator,
-                    bundle=bundle,
-                    allow_code_execution=doc.allow_code_execution,
-                    **subset_options(doc),
-                )
+                suite = task_suite(doc, bundle)
                 check_server_tasks(suite.output_types, doc.evaluator)
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)

@@ -45,6 +45,7 @@ Step = Literal["input", "preflight", "fetch", "merge", "evaluate", "upload"]
 # Which examples the held-in tasks are scored on: the search's seeded subset, or the disjoint
 # confirmation subset that the search never saw (see mergerunner.evaluate.subset_indices).
 Subset = Literal["search", "confirmation"]
+Text = Annotated[str, StringConstraints(min_length=1)]  # a string that may not be empty
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
 GenValue = str | int | float | bool | list[str]
 
@@ -191,8 +192,7 @@ class CheckpointRef(_Document):
     """A checkpoint by name (used as the weight's key) and location."""
 
     name: Name = Field(description="Unique name of the checkpoint within the search.")
-    uri: str = Field(
-        min_length=1,
+    uri: Text = Field(
         description="s3://, gs://, az://, file:// or a local path to an HF-format directory.",
     )
 
@@ -200,10 +200,9 @@ class CheckpointRef(_Document):
 class TaskSpec(_Document):
     """One lm-evaluation-harness task and how to score it."""
 
-    task: str = Field(min_length=1, description="lm-eval task name (registry or custom YAML).")
-    metric: str = Field(
+    task: Text = Field(description="lm-eval task name (registry or custom YAML).")
+    metric: Text = Field(
         default="acc",
-        min_length=1,
         description='lm-eval metric key, optionally with its filter: "acc" or '
         '"exact_match,strict-match". Without a filter, the "none" filter is used.',
     )
@@ -323,9 +322,8 @@ class EvaluatorSpec(_Document):
         description="Format prompts with the tokenizer's chat template (true), or the named one "
         "of several (lm-eval's --apply_chat_template). For instruct checkpoints.",
     )
-    system_instruction: str | None = Field(
+    system_instruction: Text | None = Field(
         default=None,
-        min_length=1,
         description="System message put before every prompt (lm-eval's --system_instruction).",
     )
     fewshot_as_multiturn: bool | None = Field(
@@ -384,9 +382,8 @@ class TrialDocument(_Document):
     custom_tasks_dir: str | None = Field(
         default=None, description="Directory of lm-eval task YAMLs to register."
     )
-    datasets_uri: str | None = Field(
+    datasets_uri: Text | None = Field(
         default=None,
-        min_length=1,
         description="Data bundle (mergesearch datasets pack) holding the registry tasks' data.",
     )
     allow_code_execution: bool = Field(
