@@ -103,13 +103,13 @@ FAILURE_POLICY: dict[FailureKind, FailurePolicy] = {
 # Trials that failed for a transient reason (FailurePolicy.RETRY: the object store could not be
 # reached) run again after a backoff and are not told to the search: RETRY_BASE_S doubling up
 # to RETRY_CAP_S, at most RETRY_LIMIT times per trial (15 s … 300 s: ~35 min in all), after
-# which the failure counts like any other. The final evaluation (held-out scores and export of
-# the chosen merge) that fails for a counted reason (a crash, a timeout) runs FINAL_ATTEMPTS
+# which the failure counts like any other. The finalization (held-out scores and export of the
+# chosen merge) that fails for a counted reason (a crash, a timeout) runs FINALIZATION_ATTEMPTS
 # times in all. The operator and local mode follow the same schedule.
 RETRY_BASE_S = 15.0
 RETRY_CAP_S = 300.0
 RETRY_LIMIT = 10
-FINAL_ATTEMPTS = 3
+FINALIZATION_ATTEMPTS = 3
 
 
 def failure_policy(kind: FailureKind | None, *, first_trials: bool = False) -> FailurePolicy:
@@ -125,15 +125,19 @@ def failure_policy(kind: FailureKind | None, *, first_trials: bool = False) -> F
 
 
 def runs_again(
-    kind: FailureKind | None, attempt: int, *, first_trials: bool = False, final: bool = False
+    kind: FailureKind | None,
+    attempt: int,
+    *,
+    first_trials: bool = False,
+    finalization: bool = False,
 ) -> bool:
     """Whether a trial whose run number `attempt` (1, 2, …) failed with `kind` runs again: an
     outage up to RETRY_LIMIT times; the final evaluation also after a counted failure, up to
-    FINAL_ATTEMPTS runs in all."""
+    FINALIZATION_ATTEMPTS runs in all."""
     policy = failure_policy(kind, first_trials=first_trials)
     if policy is FailurePolicy.RETRY:
         return attempt <= RETRY_LIMIT
-    return final and policy is FailurePolicy.COUNTED and attempt < FINAL_ATTEMPTS
+    return finalization and policy is FailurePolicy.COUNTED and attempt < FINALIZATION_ATTEMPTS
 
 
 def backoff_s(attempt: int) -> float:

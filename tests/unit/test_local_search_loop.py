@@ -274,7 +274,7 @@ def finished(tmp_path: Path) -> LocalSearch:
 
 
 def test_the_final_evaluation_is_tried_three_times_then_fails_the_search(tmp_path: Path) -> None:
-    from mergerunner.trial import FINAL_ATTEMPTS
+    from mergerunner.trial import FINALIZATION_ATTEMPTS
     from mergesearch.local.search import FinalEvaluationFailed
 
     local = finished(tmp_path)
@@ -283,7 +283,7 @@ def test_the_final_evaluation_is_tried_three_times_then_fails_the_search(tmp_pat
     waits = waiting(local)
     with pytest.raises(FinalEvaluationFailed, match="final evaluation failed: evaluate: internal"):
         local.finish()
-    assert fake.calls == FINAL_ATTEMPTS == 3 and waits == [15, 30]
+    assert fake.calls == FINALIZATION_ATTEMPTS == 3 and waits == [15, 30]
     assert not local.paths.final.exists()
 
     # A counted failure and then a success: the held-out scores of the chosen merge are kept.

@@ -40,7 +40,8 @@ from mergesearch.spec import MergeSearch, MergeSearchSpec
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
-FINAL_TRIAL = "final"  # the id of the final evaluation's trial (held-out scores of the winner)
+# The id of the finalization's trial: the held-out scores of the chosen merge.
+FINALIZATION_TRIAL = "final"
 
 
 class LocalInputError(Exception):
@@ -364,7 +365,7 @@ class LocalSearch:
         """`evaluator.trial`, run again while `runs_again` says so (the operator's schedule:
         outages RETRY_LIMIT times; the final evaluation also after a counted failure)."""
         first = self.state.trials.succeeded == 0
-        final = trial_id == FINAL_TRIAL
+        finalization = trial_id == FINALIZATION_TRIAL
         attempt = 0
         while True:
             result = self.evaluator.trial(trial_id, weights, **options)
@@ -373,7 +374,9 @@ class LocalSearch:
                 return result
             kind = result.error_kind
             log.warning("trial %s failed (%s): %s", trial_id, kind, result.error)
-            if not runs_again(kind, attempt, first_trials=first and not final, final=final):
+            if not runs_again(
+                kind, attempt, first_trials=first and not finalization, finalization=finalization
+            ):
                 return result
             wait = backoff_s(attempt)
             log.warning("trial %s runs again in %.0f s (attempt %d)", trial_id, wait, attempt + 1)
@@ -419,7 +422,7 @@ class LocalSearch:
             final = json.loads(self.paths.final.read_text())
         if final.get("best") != best["id"]:
             weights = [best["weights"][n] for n in self.config.checkpoints]
-            result = self._run_trial(FINAL_TRIAL, weights, with_held_out=True)
+            result = self._run_trial(FINALIZATION_TRIAL, weights, with_held_out=True)
             if result.status != "succeeded":
                 raise FinalEvaluationFailed(result)
             final = {"best": best["id"], "heldOut": result.held_out, "digest": result.digest}

@@ -73,7 +73,7 @@ from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_s
 # failed final evaluation again (docs/operator.md).
 ANNOTATION_RETRY_FINAL = "mergesearch.io/retry-finalization"
 # The retry schedule of failed trials and of the final evaluation (RETRY_LIMIT, backoff_s,
-# FINAL_ATTEMPTS) is the trial contract's, shared with local mode (mergerunner.trial).
+# FINALIZATION_ATTEMPTS) is the trial contract's, shared with local mode (mergerunner.trial).
 # A pod or a Job that shows no progress for this long has its Warning events read (the shell
 # does it: FailedMount, FailedCreate have no other trace).
 STUCK_S = 15.0
@@ -965,7 +965,7 @@ def _finalization_outcome(draft: _Draft, outcome: TrialOutcome, stop: str, now: 
     if not outcome.succeeded:
         attempt = (finalization.attempt or 0) + 1
         kind = outcome.error_kind
-        if runs_again(kind, attempt, final=True):
+        if runs_again(kind, attempt, finalization=True):
             wait = backoff_s(attempt)
             draft.finalization = finalization.model_copy(
                 update={
