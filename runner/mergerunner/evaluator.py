@@ -80,6 +80,9 @@ class WarmTrials:
     work_dir: Path | None = None
     bytes_fetched: int = 0
     trials: int = 0
+    # The last in-place merge's CPU seconds (this process): on a shared machine a wall time
+    # moves with the load, the CPU time of a one-thread merge much less (bench/trial_overhead).
+    merge_cpu_s: float = 0.0
     _key: str | None = None
     _state: dict[str, Any] = field(default_factory=dict)
 
@@ -101,9 +104,11 @@ class WarmTrials:
                 self._setup(doc, clock)
             state = self._state
             with clock.step("merge"):
+                cpu = time.process_time()
                 digest = state["merger"].merge_into(
                     state["model"], doc.weight_vector(), dtype=doc.dtype
                 )
+                self.merge_cpu_s = time.process_time() - cpu
             with clock.step("evaluate"):
                 scores = state["suite"].score(state["lm"])
         except StepFailed as failure:
@@ -275,14 +280,16 @@ def trial_record(
     trial_id: str, leased_at: float, result: TrialResult, trials: WarmTrials
 ) -> dict[str, Any]:
     """One log line per trial (`MERGERUNNER_LOG_LEVEL=INFO`): when it was leased and done,
-    the step timings, the bytes this evaluator has fetched so far and its peak resident set
-    (the checkpoints it holds plus the model: what a pod's memory request must cover)."""
+    the step timings, the merge's CPU time, the bytes this evaluator has fetched so far and
+    its peak resident set (the checkpoints it holds plus the model: what a pod's memory
+    request must cover)."""
     return {
         "trial": trial_id,
         "status": result.status,
         "leasedAt": round(leased_at, 4),
         "doneAt": round(time.time(), 4),
         "timings": result.timings.to_wire(),
+        "mergeCpuS": round(trials.merge_cpu_s, 4),
         "bytesFetched": trials.bytes_fetched,
         "peakRssBytes": peak_rss_bytes(),
     }
