@@ -22,6 +22,7 @@ from mergerunner.contract import ExitCode
 from mergesearch.crd import PLURAL
 from mergesearch.local.records import TrialRecord
 from mergesearch.local.summary import baseline_label
+from mergesearch.operator.status import MergeSearchStatus, Phase
 from mergesearch.spec import API_GROUP, API_VERSION
 
 if TYPE_CHECKING:
@@ -124,34 +125,41 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
 
 
+def _status(obj: Mapping[str, Any]) -> MergeSearchStatus:
+    return MergeSearchStatus.read(obj.get("status"))
+
+
 def status_lines(obj: Mapping[str, Any]) -> list[str]:
     """The header block: phase, progress, best, why it stopped (plain text, pure)."""
-    meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status") or {}
-    trials = status.get("trials") or {}
+    meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), _status(obj)
+    trials = status.trials
     budget = (spec.get("search") or {}).get("maxTrials", "?")
-    sigma = _fmt((status.get("search") or {}).get("sigma"))
+    sigma = _fmt(status.search.sigma if status.search else None)
+    counts = (
+        f"trials {trials.finished}/{budget} finished ({trials.succeeded} succeeded, "
+        f"{trials.failed} failed, {trials.running} running)"
+        if trials
+        else f"trials 0/{budget} finished (0 succeeded, 0 failed, 0 running)"
+    )
     lines = [
-        f"{meta.get('namespace', '?')}/{meta.get('name', '?')}: {status.get('phase', 'Pending')}"
+        f"{meta.get('namespace', '?')}/{meta.get('name', '?')}: {status.phase or Phase.PENDING}"
         + (" (suspended)" if spec.get("suspend") else ""),
-        f"iteration {status.get('iteration', 0)}, trials {trials.get('finished', 0)}/{budget} "
-        f"finished ({trials.get('succeeded', 0)} succeeded, {trials.get('failed', 0)} failed, "
-        f"{trials.get('running', 0)} running), sigma {sigma}",
+        f"iteration {status.iteration or 0}, {counts}, sigma {sigma}",
     ]
-    best = status.get("best")
+    best, winner = status.best, status.winner
     if best:
-        lines.append(f"best: {best.get('trial')} fitness {_fmt(best.get('fitness'))}")
-    winner = status.get("winner")
+        lines.append(f"best: {best.trial} fitness {_fmt(best.fitness)}")
     if winner:
         lines.append(
-            f"confirmed winner: {winner.get('trial')} fitness {_fmt(winner.get('fitness'))} "
-            f"on unseen examples ({_fmt(winner.get('searchFitness'))} on the search's)"
+            f"confirmed winner: {winner.trial} fitness {_fmt(winner.fitness)} "
+            f"on unseen examples ({_fmt(winner.search_fitness)} on the search's)"
         )
-    for cond in status.get("conditions") or []:
-        if cond.get("status") == "True" and cond.get("type") != "Ready":
-            lines.append(f"{cond['type']}: {cond.get('reason', '')} {cond.get('message', '')}")
-    output = status.get("output") or {}
-    if output.get("uri"):
-        lines.append(f"merged model: {output['uri']} {output.get('digest', '')}".rstrip())
+    for cond in status.conditions or ():
+        if cond.holds and cond.type != "Ready":
+            lines.append(f"{cond.type}: {cond.reason or ''} {cond.message or ''}")
+    output = status.output
+    if output and output.uri:
+        lines.append(f"merged model: {output.uri} {output.digest or ''}".rstrip())
     return lines
 
 
@@ -161,92 +169,76 @@ Row = tuple[str, dict[str, float], Any, Any]
 def score_rows(obj: Mapping[str, Any]) -> tuple[list[str], list[Row]]:
     """Held-in tasks and one row per baseline, for the best and for the confirmed winner:
     (label, scores, fitness on the search's examples, fitness on unseen ones or None)."""
-    spec, status = obj.get("spec", {}), obj.get("status") or {}
+    spec, status = obj.get("spec", {}), _status(obj)
     tasks = [t["task"] for t in (spec.get("objective") or {}).get("heldIn", [])]
-    confirmed = {
-        c["trial"]: c.get("fitness")
-        for c in status.get("confirmation") or []
-        if c.get("status") == "succeeded"
-    }
+    confirmed = {c.trial: c.fitness for c in status.confirmation or () if c.outcome == "succeeded"}
     rows: list[Row] = [
-        (baseline_label(b["id"]), b.get("scores") or {}, b.get("fitness"), confirmed.get(b["id"]))
-        for b in status.get("baselines") or []
-        if b.get("status") == "succeeded"
+        (baseline_label(b.id), b.scores or {}, b.fitness, confirmed.get(b.id))
+        for b in status.baselines or ()
+        if b.outcome == "succeeded"
     ]
-    best = status.get("best")
+    best, winner = status.best, status.winner
     if best:
-        label, trial = f"best ({best['trial']})", best["trial"]
-        rows.append((label, best.get("scores") or {}, best.get("fitness"), confirmed.get(trial)))
-    winner = status.get("winner")
+        label = f"best ({best.trial})"
+        rows.append((label, best.scores, best.fitness, confirmed.get(best.trial)))
     if winner:
-        rows.append(
-            (
-                f"confirmed winner ({winner['trial']})",
-                winner.get("searchScores") or {},
-                winner.get("searchFitness"),
-                winner.get("fitness"),
-            )
-        )
+        label = f"confirmed winner ({winner.trial})"
+        rows.append((label, winner.search_scores, winner.search_fitness, winner.fitness))
     return tasks, rows
-
-
-def chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
-    """What the search hands over: the confirmed winner, else the best."""
-    return status.get("winner") or status.get("best") or {}
 
 
 def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
     """What a resource's (bounded) status still holds as trial records: the baselines, the
     Pareto front and the best. The per-trial history of a local run is not kept there."""
-    status = obj.get("status") or {}
+    status = _status(obj)
     out: dict[str, TrialRecord] = {}
-    for b in status.get("baselines") or []:
-        if b.get("status") == "succeeded":
-            out[b["id"]] = TrialRecord(
-                id=b["id"],
+    for b in status.baselines or ():
+        if b.outcome == "succeeded":
+            out[b.id] = TrialRecord(
+                id=b.id,
                 kind="baseline",
                 generation=-1,
                 weights={},
                 status="succeeded",
-                held_in=b.get("scores") or {},
-                fitness=b.get("fitness"),
+                held_in=b.scores or {},
+                fitness=b.fitness,
             )
-    for t in [*(status.get("paretoFront") or []), status.get("best") or None]:
-        if t and t["trial"] not in out:
-            out[t["trial"]] = TrialRecord(
-                id=t["trial"],
-                kind=t.get("kind", "search"),
-                generation=t.get("generation") or 0,
-                weights=t.get("weights") or {},
+    for t in [*(status.pareto_front or ()), status.best]:
+        if t and t.trial not in out:
+            out[t.trial] = TrialRecord(
+                id=t.trial,
+                kind=t.kind,
+                generation=t.generation or 0,
+                weights=t.weights,
                 status="succeeded",
-                held_in=t.get("scores") or {},
-                fitness=t.get("fitness"),
+                held_in=t.scores,
+                fitness=t.fitness,
             )
-    for c in status.get("confirmation") or []:
+    for c in status.confirmation or ():
         # a finalist not among the records above still shows beside its confirmation
         out.setdefault(
-            c["trial"],
+            c.trial,
             TrialRecord(
-                id=c["trial"],
-                kind=c["kind"],
-                generation=-1 if c["kind"] == "baseline" else 0,
+                id=c.trial,
+                kind=c.kind,
+                generation=-1 if c.kind == "baseline" else 0,
                 weights={},
                 status="succeeded",
-                fitness=c.get("searchFitness"),
+                fitness=c.search_fitness,
             ),
         )
     confirmations = [
         TrialRecord(
-            id="c-" + c["trial"],
-            kind=c["kind"],
+            id="c-" + c.trial,
+            kind=c.kind,
             generation=-1,
             weights={},
-            status=c["status"],
-            fitness=c.get("fitness"),
+            status=c.outcome,
+            fitness=c.fitness,
             subset="confirmation",
-            source=c["trial"],
+            source=c.trial,
         )
-        for c in status.get("confirmation") or []
+        for c in status.confirmation or ()
     ]
     searched = sorted(out.values(), key=lambda r: (r.kind != "baseline", r.generation, r.id))
     return searched + confirmations
@@ -273,12 +265,12 @@ def print_status(obj: Mapping[str, Any]) -> None:
             cells = [_fmt(scores.get(t), 3) for t in tasks] + [_fmt(fitness)]
             table.add_row(label, *cells, *([_fmt(confirmed)] if confirming else []))
         console.print(table)
-    best = chosen_entry(obj.get("status") or {})
-    if best.get("weights"):
-        weights = ", ".join(f"{k} {v:.3f}" for k, v in best["weights"].items())
+    best = _status(obj).chosen()
+    if best is not None and best.weights:
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in best.weights.items())
         console.print(f"best weights: {weights}", highlight=False)
-    if best.get("heldOut"):
-        held_out = ", ".join(f"{k} {v:.3f}" for k, v in best["heldOut"].items())
+    if best is not None and best.held_out:
+        held_out = ", ".join(f"{k} {v:.3f}" for k, v in best.held_out.items())
         console.print(f"best held-out: {held_out}", highlight=False)
 
 
@@ -301,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(obj.get("status") or {}, indent=2, sort_keys=True))
     else:
         print_status(obj)
-    return ExitCode.FAILED if (obj.get("status") or {}).get("phase") == "Failed" else ExitCode.OK
+    return ExitCode.FAILED if _status(obj).phase is Phase.FAILED else ExitCode.OK
 
 
 def report_from_cluster(
@@ -310,8 +302,8 @@ def report_from_cluster(
     from mergesearch.local.report import draw_all
 
     obj = read_search(name, namespace, context)
-    best = chosen_entry(obj.get("status") or {})
-    if not best:
+    best = _status(obj).chosen()
+    if best is None:
         raise ClusterReadError(f"{name}: no finished trial to draw yet")
     tasks = [t["task"] for t in obj["spec"]["objective"]["heldIn"]]
-    return draw_all(records_from_status(obj), best["weights"], tasks, out)
+    return draw_all(records_from_status(obj), best.weights, tasks, out)
