@@ -51,6 +51,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "operator"), str(ROOT / "runner")]
 
+from mergesearch.engine.engine import CONFIRM_PREFIX  # noqa: E402
+from mergesearch.operator.jobs import LABEL_CANDIDATE  # noqa: E402
 from support.cluster import ApiClient, KubeCluster  # noqa: E402
 from support.net import free_port  # noqa: E402
 from support.nodeagent import NodeAgent  # noqa: E402
@@ -162,6 +164,10 @@ class JobWatch(threading.Thread):
         meta = job["metadata"]
         name = meta["name"]
         labels = meta.get("labels") or {}
+        if labels.get(LABEL_CANDIDATE, "").startswith(CONFIRM_PREFIX):
+            # A finalist scored again after the search (its generation's label, but no part
+            # of that generation's turnaround).
+            return
         if name not in self.created:
             search = (meta.get("annotations") or {}).get("mergesearch.io/search-name", "")
             self.created[name] = (search, labels.get("mergesearch.io/iteration", ""), now)
