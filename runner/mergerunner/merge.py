@@ -43,16 +43,14 @@ import torch
 from blake3 import blake3
 
 from mergerunner.checkpoint import (
-    CONFIG_FILE,
     FLOAT_ITEMSIZE,
     HEAD_NAME,
-    INDEX_FILE,
-    SINGLE_FILE,
     CheckpointError,
     MergePlan,
     PlannedTensor,
     validate_checkpoints,
 )
+from mergerunner.contract import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
 from mergerunner.trial import FailureKind, TrialError
 
 OUTPUT_DTYPES: Mapping[str, tuple[torch.dtype, str]] = {
@@ -262,7 +260,7 @@ def plan_shards(
     count = len(groups)
     specs = []
     for index, group in enumerate(groups, start=1):
-        name = SINGLE_FILE if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+        name = WEIGHTS_FILE if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
         entries = [(t.name, code, t.shape, t.numel * itemsize) for t in group]
         specs.append(
             ShardSpec(name, tuple(group), encode_header(entries, meta), sum(e[3] for e in entries))

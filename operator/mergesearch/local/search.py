@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergerunner.contract import MODEL_FILES
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult
 from mergesearch import engine
 from mergesearch.engine.records import fitness_of
@@ -32,7 +33,6 @@ from mergesearch.spec import MergeSearch, MergeSearchSpec
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 class LocalInputError(Exception):
