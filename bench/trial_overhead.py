@@ -58,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,10 +72,19 @@ sys.path[:0] = [
 ]
 
 from support.cluster import ApiClient, KubeCluster  # noqa: E402
-from support.net import free_port  # noqa: E402
 from support.nodeagent import NodeAgent  # noqa: E402
-from support.operator_proc import Searches, running_operator  # noqa: E402
+from support.operator_proc import (  # noqa: E402
+    Searches,
+    evaluator_endpoint_env,
+    running_operator,
+)
 from support.s3server import SeaweedS3  # noqa: E402
+from support.search_inputs import (  # noqa: E402
+    STORE_SECRET,
+    create_search_inputs,
+    portable_tasks,
+    upload_checkpoints,
+)
 from support.toypool import cached_pool  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "trial_overhead.json"
@@ -184,16 +192,6 @@ def make_checkpoints(root: Path, shape: Shape, toy: Path) -> list[Path]:
                 shutil.copy(extra, path / extra.name)
         dirs.append(path)
     return dirs
-
-
-def upload(s3: SeaweedS3, bucket: str, dirs: list[Path]) -> dict[str, str]:
-    client = s3.client()
-    uris = {}
-    for path in dirs:
-        for file in sorted(path.iterdir()):
-            client.upload_file(str(file), bucket, f"pool/{path.name}/{file.name}")
-        uris[path.name] = f"s3://{bucket}/pool/{path.name}/"
-    return uris
 
 
 # --------------------------------------------------------------------------- floors
@@ -321,7 +319,7 @@ def spec(uris: dict[str, str], s3: SeaweedS3, mode: str, parallelism: int, trial
         "storage": {
             "endpoint": s3.endpoint,
             "region": s3.region,
-            "secretRef": {"name": "store"},
+            "secretRef": {"name": STORE_SECRET},
         },
     }
 
@@ -408,13 +406,8 @@ def searches(
     """Both searches on one control plane, S3 server and node; what they measured."""
     node_cache = scratch / "node-cache"
     node_cache.mkdir()
-    key = scratch / "key"
-    key.write_text(uuid.uuid4().hex)
-    port = free_port()
     env = {
-        "MERGESEARCH_EVALUATOR_PORT": str(port),
-        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
-        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key),
+        **evaluator_endpoint_env(scratch / "key"),
         "MERGESEARCH_NODE_CACHE_DIR": str(node_cache),
     }
     machine: Machine = args.machine
@@ -424,25 +417,12 @@ def searches(
         SeaweedS3(scratch / "s3") as s3,
     ):
         bucket = s3.create_bucket()
-        uris = upload(s3, bucket, dirs)
+        uris = upload_checkpoints(s3, bucket, {d.name: d for d in dirs})
         shutil.rmtree(scratch / "ckpt")  # in S3 now, and the floors are measured: disk back
         namespace = "overhead"
         cluster.create_namespace(namespace)
         api = cluster.api()
-        api.create(
-            f"/api/v1/namespaces/{namespace}/configmaps",
-            {"metadata": {"name": "toy-tasks"}, "data": tasks},
-        )
-        api.create(
-            f"/api/v1/namespaces/{namespace}/secrets",
-            {
-                "metadata": {"name": "store"},
-                "stringData": {
-                    "AWS_ACCESS_KEY_ID": s3.access_key,
-                    "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                },
-            },
-        )
+        create_search_inputs(api, namespace, s3, tasks)
         made = Searches(cluster, namespace)
         with running_operator(cluster, [namespace], env=env):
             clock = JobClock(api, namespace, agent.workdir)
@@ -479,9 +459,7 @@ def run(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
         dirs = make_checkpoints(scratch / "ckpt", shape, Path(toy))
         checkpoint_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
         generated = time.monotonic() - started
-        from test_operator_search import portable_tasks
-
-        tasks = portable_tasks(pool.tasks_dir, scratch / "tasks", [TASK])
+        tasks = portable_tasks(pool.tasks_dir, [TASK], scratch / "tasks")
         machine.phase = "floors"
         measured = floors_apart(dirs, scratch / "tasks")
         print(f"floors: {measured}", flush=True)

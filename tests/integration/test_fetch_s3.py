@@ -34,6 +34,7 @@ from mergerunner.fetch import (
 )
 from mergerunner.storage import ENV_CREDENTIALS, StorageConfig
 from support.s3server import SeaweedS3, free_ports
+from support.search_inputs import upload_tree
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +82,6 @@ def write_sharded(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def put_tree(server: SeaweedS3, bucket: str, prefix: str, directory: Path) -> None:
-    client = server.client()
-    for path in sorted(directory.iterdir()):
-        client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
-
-
 def file_identity(directory: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of every file: unchanged means not rewritten."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
@@ -120,23 +115,18 @@ def base() -> str:
 
 @pytest.fixture
 def config(s3_server: SeaweedS3) -> StorageConfig:
-    return StorageConfig(
-        endpoint=s3_server.endpoint,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
+    return s3_server.storage_config()
 
 
 @pytest.fixture
 def single_uri(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> str:
-    put_tree(s3_server, bucket, f"{base}/single", write_single(tmp_path / "src-single"))
+    upload_tree(s3_server, bucket, write_single(tmp_path / "src-single"), f"{base}/single")
     return f"s3://{bucket}/{base}/single/"
 
 
 @pytest.fixture
 def sharded_uri(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> str:
-    put_tree(s3_server, bucket, f"{base}/sharded", write_sharded(tmp_path / "src-sharded"))
+    upload_tree(s3_server, bucket, write_sharded(tmp_path / "src-sharded"), f"{base}/sharded")
     return f"s3://{bucket}/{base}/sharded"
 
 
@@ -338,7 +328,7 @@ def test_pickle_only_checkpoint_is_refused(
     for name, data in PICKLES.items():
         (source / name).write_bytes(data)
     (source / "config.json").write_text("{}")
-    put_tree(s3_server, bucket, f"{base}/pickled", source)
+    upload_tree(s3_server, bucket, source, f"{base}/pickled")
     with pytest.raises(FetchError) as caught:
         fetch_checkpoint(f"s3://{bucket}/{base}/pickled/", tmp_path / "cache", config=config)
     assert caught.value.kind == "invalid-checkpoint"
@@ -350,7 +340,7 @@ def test_index_naming_a_missing_shard(
 ) -> None:
     source = write_sharded(tmp_path / "src")
     (source / SHARDS[1]).unlink()
-    put_tree(s3_server, bucket, f"{base}/broken", source)
+    upload_tree(s3_server, bucket, source, f"{base}/broken")
     with pytest.raises(FetchError) as caught:
         fetch_checkpoint(f"s3://{bucket}/{base}/broken/", tmp_path / "cache", config=config)
     assert caught.value.kind == "invalid-checkpoint"

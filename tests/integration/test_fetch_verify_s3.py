@@ -45,12 +45,7 @@ def base() -> str:
 
 
 def _config(s3_server: SeaweedS3, endpoint: str | None = None) -> StorageConfig:
-    return StorageConfig(
-        endpoint=endpoint or s3_server.endpoint,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
+    return s3_server.storage_config(endpoint)
 
 
 def _model(directory: Path, seed: int, *, rows: int = 64, sharded: bool = False) -> Path:

@@ -497,10 +497,10 @@ class KubeCluster:
                 service.check_alive()
             return ready()
 
-        try:
-            wait_for(alive_and_ready, START_TIMEOUT_S, what)
-        except TimeoutError as err:
-            raise ClusterError(str(err)) from None
+        def timed_out() -> Exception:
+            return ClusterError(f"timed out after {START_TIMEOUT_S:.0f} s waiting for {what}")
+
+        wait_for(alive_and_ready, START_TIMEOUT_S, what, failure=timed_out)
 
     def _etcd_ready(self) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", self.ports.etcd_client, timeout=5)

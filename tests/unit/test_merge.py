@@ -20,6 +20,7 @@ from mergerunner.merge import (
     merge_to_directory,
     validate_weights,
 )
+from support.checkpoint_files import write_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -40,21 +41,8 @@ def _checkpoint(
 ) -> Path:
     gen = torch.Generator().manual_seed(seed)
     tensors = {n: torch.randn(s, generator=gen).to(dtype) for n, s in SHAPES.items()}
-    path.mkdir(parents=True)
-    names = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, str(path / "model.safetensors"))
-    else:
-        weight_map = {}
-        for i in range(shards):
-            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: tensors[n] for n in names[i::shards]}
-            save_file(part, str(path / file))
-            weight_map.update(dict.fromkeys(part, file))
-        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     config = {"architectures": ["LlamaForCausalLM"], "dtype": "float32", "hidden_size": 16}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return write_checkpoint(path, tensors, shards=shards, config=config)
 
 
 def _checkpoints(root: Path, n: int, dtype: torch.dtype = torch.bfloat16) -> list[Path]:

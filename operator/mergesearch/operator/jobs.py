@@ -203,10 +203,10 @@ def job_name(owner: Owner, candidate_id: str, attempt: int = 0) -> str:
     return f"{head}-{tail}"
 
 
-def iteration_label(generation: int | None, role: Role) -> str:
+def iteration_label(cma_generation: int | None, role: Role) -> str:
     if role in ("final", "preflight"):
         return role
-    return "baseline" if generation is None else str(generation)
+    return "baseline" if cma_generation is None else str(cma_generation)
 
 
 # --------------------------------------------------------------------------- trial documents
@@ -218,10 +218,11 @@ def trial_document(
     weights: dict[str, float],
     settings: JobSettings,
     *,
-    final: bool = False,
+    finalization: bool = False,
     subset: Subset = "search",
 ) -> TrialDocument:
-    """The runner's input for a candidate; for the final trial: held-out tasks and the export.
+    """The runner's input for a candidate; for the finalization trial: held-out tasks and the
+    export.
 
     A search trial is scored on held-in tasks only (held-out tasks never feed the search). The
     final trial scores the held-out tasks (held-in too when there are none, since a trial needs
@@ -231,7 +232,7 @@ def trial_document(
     held_in: list[TaskSpec] = list(objective.held_in)
     held_out: list[TaskSpec] = []
     output = OutputSpec()
-    if final:
+    if finalization:
         held_out = list(objective.held_out)
         held_in = [] if held_out else held_in
         if spec.output.uri:
@@ -247,7 +248,7 @@ def trial_document(
         datasets_uri=objective.datasets.uri if objective.datasets else None,
         allow_code_execution=objective.allow_code_execution,
         output=output,
-        subset=None if final or not spec.search.confirm.enabled else subset,
+        subset=None if finalization or not spec.search.confirm.enabled else subset,
     )
 
 
@@ -268,7 +269,7 @@ def build_job(
     spec: MergeSearchSpec,
     *,
     candidate_id: str,
-    generation: int | None,
+    cma_generation: int | None,
     document: TrialDocument,
     settings: JobSettings,
     role: Role = "trial",
@@ -282,7 +283,7 @@ def build_job(
     labels = {
         **MANAGED_BY,
         LABEL_SEARCH: label_value(owner.name),
-        LABEL_ITERATION: iteration_label(generation, role),
+        LABEL_ITERATION: iteration_label(cma_generation, role),
         LABEL_CANDIDATE: label_value(candidate_id),
         LABEL_ROLE: role,
     }
@@ -336,7 +337,7 @@ def build_preflight_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettin
         owner,
         spec,
         candidate_id=PREFLIGHT_CANDIDATE,
-        generation=None,
+        cma_generation=None,
         document=doc,
         settings=replace(settings, command=settings.preflight_command),
         role="preflight",

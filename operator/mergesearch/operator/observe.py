@@ -22,9 +22,9 @@ from mergesearch.operator.jobs import (
     LABEL_ROLE,
     RUNNER_CONTAINER,
 )
+from mergesearch.operator.status import Reason, one_line
 
 JobState = Literal["active", "succeeded", "failed"]
-ERROR_CHARS = 300
 _RESULT_FIELDS = set(TrialResult.model_fields) | {
     f.alias for f in TrialResult.model_fields.values() if f.alias
 }
@@ -101,12 +101,7 @@ class TrialOutcome:
         if self.succeeded:
             return "succeeded"
         step = f"{self.failed_step}: " if self.failed_step else ""
-        return cut(f"{step}{self.error or 'failed'}")
-
-
-def cut(text: str, limit: int = ERROR_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return one_line(f"{step}{self.error or 'failed'}")
 
 
 # --------------------------------------------------------------------------- Jobs
@@ -130,7 +125,7 @@ def job_state(status: Mapping[str, Any]) -> tuple[JobState, str | None]:
         if cond.get("type") == "Failed":
             reason = cond.get("reason") or "Failed"
             message = cond.get("message")
-            return "failed", cut(f"{reason}: {message}" if message else reason)
+            return "failed", one_line(f"{reason}: {message}" if message else reason)
     return "active", None
 
 
@@ -227,13 +222,13 @@ def parse_result(message: str | None, job: str) -> tuple[TrialResult | None, str
     try:
         data = unpack_result(data)  # many scores come packed (TrialResult.termination_message)
     except ValueError as exc:
-        return None, cut(f"invalid result: {exc}")
+        return None, one_line(f"invalid result: {exc}")
     if data.get("apiVersion") != RESULT_API_VERSION:
         return None, f"unknown result apiVersion {str(data.get('apiVersion'))[:60]!r}"
     try:
         result = TrialResult.model_validate({k: v for k, v in data.items() if k in _RESULT_FIELDS})
     except ValidationError as exc:
-        return None, cut(f"invalid result: {exc.errors()[0]['msg']}")
+        return None, one_line(f"invalid result: {exc.errors()[0]['msg']}")
     if result.id not in (job, "?"):
         return None, f"result is for trial {result.id[:80]!r}, not {job!r}"
     return result, None
@@ -253,33 +248,27 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
     if job.state == "active":
         return None
     pods = _latest(p for p in pods if p.terminated)
-    base = {"candidate": job.candidate, "job": job.name}
     if job.state == "succeeded":
         problems = []
         for pod in (p for p in pods if p.exit_code == 0):
             result, problem = parse_result(pod.message, job.name)
             if result is not None and result.status == "succeeded":
-                return _success(base, result)
+                return outcome_of_result(job.candidate, job.name, result)
             problems.append(problem or "the runner reported a failure but exited 0")
         error = problems[0] if problems else "no terminated pod found for the Job"
-        return TrialOutcome(**base, succeeded=False, error=error)
+        return TrialOutcome(job.candidate, job.name, succeeded=False, error=error)
     for pod in pods:
         result, _ = parse_result(pod.message, job.name)
         if result is not None and result.status == "failed":
-            return TrialOutcome(
-                **base,
-                succeeded=False,
-                failed_step=result.failed_step,
-                error_kind=result.error_kind,
-                error=cut(result.error or "failed"),
-            )
+            return outcome_of_result(job.candidate, job.name, result)
+    base = {"candidate": job.candidate, "job": job.name}
     detail = [job.reason or "Job failed"]
     kind = _JOB_FAILURE_KINDS.get(job.reason or "")
     if pods:
         pod = pods[0]
         detail.append(f"pod {pod.name}: {pod.reason or 'Error'} (exit code {pod.exit_code})")
         kind = _POD_FAILURE_KINDS.get(pod.reason or "", kind)
-    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=cut("; ".join(detail)))
+    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=one_line("; ".join(detail)))
 
 
 # Failures that leave no runner result, by the reason Kubernetes gives: a container killed for
@@ -288,15 +277,27 @@ _POD_FAILURE_KINDS = {"OOMKilled": FailureKind.OUT_OF_MEMORY}
 _JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
 
 
-def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:
+def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
+    """A runner's result as the reconcile tells it, whichever way it came back (a trial
+    Job's termination message, or a warm evaluator's post)."""
+    if result.status == "succeeded":
+        return TrialOutcome(
+            candidate,
+            job,
+            succeeded=True,
+            held_in=dict(result.held_in),
+            held_out=dict(result.held_out),
+            fitness=result.fitness,
+            digest=result.digest,
+            output_uri=result.output_uri,
+        )
     return TrialOutcome(
-        **base,
-        succeeded=True,
-        held_in=dict(result.held_in),
-        held_out=dict(result.held_out),
-        fitness=result.fitness,
-        digest=result.digest,
-        output_uri=result.output_uri,
+        candidate,
+        job,
+        succeeded=False,
+        failed_step=result.failed_step,
+        error_kind=result.error_kind,
+        error=one_line(result.error or "failed"),
     )
 
 
@@ -310,7 +311,7 @@ class Blocker:
     itself (wait, and say so in a condition). `reason` is the condition reason."""
 
     fatal: bool
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -319,22 +320,22 @@ class Blocker:
 # image name that cannot be parsed, or one that must not be pulled, never starts. A failing
 # pull may be a registry outage, and an unschedulable pod may fit once the cluster scales:
 # both wait.
-_WAITING: dict[str, tuple[bool, str]] = {
-    "CreateContainerConfigError": (True, "PodConfigInvalid"),
-    "InvalidImageName": (True, "ImageInvalid"),
-    "ErrImageNeverPull": (True, "ImageInvalid"),
-    "ErrImagePull": (False, "ImagePullBackOff"),
-    "ImagePullBackOff": (False, "ImagePullBackOff"),
-    "Unschedulable": (False, "Unschedulable"),
+_WAITING: dict[str, tuple[bool, Reason]] = {
+    "CreateContainerConfigError": (True, Reason.POD_CONFIG_INVALID),
+    "InvalidImageName": (True, Reason.IMAGE_INVALID),
+    "ErrImageNeverPull": (True, Reason.IMAGE_INVALID),
+    "ErrImagePull": (False, Reason.IMAGE_PULL_BACK_OFF),
+    "ImagePullBackOff": (False, Reason.IMAGE_PULL_BACK_OFF),
+    "Unschedulable": (False, Reason.UNSCHEDULABLE),
 }
 # Warning events (their reason codes) of a pod that waits without a reason of its own, and of
 # a Job that has no pod: a volume that cannot be set up (a missing Secret or ConfigMap is
 # `FailedMount`, the pod stays ContainerCreating) and a pod that admission refused (Pod
 # Security, a LimitRange: the Job controller's `FailedCreate`) are configuration.
-_EVENTS: dict[str, tuple[bool, str]] = {
-    "FailedMount": (True, "VolumeUnavailable"),
-    "FailedCreate": (True, "PodRefused"),
-    "FailedScheduling": (False, "Unschedulable"),
+_EVENTS: dict[str, tuple[bool, Reason]] = {
+    "FailedMount": (True, Reason.VOLUME_UNAVAILABLE),
+    "FailedCreate": (True, Reason.POD_REFUSED),
+    "FailedScheduling": (False, Reason.UNSCHEDULABLE),
 }
 # Reasons that ask for a look at the object's events when the wait lasts.
 SILENT_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
@@ -362,4 +363,4 @@ def blocker_of(job: JobSummary, pods: Iterable[PodSummary]) -> Blocker | None:
 
 def _where(job: JobSummary, pod: PodSummary | None, what: str, message: str | None) -> str:
     place = f"trial Job {job.name}" + (f", pod {pod.name}" if pod else "")
-    return cut(f"{place}: {what}: {message or 'no detail'}", 600)
+    return one_line(f"{place}: {what}: {message or 'no detail'}", 600)

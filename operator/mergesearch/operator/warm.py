@@ -40,7 +40,8 @@ from mergerunner.contract import (
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
-from mergesearch.operator.observe import TrialOutcome, cut
+from mergesearch.operator.observe import TrialOutcome, outcome_of_result
+from mergesearch.operator.status import EvaluatorCounts, LeaseEntry, MergeSearchStatus, one_line
 from mergesearch.spec import MergeSearchSpec
 
 EVALUATOR_CANDIDATE = "evaluators"  # the evaluator Job's candidate part and annotation
@@ -138,30 +139,30 @@ class Lease:
     expires: str | None = None
     issued: int = 0
 
-    def to_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"trial": self.trial, "issued": self.issued}
-        if self.evaluator:
-            out.update(evaluator=self.evaluator, since=self.since, expires=self.expires)
-        return out
+    def to_entry(self) -> LeaseEntry:
+        if not self.evaluator:
+            return LeaseEntry(trial=self.trial, issued=self.issued)
+        return LeaseEntry(
+            trial=self.trial,
+            issued=self.issued,
+            evaluator=self.evaluator,
+            since=self.since,
+            expires=self.expires,
+        )
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any]) -> Lease:
+    def of(cls, entry: LeaseEntry) -> Lease:
         return cls(
-            trial=str(data["trial"]),
-            evaluator=data.get("evaluator") or None,
-            since=data.get("since"),
-            expires=data.get("expires"),
-            issued=int(data.get("issued") or 0),
+            trial=entry.trial,
+            evaluator=entry.evaluator or None,
+            since=entry.since,
+            expires=entry.expires,
+            issued=entry.issued,
         )
 
 
-def read_leases(status: Mapping[str, Any]) -> dict[str, Lease]:
-    out: dict[str, Lease] = {}
-    for item in status.get("leases") or []:
-        if isinstance(item, Mapping) and item.get("trial"):
-            lease = Lease.from_status(item)
-            out[lease.trial] = lease
-    return out
+def read_leases(status: MergeSearchStatus) -> dict[str, Lease]:
+    return {entry.trial: Lease.of(entry) for entry in status.leases or () if entry.trial}
 
 
 @dataclass(frozen=True)
@@ -173,16 +174,6 @@ class Assignment:
     document: str
 
 
-@dataclass
-class Dispatch:
-    """Lease decisions of one reconcile (local to it)."""
-
-    leases: dict[str, Lease]
-    told: list[TrialOutcome] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    assignments: dict[str, Assignment] = field(default_factory=dict)
-
-
 def collect_posted(
     active: Sequence[str], inbox: Inbox, job_of: Mapping[str, str]
 ) -> tuple[list[TrialOutcome], list[str]]:
@@ -190,39 +181,17 @@ def collect_posted(
     candidate, once (the first in the inbox); any other is a duplicate. It need not come from
     the current holder: a lease re-issued after its holder looked lost may be answered by
     the first holder, and its answer is as good (the same document, a deterministic trial)."""
-    told: dict[str, TrialOutcome] = {}
+    accepted: dict[str, TrialOutcome] = {}
     ignored: list[str] = []
     for posted in inbox.results:
         cid = posted.candidate
         job = job_of.get(cid, "")
         # "?": a runner that could not read the document's id (as in a termination message)
-        if cid not in active or cid in told or posted.result.id not in (job, "?"):
+        if cid not in active or cid in accepted or posted.result.id not in (job, "?"):
             ignored.append(cid)
             continue
-        told[cid] = outcome_of_result(cid, job, posted.result)
-    return list(told.values()), ignored
-
-
-def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
-    """A posted TrialResult as the reconcile tells it (as a trial Job's would be)."""
-    base = {"candidate": candidate, "job": job}
-    if result.status == "succeeded":
-        return TrialOutcome(
-            **base,
-            succeeded=True,
-            held_in=dict(result.held_in),
-            held_out=dict(result.held_out),
-            fitness=result.fitness,
-            digest=result.digest,
-            output_uri=result.output_uri,
-        )
-    return TrialOutcome(
-        **base,
-        succeeded=False,
-        failed_step=result.failed_step,
-        error_kind=result.error_kind,
-        error=cut(result.error or "failed"),
-    )
+        accepted[cid] = outcome_of_result(cid, job, posted.result)
+    return list(accepted.values()), ignored
 
 
 def release_lost(
@@ -272,7 +241,7 @@ def release_lost(
                     succeeded=False,
                     failed_step="evaluate",
                     error_kind=kind,
-                    error=cut(f"{why}; issued {lease.issued} times"),
+                    error=one_line(f"{why}; issued {lease.issued} times"),
                 )
             )
         else:
@@ -317,9 +286,9 @@ def assign(
     return out
 
 
-def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[dict[str, Any]]:
+def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[LeaseEntry]:
     """In `activeTrials` order: equal decisions give equal documents (no spurious writes)."""
-    return [leases[cid].to_status() for cid in active if cid in leases]
+    return [leases[cid].to_entry() for cid in active if cid in leases]
 
 
 def evaluators_status(
@@ -327,22 +296,20 @@ def evaluators_status(
     pods: Sequence[EvaluatorPod],
     parallelism: int,
     fetched: Mapping[str, int] | None = None,
-) -> dict[str, int]:
+) -> EvaluatorCounts:
     """status.evaluators: wanted, running (pods not terminated), ready, busy (holding a
     lease), and bytesFetched: what the running evaluators report having fetched (all of them
     together; 0 for an evaluator that found the node cache filled)."""
     running = [p for p in pods if not p.terminated]
-    out = {
-        "wanted": parallelism,
-        "running": len(running),
-        "ready": sum(1 for p in running if p.ready),
-        "busy": sum(1 for lease in leases.values() if lease.evaluator),
-    }
     names = {p.name for p in running}
     reported = [n for e, n in (fetched or {}).items() if e in names]
-    if reported:
-        out["bytesFetched"] = sum(reported)
-    return out
+    return EvaluatorCounts(
+        wanted=parallelism,
+        running=len(running),
+        ready=sum(1 for p in running if p.ready),
+        busy=sum(1 for lease in leases.values() if lease.evaluator),
+        bytes_fetched=sum(reported) if reported else None,
+    )
 
 
 # --------------------------------------------------------------------------- credentials
