@@ -138,8 +138,8 @@ class WarmTrials:
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
         from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, subset_options
         from mergerunner.fetch import _run, fetch_checkpoints_async
-        from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
+        from mergerunner.resident_merge import ResidentMerger
 
         self._key, self._state = None, {}
         with clock.step("fetch"):

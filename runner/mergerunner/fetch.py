@@ -474,16 +474,17 @@ async def _list_top_level(
         listing = await obstore.list_with_delimiter_async(store, None)
     except Exception as error:
         raise storage_error(uri, error, config) from error
-    objects = {}
-    for meta in listing["objects"]:
-        name = meta["path"]
-        objects[name] = RemoteObject(
-            name=name,
-            size=int(meta["size"]),
-            etag=normalise_etag(meta.get("e_tag")),
-            modified=meta["last_modified"].isoformat(),
-        )
-    return objects
+    return {meta["path"]: _remote_object(meta) for meta in listing["objects"]}
+
+
+def _remote_object(meta: Mapping[str, Any]) -> RemoteObject:
+    """An object of a listing, as obstore describes it."""
+    return RemoteObject(
+        name=meta["path"],
+        size=int(meta["size"]),
+        etag=normalise_etag(meta.get("e_tag")),
+        modified=meta["last_modified"].isoformat(),
+    )
 
 
 async def _download(
@@ -729,14 +730,7 @@ class _CheckpointSync:
         self.bytes_downloaded = 0
 
     async def run(self) -> FetchResult:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        async with _file_lock(
-            self.lock_path,
-            self.uri,
-            self.transfer.lock_timeout_s,
-            progress=lambda: allocated_bytes(self.directory),
-        ):
-            store = make_store(self.location, self.config)
+        async with self._locked() as store:
             listing = await _list_top_level(store, self.uri, self.config)
             if not listing:
                 raise FetchError(self.uri, "not-found", "no objects under this prefix")
@@ -744,15 +738,37 @@ class _CheckpointSync:
             self.manifest = _read_manifest(self.directory)
             try:
                 plan = await self._plan(store, listing)
-                stale = [name for name in plan if not self._current(listing[name])]
-                for name in stale:
-                    self._forget(listing[name])
-                await _gather(self._fetch_one(store, listing[name]) for name in stale)
-                self.manifest = {name: self.manifest[name] for name in plan}
+                await self._bring_up_to_date(store, listing, plan)
                 _prune(self.directory, plan)
             finally:
                 _write_manifest(self.directory, self.uri, self.manifest)
             self._check_headers()
+        return self._result(plan)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[ObjectStore]:
+        """Hold the cache entry's lock (waiting while another process fills it), then give a
+        store to read the remote prefix with."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        async with _file_lock(
+            self.lock_path,
+            self.uri,
+            self.transfer.lock_timeout_s,
+            progress=lambda: allocated_bytes(self.directory),
+        ):
+            yield make_store(self.location, self.config)
+
+    async def _bring_up_to_date(
+        self, store: ObjectStore, listing: Mapping[str, RemoteObject], plan: Sequence[str]
+    ) -> None:
+        """Download the planned files that are not current; the manifest keeps only the plan."""
+        stale = [name for name in plan if not self._current(listing[name])]
+        for name in stale:
+            self._forget(listing[name])
+        await _gather(self._fetch_one(store, listing[name]) for name in stale)
+        self.manifest = {name: self.manifest[name] for name in plan}
+
+    def _result(self, plan: Sequence[str]) -> FetchResult:
         reused = tuple(name for name in plan if name not in self.downloaded)
         return FetchResult(
             self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
@@ -823,13 +839,7 @@ async def _list_tree(
     try:
         async for batch in obstore.list(store, None, chunk_size=1000):
             for meta in batch:
-                name = meta["path"]
-                objects[name] = RemoteObject(
-                    name=name,
-                    size=int(meta["size"]),
-                    etag=normalise_etag(meta.get("e_tag")),
-                    modified=meta["last_modified"].isoformat(),
-                )
+                objects[meta["path"]] = _remote_object(meta)
     except Exception as error:
         raise storage_error(uri, error, config) from error
     return objects
@@ -870,31 +880,17 @@ class _TreeSync(_CheckpointSync):
         self.required = required
 
     async def run(self) -> FetchResult:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        async with _file_lock(
-            self.lock_path,
-            self.uri,
-            self.transfer.lock_timeout_s,
-            progress=lambda: allocated_bytes(self.directory),
-        ):
-            store = make_store(self.location, self.config)
+        async with self._locked() as store:
             listing = await _list_tree(store, self.uri, self.config)
             plan = plan_tree(self.uri, listing, self.required)
             self.directory.mkdir(exist_ok=True)
             self.manifest = _read_manifest(self.directory)
             try:
-                stale = [name for name in plan if not self._current(listing[name])]
-                for name in stale:
-                    self._forget(listing[name])
-                await _gather(self._fetch_one(store, listing[name]) for name in stale)
-                self.manifest = {name: self.manifest[name] for name in plan}
+                await self._bring_up_to_date(store, listing, plan)
                 _prune_tree(self.directory, plan)
             finally:
                 _write_manifest(self.directory, self.uri, self.manifest)
-        reused = tuple(name for name in plan if name not in self.downloaded)
-        return FetchResult(
-            self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
-        )
+        return self._result(plan)
 
 
 def fetch_tree(

@@ -11,6 +11,7 @@ that is a module, else to the package `pkg` itself.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -205,3 +206,24 @@ def test_what_the_operator_imports_never_pulls_torch(core: str) -> None:
     members = [name for name in graph if _within(name, [core])]
     reached = set().union(*(reachable(graph, name) for name in members))
     assert sorted(n for n in reached if _within(n, ["torch", "transformers", "lm_eval"])) == []
+
+
+def test_the_module_map_lists_every_module_under_its_folder() -> None:
+    """docs/modules.md has a section per package folder (its heading names the folder) whose
+    table names each of the folder's modules, so a newcomer can check the map against the tree."""
+    text = (ROOT / "docs" / "modules.md").read_text()
+    sections = {}
+    for part in text.split("\n## ")[1:]:
+        heading, _, body = part.partition("\n")
+        folder = re.search(r"`([\w/]+/)`", heading)
+        if folder:
+            sections[folder.group(1)] = set(re.findall(r"^\| `([\w.]+\.py)` \|", body, re.M))
+    missing = []
+    for path in module_files().values():
+        folder = path.parent.relative_to(ROOT).as_posix() + "/"
+        listed = sections.get(folder)
+        if listed is None:
+            missing.append(f"no section for {folder}")
+        elif path.name != "__init__.py" and path.name not in listed:
+            missing.append(f"{folder}{path.name}")
+    assert sorted(set(missing)) == []
