@@ -70,11 +70,11 @@ ANNOTATION_RETRY_FINAL = "mergesearch.io/retry-finalization"
 # be reached) run again after a backoff and are not told to the engine: RETRY_BASE_S doubling
 # up to RETRY_CAP_S, at most RETRY_LIMIT times per trial (15 s … 300 s: ~35 min in all), after
 # which the failure counts like any other. A final evaluation that fails for a counted reason
-# (a crash, a timeout) is tried FINAL_ATTEMPTS times in all.
+# (a crash, a timeout) is tried FINALIZATION_ATTEMPTS times in all.
 RETRY_BASE_S = 15.0
 RETRY_CAP_S = 300.0
 RETRY_LIMIT = 10
-FINAL_ATTEMPTS = 3
+FINALIZATION_ATTEMPTS = 3
 # A pod or a Job that shows no progress for this long has its Warning events read (the shell
 # does it: FailedMount, FailedCreate have no other trace).
 STUCK_S = 15.0
@@ -977,7 +977,7 @@ def _finalization_outcome(draft: _Draft, outcome: TrialOutcome, stop: str, now: 
         kind = outcome.error_kind
         policy = FAILURE_POLICY[kind] if kind is not None else FailurePolicy.COUNTED
         again = (policy is FailurePolicy.RETRY and attempt <= RETRY_LIMIT) or (
-            policy is FailurePolicy.COUNTED and attempt < FINAL_ATTEMPTS
+            policy is FailurePolicy.COUNTED and attempt < FINALIZATION_ATTEMPTS
         )
         if again:
             wait = backoff_s(attempt)

@@ -89,8 +89,8 @@ def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get(jobspec.LABEL_ROLE) != EVALUATOR_ROLE:
         return None
-    status = body.get("status") or {}
-    for container in status.get("containerStatuses") or []:
+    pod_status = body.get("status") or {}
+    for container in pod_status.get("containerStatuses") or []:
         if container.get("name") != jobspec.RUNNER_CONTAINER:
             continue
         terminated = (container.get("state") or {}).get("terminated")
@@ -102,8 +102,10 @@ def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
                 exit_code=int(terminated.get("exitCode", -1)),
             )
         return EvaluatorPod(name=meta.get("name", ""), ready=bool(container.get("ready")))
-    failed = status.get("phase") in ("Failed", "Succeeded") or bool(meta.get("deletionTimestamp"))
-    return EvaluatorPod(name=meta.get("name", ""), terminated=failed, reason=status.get("reason"))
+    deleting = bool(meta.get("deletionTimestamp"))
+    ended = pod_status.get("phase") in ("Failed", "Succeeded") or deleting
+    name = meta.get("name", "")
+    return EvaluatorPod(name=name, terminated=ended, reason=pod_status.get("reason"))
 
 
 @dataclass(frozen=True)
@@ -415,37 +417,15 @@ def evaluator_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettings) ->
     user_labels = (template["metadata"].get("labels") or {}).items()
     job_labels = {**{k: v for k, v in user_labels if k in KUEUE_LABELS}, **labels}
     parallelism = spec.execution.parallelism
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": job_labels,
-            "annotations": annotations,
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            "parallelism": parallelism,
-            "completions": parallelism,
-            # Each evaluator may be lost as often as a trial pod may be retried.
-            "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": jobspec.RUNNER_CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_CONFIG],
-                        },
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
-            "template": template,
-        },
+    job_spec = {
+        "parallelism": parallelism,
+        "completions": parallelism,
+        # Each evaluator may be lost as often as a trial pod may be retried.
+        "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
+        "podFailurePolicy": jobspec.pod_failure_policy([EXIT_CONFIG]),
+        "template": template,
     }
+    return jobspec.job_manifest(owner, name, job_labels, annotations, job_spec)
 
 
 def _evaluator_env(owner: Owner, settings: JobSettings) -> list[dict[str, Any]]:
