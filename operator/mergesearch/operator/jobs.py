@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -292,6 +293,25 @@ def build_job(
     if attempt:
         annotations[ANNOTATION_ATTEMPT] = str(attempt)
     execution = spec.execution
+    job_spec = {
+        "backoffLimit": execution.backoff_limit,
+        "activeDeadlineSeconds": execution.trial_timeout_seconds,
+        "completions": 1,
+        "parallelism": 1,
+        "podFailurePolicy": pod_failure_policy(FAILS_THE_SAME_WAY),
+        "template": pod_template(spec, text, settings, labels, annotations),
+    }
+    return job_manifest(owner, name, labels, annotations, job_spec)
+
+
+def job_manifest(
+    owner: Owner,
+    name: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    job_spec: dict[str, Any],
+) -> dict[str, Any]:
+    """A Job of the search's: in its namespace, owned by it (garbage-collected with it)."""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -302,14 +322,7 @@ def build_job(
             "annotations": annotations,
             "ownerReferences": [owner.reference()],
         },
-        "spec": {
-            "backoffLimit": execution.backoff_limit,
-            "activeDeadlineSeconds": execution.trial_timeout_seconds,
-            "completions": 1,
-            "parallelism": 1,
-            "podFailurePolicy": _pod_failure_policy(),
-            "template": pod_template(spec, text, settings, labels, annotations),
-        },
+        "spec": job_spec,
     }
 
 
@@ -361,10 +374,15 @@ def _accelerator(resource: str) -> bool:
     return "/" in resource and any(m in resource.lower() for m in ACCELERATOR_MARKERS)
 
 
-def _pod_failure_policy() -> dict[str, Any]:
-    """A runner that reports a failed step (exit 1) or a bad document (exit 2) would fail the
-    same way again: fail the Job at once. Crashes (OOM kills, signals) use backoffLimit, and
-    evictions and preemptions (DisruptionTarget) do not count at all."""
+# A runner that reports a failed step (exit 1) or a bad document (exit 2) would fail the same
+# way again.
+FAILS_THE_SAME_WAY = (int(ExitCode.FAILED), int(ExitCode.BAD_INPUT))
+
+
+def pod_failure_policy(fail_on: Sequence[int]) -> dict[str, Any]:
+    """A runner that exits with a code in `fail_on` fails the Job at once (another pod would
+    fail the same way). Crashes (OOM kills, signals) use backoffLimit, and evictions and
+    preemptions (DisruptionTarget) do not count at all."""
     return {
         "rules": [
             {
@@ -372,7 +390,7 @@ def _pod_failure_policy() -> dict[str, Any]:
                 "onExitCodes": {
                     "containerName": RUNNER_CONTAINER,
                     "operator": "In",
-                    "values": [int(ExitCode.FAILED), int(ExitCode.BAD_INPUT)],
+                    "values": list(fail_on),
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

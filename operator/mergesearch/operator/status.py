@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from mergesearch import engine
+from mergesearch.engine.state import FailureNote, GenerationSummary
 
 MESSAGE_CHARS = 1000
 TEXT_CHARS = 300  # a failure's reason as the engine, events and the status carry it
@@ -159,13 +160,14 @@ class ConditionType(StrEnum):
 # --------------------------------------------------------------------------- the model
 
 
+_WIRE = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
 class _Wire(BaseModel):
     """camelCase on the wire, unset fields left out. Fields this version does not know (an
     older or newer operator's) are ignored on reading."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
-    )
+    model_config = _WIRE
 
     def to_wire(self) -> dict[str, Any]:
         """As JSON on the wire (what the API server stores)."""
@@ -259,22 +261,17 @@ class ConfirmationEntry(_Wire):
     reason: str | None = None
 
 
-class GenerationEntry(_Wire):
-    """One completed CMA-ES generation (the last 50 are kept)."""
+class GenerationEntry(GenerationSummary):
+    """One completed CMA-ES generation (the last 50 are kept): the engine's own record, on
+    the wire in camelCase."""
 
-    generation: int
-    sigma: float
-    best: float | None = None
-    mean: float | None = None
-    worst: float | None = None
-    succeeded: int
-    failed: int
-    best_so_far: float | None = None
+    model_config = _WIRE
 
 
-class FailureEntry(_Wire):
-    id: str
-    reason: str
+class FailureEntry(FailureNote):
+    """One of the ten most recent failures: the engine's own record."""
+
+    model_config = _WIRE
 
 
 class RetryEntry(_Wire):

@@ -413,37 +413,15 @@ def evaluator_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettings) ->
     user_labels = (template["metadata"].get("labels") or {}).items()
     job_labels = {**{k: v for k, v in user_labels if k in KUEUE_LABELS}, **labels}
     parallelism = spec.execution.parallelism
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": job_labels,
-            "annotations": annotations,
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            "parallelism": parallelism,
-            "completions": parallelism,
-            # Each evaluator may be lost as often as a trial pod may be retried.
-            "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": jobspec.RUNNER_CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_CONFIG],
-                        },
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
-            "template": template,
-        },
+    job_spec = {
+        "parallelism": parallelism,
+        "completions": parallelism,
+        # Each evaluator may be lost as often as a trial pod may be retried.
+        "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
+        "podFailurePolicy": jobspec.pod_failure_policy([EXIT_CONFIG]),
+        "template": template,
     }
+    return jobspec.job_manifest(owner, name, job_labels, annotations, job_spec)
 
 
 def _evaluator_env(owner: Owner, settings: JobSettings) -> list[dict[str, Any]]:
