@@ -88,7 +88,6 @@ class TrialOutcome:
     succeeded: bool
     held_in: dict[str, float] = field(default_factory=dict)
     held_out: dict[str, float] = field(default_factory=dict)
-    fitness: float | None = None
     digest: str | None = None
     output_uri: str | None = None
     failed_step: str | None = None
@@ -114,10 +113,10 @@ def _controller_uid(meta: Mapping[str, Any]) -> str | None:
     return None
 
 
-def job_state(status: Mapping[str, Any]) -> tuple[JobState, str | None]:
+def job_state(job_status: Mapping[str, Any]) -> tuple[JobState, str | None]:
     """From the Job's conditions: finished only when Complete or Failed is True (the Job
     controller sets them once its pods are accounted for)."""
-    for cond in status.get("conditions") or []:
+    for cond in job_status.get("conditions") or []:
         if cond.get("status") != "True":
             continue
         if cond.get("type") == "Complete":
@@ -135,10 +134,13 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
     candidate = (meta.get("annotations") or {}).get(ANNOTATION_CANDIDATE)
     if not candidate:
         return None
-    status = body.get("status") or {}
-    state, reason = job_state(status)
+    job_status = body.get("status") or {}
+    state, reason = job_state(job_status)
     started = bool(
-        status.get("ready") or status.get("succeeded") or status.get("failed") or state != "active"
+        job_status.get("ready")
+        or job_status.get("succeeded")
+        or job_status.get("failed")
+        or state != "active"
     )
     attempt = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT, "0")
     return JobSummary(
@@ -152,7 +154,7 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
         deleting=bool(meta.get("deletionTimestamp")),
         attempt=int(attempt) if attempt.isdigit() else 0,
         created=str(meta.get("creationTimestamp") or ""),
-        pods=sum(int(status.get(k) or 0) for k in ("active", "succeeded", "failed")),
+        pods=sum(int(job_status.get(k) or 0) for k in ("active", "succeeded", "failed")),
         uid=str(meta.get("uid") or ""),
     )
 
@@ -168,7 +170,7 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
     job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
     if not job:
         return None
-    status = body.get("status") or {}
+    pod_status = body.get("status") or {}
     job_uid = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
     base = {
         "name": meta.get("name", ""),
@@ -176,7 +178,7 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
         "created": str(meta.get("creationTimestamp") or ""),
         "job_uid": str(job_uid or ""),
     }
-    for container in status.get("containerStatuses") or []:
+    for container in pod_status.get("containerStatuses") or []:
         if container.get("name") != RUNNER_CONTAINER:
             continue
         state = container.get("state") or {}
@@ -190,15 +192,15 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
                 finished_at=str(terminated.get("finishedAt") or ""),
             )
         waiting = state.get("waiting")
-        if waiting and status.get("phase") == "Pending" and not meta.get("deletionTimestamp"):
+        if waiting and pod_status.get("phase") == "Pending" and not meta.get("deletionTimestamp"):
             reason = str(waiting.get("reason") or "ContainerCreating")
             return PodSummary(
                 **base, exit_code=None, waiting=reason, message=waiting.get("message")
             )
         return None
-    if status.get("phase") not in (None, "Pending") or meta.get("deletionTimestamp"):
+    if pod_status.get("phase") not in (None, "Pending") or meta.get("deletionTimestamp"):
         return None
-    for cond in status.get("conditions") or []:
+    for cond in pod_status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             why = str(cond.get("reason") or "Unschedulable")
             return PodSummary(**base, exit_code=None, waiting=why, message=cond.get("message"))
@@ -279,7 +281,8 @@ _JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
 
 def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
     """A runner's result as the reconcile tells it, whichever way it came back (a trial
-    Job's termination message, or a warm evaluator's post)."""
+    Job's termination message, or a warm evaluator's post). The runner's fitness is not kept:
+    the engine computes it from the held-in scores with the same `fitness_of`."""
     if result.status == "succeeded":
         return TrialOutcome(
             candidate,
@@ -287,7 +290,6 @@ def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOut
             succeeded=True,
             held_in=dict(result.held_in),
             held_out=dict(result.held_out),
-            fitness=result.fitness,
             digest=result.digest,
             output_uri=result.output_uri,
         )

@@ -87,8 +87,8 @@ def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get(jobspec.LABEL_ROLE) != EVALUATOR_ROLE:
         return None
-    status = body.get("status") or {}
-    for container in status.get("containerStatuses") or []:
+    pod_status = body.get("status") or {}
+    for container in pod_status.get("containerStatuses") or []:
         if container.get("name") != jobspec.RUNNER_CONTAINER:
             continue
         terminated = (container.get("state") or {}).get("terminated")
@@ -100,8 +100,10 @@ def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
                 exit_code=int(terminated.get("exitCode", -1)),
             )
         return EvaluatorPod(name=meta.get("name", ""), ready=bool(container.get("ready")))
-    failed = status.get("phase") in ("Failed", "Succeeded") or bool(meta.get("deletionTimestamp"))
-    return EvaluatorPod(name=meta.get("name", ""), terminated=failed, reason=status.get("reason"))
+    deleting = bool(meta.get("deletionTimestamp"))
+    ended = pod_status.get("phase") in ("Failed", "Succeeded") or deleting
+    name = meta.get("name", "")
+    return EvaluatorPod(name=name, terminated=ended, reason=pod_status.get("reason"))
 
 
 @dataclass(frozen=True)
