@@ -32,7 +32,7 @@ from mergerunner.contract import (
     ExitCode,
 )
 from mergerunner.shutdown import run_then_exit
-from mergerunner.trial import FailureKind, TrialDocument, TrialResult, parse_trial
+from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAILED, ExitCode.BAD_INPUT
 DEFAULT_TERMINATION_LOG = Path(TERMINATION_LOG)
@@ -92,52 +92,43 @@ def _emit(result: TrialResult, args: argparse.Namespace) -> None:
             logging.warning("could not write the termination message to %s: %s", termination, exc)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _read_trial(args: argparse.Namespace) -> TrialDocument | None:
+    """The trial document of `run` and `preflight`; None when it cannot be read or is
+    refused, after emitting that result (a bad input: exit code 2)."""
     try:
-        doc = parse_trial(_read_document(args))
+        return parse_trial(_read_document(args))
     except (OSError, ValueError, ValidationError) as exc:
-        _emit(
-            TrialResult(
-                id="?",
-                status="failed",
-                failed_step="input",
-                error_kind=FailureKind.INVALID_INPUT,
-                error=_input_error(exc)[:2000],
-            ),
-            args,
-        )
+        _emit(TrialResult.rejected(_input_error(exc)), args)
+        return None
+
+
+def _finish(result: TrialResult, args: argparse.Namespace) -> int:
+    _emit(result, args)
+    return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    doc = _read_trial(args)
+    if doc is None:
         return EXIT_BAD_INPUT
     from mergerunner.run import run_trial
 
     with stdout_to_stderr():
         result = run_trial(doc, cache_dir=_cache_dir(args), work_dir=_work_dir(args))
-    _emit(result, args)
-    return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
+    return _finish(result, args)
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
     """The search's preflight (mergerunner.preflight), reported as a trial result."""
-    try:
-        doc = parse_trial(_read_document(args))
-    except (OSError, ValueError, ValidationError) as exc:
-        _emit(
-            TrialResult(
-                id="?",
-                status="failed",
-                failed_step="input",
-                error_kind=FailureKind.INVALID_INPUT,
-                error=_input_error(exc)[:2000],
-            ),
-            args,
-        )
+    doc = _read_trial(args)
+    if doc is None:
         return EXIT_BAD_INPUT
     from mergerunner.preflight import run_preflight
     from mergerunner.run import custom_tasks_dir
 
     with stdout_to_stderr():
         result, _ = run_preflight(doc, cache_dir=_cache_dir(args), custom=custom_tasks_dir(doc))
-    _emit(result, args)
-    return EXIT_OK if result.status == "succeeded" else EXIT_STEP_FAILED
+    return _finish(result, args)
 
 
 def _cmd_evaluator(args: argparse.Namespace) -> int:

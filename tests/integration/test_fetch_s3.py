@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +125,34 @@ def single_uri(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> 
     return f"s3://{bucket}/{base}/single/"
 
 
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A checkpoint as uploaded: its URI, and its objects to change behind the fetcher's back."""
+
+    server: SeaweedS3
+    bucket: str
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def put(self, source: Path, name: str) -> None:
+        self.server.client().upload_file(str(source), self.bucket, f"{self.prefix}/{name}")
+
+    def delete(self, name: str) -> None:
+        self.server.client().delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
+
+
 @pytest.fixture
-def sharded_uri(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> str:
+def sharded(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> RemoteCheckpoint:
     upload_tree(s3_server, bucket, write_sharded(tmp_path / "src-sharded"), f"{base}/sharded")
-    return f"s3://{bucket}/{base}/sharded"
+    return RemoteCheckpoint(s3_server, bucket, f"{base}/sharded")
+
+
+@pytest.fixture
+def sharded_uri(sharded: RemoteCheckpoint) -> str:
+    return sharded.uri
 
 
 @pytest.fixture
@@ -184,20 +209,15 @@ def test_fetch_sharded_checkpoint(sharded_uri: str, config: StorageConfig, tmp_p
 
 
 def test_changed_remote_object_is_fetched_again(
-    s3_server: SeaweedS3,
-    bucket: str,
-    base: str,
-    sharded_uri: str,
-    config: StorageConfig,
-    tmp_path: Path,
+    sharded: RemoteCheckpoint, config: StorageConfig, tmp_path: Path
 ) -> None:
-    first = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    first = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     before = file_identity(first.path)
     replacement = tmp_path / "replacement.safetensors"
     save_file(tensors(99, ["layers.1.weight", "layers.1.bias"]), str(replacement))
-    s3_server.client().upload_file(str(replacement), bucket, f"{base}/sharded/{SHARDS[1]}")
+    sharded.put(replacement, SHARDS[1])
 
-    second = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    second = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     assert second.downloaded == (SHARDS[1],)
     assert_same_tensors(second.path / SHARDS[1], replacement)
     after = file_identity(second.path)
@@ -217,21 +237,15 @@ def test_locally_damaged_copy_is_fetched_again(
 
 
 def test_layout_change_prunes_old_files(
-    s3_server: SeaweedS3,
-    bucket: str,
-    base: str,
-    sharded_uri: str,
-    config: StorageConfig,
-    tmp_path: Path,
+    sharded: RemoteCheckpoint, config: StorageConfig, tmp_path: Path
 ) -> None:
-    first = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    first = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     single = write_single(tmp_path / "now-single", seed=5, pickles=False)
-    client = s3_server.client()
     for name in [*SHARDS, INDEX_FILE]:
-        client.delete_object(Bucket=bucket, Key=f"{base}/sharded/{name}")
-    client.upload_file(str(single / WEIGHTS_FILE), bucket, f"{base}/sharded/{WEIGHTS_FILE}")
+        sharded.delete(name)
+    sharded.put(single / WEIGHTS_FILE, WEIGHTS_FILE)
 
-    second = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    second = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     assert second.path == first.path
     assert second.downloaded == (WEIGHTS_FILE,)
     assert {p.name for p in second.path.iterdir()} == {WEIGHTS_FILE, *AUX_FILES, MANIFEST_NAME}
