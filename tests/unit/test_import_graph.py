@@ -187,6 +187,47 @@ def test_the_runner_never_imports_the_operator_package() -> None:
     assert not wrong
 
 
+# What each part may never import: the modes stay apart (the command line sits above both), and
+# the engine stands on nothing of the modes or the resource.
+NEVER_IMPORTS = {
+    "mergesearch.operator": ("mergesearch.local", "mergesearch.cli"),
+    "mergesearch.local": ("mergesearch.operator", "mergesearch.cli"),
+    "mergesearch.engine": (
+        "mergesearch.operator",
+        "mergesearch.local",
+        "mergesearch.cli",
+        "mergesearch.spec",
+    ),
+}
+# The operator side meets the runner only through the trial contract.
+CONTRACT = ("mergerunner.trial", "mergerunner.contract")
+
+
+@pytest.mark.parametrize("part", sorted(NEVER_IMPORTS))
+def test_the_modes_stay_apart(part: str) -> None:
+    graph = import_graph()
+    wrong = {
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if _within(name, [part])
+        for target in targets
+        if _within(target, NEVER_IMPORTS[part])
+    }
+    assert sorted(wrong) == []
+
+
+@pytest.mark.parametrize(
+    "part",
+    ["mergesearch.operator", "mergesearch.engine", "mergesearch.spec", "mergesearch.crd"],
+)
+def test_the_operator_side_meets_the_runner_only_through_the_contract(part: str) -> None:
+    graph = import_graph()
+    members = [name for name in graph if _within(name, [part])]
+    reached = set().union(*(reachable(graph, name) for name in members))
+    runner = {n for n in reached if _within(n, ["mergerunner"])}
+    assert sorted(runner - set(CONTRACT)) == []
+
+
 @pytest.mark.parametrize("core", PURE_CORE)
 def test_the_pure_core_never_reaches_a_shell(core: str) -> None:
     graph = import_graph()
