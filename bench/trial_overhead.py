@@ -59,7 +59,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -75,10 +74,19 @@ sys.path[:0] = [
 ]
 
 from support.cluster import ApiClient, KubeCluster  # noqa: E402
-from support.net import free_port  # noqa: E402
 from support.nodeagent import NodeAgent  # noqa: E402
-from support.operator_proc import Searches, running_operator  # noqa: E402
+from support.operator_proc import (  # noqa: E402
+    Searches,
+    evaluator_endpoint_env,
+    running_operator,
+)
 from support.s3server import SeaweedS3  # noqa: E402
+from support.search_inputs import (  # noqa: E402
+    STORE_SECRET,
+    create_search_inputs,
+    portable_tasks,
+    upload_checkpoints,
+)
 from support.toypool import cached_pool  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "trial_overhead.json"
@@ -190,16 +198,6 @@ def make_checkpoints(root: Path, shape: Shape, toy: Path) -> list[Path]:
     return dirs
 
 
-def upload(s3: SeaweedS3, bucket: str, dirs: list[Path]) -> dict[str, str]:
-    client = s3.client()
-    uris = {}
-    for path in dirs:
-        for file in sorted(path.iterdir()):
-            client.upload_file(str(file), bucket, f"pool/{path.name}/{file.name}")
-        uris[path.name] = f"s3://{bucket}/pool/{path.name}/"
-    return uris
-
-
 # --------------------------------------------------------------------------- floors
 
 
@@ -212,8 +210,8 @@ def floors(dirs: list[Path], tasks_dir: Path, score: bool = True) -> dict[str, A
 
     from mergerunner.devices import load_placed, model_config, plan_for
     from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
-    from mergerunner.merge import ResidentMerger
     from mergerunner.placement import layout_of_merge
+    from mergerunner.resident_merge import ResidentMerger
     from mergerunner.trial import EvaluatorSpec, TaskSpec
 
     evaluator = EvaluatorSpec.model_validate(EVALUATOR)
@@ -330,7 +328,7 @@ def spec(uris: dict[str, str], s3: SeaweedS3, mode: str, parallelism: int, trial
         "storage": {
             "endpoint": s3.endpoint,
             "region": s3.region,
-            "secretRef": {"name": "store"},
+            "secretRef": {"name": STORE_SECRET},
         },
     }
 
@@ -421,13 +419,8 @@ def searches(
     bracket the warm trials in time). Each holds 8 checkpoints resident: one at a time."""
     node_cache = scratch / "node-cache"
     node_cache.mkdir()
-    key = scratch / "key"
-    key.write_text(uuid.uuid4().hex)
-    port = free_port()
     env = {
-        "MERGESEARCH_EVALUATOR_PORT": str(port),
-        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
-        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key),
+        **evaluator_endpoint_env(scratch / "key"),
         "MERGESEARCH_NODE_CACHE_DIR": str(node_cache),
     }
     machine: Machine = args.machine
@@ -437,24 +430,11 @@ def searches(
         SeaweedS3(scratch / "s3") as s3,
     ):
         bucket = s3.create_bucket()
-        uris = upload(s3, bucket, dirs)
+        uris = upload_checkpoints(s3, bucket, {d.name: d for d in dirs})
         namespace = "overhead"
         cluster.create_namespace(namespace)
         api = cluster.api()
-        api.create(
-            f"/api/v1/namespaces/{namespace}/configmaps",
-            {"metadata": {"name": "toy-tasks"}, "data": tasks},
-        )
-        api.create(
-            f"/api/v1/namespaces/{namespace}/secrets",
-            {
-                "metadata": {"name": "store"},
-                "stringData": {
-                    "AWS_ACCESS_KEY_ID": s3.access_key,
-                    "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                },
-            },
-        )
+        create_search_inputs(api, namespace, s3, tasks)
         made = Searches(cluster, namespace)
         with running_operator(cluster, [namespace], env=env):
             clock = JobClock(api, namespace, agent.workdir)
@@ -517,9 +497,7 @@ def run(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
         dirs = apart(make_checkpoints, scratch / "ckpt", shape, Path(toy))
         checkpoint_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
         generated = time.monotonic() - started
-        from test_operator_search import portable_tasks
-
-        tasks = portable_tasks(pool.tasks_dir, scratch / "tasks", [TASK])
+        tasks = portable_tasks(pool.tasks_dir, [TASK], scratch / "tasks")
         observed = searches(dirs, tasks, scratch, args)
     finally:
         machine.stop.set()

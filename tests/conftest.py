@@ -6,4 +6,5 @@ pytest_plugins = [
     "support.cluster",
     "support.nodeagent",
     "support.prometheus",
+    "support.taskdata",
 ]

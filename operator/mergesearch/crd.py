@@ -1,4 +1,4 @@
-"""The MergeSearch CustomResourceDefinition, generated from the spec model.
+"""The MergeSearch CustomResourceDefinition, generated from the spec and status models.
 
 Generating the openAPI schema from `mergesearch.spec` (rather than writing it by hand) is what
 keeps the API server's validation and the operator's in step: `crds/mergesearch.yaml` and the
@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mergesearch.operator.status import MergeSearchStatus
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
 
 PLURAL = "mergesearches"
@@ -142,9 +143,14 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
-    """One JSON-Schema node → one structural openAPI node."""
-    node = {k: v for k, v in node.items() if k not in _DROP}
+def _structural(node: dict[str, Any], path: str, *, bounded: bool = True) -> dict[str, Any]:
+    """One JSON-Schema node → one structural openAPI node. `bounded` (the spec): strings get
+    a maximum length and maps become free-form objects (what the CEL cost estimator and the
+    spec's validation want); unbounded (the status): maps keep their value type."""
+    drop = _DROP if bounded else _DROP - {"additionalProperties"}
+    node = {k: v for k, v in node.items() if k not in drop}
+    if node.get("additionalProperties") in (True, False):
+        node.pop("additionalProperties")
     nullable = False
     if "anyOf" in node:
         any_of = node.pop("anyOf")
@@ -163,7 +169,9 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
             node["x-kubernetes-preserve-unknown-fields"] = True
         else:
             (only,) = options
-            node = {k: v for k, v in {**only, **node}.items() if k not in _DROP}
+            node = {k: v for k, v in {**only, **node}.items() if k not in drop}
+            if node.get("additionalProperties") in (True, False):
+                node.pop("additionalProperties")
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if node.get("default", 0) is None:
@@ -171,23 +179,28 @@ def _structural(node: dict[str, Any], path: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key == "properties":
-            out[key] = {name: _structural(child, f"{path}.{name}") for name, child in value.items()}
+            out[key] = {
+                name: _structural(child, f"{path}.{name}", bounded=bounded)
+                for name, child in value.items()
+            }
         elif key == "items":
-            out[key] = _structural(value, f"{path}[]")
+            out[key] = _structural(value, f"{path}[]", bounded=bounded)
+        elif key == "additionalProperties":
+            out[key] = _structural(value, f"{path}{{}}", bounded=bounded)
         elif key in {"exclusiveMinimum", "exclusiveMaximum"}:
             # JSON Schema's numeric form → openAPI v3.0's boolean flag beside minimum/maximum.
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
         else:
             out[key] = value
-    if out.get("type") == "object" and "properties" not in out:
+    if out.get("type") == "object" and not ("properties" in out or "additionalProperties" in out):
         out["x-kubernetes-preserve-unknown-fields"] = True
     if nullable:
         out["nullable"] = True
     if path in _MAX_ITEMS:
         out["maxItems"] = _MAX_ITEMS[path]
     leaf = path.rsplit(".", 1)[-1]
-    if out.get("type") == "string" and "enum" not in out:
+    if bounded and out.get("type") == "string" and "enum" not in out:
         out.setdefault("maxLength", _MAX_LENGTH.get(path, _MAX_LENGTH.get(leaf, 4096)))
     if path in _RULES:
         out["x-kubernetes-validations"] = _RULES[path]
@@ -226,49 +239,41 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
-STATUS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "x-kubernetes-preserve-unknown-fields": True,
-    "properties": {
-        "phase": {
-            "type": "string",
-            "enum": ["Pending", "Running", "Suspended", "Succeeded", "Failed"],
-        },
-        "iteration": {"type": "integer"},
-        "observedGeneration": {"type": "integer"},
-        "trials": {
-            "type": "object",
-            "properties": {
-                k: {"type": "integer"}
-                for k in ("total", "running", "succeeded", "failed", "finished")
-            },
-        },
-        "best": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        "bestFitness": {"type": "string", "description": "best.fitness, 4 decimals."},
-        "winner": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        "winnerFitness": {
-            "type": "string",
-            "description": "winner.fitness (on the confirmation examples), 4 decimals.",
-        },
-        "conditions": {
-            "type": "array",
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                    "observedGeneration": {"type": "integer"},
-                },
-            },
-        },
-    },
-}
+def status_schema() -> dict[str, Any]:
+    """The status subresource's schema, from the operator's status model.
+
+    Typed throughout, so the API server checks what the operator writes; the one open part is
+    `optimizer`, the engine's opaque state (a string now, a nested document from earlier
+    operator versions), kept with x-kubernetes-preserve-unknown-fields. Maps (scores,
+    weights) keep their value type (additionalProperties). Nothing is required but a
+    condition's `type` and `status` (the list's map keys): the status is the operator's to
+    write, and a partial document (a merge patch of a few fields) stays valid. No string length
+    bounds either: there are no CEL rules to cost, and the optimizer's state is tens of KB.
+    """
+    raw = MergeSearchStatus.model_json_schema(by_alias=True)
+    resolved = _resolve(raw, raw.get("$defs", {}))
+    return _status_node(_structural(resolved, "status", bounded=False))
+
+
+def _status_node(node: dict[str, Any]) -> dict[str, Any]:
+    """Drop `required` except on the items of a list keyed by map keys (conditions); drop
+    `nullable` and `default` (the operator leaves unset fields out, and the API server must
+    not fill in what it did not write); a model's docstring becomes a one-line description."""
+    out = {k: v for k, v in node.items() if k not in ("required", "nullable", "default")}
+    if "description" in out:
+        out["description"] = " ".join(out["description"].split())
+    for key in ("properties",):
+        if key in out:
+            out[key] = {name: _status_node(child) for name, child in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _status_node(out["additionalProperties"])
+    if "items" in out:
+        items = _status_node(out["items"])
+        if "x-kubernetes-list-map-keys" in out:
+            items["required"] = node["items"]["required"]
+        out["items"] = items
+    return out
+
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -316,7 +321,7 @@ def crd() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
                                 "spec": spec_schema(),
-                                "status": STATUS_SCHEMA,
+                                "status": status_schema(),
                             },
                         }
                     },
@@ -326,7 +331,10 @@ def crd() -> dict[str, Any]:
     }
 
 
-HEADER = "# Generated by `mergesearch crd` from operator/mergesearch/spec.py: do not edit.\n"
+HEADER = (
+    "# Generated by `mergesearch crd` from the spec and status models (mergesearch.spec,\n"
+    "# mergesearch.operator.status): do not edit.\n"
+)
 
 
 class _NoAliases(yaml.SafeDumper):

@@ -64,6 +64,15 @@ def job_pods(cluster: KubeCluster, namespace: str, name: str) -> list[dict[str, 
     return cluster.api().get(f"/api/v1/namespaces/{namespace}/pods", query)["items"]
 
 
+def delete_job(cluster: KubeCluster, namespace: str, name: str, what: str) -> None:
+    """Deletes the Job as kubectl does (its pods in the background) and waits until its pods
+    are gone."""
+    cluster.api().delete(
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", {"propagationPolicy": "Background"}
+    )
+    wait_for(lambda: not job_pods(cluster, namespace, name), timeout_s=JOB_TIMEOUT_S, what=what)
+
+
 def test_rbac_denies_a_service_account_until_a_role_grants(
     k8s_cluster: KubeCluster, namespace: str
 ) -> None:
@@ -165,14 +174,7 @@ def test_job_completes_reports_its_message_and_is_garbage_collected(
     }
     assert "trial finished" in k8s_node_agent.logs(namespace, pod["metadata"]["name"])
 
-    api.delete(
-        f"/apis/batch/v1/namespaces/{namespace}/jobs/ok", {"propagationPolicy": "Background"}
-    )
-    wait_for(
-        lambda: not job_pods(k8s_cluster, namespace, "ok"),
-        timeout_s=JOB_TIMEOUT_S,
-        what="the garbage collector to delete the Job's pod",
-    )
+    delete_job(k8s_cluster, namespace, "ok", "the garbage collector to delete the Job's pod")
 
 
 def test_job_whose_pod_exits_nonzero_fails(
@@ -220,14 +222,7 @@ def test_deleting_a_running_job_kills_its_process(
     ]
     assert process is not None and process.poll() is None
 
-    api.delete(
-        f"/apis/batch/v1/namespaces/{namespace}/jobs/sleeper", {"propagationPolicy": "Background"}
-    )
-    wait_for(
-        lambda: not job_pods(k8s_cluster, namespace, "sleeper"),
-        timeout_s=JOB_TIMEOUT_S,
-        what="the sleeper pod to be deleted",
-    )
+    delete_job(k8s_cluster, namespace, "sleeper", "the sleeper pod to be deleted")
     assert process.poll() is not None
 
 

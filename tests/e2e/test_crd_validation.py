@@ -197,7 +197,7 @@ def test_describe_keeps_the_optimizer_state_to_one_line(
     """`kubectl describe msearch` printed ~150 lines of optimizer internals above the useful
     status; the state is now one string."""
     from mergesearch.engine import EngineConfig, Result, init, pending_candidates, tell
-    from mergesearch.operator.status import build_status
+    from mergesearch.operator.status import MergeSearchStatus, Phase, Reason, build_status
 
     config = EngineConfig(checkpoints=tuple("abcdefghi"), tasks={"t": 1.0}, max_generations=5)
     state = init(config)
@@ -207,9 +207,9 @@ def test_describe_keeps_the_optimizer_state_to_one_line(
             state, [Result(c.id, scores={"t": 0.3 + 0.01 * i}) for i, c in enumerate(batch)]
         )
     status = build_status(
-        state=state, phase="Running", reason="Searching", message="generation 1",
-        previous={}, active=[], now="2025-01-01T00:00:00Z", generation=1,
-    )  # fmt: skip
+        state=state, phase=Phase.RUNNING, reason=Reason.SEARCHING, message="generation 1",
+        previous=MergeSearchStatus(), active=[], now="2025-01-01T00:00:00Z", spec_generation=1,
+    ).to_wire()  # fmt: skip
     assert apply(k8s_cluster, crd_namespace, with_spec("described")).returncode == 0
     path = f"/apis/mergesearch.io/v1alpha1/namespaces/{crd_namespace}/mergesearches/described"
     k8s_cluster.api().merge_patch(f"{path}/status", {"status": status})

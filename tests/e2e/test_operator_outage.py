@@ -12,18 +12,18 @@ Succeeded with its export, by itself.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_operator_search import CHECKPOINTS, HELD_IN, HELD_OUT, portable_tasks, spec, upload_dir
+from test_operator_search import CHECKPOINTS, HELD_IN, HELD_OUT, spec
 
 from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
 from support.operator_proc import Searches, running_operator
 from support.polling import wait_for
 from support.s3server import SeaweedS3
+from support.search_inputs import portable_tasks, search_namespace, upload_checkpoints
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -45,29 +45,11 @@ def test_outages_mid_search_and_during_finalization_cost_nothing(
     k8s_node_agent: NodeAgent,
     store: SeaweedS3,
     toy_pool: Any,
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    tmp = tmp_path_factory.mktemp("outage")
     bucket = store.create_bucket()
-    uris = {n: upload_dir(store, bucket, toy_pool.checkpoints[n], f"pool/{n}") for n in CHECKPOINTS}
-    namespace = f"outage-{uuid.uuid4().hex[:6]}"
-    k8s_cluster.create_namespace(namespace)
-    api = k8s_cluster.api()
-    tasks = portable_tasks(toy_pool.tasks_dir, tmp / "tasks", [*HELD_IN, *HELD_OUT])
-    api.create(
-        f"/api/v1/namespaces/{namespace}/configmaps",
-        {"metadata": {"name": "toy-tasks"}, "data": tasks},
-    )
-    api.create(
-        f"/api/v1/namespaces/{namespace}/secrets",
-        {
-            "metadata": {"name": "toy-store"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": store.access_key,
-                "AWS_SECRET_ACCESS_KEY": store.secret_key,
-            },
-        },
-    )
+    uris = upload_checkpoints(store, bucket, {n: toy_pool.checkpoints[n] for n in CHECKPOINTS})
+    tasks = portable_tasks(toy_pool.tasks_dir, [*HELD_IN, *HELD_OUT])
+    namespace = search_namespace(k8s_cluster, "outage", store, tasks)
     manifest = spec(bucket, uris, storage={"endpoint": store.endpoint, "region": store.region})
     searches = Searches(k8s_cluster, namespace)
     seen: set[str] = set()
@@ -131,6 +113,6 @@ def test_outages_mid_search_and_during_finalization_cost_nothing(
     assert final["output"]["digest"] and set(handed_over["heldOut"]) == set(HELD_OUT)
     assert conditions(final)["StorageUnavailable"]["status"] == "False"
     assert "StorageUnavailable" in seen
-    events = api.get(f"/api/v1/namespaces/{namespace}/events")["items"]
+    events = searches.events()
     reasons = {e["reason"] for e in events if e["involvedObject"].get("kind") == "MergeSearch"}
     assert {"StorageUnavailable", "FinalizationRetried", "Succeeded"} <= reasons

@@ -9,8 +9,6 @@ exported model, scored outside the operator, gives the status's scores.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,29 +19,13 @@ import pytest
 from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
 from support.operator_proc import OperatorProcess, Searches, running_operator
+from support.paper_suite import EVALUATOR, HELD_IN, HELD_OUT, wider, with_chat_template
 from support.s3server import SeaweedS3
+from support.search_inputs import search_namespace, upload_tree
 from support.taskdata import build_bundle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SYSTEM = "You are a careful solver."
-EVALUATOR = {
-    "device": "cpu",
-    "batchSize": 4,
-    "applyChatTemplate": True,
-    "systemInstruction": SYSTEM,
-    "genKwargs": {"max_gen_toks": 4},
-}
-HELD_IN = [
-    {"task": "gsm8k", "metric": "exact_match,strict-match", "limit": 2, "numFewshot": 0},
-    {"task": "mbpp", "metric": "pass_at_1", "limit": 2, "numFewshot": 0},
-    {"task": "leaderboard_musr", "metric": "acc_norm", "limit": 2},
-]
-HELD_OUT = [{"task": "ifeval", "metric": "prompt_level_strict_acc", "limit": 2}]
 CHECKPOINTS = ("base", "sft-rev", "sft-sort")
 
 
@@ -55,43 +37,6 @@ class Setup:
     s3: SeaweedS3
     bucket: str
     bundle: Path
-
-
-def upload_tree(s3: SeaweedS3, bucket: str, source: Path, prefix: str) -> str:
-    client = s3.client()
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(source).as_posix()}")
-    return f"s3://{bucket}/{prefix}/"
-
-
-def with_chat_template(source: Path, out: Path) -> Path:
-    shutil.copytree(source, out)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config["chat_template"] = TEMPLATE
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return out
-
-
-def wider(source: Path, out: Path) -> Path:
-    """A copy whose embedding has one more row, written sparse: only its header is real."""
-    raw = (source / "model.safetensors").read_bytes()
-    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.safetensors"))
-    offset = 0
-    for name in sorted(k for k in header if k != "__metadata__"):
-        shape = list(header[name]["shape"])
-        if name.endswith("embed_tokens.weight"):
-            shape[0] += 1
-        size = 4
-        for d in shape:
-            size *= d
-        header[name].update(shape=shape, dtype="F32", data_offsets=[offset, offset + size])
-        offset += size
-    text = json.dumps(header).encode()
-    with (out / "model.safetensors").open("wb") as handle:
-        handle.write(len(text).to_bytes(8, "little") + text)
-        handle.truncate(8 + len(text) + offset)
-    return out
 
 
 def spec(setup_uris: dict[str, str], bundle: str, bucket: str, **objective: Any) -> dict:
@@ -132,20 +77,8 @@ def setup(
     bundle = build_bundle(tmp / "bundle", tmp / "scratch")
     bundle_uri = upload_tree(s3_server, bucket, bundle, "bundles/paper")
 
-    namespace = f"paper-{uuid.uuid4().hex[:6]}"
-    k8s_cluster.create_namespace(namespace)
-    k8s_cluster.api().create(
-        f"/api/v1/namespaces/{namespace}/secrets",
-        {
-            "metadata": {"name": "toy-store"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-                "AWS_ENDPOINT_URL": s3_server.endpoint,
-                "AWS_REGION": s3_server.region,
-            },
-        },
-    )
+    storage = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_REGION": s3_server.region}
+    namespace = search_namespace(k8s_cluster, "paper", s3_server, secret_extra=storage)
     good = spec(uris, bundle_uri, bucket)
     musr = HELD_IN[2]
     manifests = {

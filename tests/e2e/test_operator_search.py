@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,12 @@ from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
 from support.operator_proc import OperatorProcess, Searches, running_operator
 from support.s3server import SeaweedS3
+from support.search_inputs import (
+    portable_tasks,
+    search_namespace,
+    upload_checkpoints,
+    upload_tree,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -41,28 +46,6 @@ class Setup:
     s3: SeaweedS3
     bucket: str
     tasks_dir: Path  # the ConfigMap's content, as the pods see it
-
-
-def portable_tasks(pool_tasks: Path, out: Path, names: list[str]) -> dict[str, str]:
-    """The pool's task YAMLs with `data_files` made relative (resolved beside the YAML by the
-    runner), and their JSONL files: the content of the custom-task ConfigMap."""
-    out.mkdir(parents=True, exist_ok=True)
-    data: dict[str, str] = {}
-    for name in names:
-        jsonl = pool_tasks / f"{name}.jsonl"
-        text = (pool_tasks / f"{name}.yaml").read_text().replace(str(jsonl), jsonl.name)
-        assert jsonl.name in text and str(pool_tasks) not in text
-        data[f"{name}.yaml"], data[jsonl.name] = text, jsonl.read_text()
-    for key, value in data.items():
-        (out / key).write_text(value)
-    return data
-
-
-def upload_dir(s3: SeaweedS3, bucket: str, source: Path, prefix: str) -> str:
-    client = s3.client()
-    for path in sorted(source.iterdir()):
-        client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
-    return f"s3://{bucket}/{prefix}/"
 
 
 def narrow_checkpoint(source: Path, out: Path) -> Path:
@@ -113,30 +96,11 @@ def setup(
 ) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("opsearch")
     bucket = s3_server.create_bucket()
-    uris = {
-        n: upload_dir(s3_server, bucket, toy_pool.checkpoints[n], f"pool/{n}") for n in CHECKPOINTS
-    }
+    uris = upload_checkpoints(s3_server, bucket, {n: toy_pool.checkpoints[n] for n in CHECKPOINTS})
     narrow = narrow_checkpoint(toy_pool.checkpoints["sft-rev"], tmp / "narrow")
-    uris["narrow"] = upload_dir(s3_server, bucket, narrow, "pool/narrow")
-
-    namespace = f"search-{uuid.uuid4().hex[:6]}"
-    k8s_cluster.create_namespace(namespace)
-    api = k8s_cluster.api()
-    tasks = portable_tasks(toy_pool.tasks_dir, tmp / "tasks", [*HELD_IN, *HELD_OUT])
-    api.create(
-        f"/api/v1/namespaces/{namespace}/configmaps",
-        {"metadata": {"name": "toy-tasks"}, "data": tasks},
-    )
-    api.create(
-        f"/api/v1/namespaces/{namespace}/secrets",
-        {
-            "metadata": {"name": "toy-store"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-            },
-        },
-    )
+    uris["narrow"] = upload_tree(s3_server, bucket, narrow, "pool/narrow")
+    tasks = portable_tasks(toy_pool.tasks_dir, [*HELD_IN, *HELD_OUT], tmp / "tasks")
+    namespace = search_namespace(k8s_cluster, "search", s3_server, tasks)
     good = {n: uris[n] for n in CHECKPOINTS}
     storage = {"storage": {"endpoint": s3_server.endpoint, "region": s3_server.region}}
     manifests = {
@@ -218,7 +182,7 @@ def score_exported(setup: Setup, into: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergerunner.evaluate import TaskSuite, make_lm
-    from mergerunner.trial import EvaluatorSpec, TaskSpec, fitness_of
+    from mergerunner.trial import EvaluatorSpec, TaskSpec, fitness_of, held_in_weights
 
     client = setup.s3.client()
     listing = client.list_objects_v2(Bucket=setup.bucket, Prefix="merged/good/")
@@ -238,7 +202,7 @@ def score_exported(setup: Setup, into: Path) -> dict[str, Any]:
     return {
         "held_in": suite_in,
         "held_out": suite_out,
-        "fitness": fitness_of(suite_in, held_in),
+        "fitness": fitness_of(suite_in, held_in_weights(held_in)),
         "confirmation": unseen.score(lm),
     }
 

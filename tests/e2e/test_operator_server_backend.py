@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
 from support.operator_proc import Searches, running_operator
 from support.s3server import SeaweedS3
+from support.search_inputs import portable_tasks, search_namespace, upload_checkpoints
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,35 +48,9 @@ def test_a_search_scores_every_trial_through_a_server(
     from support.net import free_port
 
     bucket = s3_server.create_bucket()
-    client = s3_server.client()
-    uris = {}
-    for name in CHECKPOINTS:
-        for file in sorted(Path(toy_pool.checkpoints[name]).iterdir()):
-            client.upload_file(str(file), bucket, f"pool/{name}/{file.name}")
-        uris[name] = f"s3://{bucket}/pool/{name}/"
-    jsonl = toy_pool.tasks_dir / f"{TASK}.jsonl"
-    task_yaml = (toy_pool.tasks_dir / f"{TASK}.yaml").read_text().replace(str(jsonl), jsonl.name)
-
-    namespace = f"served-{uuid.uuid4().hex[:6]}"
-    k8s_cluster.create_namespace(namespace)
-    api = k8s_cluster.api()
-    api.create(
-        f"/api/v1/namespaces/{namespace}/configmaps",
-        {
-            "metadata": {"name": "toy-tasks"},
-            "data": {f"{TASK}.yaml": task_yaml, jsonl.name: jsonl.read_text()},
-        },
-    )
-    api.create(
-        f"/api/v1/namespaces/{namespace}/secrets",
-        {
-            "metadata": {"name": "toy-store"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-            },
-        },
-    )
+    uris = upload_checkpoints(s3_server, bucket, {n: toy_pool.checkpoints[n] for n in CHECKPOINTS})
+    tasks = portable_tasks(toy_pool.tasks_dir, [TASK])
+    namespace = search_namespace(k8s_cluster, "served", s3_server, tasks)
     server = {"command": _serve_command(), "port": free_port(), "readyTimeoutSeconds": 300}
     evaluator = {"backend": "openai", "device": "cpu", "seed": 1234, "server": server}
     spec = {

@@ -344,7 +344,7 @@ def trial_job(setup: Setup, namespace: str, **pod_changes: Any) -> dict[str, Any
     name = jobspec.job_name(owner, "g000-c00")
     doc = jobspec.trial_document(spec, name, {"a": 0.2, "b": 0.3, "c": 0.5}, settings)
     job = jobspec.build_job(
-        owner, spec, candidate_id="g000-c00", generation=0, document=doc, settings=settings
+        owner, spec, candidate_id="g000-c00", cma_generation=0, document=doc, settings=settings
     )
     pod = job["spec"]["template"]["spec"]
     for key, value in pod_changes.items():

@@ -30,10 +30,15 @@ from test_operator_lifecycle import (
 )
 
 from support.cluster import KubeCluster
-from support.net import free_port
 from support.nodeagent import NodeAgent
-from support.operator_proc import OperatorFactory, Searches, operator_factory
+from support.operator_proc import (
+    OperatorFactory,
+    Searches,
+    evaluator_endpoint_env,
+    operator_factory,
+)
 from support.polling import wait_for
+from support.search_inputs import create_search_inputs, portable_tasks, upload_checkpoints
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 __all__ = ["operator_factory"]
@@ -45,13 +50,8 @@ PARALLELISM = 2  # evaluators; the session's node agent runs 4 pods at a time
 @pytest.fixture
 def warm_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """The operator's environment for serving evaluators on a free loopback port."""
-    port = free_port()
-    key = tmp_path / "evaluator-key"
-    key.write_text(os.urandom(16).hex())
     yield {
-        "MERGESEARCH_EVALUATOR_PORT": str(port),
-        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
-        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key),
+        **evaluator_endpoint_env(tmp_path / "evaluator-key"),
         "MERGESEARCH_EVALUATOR_COMMAND": f"{sys.executable} {SLOW_EVALUATOR} 0.4",
     }
 
@@ -204,41 +204,20 @@ def test_a_real_warm_search_over_s3_equals_the_one_job_search(
     """The real runner: toy checkpoints fetched from the S3 server with the Secret's
     credentials, tasks from a ConfigMap, lm-eval scoring. The same spec and seed as one Job per
     trial and on warm evaluators (with a node cache): the same trials, scores and best."""
-    from test_operator_search import portable_tasks, upload_dir
-
-    port = free_port()
-    key = tmp_path / "key"
-    key.write_text(os.urandom(16).hex())
     (tmp_path / "node-cache").mkdir()
     env = {
-        "MERGESEARCH_EVALUATOR_PORT": str(port),
-        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
-        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key),
+        **evaluator_endpoint_env(tmp_path / "key"),
         "MERGESEARCH_NODE_CACHE_DIR": str(tmp_path / "node-cache"),
     }
     bucket = s3_server.create_bucket()
     names = list(toy_pool.checkpoints)[:3]
-    uris = {n: upload_dir(s3_server, bucket, toy_pool.checkpoints[n], f"pool/{n}") for n in names}
+    uris = upload_checkpoints(s3_server, bucket, {n: toy_pool.checkpoints[n] for n in names})
     task, metric = next(iter(toy_pool.heldin.items()))
-    tasks = portable_tasks(toy_pool.tasks_dir, tmp_path / "tasks", [task])
+    tasks = portable_tasks(toy_pool.tasks_dir, [task])
     runs: dict[str, Searches] = {}
     for mode in ("jobs", "warm"):
         namespace = new_namespace(k8s_cluster, f"real{mode}")
-        api = k8s_cluster.api()
-        api.create(
-            f"/api/v1/namespaces/{namespace}/configmaps",
-            {"metadata": {"name": "toy-tasks"}, "data": tasks},
-        )
-        api.create(
-            f"/api/v1/namespaces/{namespace}/secrets",
-            {
-                "metadata": {"name": "toy-store"},
-                "stringData": {
-                    "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                    "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-                },
-            },
-        )
+        create_search_inputs(k8s_cluster.api(), namespace, s3_server, tasks)
         runs[mode] = Searches(k8s_cluster, namespace)
     operator_factory([runs["jobs"].namespace, runs["warm"].namespace], env=env)
     for mode, searches in runs.items():

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.runner_process import run_runner, task_specs, toy_trial
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,26 +68,14 @@ def test_probe_length_is_capped(toy_pool: Any) -> None:
 
 
 def test_runner_stdout_is_one_json_document_with_auto(toy_pool: Any, tmp_path: Path) -> None:
-    names = list(toy_pool.checkpoints)
-    doc = {
-        "apiVersion": "mergerunner.mergesearch.io/v2",
-        "id": "t",
-        "checkpoints": [{"name": n, "uri": str(p)} for n, p in toy_pool.checkpoints.items()],
-        "weights": {n: 1 / len(names) for n in names},
-        "dtype": "float32",
-        "heldIn": [{"task": t, "metric": m, "limit": 4} for t, m in toy_pool.heldin.items()],
-        "heldOut": [{"task": t, "metric": m, "limit": 4} for t, m in toy_pool.heldout.items()],
-        "customTasksDir": str(toy_pool.tasks_dir),
-        "evaluator": {"batchSize": "auto", "device": "cpu"},
-    }
-    (tmp_path / "trial.json").write_text(json.dumps(doc))
-    command = [sys.executable, "-m", "mergerunner", "run", "--trial", str(tmp_path / "trial.json")]
-    proc = subprocess.run(
-        [*command, "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
+    doc = toy_trial(
+        toy_pool,
+        dtype="float32",
+        heldIn=task_specs(toy_pool.heldin, 4),
+        heldOut=task_specs(toy_pool.heldout, 4),
+        evaluator={"batchSize": "auto", "device": "cpu"},
     )
+    proc = run_runner(doc, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # the whole of stdout: one document, nothing else
     assert result["status"] == "succeeded"

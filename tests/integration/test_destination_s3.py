@@ -14,12 +14,7 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture(scope="module")
 def config(s3_server: Any) -> StorageConfig:
-    return StorageConfig(
-        endpoint=s3_server.endpoint,
-        region=s3_server.region,
-        access_key_id=s3_server.access_key,
-        secret_access_key=s3_server.secret_key,
-    )
+    return s3_server.storage_config()
 
 
 def test_remote_destinations(s3_server: Any, config: StorageConfig) -> None:

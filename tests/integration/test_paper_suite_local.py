@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,28 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
+from support.paper_suite import EVALUATOR, HELD_IN, HELD_OUT, SYSTEM, with_chat_template
 from support.taskdata import build_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SYSTEM = "You are a careful solver."
-EVALUATOR = {
-    "device": "cpu",
-    "batchSize": 4,
-    "applyChatTemplate": True,
-    "systemInstruction": SYSTEM,
-    "genKwargs": {"max_gen_toks": 4},
-}
-HELD_IN = [
-    {"task": "gsm8k", "metric": "exact_match,strict-match", "limit": 2, "numFewshot": 0},
-    {"task": "mbpp", "metric": "pass_at_1", "limit": 2, "numFewshot": 0},
-    {"task": "leaderboard_musr", "metric": "acc_norm", "limit": 2},
-]
-HELD_OUT = [{"task": "ifeval", "metric": "prompt_level_strict_acc", "limit": 2}]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
@@ -49,12 +31,7 @@ def setup(toy_pool: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     bundle = build_bundle(tmp / "bundle", tmp / "scratch")
     checkpoints = {}
     for name, path in toy_pool.checkpoints.items():
-        target = tmp / "pool" / name
-        shutil.copytree(path, target)
-        config = json.loads((target / "tokenizer_config.json").read_text())
-        config["chat_template"] = TEMPLATE  # instruct checkpoints carry one
-        (target / "tokenizer_config.json").write_text(json.dumps(config))
-        checkpoints[name] = target
+        checkpoints[name] = with_chat_template(path, tmp / "pool" / name)
     return {"tmp": tmp, "bundle": bundle, "checkpoints": checkpoints}
 
 

@@ -6,31 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.paper_suite import wider
+from support.search_inputs import upload_checkpoints, upload_tree
 from support.taskdata import build_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ENV_KEYS = ("HF_HOME", "HF_DATASETS_CACHE", "NLTK_DATA", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-
-
-@pytest.fixture(scope="module")
-def restored_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ENV_KEYS:
-            if key in os.environ:
-                patch.setenv(key, os.environ[key])
-            else:
-                patch.delenv(key, raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -39,39 +26,12 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, restored_env: None) -> Path
     return build_bundle(scratch / "paper", scratch, ("gsm8k", "mbpp", "leaderboard_musr"))
 
 
-def wider(source: Path, target: Path) -> Path:
-    """A copy of `source` whose embedding is one row longer: the header says so, and the file
-    is sparse (its weights were never written), so only a header reader can get through it."""
-    header_len = int.from_bytes((source / "model.safetensors").read_bytes()[:8], "little")
-    header = json.loads((source / "model.safetensors").read_bytes()[8 : 8 + header_len])
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors"))
-    offset = 0
-    for name in sorted(k for k in header if k != "__metadata__"):
-        entry = header[name]
-        shape = list(entry["shape"])
-        if name.endswith("embed_tokens.weight"):
-            shape[0] += 1
-        size = 4
-        for d in shape:
-            size *= d
-        entry.update(shape=shape, dtype="F32", data_offsets=[offset, offset + size])
-        offset += size
-    raw = json.dumps(header).encode()
-    with (target / "model.safetensors").open("wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little") + raw)
-        handle.truncate(8 + len(raw) + offset)
-    return target
-
-
 @pytest.fixture(scope="module")
 def bucket(s3_server: Any, toy_pool: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     name = s3_server.create_bucket()
-    client = s3_server.client()
     first = Path(next(iter(toy_pool.checkpoints.values())))
     odd = wider(first, tmp_path_factory.mktemp("odd") / "odd")
-    for ckpt, path in [*toy_pool.checkpoints.items(), ("odd", odd)]:
-        for file in Path(path).iterdir():
-            client.upload_file(str(file), name, f"pool/{ckpt}/{file.name}")
+    upload_checkpoints(s3_server, name, {**toy_pool.checkpoints, "odd": odd})
     return name
 
 
@@ -223,10 +183,7 @@ def test_a_trial_reads_the_bundle_from_s3_and_reports_group_members(
     from mergerunner.fetch import fetch_tree
     from mergerunner.run import run_trial
 
-    client = s3_server.client()
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
-        client.upload_file(str(path), bucket, f"bundle/{path.relative_to(bundle).as_posix()}")
-    uri = f"s3://{bucket}/bundle/"
+    uri = upload_tree(s3_server, bucket, bundle, "bundle")
     trial = doc(
         toy_pool,
         bucket,

@@ -7,15 +7,12 @@ The task definitions are lm-eval's installed YAMLs and Python; only the rows are
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.paper_suite import SYSTEM, with_chat_template
 from support.taskdata import (
     GSM8K,
     PAPER_TASKS,
@@ -25,25 +22,6 @@ from support.taskdata import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ENV_KEYS = ("HF_HOME", "HF_DATASETS_CACHE", "NLTK_DATA", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SYSTEM = "You are a careful solver."
-
-
-@pytest.fixture(scope="module")
-def restored_env() -> Iterator[None]:
-    """Activating a bundle points this process's HF/NLTK variables at it; put them back."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ENV_KEYS:
-            if key in os.environ:
-                patch.setenv(key, os.environ[key])
-            else:
-                patch.delenv(key, raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +56,7 @@ def bundle(
 def chat_checkpoint(toy_pool: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy checkpoint whose tokenizer carries a chat template, as instruct models' do."""
     target = tmp_path_factory.mktemp("chat") / "base"
-    shutil.copytree(next(iter(toy_pool.checkpoints.values())), target)
-    config_path = target / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = TEMPLATE
-    config_path.write_text(json.dumps(config))
-    return target
+    return with_chat_template(next(iter(toy_pool.checkpoints.values())), target)
 
 
 def specs(limit: int = 3) -> list[Any]:

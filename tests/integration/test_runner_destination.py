@@ -4,38 +4,24 @@ merges anything."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.runner_process import run_runner, task_specs, toy_trial
+
 pytestmark = [pytest.mark.integration]
 
 
 def document(toy_pool: Any, **changes: Any) -> dict[str, Any]:
-    names = list(toy_pool.checkpoints)
-    doc = {
-        "apiVersion": "mergerunner.mergesearch.io/v2",
-        "id": "final",
-        "checkpoints": [{"name": n, "uri": str(p)} for n, p in toy_pool.checkpoints.items()],
-        "weights": {n: 1 / len(names) for n in names},
-        "heldIn": [{"task": t, "metric": m, "limit": 2} for t, m in toy_pool.heldin.items()],
-        "customTasksDir": str(toy_pool.tasks_dir),
-    }
-    return doc | changes
+    return toy_trial(
+        toy_pool, **{"id": "final", "heldIn": task_specs(toy_pool.heldin, 2), **changes}
+    )
 
 
 def run(doc: dict[str, Any], tmp_path: Path) -> tuple[int, dict[str, Any]]:
-    (tmp_path / "trial.json").write_text(json.dumps(doc))
-    command = [sys.executable, "-m", "mergerunner", "run", "--trial", str(tmp_path / "trial.json")]
-    proc = subprocess.run(
-        [*command, "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = run_runner(doc, tmp_path)
     return proc.returncode, json.loads(proc.stdout)
 
 

@@ -7,13 +7,13 @@ document from a file, the result on stdout, in the result file and in the termin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.runner_process import run_runner, task_specs, toy_trial
+from support.search_inputs import upload_checkpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,28 +23,23 @@ LIMIT = 12
 @pytest.fixture(scope="module")
 def bucket(s3_server: Any, toy_pool: Any) -> str:
     name = s3_server.create_bucket()
-    client = s3_server.client()
-    for ckpt, path in toy_pool.checkpoints.items():
-        for file in Path(path).iterdir():
-            client.upload_file(str(file), name, f"pool/{ckpt}/{file.name}")
+    upload_checkpoints(s3_server, name, toy_pool.checkpoints)
     return name
 
 
 def trial(toy_pool: Any, bucket: str, **changes: Any) -> dict[str, Any]:
     names = list(toy_pool.checkpoints)
-    weights = {n: round(1 / len(names), 6) for n in names}
-    doc: dict[str, Any] = {
-        "apiVersion": "mergerunner.mergesearch.io/v2",
-        "id": "t-g000-c00",
-        "checkpoints": [{"name": n, "uri": f"s3://{bucket}/pool/{n}/"} for n in names],
-        "weights": weights,
-        "dtype": "float32",
-        "heldIn": [{"task": t, "metric": m, "limit": LIMIT} for t, m in toy_pool.heldin.items()],
-        "heldOut": [{"task": t, "metric": m, "limit": LIMIT} for t, m in toy_pool.heldout.items()],
-        "customTasksDir": str(toy_pool.tasks_dir),
-        "evaluator": {"batchSize": 32, "device": "cpu"},
-        "output": {"uri": f"s3://{bucket}/merged/t-g000-c00/", "saveModel": True},
-    }
+    doc = toy_trial(
+        toy_pool,
+        id="t-g000-c00",
+        checkpoints=[{"name": n, "uri": f"s3://{bucket}/pool/{n}/"} for n in names],
+        weights={n: round(1 / len(names), 6) for n in names},
+        dtype="float32",
+        heldIn=task_specs(toy_pool.heldin, LIMIT),
+        heldOut=task_specs(toy_pool.heldout, LIMIT),
+        evaluator={"batchSize": 32, "device": "cpu"},
+        output={"uri": f"s3://{bucket}/merged/t-g000-c00/", "saveModel": True},
+    )
     doc.update(changes)
     return doc
 
@@ -52,18 +47,12 @@ def trial(toy_pool: Any, bucket: str, **changes: Any) -> dict[str, Any]:
 def run_trial(
     tmp: Path, doc: dict[str, Any], env: dict[str, str]
 ) -> tuple[int, dict[str, Any], Path]:
-    (tmp / "trial.json").write_text(json.dumps(doc))
     term = tmp / "termination-log"
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "mergerunner", "run", "--trial", str(tmp / "trial.json")),
-            *("--result", str(tmp / "result.json"), "--termination-log", str(term)),
-            *("--cache-dir", str(tmp / "cache"), "--work-dir", str(tmp)),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env},
-        check=False,
+    proc = run_runner(
+        doc,
+        tmp,
+        *("--result", str(tmp / "result.json"), "--termination-log", str(term)),
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env},
     )
     assert proc.returncode >= 0, f"killed by signal {-proc.returncode}:\n{proc.stderr[-3000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,12 +4,12 @@ exported model give the same scores and the same digest for the same weights, in
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.runner_process import run_runner, task_specs, toy_trial
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,7 +18,7 @@ WEIGHTS = [0.1, 0.45, 0.2, 0.25]
 
 
 def specs(tasks: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"task": t, "metric": m, "limit": LIMIT} for t, m in tasks.items()]
+    return task_specs(tasks, LIMIT)
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +54,16 @@ def test_local_runner_and_export_agree(
     assert local.status == "succeeded", local.error
 
     out = tmp_path / "exported"
-    doc = {
-        "apiVersion": "mergerunner.mergesearch.io/v2",
-        "id": "t",
-        "checkpoints": [{"name": n, "uri": str(p)} for n, p in toy_pool.checkpoints.items()],
-        "weights": weights,
-        "dtype": dtype,
-        "heldIn": specs(toy_pool.heldin),
-        "heldOut": specs(toy_pool.heldout),
-        "customTasksDir": str(toy_pool.tasks_dir),
-        "evaluator": {"batchSize": 32, "device": "cpu"},
-        "output": {"uri": str(out), "saveModel": True},
-    }
-    (tmp_path / "trial.json").write_text(json.dumps(doc))
-    command = [sys.executable, "-m", "mergerunner", "run", "--trial", str(tmp_path / "trial.json")]
-    proc = subprocess.run(
-        [*command, "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
+    doc = toy_trial(
+        toy_pool,
+        weights=weights,
+        dtype=dtype,
+        heldIn=specs(toy_pool.heldin),
+        heldOut=specs(toy_pool.heldout),
+        evaluator={"batchSize": 32, "device": "cpu"},
+        output={"uri": str(out), "saveModel": True},
     )
+    proc = run_runner(doc, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pod = json.loads(proc.stdout)
 

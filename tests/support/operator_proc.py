@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from support.cluster import ApiError, KubeCluster
+from support.net import free_port
 from support.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +72,18 @@ def operator_kubeconfig(
         rbac.cluster_role_binding(account, namespace),
     )
     return cluster.service_account_kubeconfig(namespace, account)
+
+
+def evaluator_endpoint_env(key_file: Path) -> dict[str, str]:
+    """The operator's environment for serving warm-mode evaluators on a free loopback port,
+    with a fresh random key written to `key_file`."""
+    port = free_port()
+    key_file.write_text(os.urandom(16).hex())
+    return {
+        "MERGESEARCH_EVALUATOR_PORT": str(port),
+        "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
+        "MERGESEARCH_EVALUATOR_KEY_FILE": str(key_file),
+    }
 
 
 def process_cpu_seconds(pid: int) -> float:

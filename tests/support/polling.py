@@ -18,13 +18,17 @@ def wait_for(
     what: str = "",
     *,
     interval_s: float = 0.25,
+    failure: Callable[[], Exception] | None = None,
 ) -> Any:
-    """Polls until `condition()` returns something truthy, and returns that value; raises
-    TimeoutError naming `what` once `timeout_s` has passed."""
+    """Polls until `condition()` returns something truthy, and returns that value. Once
+    `timeout_s` has passed it raises `failure()` (made then, so that it can carry a server's
+    log as it is at that moment), by default a TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(interval_s)
+    if failure is not None:
+        raise failure()
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what or condition}")

@@ -101,12 +101,10 @@ class Prometheus:
             except OSError:
                 return False
 
-        try:
-            wait_for(ready, timeout_s, "prometheus", interval_s=0.2)
-        except TimeoutError:
-            raise TimeoutError(
-                f"prometheus not ready after {timeout_s} s:\n{self.log_tail()}"
-            ) from None
+        def not_ready() -> Exception:
+            return TimeoutError(f"prometheus not ready after {timeout_s} s:\n{self.log_tail()}")
+
+        wait_for(ready, timeout_s, "prometheus", interval_s=0.2, failure=not_ready)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""

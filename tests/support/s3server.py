@@ -220,12 +220,10 @@ class SeaweedS3:
                 raise S3ServerError(f"weed exited with {process.returncode}\n{self.log()}")
             return s3_answers(self.endpoint) and self._bucket_api_ready()
 
-        try:
-            wait_for(ready, START_TIMEOUT_S, "weed", interval_s=0.1)
-        except TimeoutError:
-            raise S3ServerError(
-                f"weed not ready after {START_TIMEOUT_S:.0f}s\n{self.log()}"
-            ) from None
+        def not_ready() -> Exception:
+            return S3ServerError(f"weed not ready after {START_TIMEOUT_S:.0f}s\n{self.log()}")
+
+        wait_for(ready, START_TIMEOUT_S, "weed", interval_s=0.1, failure=not_ready)
 
     def _bucket_api_ready(self) -> bool:
         """The gateway answers before the filer behind it can serve; a signed listing cannot."""
@@ -265,6 +263,18 @@ class SeaweedS3:
             aws_secret_access_key=secret_key or self.secret_key,
             region_name=self.region,
             config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=30),
+        )
+
+    def storage_config(self, endpoint: str | None = None) -> Any:
+        """The runner's StorageConfig for this server (its keys and region), as a pod's
+        credentials would give it; `endpoint` stands in for the server's own (a proxy, say)."""
+        from mergerunner.storage import StorageConfig
+
+        return StorageConfig(
+            endpoint=endpoint or self.endpoint,
+            region=self.region,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
         )
 
     def create_bucket(self, name: str | None = None) -> str:

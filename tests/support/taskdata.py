@@ -11,15 +11,37 @@ lm-eval's task YAMLs are used as installed, never copied.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 GSM8K = "openai/gsm8k"
 MBPP = "google-research-datasets/mbpp"
 IFEVAL = "google/IFEval"
 MUSR = "TAUR-Lab/MuSR"
 PAPER_TASKS = ("gsm8k", "mbpp", "ifeval", "leaderboard_musr")
+BUNDLE_ENV_KEYS = (
+    "HF_HOME",
+    "HF_DATASETS_CACHE",
+    "NLTK_DATA",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+)
+
+
+@pytest.fixture(scope="module")
+def restored_env() -> Iterator[None]:
+    """Activating a bundle points this process's HF/NLTK variables at it; put them back."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in BUNDLE_ENV_KEYS:
+            if key in os.environ:
+                patch.setenv(key, os.environ[key])
+            else:
+                patch.delenv(key, raising=False)
+        yield
 
 
 def _write(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mergerunner.checkpoint import (
     HEAD_NAME,
@@ -17,6 +16,7 @@ from mergerunner.checkpoint import (
     read_safetensors_header,
     validate_checkpoints,
 )
+from support.checkpoint_files import write_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -29,34 +29,9 @@ def _tensors(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, to
     return {n: torch.randn(s, generator=gen).to(dtype) for n, s in shapes.items()}
 
 
-def _write(
-    path: Path,
-    tensors: dict[str, torch.Tensor],
-    *,
-    shards: int = 1,
-    config: dict | None = None,
-) -> Path:
-    path.mkdir(parents=True)
-    if shards == 1:
-        save_file(tensors, str(path / "model.safetensors"))
-    else:
-        names = sorted(tensors)
-        weight_map = {}
-        for i in range(shards):
-            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: tensors[n] for n in names[i::shards]}
-            save_file(part, str(path / file))
-            weight_map.update(dict.fromkeys(part, file))
-        index = {"metadata": {}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    if config is not None:
-        (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
 def test_layout_offsets_locate_each_tensors_bytes(tmp_path: Path) -> None:
     tensors = _tensors(torch.float16)
-    layout = read_layout(_write(tmp_path / "a", tensors))
+    layout = read_layout(write_checkpoint(tmp_path / "a", tensors))
     data = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert set(layout.tensors) == set(tensors)
     for name, tensor in tensors.items():
@@ -69,21 +44,21 @@ def test_layout_offsets_locate_each_tensors_bytes(tmp_path: Path) -> None:
 
 def test_sharded_layout_maps_each_tensor_to_its_shard(tmp_path: Path) -> None:
     tensors = _tensors()
-    layout = read_layout(_write(tmp_path / "a", tensors, shards=2))
+    layout = read_layout(write_checkpoint(tmp_path / "a", tensors, shards=2))
     files = {info.file.name for info in layout.tensors.values()}
     assert set(layout.tensors) == set(tensors)
     assert files == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
 
 
 def test_missing_shard_is_reported_with_its_file(tmp_path: Path) -> None:
-    path = _write(tmp_path / "a", _tensors(), shards=2)
+    path = write_checkpoint(tmp_path / "a", _tensors(), shards=2)
     (path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: file not found"):
         read_layout(path)
 
 
 def test_index_and_shard_disagreeing_is_an_error(tmp_path: Path) -> None:
-    path = _write(tmp_path / "a", _tensors(), shards=2)
+    path = write_checkpoint(tmp_path / "a", _tensors(), shards=2)
     index = json.loads((path / "model.safetensors.index.json").read_text())
     index["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -114,7 +89,7 @@ def test_missing_directory_is_an_error(tmp_path: Path) -> None:
 
 
 def test_truncated_file_fails_at_header_time(tmp_path: Path) -> None:
-    path = _write(tmp_path / "a", _tensors())
+    path = write_checkpoint(tmp_path / "a", _tensors())
     file = path / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -129,8 +104,8 @@ def test_garbage_header_is_an_error(tmp_path: Path) -> None:
 
 
 def test_matching_checkpoints_plan_every_tensor_in_name_order(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a", _tensors(seed=0))
-    b = _write(tmp_path / "b", _tensors(seed=1), shards=2)
+    a = write_checkpoint(tmp_path / "a", _tensors(seed=0))
+    b = write_checkpoint(tmp_path / "b", _tensors(seed=1), shards=2)
     plan = validate_checkpoints([a, b])
     assert plan.names == tuple(sorted(_tensors()))
     assert all(len(t.sources) == 2 for t in plan.tensors)
@@ -139,38 +114,42 @@ def test_matching_checkpoints_plan_every_tensor_in_name_order(tmp_path: Path) ->
 
 def test_missing_tensor_names_tensor_and_checkpoint(tmp_path: Path) -> None:
     full = _tensors()
-    a = _write(tmp_path / "a", full)
-    b = _write(tmp_path / "b", {k: v for k, v in full.items() if k != "model.norm.weight"})
+    a = write_checkpoint(tmp_path / "a", full)
+    b = write_checkpoint(
+        tmp_path / "b", {k: v for k, v in full.items() if k != "model.norm.weight"}
+    )
     with pytest.raises(CheckpointMismatch, match=rf"'model.norm.weight' is missing from .*{b}"):
         validate_checkpoints([a, b])
 
 
 def test_extra_tensor_names_tensor_and_checkpoint(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a", _tensors())
-    b = _write(tmp_path / "b", {**_tensors(), "extra.bias": torch.zeros(3, dtype=torch.bfloat16)})
+    a = write_checkpoint(tmp_path / "a", _tensors())
+    b = write_checkpoint(
+        tmp_path / "b", {**_tensors(), "extra.bias": torch.zeros(3, dtype=torch.bfloat16)}
+    )
     with pytest.raises(CheckpointMismatch, match=rf"'extra.bias' of checkpoint {b} is absent"):
         validate_checkpoints([a, b])
 
 
 def test_shape_mismatch_names_tensor_and_checkpoints(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a", _tensors())
+    a = write_checkpoint(tmp_path / "a", _tensors())
     bad = {**_tensors(), "model.norm.weight": torch.zeros(9, dtype=torch.bfloat16)}
-    b = _write(tmp_path / "b", bad)
+    b = write_checkpoint(tmp_path / "b", bad)
     with pytest.raises(CheckpointMismatch, match=rf"'model.norm.weight' has shape \[9\] in .*{b}"):
         validate_checkpoints([a, b])
 
 
 def test_mixed_float_dtypes_are_planned_with_each_source_dtype(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a", _tensors())
-    b = _write(tmp_path / "b", _tensors(torch.float32))
+    a = write_checkpoint(tmp_path / "a", _tensors())
+    b = write_checkpoint(tmp_path / "b", _tensors(torch.float32))
     plan = validate_checkpoints([a, b])
     assert {tuple(s.dtype for s in t.sources) for t in plan.tensors} == {("BF16", "F32")}
 
 
 def test_integer_tensor_in_one_checkpoint_names_it_and_the_requirement(tmp_path: Path) -> None:
-    a = _write(tmp_path / "a", _tensors())
+    a = write_checkpoint(tmp_path / "a", _tensors())
     ints = {**_tensors(), "model.norm.weight": torch.zeros(8, dtype=torch.int32)}
-    b = _write(tmp_path / "b", ints)
+    b = write_checkpoint(tmp_path / "b", ints)
     with pytest.raises(
         CheckpointMismatch,
         match=rf"'model.norm.weight' has dtype I32 in checkpoint {b}; a linear merge needs "
@@ -181,16 +160,18 @@ def test_integer_tensor_in_one_checkpoint_names_it_and_the_requirement(tmp_path:
 
 def test_integer_tensors_cannot_be_merged(tmp_path: Path) -> None:
     ints = {**_tensors(), "buffer.ids": torch.arange(4)}
-    a = _write(tmp_path / "a", ints)
-    b = _write(tmp_path / "b", ints)
+    a = write_checkpoint(tmp_path / "a", ints)
+    b = write_checkpoint(tmp_path / "b", ints)
     with pytest.raises(CheckpointMismatch, match=r"'buffer\.ids' has dtype I64"):
         validate_checkpoints([a, b])
 
 
 def test_tied_and_untied_checkpoints_merge_into_an_untied_head(tmp_path: Path) -> None:
-    tied = _write(tmp_path / "tied", _tensors(seed=0), config={"tie_word_embeddings": True})
+    tied = write_checkpoint(
+        tmp_path / "tied", _tensors(seed=0), config={"tie_word_embeddings": True}
+    )
     head = {**_tensors(seed=1), HEAD_NAME: torch.ones(16, 8, dtype=torch.bfloat16)}
-    untied = _write(tmp_path / "untied", head, config={"tie_word_embeddings": False})
+    untied = write_checkpoint(tmp_path / "untied", head, config={"tie_word_embeddings": False})
     plan = validate_checkpoints([tied, untied])
     planned = {t.name: t for t in plan.tensors}
     assert plan.unties_head
@@ -200,8 +181,8 @@ def test_tied_and_untied_checkpoints_merge_into_an_untied_head(tmp_path: Path) -
 
 def test_all_tied_checkpoints_stay_tied(tmp_path: Path) -> None:
     stored_head = {**_tensors(seed=0), HEAD_NAME: torch.ones(16, 8, dtype=torch.bfloat16)}
-    a = _write(tmp_path / "a", stored_head, config={"tie_word_embeddings": True})
-    b = _write(tmp_path / "b", _tensors(seed=1))  # no config: no head means tied
+    a = write_checkpoint(tmp_path / "a", stored_head, config={"tie_word_embeddings": True})
+    b = write_checkpoint(tmp_path / "b", _tensors(seed=1))  # no config: no head means tied
     plan = validate_checkpoints([a, b])
     assert HEAD_NAME not in plan.names
     assert not plan.unties_head
@@ -209,8 +190,8 @@ def test_all_tied_checkpoints_stay_tied(tmp_path: Path) -> None:
 
 def test_untied_config_without_head_is_a_mismatch(tmp_path: Path) -> None:
     head = {**_tensors(seed=1), HEAD_NAME: torch.ones(16, 8, dtype=torch.bfloat16)}
-    a = _write(tmp_path / "a", head)
-    b = _write(tmp_path / "b", _tensors(), config={"tie_word_embeddings": False})
+    a = write_checkpoint(tmp_path / "a", head)
+    b = write_checkpoint(tmp_path / "b", _tensors(), config={"tie_word_embeddings": False})
     with pytest.raises(CheckpointMismatch, match=rf"'lm_head.weight' is missing from .*{b}"):
         validate_checkpoints([a, b])
 

@@ -29,7 +29,7 @@ def obj() -> dict[str, Any]:
             for c in candidates
         ]
         state = engine.tell(state, results)
-    status = {**engine_fields(state), "phase": "Succeeded"}
+    status = {**engine_fields(state).to_wire(), "phase": "Succeeded"}
     status["conditions"] = [
         {"type": "Ready", "status": "True", "reason": "Finished", "message": "done"}
     ]
@@ -85,7 +85,7 @@ def test_search_and_confirmation_scores_side_by_side() -> None:
     obj = {
         "metadata": {"name": "s", "namespace": "ns"},
         "spec": {"objective": {"heldIn": [{"task": "x"}]}, "search": {}},
-        "status": {**engine_fields(state), "phase": "Succeeded"},
+        "status": {**engine_fields(state).to_wire(), "phase": "Succeeded"},
     }
     winner = obj["status"]["winner"]
     assert winner["fitness"] == pytest.approx(winner["searchFitness"] - 0.5)

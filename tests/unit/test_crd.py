@@ -130,3 +130,31 @@ def test_the_pod_template_is_never_defaulted() -> None:
 def test_exclusive_bounds_use_openapi_v3_form() -> None:
     sigma0 = spec_schema()["properties"]["search"]["properties"]["sigma0"]
     assert sigma0["minimum"] == 0 and sigma0["exclusiveMinimum"] is True
+
+
+def status_schema() -> dict[str, Any]:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def test_the_status_schema_is_generated_from_the_status_model_field_by_field() -> None:
+    from mergesearch.operator.status import MergeSearchStatus, Phase
+
+    schema = status_schema()
+    assert not _keys(schema) & {"$ref", "anyOf", "oneOf", "const", "$defs", "title"}
+    crd_named = {path for path, _ in _walk(schema) if path and not path.endswith("[]")}
+    assert crd_named == _model_fields(MergeSearchStatus)
+    assert schema["properties"]["phase"]["enum"] == [p.value for p in Phase]
+    # The one open part is the engine's opaque state; everything else is typed.
+    open_parts = [
+        p for p, node in _walk(schema) if node.get("x-kubernetes-preserve-unknown-fields")
+    ]
+    assert open_parts == [".optimizer"] and "x-kubernetes-preserve-unknown-fields" not in schema
+    scores = schema["properties"]["best"]["properties"]["scores"]
+    assert scores == {"additionalProperties": {"type": "number"}, "type": "object"}
+    conditions = schema["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert conditions["items"]["required"] == ["type", "status"]
+    assert not [p for p, node in _walk(schema) if node.get("required") and p != ".conditions[]"]
+    # What the operator writes, to the last field, has a place in the schema.
+    assert schema["properties"]["final"]["properties"]["retryRequest"] == {"type": "string"}
+    assert schema["properties"]["evaluators"]["properties"]["bytesFetched"] == {"type": "integer"}

@@ -7,6 +7,8 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,34 +44,42 @@ def wait_for_lock(lock: Path, entry: Path, timeout_s: float) -> float:
     return asyncio.run(main())
 
 
-def test_a_waiter_outlasts_its_timeout_while_the_holder_makes_progress(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache entry directory, its lock's progress checked every 0.1 s."""
     monkeypatch.setattr(fetch, "PROGRESS_CHECK_S", 0.1)
     entry = tmp_path / "entry"
     entry.mkdir()
+    return entry
+
+
+@contextmanager
+def held(lock: Path, seconds: float, grow: Path | None) -> Iterator[None]:
+    """The lock held by another thread (see `hold`) from entry until it lets go at exit."""
     started = threading.Event()
-    holder = threading.Thread(
-        target=hold, args=(tmp_path / "e.lock", 3.0, entry / ".f.part-1", started)
-    )
+    holder = threading.Thread(target=hold, args=(lock, seconds, grow, started))
     holder.start()
     started.wait()
-    waited = wait_for_lock(tmp_path / "e.lock", entry, timeout_s=1.0)
-    holder.join()
+    try:
+        yield
+    finally:
+        holder.join()
+
+
+def test_a_waiter_outlasts_its_timeout_while_the_holder_makes_progress(
+    tmp_path: Path, entry: Path
+) -> None:
+    with held(tmp_path / "e.lock", 3.0, entry / ".f.part-1"):
+        waited = wait_for_lock(tmp_path / "e.lock", entry, timeout_s=1.0)
     assert waited >= 2.5  # three times its timeout: the holder kept writing
 
 
 def test_a_stalled_holder_times_the_waiter_out_naming_the_entry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, entry: Path
 ) -> None:
-    monkeypatch.setattr(fetch, "PROGRESS_CHECK_S", 0.1)
-    entry = tmp_path / "entry"
-    entry.mkdir()
-    started = threading.Event()
-    holder = threading.Thread(target=hold, args=(tmp_path / "e.lock", 3.0, None, started))
-    holder.start()
-    started.wait()
-    with pytest.raises(FetchError, match="without progress") as info:
+    with (
+        held(tmp_path / "e.lock", 3.0, None),
+        pytest.raises(FetchError, match="without progress") as info,
+    ):
         wait_for_lock(tmp_path / "e.lock", entry, timeout_s=0.5)
-    holder.join()
     assert "e.lock" in str(info.value)

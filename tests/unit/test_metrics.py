@@ -15,8 +15,10 @@ from mergesearch.operator.metrics import (
     result_durations,
     status_samples,
 )
+from mergesearch.operator.status import MergeSearchStatus
 
 pytestmark = pytest.mark.unit
+read = MergeSearchStatus.read
 
 STATUS = {
     "phase": "Running",
@@ -24,6 +26,8 @@ STATUS = {
     "trials": {"total": 20, "running": 4, "succeeded": 14, "failed": 2, "finished": 16},
     "search": {"sigma": 0.125},
     "best": {
+        "trial": "g002-c01",
+        "kind": "search",
         "fitness": 0.61,
         "scores": {"gsm8k": 0.7, "mbpp": 0.52},
         "heldOut": {"ifeval": 0.4},
@@ -45,7 +49,7 @@ def scrape(metrics: SearchMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...
 
 
 def test_status_samples_cover_every_field() -> None:
-    samples = {(s.name, s.labels): s.value for s in status_samples(STATUS)}
+    samples = {(s.name, s.labels): s.value for s in status_samples(read(STATUS))}
     assert samples[("mergesearch_best_fitness", ())] == 0.61
     assert samples[("mergesearch_iteration", ())] == 3
     assert samples[("mergesearch_sigma", ())] == 0.125
@@ -62,14 +66,14 @@ def test_status_samples_cover_every_field() -> None:
 
 def test_a_fresh_status_has_no_best_and_no_made_up_zeros() -> None:
     fresh = {"phase": "Pending", "iteration": 0, "trials": {"running": 0}}
-    names = {s.name for s in status_samples(fresh)}
+    names = {s.name for s in status_samples(read(fresh))}
     assert "mergesearch_best_fitness" not in names
     assert "mergesearch_task_score" not in names
     assert "mergesearch_checkpoint_weight" not in names
     assert "mergesearch_iteration" in names
     # malformed values (a hand-edited status) are skipped, not crashed on
     odd = {"iteration": "three", "best": {"fitness": True, "weights": {"a": None}}}
-    assert status_samples(odd) == []
+    assert status_samples(read(odd)) == []
 
 
 def test_result_durations_skip_steps_that_did_not_run() -> None:
@@ -88,8 +92,8 @@ def test_histogram_buckets_are_cumulative() -> None:
 
 def test_exposition_labels_each_series_by_namespace_and_search() -> None:
     metrics = SearchMetrics()
-    metrics.update_status(("team-a", "demo"), STATUS)
-    metrics.update_status(("team-b", "other"), {**STATUS, "iteration": 9})
+    metrics.update_status(("team-a", "demo"), read(STATUS))
+    metrics.update_status(("team-b", "other"), read({**STATUS, "iteration": 9}))
     got = scrape(metrics)
     demo = (("namespace", "team-a"), ("search", "demo"))
     assert got[("mergesearch_iteration", demo)] == 3
@@ -104,7 +108,7 @@ def test_trial_timings_are_observed_once_per_pod() -> None:
     metrics = SearchMetrics()
     result = {"timings": {"mergeS": 2.0, "evaluateS": 40.0}}
     assert not metrics.observe_result(("ns", "s"), "pod-uid-0", result)  # search not known yet
-    metrics.update_status(("ns", "s"), STATUS)
+    metrics.update_status(("ns", "s"), read(STATUS))
     assert metrics.observe_result(("ns", "s"), "pod-uid-1", result)
     assert not metrics.observe_result(("ns", "s"), "pod-uid-1", result)  # a repeated event
     assert metrics.observe_result(("ns", "s"), "pod-uid-2", {"timings": {"mergeS": 4.0}})
@@ -121,8 +125,8 @@ def test_trial_timings_are_observed_once_per_pod() -> None:
 
 def test_a_deleted_search_leaves_no_series() -> None:
     metrics = SearchMetrics()
-    metrics.update_status(("ns", "gone"), STATUS)
-    metrics.update_status(("ns", "kept"), STATUS)
+    metrics.update_status(("ns", "gone"), read(STATUS))
+    metrics.update_status(("ns", "kept"), read(STATUS))
     metrics.observe_result(("ns", "gone"), "uid", {"timings": {"mergeS": 1.0}})
     metrics.forget(("ns", "gone"))
     got = scrape(metrics)
@@ -133,7 +137,7 @@ def test_a_deleted_search_leaves_no_series() -> None:
     assert not metrics.observe_result(("ns", "gone"), "uid-2", {"timings": {"mergeS": 1.0}})
     assert {dict(labels).get("search") for _, labels in scrape(metrics)} == {"kept"}
     # a re-created search of the same name is observed again once its status is reported
-    metrics.update_status(("ns", "gone"), STATUS)
+    metrics.update_status(("ns", "gone"), read(STATUS))
     assert metrics.observe_result(("ns", "gone"), "uid", {"timings": {"mergeS": 1.0}})
 
 
@@ -143,11 +147,11 @@ def test_sample_is_hashable_data() -> None:
 
 def test_a_late_reconcile_of_a_deleted_search_does_not_bring_it_back() -> None:
     metrics = SearchMetrics()
-    metrics.update_status(("ns", "s"), STATUS, uid="uid-1")
+    metrics.update_status(("ns", "s"), read(STATUS), uid="uid-1")
     metrics.forget(("ns", "s"), uid="uid-1")
-    metrics.update_status(("ns", "s"), STATUS, uid="uid-1")  # read before the deletion
+    metrics.update_status(("ns", "s"), read(STATUS), uid="uid-1")  # read before the deletion
     assert metrics.keys() == set()
-    metrics.update_status(("ns", "s"), STATUS, uid="uid-2")  # re-created under the same name
+    metrics.update_status(("ns", "s"), read(STATUS), uid="uid-2")  # re-created under the same name
     assert metrics.keys() == {("ns", "s")}
 
 
@@ -157,14 +161,16 @@ def test_confirmed_winner_fitness_side_by_side_and_its_scores_and_weights() -> N
         "phase": "Succeeded",
         "winner": {
             "trial": "b-uniform",
+            "kind": "baseline",
             "fitness": 0.55,
             "searchFitness": 0.58,
+            "searchScores": {"gsm8k": 0.62, "mbpp": 0.54},
             "scores": {"gsm8k": 0.6, "mbpp": 0.5},
             "heldOut": {"ifeval": 0.45},
             "weights": {"sft-a": 0.5, "po-b": 0.5},
         },
     }
-    samples = {(s.name, s.labels): s.value for s in status_samples(status)}
+    samples = {(s.name, s.labels): s.value for s in status_samples(read(status))}
     assert samples[("mergesearch_winner_fitness", (("subset", "search"),))] == 0.58
     assert samples[("mergesearch_winner_fitness", (("subset", "confirmation"),))] == 0.55
     assert samples[("mergesearch_best_fitness", ())] == 0.61  # the search's best, as before
@@ -172,4 +178,4 @@ def test_confirmed_winner_fitness_side_by_side_and_its_scores_and_weights() -> N
     assert samples[(score, (("task", "gsm8k"), ("split", "held_in")))] == 0.6
     assert samples[(score, (("task", "ifeval"), ("split", "held_out")))] == 0.45
     assert samples[("mergesearch_checkpoint_weight", (("checkpoint", "po-b"),))] == 0.5
-    assert not any(s.name == "mergesearch_winner_fitness" for s in status_samples(STATUS))
+    assert not any(s.name == "mergesearch_winner_fitness" for s in status_samples(read(STATUS)))

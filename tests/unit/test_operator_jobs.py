@@ -93,7 +93,12 @@ def build(spec: Any, candidate: str = "g003-c07", generation: int | None = 3) ->
     name = jobspec.job_name(OWNER, candidate)
     doc = jobspec.trial_document(spec, name, {"sft_a": 0.25, "po-b": 0.75}, SETTINGS)
     return jobspec.build_job(
-        OWNER, spec, candidate_id=candidate, generation=generation, document=doc, settings=SETTINGS
+        OWNER,
+        spec,
+        candidate_id=candidate,
+        cma_generation=generation,
+        document=doc,
+        settings=SETTINGS,
     )
 
 
@@ -175,7 +180,7 @@ def test_the_trial_document_travels_in_env_with_its_digest() -> None:
 def test_the_final_document_scores_held_out_tasks_and_exports() -> None:
     spec = make_spec()
     doc = jobspec.trial_document(
-        spec, "final-job", {"sft_a": 0.5, "po-b": 0.5}, SETTINGS, final=True
+        spec, "final-job", {"sft_a": 0.5, "po-b": 0.5}, SETTINGS, finalization=True
     )
     assert isinstance(doc, TrialDocument)
     assert [t.task for t in doc.held_out] == ["ifeval"] and doc.held_in == []
@@ -388,7 +393,7 @@ def test_the_trial_service_account_may_be_named_and_is_always_set() -> None:
     spec = make_spec()
     doc = jobspec.trial_document(spec, name, {"sft_a": 0.5, "po-b": 0.5}, settings)
     job = jobspec.build_job(
-        OWNER, spec, candidate_id="g000-c00", generation=0, document=doc, settings=settings
+        OWNER, spec, candidate_id="g000-c00", cma_generation=0, document=doc, settings=settings
     )
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "mergesearch-trial"

@@ -16,7 +16,8 @@ from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
 from mergesearch.operator.observe import JobSummary, PodSummary
 from mergesearch.operator.reconcile import Plan, SearchView, classify_failure, reconcile
-from mergesearch.operator.status import condition, decode_state
+from mergesearch.operator.status import MergeSearchStatus, decode_state
+from support.statusdoc import condition
 
 pytestmark = pytest.mark.unit
 
@@ -114,7 +115,8 @@ class Cluster:
 
     def view(self) -> SearchView:
         spec = copy.deepcopy(self.spec)
-        return SearchView(OWNER, self.generation, spec, self.status, dict(self.annotations))
+        status = MergeSearchStatus.read(self.status)
+        return SearchView(OWNER, self.generation, spec, status, dict(self.annotations))
 
     def reconcile(self) -> Plan:
         jobs = list(self.summaries.values())
@@ -127,7 +129,7 @@ class Cluster:
 
     def apply(self, plan: Plan) -> None:
         if plan.changed:
-            self.status = json.loads(json.dumps(plan.status))  # through the API server
+            self.status = json.loads(json.dumps(plan.status.to_wire()))  # through the API server
         for manifest in plan.create:
             name = manifest["metadata"]["name"]
             if name in self.jobs:
@@ -220,7 +222,7 @@ def test_finished_results_are_told_once_and_their_jobs_deleted() -> None:
     name = jobspec.job_name(OWNER, "b-each-a")
     cluster.finish(name)
     plan = cluster.step()
-    assert plan.told == ("b-each-a",)
+    assert plan.applied == ("b-each-a",)
     assert name in plan.delete
     assert "b-each-a" not in cluster.status["activeTrials"]
     assert cluster.status["trials"]["succeeded"] == 1
@@ -233,8 +235,8 @@ def test_finished_results_are_told_once_and_their_jobs_deleted() -> None:
         JobSummary(name, OWNER.uid, "b-each-a", "trial", "succeeded"), started=True
     )
     again = cluster.reconcile()
-    assert again.told == () and again.create == ()
-    assert again.status["trials"] == cluster.status["trials"]
+    assert again.applied == () and again.create == ()
+    assert again.status.to_wire()["trials"] == cluster.status["trials"]
 
 
 def test_parallelism_is_never_exceeded_over_a_whole_search() -> None:
@@ -311,7 +313,7 @@ def test_jobs_of_another_search_with_the_same_name_are_ignored() -> None:
     stranger = replace(next(iter(cluster.summaries.values())), owner_uid="old-uid")
     cluster.summaries = {"x": replace(stranger, name="x", state="succeeded")}
     plan = cluster.reconcile()
-    assert plan.told == () and "x" not in plan.delete
+    assert plan.applied == () and "x" not in plan.delete
     assert len(plan.create) == 3  # its own Jobs are missing: created again
 
 
@@ -325,7 +327,7 @@ def test_suspend_launches_nothing_collects_running_and_resume_continues() -> Non
     cluster.generation = 2
     cluster.finish(jobspec.job_name(OWNER, "b-each-a"))
     plan = cluster.step()
-    assert plan.create == () and plan.told == ("b-each-a",)
+    assert plan.create == () and plan.applied == ("b-each-a",)
     assert cluster.status["phase"] == "Suspended"
     assert condition(cluster.status, "Progressing")["reason"] == "Suspended"
     assert len(cluster.status["activeTrials"]) == 2
@@ -463,7 +465,7 @@ def test_an_object_store_outage_is_retried_with_backoff_and_not_counted() -> Non
     plan = cluster.step()
     status = cluster.status
     assert status["phase"] == "Running" and status["trials"]["failed"] == 0
-    assert "b-each-b" in status["activeTrials"] and plan.told == ()
+    assert "b-each-b" in status["activeTrials"] and plan.applied == ()
     assert first in plan.delete and plan.wake_after == pytest.approx(15)
     assert status["retries"] == [
         {
@@ -488,11 +490,11 @@ def test_an_object_store_outage_is_retried_with_backoff_and_not_counted() -> Non
     # The old attempt's Job, seen again by a lagging index, is not the trial's result.
     cluster.summaries[first] = JobSummary(first, OWNER.uid, "b-each-b", "trial", "failed")
     cluster.pods[first] = [PodSummary("p", first, 1, None, STORAGE_DOWN({"id": first})[1], NOW)]
-    assert cluster.reconcile().told == ()
+    assert cluster.reconcile().applied == ()
     del cluster.summaries[first], cluster.pods[first]
     cluster.finish(retry)
     plan = cluster.step()
-    assert plan.told == ("b-each-b",) and retry in plan.delete
+    assert plan.applied == ("b-each-b",) and retry in plan.delete
     assert cluster.status["trials"]["failed"] == 0 and "retries" not in cluster.status
     assert condition(cluster.status, "StorageUnavailable")["status"] == "False"
     cluster.run_to_end()
@@ -500,7 +502,7 @@ def test_an_object_store_outage_is_retried_with_backoff_and_not_counted() -> Non
 
 
 def test_a_trial_retried_too_often_counts_as_a_failure() -> None:
-    from mergesearch.operator.reconcile import RETRY_LIMIT, backoff_s
+    from mergerunner.trial import RETRY_LIMIT, backoff_s
 
     cluster = Cluster(make_spec())
     cluster.step()
@@ -1002,3 +1004,88 @@ def test_the_analytic_benchmark_backend_needs_no_preflight() -> None:
     assert plan.create and all(
         m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in plan.create
     )
+
+
+# --------------------------------------------------------------------------- reasons, finality
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        {"spec": {"containers": [{"securityContext": {"runAsUser": 0}}]}},  # refused by name
+        {"spec": {"containers": "oops"}},  # malformed
+    ],
+)
+def test_a_recoverable_failure_gets_no_completion_time(template: dict[str, Any]) -> None:
+    """TemplateInvalid is repaired by editing the spec: the search is not complete. (It got a
+    completion time while the reconcile and the status each kept their own list of reasons.)"""
+    cluster = Cluster(make_spec(**{"execution.template": template}))
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "TemplateInvalid"
+    assert cluster.status["phase"] == "Failed" and "completionTime" not in cluster.status
+    assert cluster.reconcile().create == ()  # waits for the spec to change
+
+
+def test_a_terminal_failure_gets_its_completion_time_once() -> None:
+    cluster = Cluster(make_spec())
+    cluster.step()
+    cluster.status["optimizer"] = cluster.status["optimizer"][:-40]  # an encoded state cut
+    cluster.step()
+    assert condition(cluster.status, "Failed")["reason"] == "StateInvalid"
+    assert cluster.status["completionTime"] == NOW
+    cluster.now = "2025-01-01T00:05:00Z"
+    assert not cluster.reconcile().changed  # finished: kept as it was
+
+
+def test_every_reason_the_reconcile_fails_with_says_whether_it_is_final() -> None:
+    from mergesearch.operator.observe import _EVENTS, _WAITING
+    from mergesearch.operator.reconcile import FATAL_REASONS
+    from mergesearch.operator.status import Finality, Reason
+
+    assert all(reason.terminal for reason in FATAL_REASONS.values())
+    for fatal, reason in [*_WAITING.values(), *_EVENTS.values()]:
+        # a pod that can never start is repaired outside the spec; a wait clears by itself
+        assert reason.finality is (Finality.RECOVERABLE if fatal else Finality.PROGRESS)
+    assert Reason.SPEC_INVALID.recoverable and Reason.TEMPLATE_INVALID.recoverable
+    assert Reason.SUCCEEDED.terminal and not Reason.SEARCHING.terminal
+
+
+# --------------------------------------------------------------------------- the shell's decisions
+
+
+def test_the_pods_that_matter_are_those_of_active_trials_and_of_the_operators_own_jobs() -> None:
+    from mergesearch.operator.reconcile import pods_matter
+
+    status = MergeSearchStatus.read({"activeTrials": ["b-each-a"]})
+
+    def job(candidate: str, role: str = "trial", state: str = "active") -> JobSummary:
+        return JobSummary(f"j-{candidate}", OWNER.uid, candidate, role, state)  # type: ignore[arg-type]
+
+    assert pods_matter(status, job("b-each-a"))
+    assert not pods_matter(status, job("b-each-b", state="succeeded"))  # collected already
+    assert pods_matter(status, job("final", "final", "failed"))
+    assert pods_matter(status, job("preflight", "preflight"))
+    assert pods_matter(status, job("evaluators", "evaluator"))
+    assert not pods_matter(status, job("evaluators", "evaluator", "failed"))
+
+
+def test_what_the_creation_of_jobs_came_to_is_decided_by_the_core() -> None:
+    from mergesearch.operator.reconcile import Creation, after_creation
+
+    cluster = Cluster(make_spec())
+    plan = cluster.step()
+    view = cluster.view()
+    assert after_creation(view, plan, Creation(), NOW) is None  # all created, no wait to end
+    refused = after_creation(view, plan, Creation("j-2", "exceeded quota", waiting=2), NOW)
+    assert refused is not None and refused.changed
+    quota = condition(refused.status, "QuotaExceeded")
+    assert quota["status"] == "True" and quota["reason"] == "JobQuota"
+    assert "2 trial Job(s) wait for quota; creating j-2" in quota["message"]
+    assert [e.reason for e in refused.events] == ["QuotaExceeded"]
+    waiting = view.with_status(refused.status)
+    cleared = after_creation(waiting, plan, Creation(), NOW)
+    assert cleared is not None and condition(cleared.status, "QuotaExceeded")["status"] == "False"
+    rejected = after_creation(view, plan, Creation(rejected="spec.template: bad"), NOW)
+    assert rejected is not None and rejected.idle and rejected.status.phase == "Failed"
+    failed = condition(rejected.status, "Failed")
+    assert failed["reason"] == "TemplateInvalid" and "spec.template: bad" in failed["message"]

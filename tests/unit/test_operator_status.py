@@ -22,32 +22,37 @@ from mergesearch.operator.status import (
     SIZE_BUDGET,
     STATE_MAX_BYTES,
     STATE_PREFIX,
+    Finalization,
+    MergeSearchStatus,
+    OutputEntry,
+    Phase,
+    Reason,
     build_status,
-    condition,
     decode_state,
     phase_conditions,
     set_condition,
     size_of,
 )
 from support.engine_runs import large_search
+from support.statusdoc import condition
 
 pytestmark = pytest.mark.unit
 
 T0, T1 = "2025-01-01T00:00:00Z", "2025-01-01T01:00:00Z"
 
 
-def _status(state: EngineState, active: list[str], previous: dict | None = None) -> dict:
+def _status(state: EngineState, active: list[str]) -> MergeSearchStatus:
     return build_status(
         state=state,
-        phase="Running",
-        reason="Searching",
+        phase=Phase.RUNNING,
+        reason=Reason.SEARCHING,
         message="x" * 5000,  # long messages are cut
-        previous=previous or {},
+        previous=MergeSearchStatus(),
         active=active,
         now=T0,
-        generation=3,
-        final={"job": "j" * 63, "trial": "g300-c10", "state": "Running"},
-        output={"uri": "s3://" + "o" * 200, "digest": "sha256:" + "a" * 64},
+        spec_generation=3,
+        finalization=Finalization(job="j" * 63, trial="g300-c10", state="Running"),
+        output=OutputEntry(uri="s3://" + "o" * 200, digest="sha256:" + "a" * 64),
         held_out={f"held-out-task-{i}": 0.5 for i in range(8)},
     )
 
@@ -62,8 +67,9 @@ def test_status_for_64_checkpoints_and_5000_trials_stays_under_the_budget() -> N
         status = _status(step.before, active)
         sizes.append((step.before.trials.issued, size_of(status)))
     state = step.after
-    final = _status(state, [])
-    sizes.append((state.trials.issued, size_of(final)))
+    last = _status(state, [])
+    sizes.append((state.trials.issued, size_of(last)))
+    final = last.to_wire()
     assert state.trials.issued >= 4900
     largest = max(size for _, size in sizes)
     print(f"largest status: {largest} bytes")
@@ -85,14 +91,14 @@ def test_status_fields_and_printer_columns() -> None:
     state = init(config)
     status = build_status(
         state=state,
-        phase="Pending",
-        reason="Baselines",
+        phase=Phase.PENDING,
+        reason=Reason.BASELINES,
         message="m",
-        previous={},
+        previous=MergeSearchStatus(),
         active=["b-each-a"],
         now=T0,
-        generation=1,
-    )
+        spec_generation=1,
+    ).to_wire()
     assert status["phase"] == "Pending" and status["iteration"] == 0
     assert status["trials"] == {
         "total": 11,  # 3 each + uniform + a population of 4+⌊3 ln 3⌋ = 7
@@ -109,17 +115,23 @@ def test_status_fields_and_printer_columns() -> None:
 
 def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
     conds = set_condition(
-        [], type="Ready", status=False, reason="Searching", message="a", now=T0, generation=1
+        [], type="Ready", holds=False, reason="Searching", message="a", now=T0, spec_generation=1
     )
     same = set_condition(
-        conds, type="Ready", status=False, reason="Finalizing", message="b", now=T1, generation=2
+        conds,
+        type="Ready",
+        holds=False,
+        reason="Finalizing",
+        message="b",
+        now=T1,
+        spec_generation=2,
     )
-    assert same[0]["lastTransitionTime"] == T0
-    assert same[0]["reason"] == "Finalizing" and same[0]["observedGeneration"] == 2
+    assert same[0].last_transition_time == T0
+    assert same[0].reason == "Finalizing" and same[0].observed_generation == 2
     flipped = set_condition(
-        same, type="Ready", status=True, reason="Succeeded", message="c", now=T1, generation=2
+        same, type="Ready", holds=True, reason="Succeeded", message="c", now=T1, spec_generation=2
     )
-    assert flipped[0]["status"] == "True" and flipped[0]["lastTransitionTime"] == T1
+    assert flipped[0].value == "True" and flipped[0].last_transition_time == T1
 
 
 @pytest.mark.parametrize(
@@ -133,31 +145,48 @@ def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
     ],
 )
 def test_conditions_follow_the_phase(phase: str, ready: str, progressing: str, failed: str) -> None:
-    conds = phase_conditions([], phase=phase, reason="R", message="m", now=T0, generation=4)
-    by_type = {c["type"]: c for c in conds}
-    assert by_type["Ready"]["status"] == ready
-    assert by_type["Progressing"]["status"] == progressing
-    assert by_type["Failed"]["status"] == failed
-    assert by_type["Failed"]["reason"] == ("R" if failed == "True" else "NoFailure")
-    assert all(c["observedGeneration"] == 4 for c in conds)
+    conds = phase_conditions(
+        [], phase=Phase(phase), reason="R", message="m", now=T0, spec_generation=4
+    )
+    by_type = {c.type: c for c in conds}
+    assert by_type["Ready"].value == ready
+    assert by_type["Progressing"].value == progressing
+    assert by_type["Failed"].value == failed
+    assert by_type["Failed"].reason == ("R" if failed == "True" else "NoFailure")
+    assert all(c.observed_generation == 4 for c in conds)
 
 
 def test_milestones() -> None:
-    def status(phase: str, best: str | None, baselines: str, failed_reason: str = "") -> dict:
+    def status(
+        phase: str, best: str | None, baselines: str, failed_reason: str = ""
+    ) -> MergeSearchStatus:
         conds = phase_conditions(
-            [], phase=phase, reason=failed_reason or "R", message="why", now=T0, generation=1
+            [],
+            phase=Phase(phase),
+            reason=failed_reason or "R",
+            message="why",
+            now=T0,
+            spec_generation=1,
         )
         out = {
             "phase": phase,
             "optimizer": {"x": 1},
-            "baselines": [{"id": "b-uniform", "status": baselines, "fitness": 0.4}],
-            "conditions": conds,
+            "baselines": [
+                {"id": "b-uniform", "kind": "uniform", "status": baselines, "fitness": 0.4}
+            ],
+            "conditions": [c.to_wire() for c in conds],
         }
         if best:
-            out["best"] = {"trial": best, "fitness": 0.5}
-        return out
+            out["best"] = {
+                "trial": best,
+                "kind": "search",
+                "fitness": 0.5,
+                "scores": {"t": 0.5},
+                "weights": {"a": 1.0},
+            }
+        return MergeSearchStatus.read(out)
 
-    first = milestones({}, status("Pending", None, "pending"))
+    first = milestones(MergeSearchStatus(), status("Pending", None, "pending"))
     assert [e.reason for e in first] == ["Started"]
     progress = milestones(
         status("Running", None, "pending"), status("Running", "g000-c01", "succeeded")
@@ -182,9 +211,9 @@ def test_the_optimizer_state_is_one_compact_line_and_round_trips_exactly() -> No
         results = [Result(c.id, scores={"t": 0.1 + 0.01 * i}) for i, c in enumerate(candidates)]
         state = tell(state, results)
     status = build_status(
-        state=state, phase="Running", reason="Searching", message="m", previous={},
-        active=[], now=T0, generation=1,
-    )  # fmt: skip
+        state=state, phase=Phase.RUNNING, reason=Reason.SEARCHING, message="m",
+        previous=MergeSearchStatus(), active=[], now=T0, spec_generation=1,
+    ).to_wire()  # fmt: skip
     assert isinstance(status["optimizer"], str) and "\n" not in status["optimizer"]
     assert decode_state(status["optimizer"]) == state
     assert decode_state(state.to_dict()) == state  # what earlier versions wrote still reads

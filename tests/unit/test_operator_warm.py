@@ -11,13 +11,15 @@ from typing import Any
 import pytest
 from test_operator_reconcile import OWNER, Cluster, good_runner, make_spec
 
+from mergerunner.contract import ENV_EVALUATOR_NAME, ENV_EVALUATOR_URL
 from mergerunner.trial import TrialResult, parse_trial
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator import warm
 from mergesearch.operator.jobs import JobSettings, Owner
 from mergesearch.operator.reconcile import Plan, reconcile
-from mergesearch.operator.status import condition
+from mergesearch.operator.status import MergeSearchStatus
 from mergesearch.operator.warm import EvaluatorPod, Inbox, Posted
+from support.statusdoc import condition
 
 pytestmark = pytest.mark.unit
 
@@ -186,12 +188,12 @@ def test_a_duplicate_result_is_ignored() -> None:
     posted = Posted("ev-0", assignment.candidate, result)
     cluster.results = [posted, posted]
     plan = cluster.step()
-    assert plan.told == (assignment.candidate,)
+    assert plan.applied == (assignment.candidate,)
     assert plan.consumed == (assignment.candidate, assignment.candidate)
     assert cluster.status["trials"]["succeeded"] == 1
     cluster.results = [posted]  # posted again later (a retry after a lost answer)
     again = cluster.step()
-    assert again.told == () and again.consumed == (assignment.candidate,)
+    assert again.applied == () and again.consumed == (assignment.candidate,)
     assert cluster.status["trials"]["succeeded"] == 1
 
 
@@ -201,7 +203,7 @@ def test_a_result_for_another_trial_id_is_ignored() -> None:
     wrong = result_for(assignment.document).model_copy(update={"id": "someone-else"})
     cluster.results = [Posted("ev-0", assignment.candidate, wrong)]
     plan = cluster.step()
-    assert plan.told == () and plan.consumed == (assignment.candidate,)
+    assert plan.applied == () and plan.consumed == (assignment.candidate,)
 
 
 def test_a_killed_evaluator_loses_only_its_candidate_which_is_issued_again() -> None:
@@ -320,7 +322,7 @@ def test_a_failed_evaluator_job_fails_the_search() -> None:
 def test_warm_mode_without_an_evaluator_endpoint_is_a_spec_error() -> None:
     view = WarmCluster(warm_spec()).view()
     plan = reconcile(view, [], {}, JobSettings(default_image="runner:test"), T0)
-    assert plan.create == () and plan.status["phase"] == "Failed"
+    assert plan.create == () and plan.status.phase == "Failed"
     cond = condition(plan.status, "Failed")
     assert cond["reason"] == "SpecInvalid" and "spec.execution.mode" in cond["message"]
 
@@ -332,7 +334,7 @@ def test_a_finished_search_answers_done_and_ignores_late_results() -> None:
     cluster.results = [Posted("ev-0", assignment.candidate, result_for(assignment.document))]
     cluster.requests = ["ev-0"]
     plan = cluster.reconcile()
-    assert plan.evaluators_done and not plan.changed and plan.told == ()
+    assert plan.evaluators_done and not plan.changed and plan.applied == ()
     assert plan.consumed == (assignment.candidate,) and plan.assignments == {}
 
 
@@ -360,10 +362,10 @@ def test_the_evaluator_pod_is_the_hardened_trial_pod_with_the_evaluator_command(
     assert security["allowPrivilegeEscalation"] is False
     env = {e["name"]: e for e in runner["env"]}
     assert jobspec.ENV_TRIAL not in env
-    assert env[warm.ENV_URL]["value"] == (
+    assert env[ENV_EVALUATOR_URL]["value"] == (
         "http://operator.ms:8443/v1/namespaces/team-a/mergesearches/demo/lease"
     )
-    assert env[warm.ENV_NAME]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env[ENV_EVALUATOR_NAME]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[warm.TOKEN_VOLUME]["secret"] == {"secretName": warm.token_secret_name(OWNER)}
     assert volumes["mergesearch-storage-credentials"]["secret"] == {"secretName": "s3-creds"}
@@ -466,7 +468,7 @@ def test_told_results_and_fetched_bytes_reach_the_plan_and_the_status() -> None:
         evaluators=tuple(cluster.pods_),
     )
     assert plan.posted == (posted,)  # told once, its timings go to the metrics once
-    assert plan.status["evaluators"] == {
+    assert plan.status.to_wire()["evaluators"] == {
         "wanted": 3,
         "running": 3,
         "ready": 3,
@@ -479,7 +481,9 @@ def test_evaluator_gauges_come_from_the_status() -> None:
     from mergesearch.operator import metrics
 
     samples = metrics.status_samples(
-        {"evaluators": {"wanted": 2, "running": 2, "ready": 1, "busy": 1, "bytesFetched": 7}}
+        MergeSearchStatus.read(
+            {"evaluators": {"wanted": 2, "running": 2, "ready": 1, "busy": 1, "bytesFetched": 7}}
+        )
     )
     values = {(s.name, s.labels): s.value for s in samples}
     assert values[("mergesearch_evaluators", (("state", "ready"),))] == 1

@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from mergesearch.operator import handlers  # registers the handlers with kopf
 
-    runtime = handlers.RUNTIME
+    jobs = handlers.JobSettings.from_env()
     if args.runner_image:
-        runtime.settings = dataclasses.replace(runtime.settings, default_image=args.runner_image)
-    runtime.poll_s = args.poll_seconds
-    runtime.evaluator_port = args.evaluator_port
-    runtime.metrics_port = args.metrics_port
+        jobs = dataclasses.replace(jobs, default_image=args.runner_image)
+    settings = handlers.ShellSettings(
+        jobs=jobs, poll_s=args.poll_seconds, evaluator_port=args.evaluator_port
+    )
+    runtime = handlers.Runtime(settings=settings)
     if args.metrics_port:
         from mergesearch.operator import metrics
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=bool(args.all_namespaces),
         namespaces=args.namespace or (),
         liveness_endpoint=None if args.liveness == "off" else args.liveness,
+        memo=kopf.Memo(runtime=runtime),
     )
     return 0
 

@@ -13,6 +13,11 @@ left to remove it (after `helm uninstall`) keeps the search, its namespace and t
 Terminating for ever. Nothing needs one: trial Jobs go with the search through their owner
 references, and a loop ends when its search's DELETED event (or a 404) arrives. An operator
 of this version removes the finalizer older versions added.
+
+The process's state (its settings, the API client, the loops and their wake-ups) is one
+`Runtime`, carried in kopf's `memo` (`memo.runtime`): every handler gets it from kopf, so
+nothing here is a mutable module global, and a test (or a second operator in one process) can
+run with a Runtime of its own.
 """
 
 from __future__ import annotations
@@ -30,23 +35,18 @@ import aiohttp
 import kopf
 
 from mergesearch.operator import observe, reconcile, server, warm
-from mergesearch.operator.jobs import (
-    ANNOTATION_SEARCH,
-    LABEL_ROLE,
-    LABEL_SEARCH,
-    JobSettings,
-    Owner,
-)
+from mergesearch.operator.jobs import ANNOTATION_SEARCH, LABEL_ROLE, LABEL_SEARCH, JobSettings
 from mergesearch.operator.kube import PLURAL, ApiError, KubeClient
 from mergesearch.operator.observe import SILENT_WAITING, JobSummary, PodSummary
 from mergesearch.operator.reconcile import (
     ANNOTATION_RETRY_FINAL,
     STUCK_S,
+    Creation,
     Plan,
     SearchView,
     parse_time,
 )
-from mergesearch.operator.status import condition
+from mergesearch.operator.status import MergeSearchStatus
 from mergesearch.spec import API_GROUP, API_VERSION, KIND
 
 log = logging.getLogger("mergesearch.operator")
@@ -54,27 +54,37 @@ Key = tuple[str, str]
 Observer = Callable[[SearchView, Plan], None]
 
 
-@dataclass
-class Runtime:
-    """Process-wide state of the shell: settings, the API client, wake-up events, observers
-    (the hook for metrics: called with every reconcile's view and plan)."""
+@dataclass(frozen=True)
+class ShellSettings:
+    """How the shell runs, fixed for the process (the command line and the environment):
+    what trial Jobs get (`jobs`), how often a search is reconciled unpoked (`poll_s`; once
+    it is finished or blocked, `idle_poll_s`), how long a burst of pokes is let arrive
+    (`batch_s`), how soon a quota refusal is tried again, and the evaluator endpoint's port
+    (warm mode; None: not served)."""
 
-    settings: JobSettings = field(default_factory=JobSettings.from_env)
+    jobs: JobSettings = field(default_factory=JobSettings.from_env)
     poll_s: float = 30.0
     idle_poll_s: float = 300.0
     batch_s: float = 0.1
-    metrics_port: int | None = None
+    quota_retry_s: float = 5.0
+    evaluator_port: int | None = None
+
+
+@dataclass
+class Runtime:
+    """The shell's state in one process: its settings, the API client, the reconcile loops
+    and their wake-up events, the warm evaluators' inboxes, and the observers (the hook for
+    metrics: called with every reconcile's view and plan). Carried in kopf's memo."""
+
+    settings: ShellSettings = field(default_factory=ShellSettings)
     observers: list[Observer] = field(default_factory=list)
     credentials: kopf.ConnectionInfo | None = None
     login_settings: Any = None
     client: KubeClient | None = None
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     loops: dict[Key, tuple[str, asyncio.Task[None]]] = field(default_factory=dict)
-    # Warm mode: the evaluator endpoint's port (None: not served) and its inboxes.
-    evaluator_port: int | None = None
     inboxes: server.Inboxes = field(default_factory=server.Inboxes)
     endpoint: Any = None
-    quota_retry_s: float = 5.0
 
     def wakeup(self, key: Key) -> asyncio.Event:
         return self.wakeups.setdefault(key, asyncio.Event())
@@ -112,7 +122,10 @@ class Runtime:
         return self.credentials
 
 
-RUNTIME = Runtime()
+def runtime_of(memo: Any) -> Runtime:
+    """The Runtime kopf carries in its memo (`kopf.run(memo=kopf.Memo(runtime=...))`); the
+    startup handler puts a default one there when the operator was started without."""
+    return memo.runtime  # type: ignore[no-any-return]
 
 
 def now() -> str:
@@ -132,17 +145,25 @@ def _login(settings: Any) -> kopf.ConnectionInfo | None:
     )
 
 
+def _ensure_runtime(memo: Any) -> Runtime:
+    if getattr(memo, "runtime", None) is None:
+        memo.runtime = Runtime()
+    return runtime_of(memo)
+
+
 @kopf.on.login()
-def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
-    RUNTIME.login_settings = settings
-    RUNTIME.credentials = _login(settings)
-    return RUNTIME.credentials
+def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
+    runtime = _ensure_runtime(memo)
+    runtime.login_settings = settings
+    runtime.credentials = _login(settings)
+    return runtime.credentials
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """No peering (one replica; `standalone`), our own annotation prefix and finalizer name,
     and only warnings from kopf's own logs become Kubernetes Events."""
+    _ensure_runtime(memo)
     settings.peering.standalone = True
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
@@ -156,24 +177,28 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.startup()
-async def serve_evaluators(**_: Any) -> None:
+async def serve_evaluators(memo: kopf.Memo, **_: Any) -> None:
     """The warm evaluators' endpoint (operator/server.py), when a port is configured."""
-    if RUNTIME.evaluator_port:
-        app = server.make_app(RUNTIME.inboxes, lambda: RUNTIME.settings.evaluator_key, RUNTIME.poke)
-        RUNTIME.endpoint = await server.start(app, RUNTIME.evaluator_port)
+    runtime = _ensure_runtime(memo)
+    port = runtime.settings.evaluator_port
+    if port:
+        key = runtime.settings.jobs.evaluator_key
+        app = server.make_app(runtime.inboxes, lambda: key, runtime.poke)
+        runtime.endpoint = await server.start(app, port)
 
 
 @kopf.on.cleanup()
-async def close_client(**_: Any) -> None:
-    if RUNTIME.endpoint is not None:
-        await RUNTIME.endpoint.cleanup()
-    loops = [task for _, task in RUNTIME.loops.values()]
+async def close_client(memo: kopf.Memo, **_: Any) -> None:
+    runtime = runtime_of(memo)
+    if runtime.endpoint is not None:
+        await runtime.endpoint.cleanup()
+    loops = [task for _, task in runtime.loops.values()]
     for task in loops:
         task.cancel()
     await asyncio.gather(*loops, return_exceptions=True)
-    RUNTIME.loops.clear()
-    if RUNTIME.client is not None:
-        await RUNTIME.client.close()
+    runtime.loops.clear()
+    if runtime.client is not None:
+        await runtime.client.close()
 
 
 # --------------------------------------------------------------------------- indexes and pokes
@@ -214,16 +239,23 @@ async def evaluator_pods(
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SEARCH: kopf.PRESENT})
 async def job_changed(
-    type: str | None, namespace: str, meta: Mapping[str, Any], body: kopf.Body, **_: Any
+    type: str | None,
+    namespace: str,
+    meta: Mapping[str, Any],
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     summary = observe.job_summary(body)
     key = _search_key(namespace, meta)
     if key and (type == "DELETED" or (summary and summary.state != "active")):
-        RUNTIME.poke(key)
+        runtime_of(memo).poke(key)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_SEARCH: kopf.PRESENT})
-async def pod_changed(namespace: str, meta: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+async def pod_changed(
+    namespace: str, meta: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     """A runner that terminated, or a pod that waits for a reason of its own (a missing
     Secret key, an image pull, no node): reconcile now. A pod merely being created does not
     poke (the poll looks at it if it stays stuck)."""
@@ -234,7 +266,7 @@ async def pod_changed(namespace: str, meta: Mapping[str, Any], body: kopf.Body, 
         and summary is not None
         and (summary.terminated or summary.waiting not in SILENT_WAITING)
     ):
-        RUNTIME.poke(key)
+        runtime_of(memo).poke(key)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
@@ -247,44 +279,51 @@ async def search_changed(
     trial_jobs: kopf.Index[Key, JobSummary],
     trial_pods: kopf.Index[Key, PodSummary],
     evaluator_pods: kopf.Index[Key, warm.EvaluatorPod],
+    memo: kopf.Memo,
     **_: Any,
 ) -> None:
     """Starts the search's reconcile loop (the first event of a search, also the operator's
     initial listing), stops it when the search is deleted, and wakes it at once on a spec
     change (a new generation) or a retry request; our own status writes do neither."""
+    runtime = runtime_of(memo)
     key, uid = (namespace, name), str(meta.get("uid") or "")
     if type == "DELETED":
-        RUNTIME.stop_loop(key, uid)
+        runtime.stop_loop(key, uid)
         return
-    RUNTIME.ensure_loop(
-        key, uid, lambda: run_search(namespace, name, trial_jobs, trial_pods, evaluator_pods)
-    )
+    indexes = Indexes(trial_jobs, trial_pods, evaluator_pods)
+    runtime.ensure_loop(key, uid, lambda: run_search(runtime, namespace, name, indexes))
+    current = MergeSearchStatus.read(status)
     retry = (meta.get("annotations") or {}).get(ANNOTATION_RETRY_FINAL)
-    asked = retry and retry != (status.get("final") or {}).get("retryRequest")
-    if meta.get("generation") != status.get("observedGeneration") or asked:
-        RUNTIME.poke(key)
+    acted_on = current.finalization.retry_request if current.finalization else None
+    asked = retry and retry != acted_on
+    if meta.get("generation") != current.observed_generation or asked:
+        runtime.poke(key)
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-async def run_search(
-    namespace: str,
-    name: str,
-    trial_jobs: kopf.Index[Key, JobSummary],
-    trial_pods: kopf.Index[Key, PodSummary],
-    evaluator_pods: kopf.Index[Key, warm.EvaluatorPod] | None = None,
-) -> None:
+@dataclass(frozen=True)
+class Indexes:
+    """kopf's in-memory indexes the loop reads: the searches' Jobs, their terminated (or
+    stuck) pods, and the warm evaluators' pods."""
+
+    jobs: kopf.Index[Key, JobSummary]
+    pods: kopf.Index[Key, PodSummary]
+    evaluators: kopf.Index[Key, warm.EvaluatorPod] | None = None
+
+
+async def run_search(runtime: Runtime, namespace: str, name: str, indexes: Indexes) -> None:
     """Reconcile until the search is gone (a 404) or the task is cancelled (DELETED event,
     operator shutdown)."""
     key = (namespace, name)
-    wake = RUNTIME.wakeup(key)
+    wake = runtime.wakeup(key)
     backoff = 1.0
     try:
         while True:
             wake.clear()
             try:
-                wait = await reconcile_once(namespace, name, trial_jobs, trial_pods, evaluator_pods)
+                wait = await reconcile_once(runtime, namespace, name, indexes)
                 backoff = 1.0
             except (ApiError, aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
                 log.warning("%s/%s: reconcile failed, retrying in %.0fs: %s", *key, backoff, exc)
@@ -293,11 +332,11 @@ async def run_search(
                 return
             await _sleep(wake, wait)
             if wake.is_set():
-                await asyncio.sleep(RUNTIME.batch_s)  # let the rest of a burst arrive
+                await asyncio.sleep(runtime.settings.batch_s)  # let the rest of a burst arrive
     finally:
-        if RUNTIME.wakeups.get(key) is wake:
-            RUNTIME.wakeups.pop(key, None)
-            RUNTIME.inboxes.forget(key)
+        if runtime.wakeups.get(key) is wake:
+            runtime.wakeups.pop(key, None)
+            runtime.inboxes.forget(key)
 
 
 async def _sleep(wake: asyncio.Event, seconds: float) -> None:
@@ -306,41 +345,31 @@ async def _sleep(wake: asyncio.Event, seconds: float) -> None:
 
 
 async def reconcile_once(
-    namespace: str,
-    name: str,
-    jobs_index: kopf.Index[Key, JobSummary],
-    pods_index: kopf.Index[Key, PodSummary],
-    evaluators_index: kopf.Index[Key, warm.EvaluatorPod] | None = None,
+    runtime: Runtime, namespace: str, name: str, indexes: Indexes
 ) -> float | None:
     """One reconcile; returns how long to wait before the next one unless poked (None: the
     search is gone)."""
-    api = RUNTIME.api()
+    api = runtime.api()
     body = await api.get_search(namespace, name)
     if body is None:
         return None
-    meta = body["metadata"]
-    view = SearchView(
-        owner=Owner(name=name, namespace=namespace, uid=meta["uid"]),
-        generation=meta.get("generation"),
-        spec=body.get("spec") or {},
-        status=body.get("status") or {},
-        annotations=dict(meta.get("annotations") or {}),
-    )
-    mine = [j for j in jobs_index.get((namespace, name), []) if j.owner_uid == view.owner.uid]
-    jobs, pods = await _observe(api, namespace, mine, pods_index, view.status)
+    view = SearchView.of(body)
     key = (namespace, name)
-    RUNTIME.inboxes.owners[key] = view.owner
-    inbox, taken = RUNTIME.inboxes.snapshot(key)
-    evaluators = tuple(evaluators_index.get(key, [])) if evaluators_index is not None else ()
+    owned = reconcile.owned_jobs(view, indexes.jobs.get(key, []))
+    jobs, pods = await _observe(api, namespace, owned, indexes.pods, view.status)
+    runtime.inboxes.owners[key] = view.owner
+    inbox, taken = runtime.inboxes.snapshot(key)
+    evaluators = tuple(indexes.evaluators.get(key, [])) if indexes.evaluators is not None else ()
+    settings = runtime.settings.jobs
     try:
         plan = reconcile.reconcile(
-            view, jobs, pods, RUNTIME.settings, now(), inbox=inbox, evaluators=evaluators
+            view, jobs, pods, settings, now(), inbox=inbox, evaluators=evaluators
         )
     except Exception as exc:  # a bug met this resource: record it, never crash-loop
         log.exception("%s/%s: reconcile raised", namespace, name)
         plan = reconcile.internal_error(view, f"{type(exc).__name__}: {exc}", now())
     return await _apply(
-        api, body, view, plan, recorded=lambda: RUNTIME.inboxes.settle(key, plan, taken)
+        runtime, api, body, view, plan, recorded=lambda: runtime.inboxes.settle(key, plan, taken)
     )
 
 
@@ -349,20 +378,17 @@ async def _observe(
     namespace: str,
     jobs: Iterable[JobSummary],
     index: kopf.Index[Key, PodSummary],
-    status: Mapping[str, Any],
+    status: MergeSearchStatus,
 ) -> tuple[list[JobSummary], dict[str, list[PodSummary]]]:
-    """The Jobs, and the pods per Job that matters, from the indexes. A finished Job's
-    terminated pods: when the index has none yet (two watch streams, two orders), one list
-    call reads them. A running Job's pods that do not start: their states, and for a pod or
-    Job stuck for STUCK_S without a reason of its own, its Warning events (one call each)."""
-    active = set(status.get("activeTrials") or [])
+    """The Jobs, and the pods of each Job whose pods matter (`reconcile.pods_matter`), from
+    the indexes. A finished Job's terminated pods: when the index has none yet (two watch
+    streams, two orders), one list call reads them. A running Job's pods that do not start:
+    their states, and for a pod or Job stuck for STUCK_S without a reason of its own, its
+    Warning events (one call each)."""
     out_jobs: list[JobSummary] = []
     out: dict[str, list[PodSummary]] = {}
     for job in jobs:
-        running_evaluators = job.role == warm.EVALUATOR_ROLE and job.state == "active"
-        if not (
-            job.candidate in active or job.role in ("final", "preflight") or running_evaluators
-        ):
+        if not reconcile.pods_matter(status, job):
             out_jobs.append(job)
             continue
         pods = [p for p in index.get((namespace, job.name), []) if p.of(job)]
@@ -396,6 +422,7 @@ def _stuck(created: str) -> bool:
 
 
 async def _apply(
+    runtime: Runtime,
     api: KubeClient,
     body: Mapping[str, Any],
     view: SearchView,
@@ -406,9 +433,10 @@ async def _apply(
     never created for a decision that was not recorded, and a lost race creates nothing. The
     new Jobs go first because they are what the next generation waits for (the benchmark's
     turnaround); but a creation that fails (a quota, an API error) never keeps a collected Job
-    from being deleted: deletions run whatever the creations did, and only then is the
-    failure acted on. `recorded` runs once the plan's status is written (warm evaluators get
-    their answers then)."""
+    from being deleted: deletions run whatever the creations did, and only then is what the
+    creation came to handed back to the core (`reconcile.after_creation`) and its status
+    written. `recorded` runs once the plan's status is written (warm evaluators get their
+    answers then)."""
     meta = body["metadata"]
     if plan.changed:
         try:
@@ -419,9 +447,35 @@ async def _apply(
             raise
         meta = written.get("metadata") or meta
     recorded()
-    after = SearchView(view.owner, view.generation, view.spec, plan.status, view.annotations)
-    refused: Plan | None = None
-    failure: Exception | None = None
+    creation, failure = await _create(api, plan)
+    for job in plan.delete:
+        await api.delete_job(view.owner.namespace, job)
+    _post_events(meta, plan)
+    for observer in runtime.observers:
+        observer(view, plan)
+    if plan.applied:
+        owner = view.owner
+        log.info("%s/%s: told %d results", owner.namespace, owner.name, len(plan.applied))
+    settings = runtime.settings
+    wait = settings.idle_poll_s if plan.idle else settings.poll_s
+    if plan.wake_after is not None:
+        wait = min(wait, max(plan.wake_after, 0.5))
+    if failure is not None:
+        raise failure
+    side = reconcile.after_creation(view.with_status(plan.status), plan, creation, now())
+    if side is not None:
+        await _write_side(api, meta, side)
+    if creation.rejected is not None:
+        return settings.idle_poll_s
+    if creation.quota_job is not None:
+        return min(wait, settings.quota_retry_s)
+    return wait
+
+
+async def _create(api: KubeClient, plan: Plan) -> tuple[Creation, Exception | None]:
+    """Create the plan's Secrets and Jobs in order, stopping at the first refusal: what it
+    came to, and an error that is not the cluster's answer to the Jobs themselves (raised by
+    the caller once the deletions ran)."""
     try:
         for secret in plan.secrets:  # before the evaluator Job, whose pods mount it
             await api.create_secret(secret)
@@ -432,38 +486,19 @@ async def _apply(
                 if not exc.quota_exceeded:
                     raise
                 name, waiting = manifest["metadata"]["name"], len(plan.create) - index
-                refused = reconcile.quota_refused(after, name, exc.detail, waiting, now())
-                break
-    except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-        failure = exc
-    for job in plan.delete:
-        await api.delete_job(view.owner.namespace, job)
-    ref = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": dict(meta)}
-    for event in plan.events:
-        kopf.event(ref, type=event.type, reason=event.reason, message=event.message)
-    for observer in RUNTIME.observers:
-        observer(view, plan)
-    if plan.told:
-        log.info("%s/%s: told %d results", view.owner.namespace, view.owner.name, len(plan.told))
-    wait = RUNTIME.idle_poll_s if plan.idle else RUNTIME.poll_s
-    if plan.wake_after is not None:
-        wait = min(wait, max(plan.wake_after, 0.5))
-    if failure is not None:
-        if isinstance(failure, ApiError) and failure.invalid:
-            await _reject(api, meta, after, failure.detail)
-            return RUNTIME.idle_poll_s
-        raise failure
-    if refused is not None:
-        await _write_side(api, meta, refused)
-        return min(wait, RUNTIME.quota_retry_s)
-    if plan.create and (condition(plan.status, "QuotaExceeded") or {}).get("status") == "True":
-        await _write_side(api, meta, reconcile.quota_cleared(after, now()))
-    return wait
+                return Creation(quota_job=name, quota_detail=exc.detail, waiting=waiting), None
+    except ApiError as exc:
+        if exc.invalid:
+            return Creation(rejected=exc.detail), None
+        return Creation(), exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Creation(), exc
+    return Creation(), None
 
 
 async def _write_side(api: KubeClient, meta: Mapping[str, Any], plan: Plan) -> None:
-    """A second status write in one reconcile (a condition the shell learnt while acting),
-    on top of the first; a conflict just leaves it to the next reconcile."""
+    """A second status write in one reconcile (what the core made of the Jobs' creation), on
+    top of the first; a conflict just leaves it to the next reconcile."""
     if not plan.changed:
         return
     try:
@@ -472,20 +507,16 @@ async def _write_side(api: KubeClient, meta: Mapping[str, Any], plan: Plan) -> N
         if not exc.conflict:
             raise
         return
+    _post_events(meta, plan)
+
+
+def _post_events(meta: Mapping[str, Any], plan: Plan) -> None:
     ref = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": dict(meta)}
     for event in plan.events:
         kopf.event(ref, type=event.type, reason=event.reason, message=event.message)
 
 
-async def _reject(api: KubeClient, meta: Mapping[str, Any], after: SearchView, detail: str) -> None:
-    rejected = reconcile.job_rejected(after, detail, now())
-    await api.replace_status(_status_body(meta, rejected.status))
-    ref = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": dict(meta)}
-    for event in rejected.events:
-        kopf.event(ref, type=event.type, reason=event.reason, message=event.message)
-
-
-def _status_body(meta: Mapping[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+def _status_body(meta: Mapping[str, Any], status: MergeSearchStatus) -> dict[str, Any]:
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
@@ -494,5 +525,5 @@ def _status_body(meta: Mapping[str, Any], status: dict[str, Any]) -> dict[str, A
             "namespace": meta["namespace"],
             "resourceVersion": meta["resourceVersion"],
         },
-        "status": status,
+        "status": status.to_wire(),
     }

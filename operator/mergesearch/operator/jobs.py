@@ -19,11 +19,19 @@ import importlib.metadata
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mergerunner.contract import ExitCode
+from mergerunner.contract import (
+    ENV_CACHE,
+    ENV_CREDENTIALS,
+    ENV_CUSTOM_TASKS,
+    ENV_TRIAL,
+    TERMINATION_LOG,
+    ExitCode,
+)
 from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
 from mergesearch.entrypoints import EVALUATOR_COMMAND, PREFLIGHT_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
@@ -52,10 +60,6 @@ _CANDIDATE_PART = 28
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 # Operator-owned environment variables and volumes: the template cannot override them.
-ENV_TRIAL = "MERGERUNNER_TRIAL"
-ENV_CACHE = "MERGERUNNER_CACHE_DIR"
-ENV_CREDENTIALS = "MERGESEARCH_CREDENTIALS_DIR"
-ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
 SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
@@ -200,10 +204,10 @@ def job_name(owner: Owner, candidate_id: str, attempt: int = 0) -> str:
     return f"{head}-{tail}"
 
 
-def iteration_label(generation: int | None, role: Role) -> str:
+def iteration_label(cma_generation: int | None, role: Role) -> str:
     if role in ("final", "preflight"):
         return role
-    return "baseline" if generation is None else str(generation)
+    return "baseline" if cma_generation is None else str(cma_generation)
 
 
 # --------------------------------------------------------------------------- trial documents
@@ -215,10 +219,11 @@ def trial_document(
     weights: dict[str, float],
     settings: JobSettings,
     *,
-    final: bool = False,
+    finalization: bool = False,
     subset: Subset = "search",
 ) -> TrialDocument:
-    """The runner's input for a candidate; for the final trial: held-out tasks and the export.
+    """The runner's input for a candidate; for the finalization trial: held-out tasks and the
+    export.
 
     A search trial is scored on held-in tasks only (held-out tasks never feed the search). The
     final trial scores the held-out tasks (held-in too when there are none, since a trial needs
@@ -228,7 +233,7 @@ def trial_document(
     held_in: list[TaskSpec] = list(objective.held_in)
     held_out: list[TaskSpec] = []
     output = OutputSpec()
-    if final:
+    if finalization:
         held_out = list(objective.held_out)
         held_in = [] if held_out else held_in
         if spec.output.uri:
@@ -244,7 +249,7 @@ def trial_document(
         datasets_uri=objective.datasets.uri if objective.datasets else None,
         allow_code_execution=objective.allow_code_execution,
         output=output,
-        subset=None if final or not spec.search.confirm.enabled else subset,
+        subset=None if finalization or not spec.search.confirm.enabled else subset,
     )
 
 
@@ -265,7 +270,7 @@ def build_job(
     spec: MergeSearchSpec,
     *,
     candidate_id: str,
-    generation: int | None,
+    cma_generation: int | None,
     document: TrialDocument,
     settings: JobSettings,
     role: Role = "trial",
@@ -279,7 +284,7 @@ def build_job(
     labels = {
         **MANAGED_BY,
         LABEL_SEARCH: label_value(owner.name),
-        LABEL_ITERATION: iteration_label(generation, role),
+        LABEL_ITERATION: iteration_label(cma_generation, role),
         LABEL_CANDIDATE: label_value(candidate_id),
         LABEL_ROLE: role,
     }
@@ -291,6 +296,25 @@ def build_job(
     if attempt:
         annotations[ANNOTATION_ATTEMPT] = str(attempt)
     execution = spec.execution
+    job_spec = {
+        "backoffLimit": execution.backoff_limit,
+        "activeDeadlineSeconds": execution.trial_timeout_seconds,
+        "completions": 1,
+        "parallelism": 1,
+        "podFailurePolicy": pod_failure_policy(FAILS_THE_SAME_WAY),
+        "template": pod_template(spec, text, settings, labels, annotations),
+    }
+    return job_manifest(owner, name, labels, annotations, job_spec)
+
+
+def job_manifest(
+    owner: Owner,
+    name: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    job_spec: dict[str, Any],
+) -> dict[str, Any]:
+    """A Job of the search's: in its namespace, owned by it (garbage-collected with it)."""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -301,14 +325,7 @@ def build_job(
             "annotations": annotations,
             "ownerReferences": [owner.reference()],
         },
-        "spec": {
-            "backoffLimit": execution.backoff_limit,
-            "activeDeadlineSeconds": execution.trial_timeout_seconds,
-            "completions": 1,
-            "parallelism": 1,
-            "podFailurePolicy": _pod_failure_policy(),
-            "template": pod_template(spec, text, settings, labels, annotations),
-        },
+        "spec": job_spec,
     }
 
 
@@ -333,7 +350,7 @@ def build_preflight_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettin
         owner,
         spec,
         candidate_id=PREFLIGHT_CANDIDATE,
-        generation=None,
+        cma_generation=None,
         document=doc,
         settings=replace(settings, command=settings.preflight_command),
         role="preflight",
@@ -360,10 +377,15 @@ def _accelerator(resource: str) -> bool:
     return "/" in resource and any(m in resource.lower() for m in ACCELERATOR_MARKERS)
 
 
-def _pod_failure_policy() -> dict[str, Any]:
-    """A runner that reports a failed step (exit 1) or a bad document (exit 2) would fail the
-    same way again: fail the Job at once. Crashes (OOM kills, signals) use backoffLimit, and
-    evictions and preemptions (DisruptionTarget) do not count at all."""
+# A runner that reports a failed step (exit 1) or a bad document (exit 2) would fail the same
+# way again.
+FAILS_THE_SAME_WAY = (int(ExitCode.FAILED), int(ExitCode.BAD_INPUT))
+
+
+def pod_failure_policy(fail_on: Sequence[int]) -> dict[str, Any]:
+    """A runner that exits with a code in `fail_on` fails the Job at once (another pod would
+    fail the same way). Crashes (OOM kills, signals) use backoffLimit, and evictions and
+    preemptions (DisruptionTarget) do not count at all."""
     return {
         "rules": [
             {
@@ -371,7 +393,7 @@ def _pod_failure_policy() -> dict[str, Any]:
                 "onExitCodes": {
                     "containerName": RUNNER_CONTAINER,
                     "operator": "In",
-                    "values": [int(ExitCode.FAILED), int(ExitCode.BAD_INPUT)],
+                    "values": list(fail_on),
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
@@ -474,7 +496,7 @@ def _runner_container(
         args=[],
         env=[*reserved, *kept_env],
         volumeMounts=mounts,
-        terminationMessagePath="/dev/termination-log",
+        terminationMessagePath=TERMINATION_LOG,
         terminationMessagePolicy="File",
     )
     return _harden_container(runner)

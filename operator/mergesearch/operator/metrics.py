@@ -50,14 +50,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from mergesearch.operator.status import MergeSearchStatus, Phase, TrialEntry
+
 log = logging.getLogger("mergesearch.operator.metrics")
 
 Key = tuple[str, str]  # (namespace, search name)
 LABELS = ("namespace", "search")
 OUTCOMES = ("succeeded", "failed")
 STEPS = ("fetch", "merge", "evaluate", "upload")
-SPLITS = {"held_in": "scores", "held_out": "heldOut"}
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 # A trial takes from seconds (a cached toy model) to hours (a 70B merge evaluated on GPUs).
 BUCKETS: tuple[float, ...] = (
     0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800,
@@ -105,51 +105,58 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def status_samples(status: Mapping[str, Any]) -> list[Sample]:
+def status_samples(status: MergeSearchStatus) -> list[Sample]:
     """The gauge and counter samples a MergeSearch status implies (no namespace/search labels;
     the collector adds them). Fields not there yet (no best before the first result) give no
     sample rather than a misleading zero."""
     out: list[Sample] = []
-    best = status.get("best") or {}
-    trials = status.get("trials") or {}
+    best, trials, winner = status.best, status.trials, status.winner
     scalars = {
-        "mergesearch_best_fitness": best.get("fitness"),
-        "mergesearch_iteration": status.get("iteration"),
-        "mergesearch_sigma": (status.get("search") or {}).get("sigma"),
-        "mergesearch_trials_running": trials.get("running"),
+        "mergesearch_best_fitness": best.fitness if best else None,
+        "mergesearch_iteration": status.iteration,
+        "mergesearch_sigma": status.search.sigma if status.search else None,
+        "mergesearch_trials_running": trials.running if trials else None,
     }
     for name, raw in scalars.items():
         if (value := _number(raw)) is not None:
             out.append(Sample(name, value))
     for outcome in OUTCOMES:
-        if (value := _number(trials.get(outcome))) is not None:
+        if trials is not None and (value := _number(getattr(trials, outcome))) is not None:
             out.append(Sample("mergesearch_trials_total", value, (("outcome", outcome),)))
-    winner = status.get("winner") or {}
-    for subset, raw in (
-        ("search", winner.get("searchFitness")),
-        ("confirmation", winner.get("fitness")),
-    ):
-        if (value := _number(raw)) is not None:
-            out.append(Sample("mergesearch_winner_fitness", value, (("subset", subset),)))
-    chosen = winner or best
-    for split, field_name in SPLITS.items():
-        for task, raw in sorted((chosen.get(field_name) or {}).items()):
+    if winner is not None:
+        for subset, raw in (("search", winner.search_fitness), ("confirmation", winner.fitness)):
+            if (value := _number(raw)) is not None:
+                out.append(Sample("mergesearch_winner_fitness", value, (("subset", subset),)))
+    chosen = status.chosen()
+    if chosen is not None:
+        out += _chosen_samples(chosen)
+    evaluators = status.evaluators
+    if evaluators is not None:
+        for state in EVALUATOR_STATES:
+            if (value := _number(getattr(evaluators, state))) is not None:
+                out.append(Sample("mergesearch_evaluators", value, (("state", state),)))
+        if (value := _number(evaluators.bytes_fetched)) is not None:
+            out.append(Sample("mergesearch_evaluator_fetched_bytes", value))
+    if status.phase is not None:
+        for each in Phase:
+            value = float(each is status.phase)
+            out.append(Sample("mergesearch_phase", value, (("phase", each.value),)))
+    return out
+
+
+def _chosen_samples(chosen: TrialEntry) -> list[Sample]:
+    """Per-task scores (held-in, and held-out once finalized) and weights of the merge the
+    search hands over."""
+    out: list[Sample] = []
+    for split, scores in (("held_in", chosen.scores), ("held_out", chosen.held_out or {})):
+        for task, raw in sorted(scores.items()):
             if (value := _number(raw)) is not None:
                 labels = (("task", str(task)), ("split", split))
                 out.append(Sample("mergesearch_task_score", value, labels))
-    for checkpoint, raw in sorted((chosen.get("weights") or {}).items()):
+    for checkpoint, raw in sorted(chosen.weights.items()):
         if (value := _number(raw)) is not None:
             labels = (("checkpoint", str(checkpoint)),)
             out.append(Sample("mergesearch_checkpoint_weight", value, labels))
-    evaluators = status.get("evaluators") or {}
-    for state in EVALUATOR_STATES:
-        if (value := _number(evaluators.get(state))) is not None:
-            out.append(Sample("mergesearch_evaluators", value, (("state", state),)))
-    if (value := _number(evaluators.get("bytesFetched"))) is not None:
-        out.append(Sample("mergesearch_evaluator_fetched_bytes", value))
-    if (phase := status.get("phase")) in PHASES:
-        for each in PHASES:
-            out.append(Sample("mergesearch_phase", float(each == phase), (("phase", each),)))
     return out
 
 
@@ -198,21 +205,21 @@ class SearchMetrics(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._status: dict[Key, dict[str, Any]] = {}
+        self._status: dict[Key, MergeSearchStatus] = {}
         self._durations: dict[Key, dict[str, Histogram]] = {}
         self._seen_pods: dict[Key, set[str]] = {}
         self._deleted: dict[str, None] = {}  # uids of deleted searches, insertion-ordered
 
     # updates ---------------------------------------------------------------------------------
 
-    def update_status(self, key: Key, status: Mapping[str, Any], uid: str | None = None) -> None:
+    def update_status(self, key: Key, status: MergeSearchStatus, uid: str | None = None) -> None:
         """The status a reconcile decided. Ignored for a search already forgotten (`uid`
         deleted): a reconcile that read the resource just before its deletion may report after
         the deletion event, and must not bring its series back."""
         with self._lock:
             if uid is not None and uid in self._deleted:
                 return
-            self._status[key] = dict(status)
+            self._status[key] = status  # immutable: kept as it is
 
     def observe_result(self, key: Key, pod_uid: str, result: Mapping[str, Any]) -> bool:
         """Observe a trial result's step durations once per pod; False if already seen.
@@ -251,7 +258,7 @@ class SearchMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            statuses = {k: dict(v) for k, v in self._status.items()}
+            statuses = dict(self._status)
             durations = {
                 k: {s: (h.buckets(), h.total) for s, h in v.items()}
                 for k, v in self._durations.items()
@@ -268,7 +275,7 @@ class SearchMetrics(Collector):
         yield histogram
 
 
-def _families(statuses: Mapping[Key, Mapping[str, Any]]) -> Iterable[Metric]:
+def _families(statuses: Mapping[Key, MergeSearchStatus]) -> Iterable[Metric]:
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
     extra: dict[str, tuple[str, ...]] = {
         "mergesearch_trials_total": ("outcome",),

@@ -22,9 +22,9 @@ from mergesearch.operator.jobs import (
     LABEL_ROLE,
     RUNNER_CONTAINER,
 )
+from mergesearch.operator.status import Reason, one_line
 
 JobState = Literal["active", "succeeded", "failed"]
-ERROR_CHARS = 300
 _RESULT_FIELDS = set(TrialResult.model_fields) | {
     f.alias for f in TrialResult.model_fields.values() if f.alias
 }
@@ -88,7 +88,6 @@ class TrialOutcome:
     succeeded: bool
     held_in: dict[str, float] = field(default_factory=dict)
     held_out: dict[str, float] = field(default_factory=dict)
-    fitness: float | None = None
     digest: str | None = None
     output_uri: str | None = None
     failed_step: str | None = None
@@ -101,12 +100,7 @@ class TrialOutcome:
         if self.succeeded:
             return "succeeded"
         step = f"{self.failed_step}: " if self.failed_step else ""
-        return cut(f"{step}{self.error or 'failed'}")
-
-
-def cut(text: str, limit: int = ERROR_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return one_line(f"{step}{self.error or 'failed'}")
 
 
 # --------------------------------------------------------------------------- Jobs
@@ -119,10 +113,10 @@ def _controller_uid(meta: Mapping[str, Any]) -> str | None:
     return None
 
 
-def job_state(status: Mapping[str, Any]) -> tuple[JobState, str | None]:
+def job_state(job_status: Mapping[str, Any]) -> tuple[JobState, str | None]:
     """From the Job's conditions: finished only when Complete or Failed is True (the Job
     controller sets them once its pods are accounted for)."""
-    for cond in status.get("conditions") or []:
+    for cond in job_status.get("conditions") or []:
         if cond.get("status") != "True":
             continue
         if cond.get("type") == "Complete":
@@ -130,7 +124,7 @@ def job_state(status: Mapping[str, Any]) -> tuple[JobState, str | None]:
         if cond.get("type") == "Failed":
             reason = cond.get("reason") or "Failed"
             message = cond.get("message")
-            return "failed", cut(f"{reason}: {message}" if message else reason)
+            return "failed", one_line(f"{reason}: {message}" if message else reason)
     return "active", None
 
 
@@ -140,10 +134,13 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
     candidate = (meta.get("annotations") or {}).get(ANNOTATION_CANDIDATE)
     if not candidate:
         return None
-    status = body.get("status") or {}
-    state, reason = job_state(status)
+    job_status = body.get("status") or {}
+    state, reason = job_state(job_status)
     started = bool(
-        status.get("ready") or status.get("succeeded") or status.get("failed") or state != "active"
+        job_status.get("ready")
+        or job_status.get("succeeded")
+        or job_status.get("failed")
+        or state != "active"
     )
     attempt = (meta.get("annotations") or {}).get(ANNOTATION_ATTEMPT, "0")
     return JobSummary(
@@ -157,7 +154,7 @@ def job_summary(body: Mapping[str, Any]) -> JobSummary | None:
         deleting=bool(meta.get("deletionTimestamp")),
         attempt=int(attempt) if attempt.isdigit() else 0,
         created=str(meta.get("creationTimestamp") or ""),
-        pods=sum(int(status.get(k) or 0) for k in ("active", "succeeded", "failed")),
+        pods=sum(int(job_status.get(k) or 0) for k in ("active", "succeeded", "failed")),
         uid=str(meta.get("uid") or ""),
     )
 
@@ -173,7 +170,7 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
     job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
     if not job:
         return None
-    status = body.get("status") or {}
+    pod_status = body.get("status") or {}
     job_uid = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
     base = {
         "name": meta.get("name", ""),
@@ -181,7 +178,7 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
         "created": str(meta.get("creationTimestamp") or ""),
         "job_uid": str(job_uid or ""),
     }
-    for container in status.get("containerStatuses") or []:
+    for container in pod_status.get("containerStatuses") or []:
         if container.get("name") != RUNNER_CONTAINER:
             continue
         state = container.get("state") or {}
@@ -195,15 +192,15 @@ def pod_summary(body: Mapping[str, Any]) -> PodSummary | None:
                 finished_at=str(terminated.get("finishedAt") or ""),
             )
         waiting = state.get("waiting")
-        if waiting and status.get("phase") == "Pending" and not meta.get("deletionTimestamp"):
+        if waiting and pod_status.get("phase") == "Pending" and not meta.get("deletionTimestamp"):
             reason = str(waiting.get("reason") or "ContainerCreating")
             return PodSummary(
                 **base, exit_code=None, waiting=reason, message=waiting.get("message")
             )
         return None
-    if status.get("phase") not in (None, "Pending") or meta.get("deletionTimestamp"):
+    if pod_status.get("phase") not in (None, "Pending") or meta.get("deletionTimestamp"):
         return None
-    for cond in status.get("conditions") or []:
+    for cond in pod_status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             why = str(cond.get("reason") or "Unschedulable")
             return PodSummary(**base, exit_code=None, waiting=why, message=cond.get("message"))
@@ -227,13 +224,13 @@ def parse_result(message: str | None, job: str) -> tuple[TrialResult | None, str
     try:
         data = unpack_result(data)  # many scores come packed (TrialResult.termination_message)
     except ValueError as exc:
-        return None, cut(f"invalid result: {exc}")
+        return None, one_line(f"invalid result: {exc}")
     if data.get("apiVersion") != RESULT_API_VERSION:
         return None, f"unknown result apiVersion {str(data.get('apiVersion'))[:60]!r}"
     try:
         result = TrialResult.model_validate({k: v for k, v in data.items() if k in _RESULT_FIELDS})
     except ValidationError as exc:
-        return None, cut(f"invalid result: {exc.errors()[0]['msg']}")
+        return None, one_line(f"invalid result: {exc.errors()[0]['msg']}")
     if result.id not in (job, "?"):
         return None, f"result is for trial {result.id[:80]!r}, not {job!r}"
     return result, None
@@ -253,33 +250,27 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
     if job.state == "active":
         return None
     pods = _latest(p for p in pods if p.terminated)
-    base = {"candidate": job.candidate, "job": job.name}
     if job.state == "succeeded":
         problems = []
         for pod in (p for p in pods if p.exit_code == 0):
             result, problem = parse_result(pod.message, job.name)
             if result is not None and result.status == "succeeded":
-                return _success(base, result)
+                return outcome_of_result(job.candidate, job.name, result)
             problems.append(problem or "the runner reported a failure but exited 0")
         error = problems[0] if problems else "no terminated pod found for the Job"
-        return TrialOutcome(**base, succeeded=False, error=error)
+        return TrialOutcome(job.candidate, job.name, succeeded=False, error=error)
     for pod in pods:
         result, _ = parse_result(pod.message, job.name)
         if result is not None and result.status == "failed":
-            return TrialOutcome(
-                **base,
-                succeeded=False,
-                failed_step=result.failed_step,
-                error_kind=result.error_kind,
-                error=cut(result.error or "failed"),
-            )
+            return outcome_of_result(job.candidate, job.name, result)
+    base = {"candidate": job.candidate, "job": job.name}
     detail = [job.reason or "Job failed"]
     kind = _JOB_FAILURE_KINDS.get(job.reason or "")
     if pods:
         pod = pods[0]
         detail.append(f"pod {pod.name}: {pod.reason or 'Error'} (exit code {pod.exit_code})")
         kind = _POD_FAILURE_KINDS.get(pod.reason or "", kind)
-    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=cut("; ".join(detail)))
+    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=one_line("; ".join(detail)))
 
 
 # Failures that leave no runner result, by the reason Kubernetes gives: a container killed for
@@ -288,15 +279,27 @@ _POD_FAILURE_KINDS = {"OOMKilled": FailureKind.OUT_OF_MEMORY}
 _JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
 
 
-def _success(base: dict[str, str], result: TrialResult) -> TrialOutcome:
+def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
+    """A runner's result as the reconcile tells it, whichever way it came back (a trial
+    Job's termination message, or a warm evaluator's post). The runner's fitness is not kept:
+    the engine computes it from the held-in scores with the same `fitness_of`."""
+    if result.status == "succeeded":
+        return TrialOutcome(
+            candidate,
+            job,
+            succeeded=True,
+            held_in=dict(result.held_in),
+            held_out=dict(result.held_out),
+            digest=result.digest,
+            output_uri=result.output_uri,
+        )
     return TrialOutcome(
-        **base,
-        succeeded=True,
-        held_in=dict(result.held_in),
-        held_out=dict(result.held_out),
-        fitness=result.fitness,
-        digest=result.digest,
-        output_uri=result.output_uri,
+        candidate,
+        job,
+        succeeded=False,
+        failed_step=result.failed_step,
+        error_kind=result.error_kind,
+        error=one_line(result.error or "failed"),
     )
 
 
@@ -310,7 +313,7 @@ class Blocker:
     itself (wait, and say so in a condition). `reason` is the condition reason."""
 
     fatal: bool
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -319,22 +322,22 @@ class Blocker:
 # image name that cannot be parsed, or one that must not be pulled, never starts. A failing
 # pull may be a registry outage, and an unschedulable pod may fit once the cluster scales:
 # both wait.
-_WAITING: dict[str, tuple[bool, str]] = {
-    "CreateContainerConfigError": (True, "PodConfigInvalid"),
-    "InvalidImageName": (True, "ImageInvalid"),
-    "ErrImageNeverPull": (True, "ImageInvalid"),
-    "ErrImagePull": (False, "ImagePullBackOff"),
-    "ImagePullBackOff": (False, "ImagePullBackOff"),
-    "Unschedulable": (False, "Unschedulable"),
+_WAITING: dict[str, tuple[bool, Reason]] = {
+    "CreateContainerConfigError": (True, Reason.POD_CONFIG_INVALID),
+    "InvalidImageName": (True, Reason.IMAGE_INVALID),
+    "ErrImageNeverPull": (True, Reason.IMAGE_INVALID),
+    "ErrImagePull": (False, Reason.IMAGE_PULL_BACK_OFF),
+    "ImagePullBackOff": (False, Reason.IMAGE_PULL_BACK_OFF),
+    "Unschedulable": (False, Reason.UNSCHEDULABLE),
 }
 # Warning events (their reason codes) of a pod that waits without a reason of its own, and of
 # a Job that has no pod: a volume that cannot be set up (a missing Secret or ConfigMap is
 # `FailedMount`, the pod stays ContainerCreating) and a pod that admission refused (Pod
 # Security, a LimitRange: the Job controller's `FailedCreate`) are configuration.
-_EVENTS: dict[str, tuple[bool, str]] = {
-    "FailedMount": (True, "VolumeUnavailable"),
-    "FailedCreate": (True, "PodRefused"),
-    "FailedScheduling": (False, "Unschedulable"),
+_EVENTS: dict[str, tuple[bool, Reason]] = {
+    "FailedMount": (True, Reason.VOLUME_UNAVAILABLE),
+    "FailedCreate": (True, Reason.POD_REFUSED),
+    "FailedScheduling": (False, Reason.UNSCHEDULABLE),
 }
 # Reasons that ask for a look at the object's events when the wait lasts.
 SILENT_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
@@ -362,4 +365,4 @@ def blocker_of(job: JobSummary, pods: Iterable[PodSummary]) -> Blocker | None:
 
 def _where(job: JobSummary, pod: PodSummary | None, what: str, message: str | None) -> str:
     place = f"trial Job {job.name}" + (f", pod {pod.name}" if pod else "")
-    return cut(f"{place}: {what}: {message or 'no detail'}", 600)
+    return one_line(f"{place}: {what}: {message or 'no detail'}", 600)

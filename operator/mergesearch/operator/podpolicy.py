@@ -27,7 +27,7 @@ field this module forgot to refuse is still not copied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 ROOT = "spec.execution.template"
@@ -203,15 +203,24 @@ def _check_container(container: Any, path: str, problems: Problems) -> None:
             problems.add(where, "not allowed in the runner container")
 
 
-def _check_env(value: Any, path: str, problems: Problems) -> None:
+def _objects(
+    value: Any, path: str, problems: Problems, *, named: bool, what: str = "a list"
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(path, item) for each item of a list that is an object (with a string `name` when
+    `named`); the list itself, or an item, of another shape is refused by its path."""
     if not isinstance(value, list):
-        problems.add(path, "must be a list")
+        problems.add(path, f"must be {what}")
         return
-    for i, var in enumerate(value):
+    for i, item in enumerate(value):
         where = f"{path}[{i}]"
-        if not isinstance(var, Mapping) or not isinstance(var.get("name"), str):
-            problems.add(where, "must be an object with a name")
+        if not isinstance(item, Mapping) or (named and not isinstance(item.get("name"), str)):
+            problems.add(where, "must be an object with a name" if named else "must be an object")
             continue
+        yield where, item
+
+
+def _check_env(value: Any, path: str, problems: Problems) -> None:
+    for where, var in _objects(value, path, problems, named=True):
         for key in var:
             if key not in ("name", "value", "valueFrom"):
                 problems.add(f"{where}.{key}", "unknown field")
@@ -233,14 +242,7 @@ def _check_env(value: Any, path: str, problems: Problems) -> None:
 
 
 def _check_mounts(value: Any, path: str, problems: Problems) -> None:
-    if not isinstance(value, list):
-        problems.add(path, "must be a list")
-        return
-    for i, mount in enumerate(value):
-        where = f"{path}[{i}]"
-        if not isinstance(mount, Mapping):
-            problems.add(where, "must be an object")
-            continue
+    for where, mount in _objects(value, path, problems, named=False):
         for key in mount:
             if key not in MOUNT_KEEP:
                 problems.add(f"{where}.{key}", "not allowed in a volume mount")
@@ -250,14 +252,7 @@ def _check_mounts(value: Any, path: str, problems: Problems) -> None:
 
 
 def _check_volumes(value: Any, path: str, problems: Problems) -> None:
-    if not isinstance(value, list):
-        problems.add(path, "must be a list of volumes")
-        return
-    for i, volume in enumerate(value):
-        where = f"{path}[{i}]"
-        if not isinstance(volume, Mapping) or not isinstance(volume.get("name"), str):
-            problems.add(where, "must be an object with a name")
-            continue
+    for where, volume in _objects(value, path, problems, named=True, what="a list of volumes"):
         kinds = [k for k in volume if k != "name"]
         for kind in kinds:
             if kind not in VOLUME_KINDS:

@@ -14,7 +14,8 @@ Bookkeeping kept in the status besides the engine's state:
   spec.execution.parallelism trial Jobs ever exist unfinished, and a Job that is missing for an
   active id (a crash between the write and the create, or an index that has not seen the Job
   yet) is simply created again under its deterministic name (AlreadyExists is fine).
-- `final`: the Job evaluating the best merge on held-out tasks and exporting it.
+- `final` (`MergeSearchStatus.finalization`): the Job evaluating the chosen merge on held-out
+  tasks and exporting it.
 - `leases` (warm mode, `operator/warm.py`): which active candidate which evaluator pod holds.
   Warm mode differs only in how an active candidate reaches a pod and how its result comes
   back (a lease and a posted result instead of a Job and its termination message); the
@@ -23,14 +24,20 @@ Bookkeeping kept in the status besides the engine's state:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy
+from mergerunner.trial import (
+    FailureKind,
+    FailurePolicy,
+    backoff_s,
+    failure_policy,
+    runs_again,
+)
 from mergesearch import engine
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator import podpolicy, warm
@@ -41,42 +48,32 @@ from mergesearch.operator.observe import (
     PodSummary,
     TrialOutcome,
     blocker_of,
-    cut,
     outcome_of,
 )
 from mergesearch.operator.status import (
+    ConditionType,
+    Finalization,
+    MergeSearchStatus,
+    OutputEntry,
     Phase,
+    Reason,
+    RetryEntry,
+    Wait,
     build_status,
-    condition,
     decode_state,
+    one_line,
     wait_conditions,
 )
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_spec
 
-# Failures a user can repair by editing the spec (the generation changes); others are final.
-# `SpecChanged` too: a spec edited back to what the search started with carries on. The pod
-# configuration reasons (a missing Secret or ConfigMap, an image that cannot be used, pods
-# that admission refuses) are repaired outside the spec; any edit (e.g. toggling `suspend`)
-# then resumes the search where it was.
-POD_CONFIG_REASONS = frozenset(
-    {"PodConfigInvalid", "ImageInvalid", "VolumeUnavailable", "PodRefused"}
-)
-RECOVERABLE = frozenset(
-    {"SpecInvalid", "TemplateInvalid", "InternalError", "SpecChanged", *POD_CONFIG_REASONS}
-)
+# Which failures a user can repair (by editing the spec, or what it names) and which end the
+# search is said by each `Reason` member (`Reason.finality`), in one place: status.py.
 # `kubectl annotate msearch NAME mergesearch.io/retry-finalization=<any new value>` runs a
 # failed final evaluation again (docs/operator.md).
 ANNOTATION_RETRY_FINAL = "mergesearch.io/retry-finalization"
-# Trials that failed for a transient reason (FailurePolicy.RETRY: the object store could not
-# be reached) run again after a backoff and are not told to the engine: RETRY_BASE_S doubling
-# up to RETRY_CAP_S, at most RETRY_LIMIT times per trial (15 s … 300 s: ~35 min in all), after
-# which the failure counts like any other. A final evaluation that fails for a counted reason
-# (a crash, a timeout) is tried FINAL_ATTEMPTS times in all.
-RETRY_BASE_S = 15.0
-RETRY_CAP_S = 300.0
-RETRY_LIMIT = 10
-FINAL_ATTEMPTS = 3
+# The retry schedule of failed trials and of the final evaluation (RETRY_LIMIT, backoff_s,
+# FINALIZATION_ATTEMPTS) is the trial contract's, shared with local mode (mergerunner.trial).
 # A pod or a Job that shows no progress for this long has its Warning events read (the shell
 # does it: FailedMount, FailedCreate have no other trace).
 STUCK_S = 15.0
@@ -96,20 +93,39 @@ NO_REQUESTS = Event(
     "reservation (set resources.requests/limits, e.g. nvidia.com/gpu: 1)",
 )
 _ENGINE_REASONS = {
-    "max_failed_trials": "MaxFailedTrials",
-    "no_successful_trial": "NoSuccessfulTrial",
+    "max_failed_trials": Reason.MAX_FAILED_TRIALS,
+    "no_successful_trial": Reason.NO_SUCCESSFUL_TRIAL,
 }
+# What a phase is decided as: the phase, the reason of its conditions, and their message.
+Verdict = tuple[Phase, Reason, str]
 
 
 @dataclass(frozen=True)
 class SearchView:
-    """The MergeSearch as read from the API server."""
+    """The MergeSearch as read from the API server. `spec_generation`: its
+    metadata.generation (what a status's observedGeneration answers), not a CMA-ES
+    generation."""
 
     owner: Owner
-    generation: int | None
+    spec_generation: int | None
     spec: Mapping[str, Any]
-    status: Mapping[str, Any]
+    status: MergeSearchStatus
     annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> SearchView:
+        """From the resource's body as the API server returned it."""
+        meta = body["metadata"]
+        return cls(
+            owner=Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
+            spec_generation=meta.get("generation"),
+            spec=body.get("spec") or {},
+            status=MergeSearchStatus.read(body.get("status")),
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+    def with_status(self, status: MergeSearchStatus) -> SearchView:
+        return replace(self, status=status)
 
 
 @dataclass(frozen=True)
@@ -118,12 +134,12 @@ class Plan:
     events. `idle`: nothing will happen until something outside changes (a finished or blocked
     search), so the shell may wait long before looking again."""
 
-    status: dict[str, Any]
+    status: MergeSearchStatus
     changed: bool
     create: tuple[dict[str, Any], ...] = ()
     delete: tuple[str, ...] = ()
     events: tuple[Event, ...] = ()
-    told: tuple[str, ...] = ()
+    applied: tuple[str, ...] = ()  # the candidates whose results the engine was told
     idle: bool = False
     wake_after: float | None = None  # seconds until a retry is due, when one waits
     # Warm mode: Secrets to create (before the Jobs), the answer to each evaluator's request
@@ -136,36 +152,49 @@ class Plan:
     posted: tuple[warm.Posted, ...] = ()  # the posted results told (their timings: metrics)
 
 
+@dataclass(frozen=True)
+class Creation:
+    """What creating a plan's Jobs came to, as the shell reports it back: all created, or
+    a ResourceQuota refused `quota_job` (and the `waiting` Jobs after it), or the API server
+    refused a Job as invalid (`rejected`: its message)."""
+
+    quota_job: str | None = None
+    quota_detail: str = ""
+    waiting: int = 0
+    rejected: str | None = None
+
+
 @dataclass
 class _Draft:
     """The decisions of one reconcile while they are being made (local to `reconcile`)."""
 
     state: engine.EngineState
     active: list[str]
-    final: dict[str, Any] | None
-    output: dict[str, Any] | None
+    finalization: Finalization | None
+    output: OutputEntry | None
     held_out: dict[str, float] | None
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    told: list[str] = field(default_factory=list)
-    fatal: tuple[str, str] | None = None
-    retries: dict[str, dict[str, Any]] = field(default_factory=dict)  # id → attempt, notBefore
-    waits: dict[str, tuple[bool, str, str]] = field(default_factory=dict)
+    applied: list[str] = field(default_factory=list)
+    fatal: tuple[Reason, str] | None = None
+    retries: dict[str, RetryEntry] = field(default_factory=dict)  # by trial id
+    waits: dict[str, Wait] = field(default_factory=dict)
     wake_after: float | None = None
 
     def attempt(self, cid: str) -> int:
         if cid == FINAL_CANDIDATE:
-            return int((self.final or {}).get("attempt") or 0)
-        return int(self.retries.get(cid, {}).get("attempt") or 0)
+            return (self.finalization.attempt if self.finalization else None) or 0
+        retry = self.retries.get(cid)
+        return retry.attempt if retry else 0
 
     def due(self, cid: str, now: str) -> bool:
         """Whether the trial may run now (no retry pending, or its backoff is over)."""
-        not_before = (
-            (self.final or {}).get("notBefore")
-            if cid == FINAL_CANDIDATE
-            else self.retries.get(cid, {}).get("notBefore")
-        )
+        if cid == FINAL_CANDIDATE:
+            not_before = self.finalization.not_before if self.finalization else None
+        else:
+            retry = self.retries.get(cid)
+            not_before = retry.not_before if retry else None
         if not not_before:
             return True
         left = (parse_time(not_before) - parse_time(now)).total_seconds()
@@ -185,7 +214,7 @@ class _Draft:
 class StateInvalid(Exception):
     """status.optimizer cannot be used (corrupt, or written for another configuration)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -198,17 +227,25 @@ def later(now: str, seconds: float) -> str:
     return (parse_time(now) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def backoff_s(attempt: int) -> float:
-    """The wait before retry number `attempt` (1, 2, …)."""
-    return min(RETRY_BASE_S * 2 ** max(attempt - 1, 0), RETRY_CAP_S)
-
-
 # --------------------------------------------------------------------------- entry points
 
 
-def _chosen_entry(status: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The status entry of the merge a finished search hands over (see status.build_status)."""
-    return status.get("winner") or status.get("best") or {}
+def owned_jobs(view: SearchView, jobs: Sequence[JobSummary]) -> list[JobSummary]:
+    """The Jobs this search owns (a search re-created under the same name has a new uid: its
+    predecessor's Jobs, still being collected, are not its own)."""
+    return [j for j in jobs if j.owner_uid == view.owner.uid]
+
+
+def pods_matter(status: MergeSearchStatus, job: JobSummary) -> bool:
+    """Whether the reconcile reads this Job's pods (the shell then looks them up, and their
+    events when they are stuck): an active trial's, the finalization's, the preflight's, and a
+    running evaluator Job's. The pods of a collected trial's Job tell nothing any more."""
+    running_evaluators = job.role == warm.EVALUATOR_ROLE and job.state == "active"
+    return (
+        job.candidate in (status.active_trials or ())
+        or job.role in ("final", "preflight")
+        or running_evaluators
+    )
 
 
 def reconcile(
@@ -223,15 +260,15 @@ def reconcile(
 ) -> Plan:
     """One convergence step; see the module docstring. `inbox` and `evaluators`: what warm
     evaluators asked and posted, and their pods (warm mode only)."""
-    view = _retry_final_if_asked(view, now)
+    view = _retry_finalization_if_asked(view, now)
     previous = view.status
     inbox = inbox or warm.Inbox()
-    mine = [j for j in jobs if j.owner_uid == view.owner.uid]
+    owned = owned_jobs(view, jobs)
     if _finished(previous):
-        return _settled(view, mine, inbox)
-    if _blocked(view):
+        return _settled(view, owned, inbox)
+    if _awaits_repair(view):
         return Plan(
-            status=dict(previous),
+            status=previous,
             changed=False,
             idle=True,
             consumed=_posted(inbox),
@@ -241,44 +278,46 @@ def reconcile(
         spec = parse_spec(dict(view.spec))
         config = engine_config(spec)
     except SpecError as exc:
-        return blocked(view, "SpecInvalid", "; ".join(exc.errors), now)
+        return failed_plan(view, Reason.SPEC_INVALID, "; ".join(exc.errors), now)
     if cluster_errors(spec):
-        return blocked(view, "SpecInvalid", "; ".join(cluster_errors(spec)), now)
+        return failed_plan(view, Reason.SPEC_INVALID, "; ".join(cluster_errors(spec)), now)
     if spec.execution.mode == "warm" and not settings.serves_evaluators:
-        return blocked(view, "SpecInvalid", WARM_UNAVAILABLE, now)
+        return failed_plan(view, Reason.SPEC_INVALID, WARM_UNAVAILABLE, now)
     refused = podpolicy.check_template(spec.execution.template, settings.service_account)
     if refused:  # before any Job: a refused template costs nothing
-        return blocked(view, "TemplateInvalid", "; ".join(refused), now)
+        return failed_plan(view, Reason.TEMPLATE_INVALID, "; ".join(refused), now)
     try:
         state = _load_state(previous, config)
     except StateInvalid as exc:
-        return blocked(view, exc.reason, str(exc), now, final=exc.reason not in RECOVERABLE)
+        return failed_plan(view, exc.reason, str(exc), now)
+    chosen = previous.chosen()
     draft = _Draft(
         state=state,
-        active=list(previous.get("activeTrials") or []),
-        final=dict(previous["final"]) if previous.get("final") else None,
-        output=dict(previous["output"]) if previous.get("output") else None,
-        held_out=dict(_chosen_entry(previous).get("heldOut") or {}) or None,
-        retries={r["trial"]: dict(r) for r in previous.get("retries") or [] if "trial" in r},
+        active=list(previous.active_trials or ()),
+        finalization=previous.finalization,
+        output=previous.output,
+        held_out=dict(chosen.held_out or {}) or None if chosen else None,
+        retries={r.trial: r for r in previous.retries or ()},
     )
     if spec.execution.mode == "warm":
         draft.leases = warm.read_leases(previous)
-    if not previous.get("optimizer") and podpolicy.missing_requests(spec.execution.template):
+    if not previous.optimizer and podpolicy.missing_requests(spec.execution.template):
         draft.events.append(NO_REQUESTS)
-    gate = _preflight(draft, view, spec, mine, pods, settings)
+    gate = _preflight(draft, view, spec, owned, pods, settings)
     if gate is not None:  # no trial Job before the preflight passed
-        return _plan(view, draft, mine, *gate, now)
+        return _plan(view, draft, owned, gate, now)
     try:
-        _collect(draft, mine, pods, now)
+        _collect(draft, owned, pods, now)
         if draft.leases is not None:
             _collect_warm(draft, view.owner, spec, inbox, evaluators, now)
-        _check_blockers(draft, mine, pods)
-        phase, reason, message = _advance(draft, view, spec, mine, pods, settings, inbox, now)
+        _check_blockers(draft, owned, pods)
+        verdict = _advance(draft, view, spec, owned, pods, settings, inbox, now)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         # A pod template Kubernetes would refuse anyway (a malformed structure), caught here
         # rather than as a crash: the template is the only free-form part of the spec.
-        return blocked(view, "TemplateInvalid", f"spec.execution.template: {exc}", now)
-    return _plan(view, draft, mine, phase, reason, message, now, evaluators, spec, inbox)
+        message = f"spec.execution.template: {exc}"
+        return failed_plan(view, Reason.TEMPLATE_INVALID, message, now)
+    return _plan(view, draft, owned, verdict, now, evaluators, spec, inbox)
 
 
 WARM_UNAVAILABLE = (
@@ -292,28 +331,27 @@ def _posted(inbox: warm.Inbox) -> tuple[str, ...]:
     return tuple(p.candidate for p in inbox.results)
 
 
-def blocked(view: SearchView, reason: str, message: str, now: str, *, final: bool = False) -> Plan:
-    """Phase Failed with `reason`; nothing launched, nothing collected. Unless `final`, the
-    search resumes when the spec changes (its generation moves past the condition's)."""
+def failed_plan(view: SearchView, reason: Reason, message: str, now: str) -> Plan:
+    """Phase Failed with `reason`; nothing launched, nothing collected. A recoverable reason
+    resumes the search when the spec changes (its generation moves past the condition's); a
+    terminal one ends it (`Reason.finality`)."""
     previous = view.status
     status = build_status(
         state=None,
-        phase="Failed",
+        phase=Phase.FAILED,
         reason=reason,
         message=message,
         previous=previous,
-        active=list(previous.get("activeTrials") or []),
+        active=list(previous.active_trials or ()),
         now=now,
-        generation=view.generation,
-        final=previous.get("final"),
-        output=previous.get("output"),
-        retries=previous.get("retries") or (),
+        spec_generation=view.spec_generation,
+        finalization=previous.finalization,
+        output=previous.output,
+        retries=previous.retries or (),
     )
-    if final:
-        status["completionTime"] = previous.get("completionTime") or now
     return Plan(
         status=status,
-        changed=status != dict(previous),
+        changed=status != previous,
         events=tuple(milestones(previous, status)),
         idle=True,
     )
@@ -321,7 +359,21 @@ def blocked(view: SearchView, reason: str, message: str, now: str, *, final: boo
 
 def job_rejected(view: SearchView, message: str, now: str) -> Plan:
     """The API server refused a Job we built (422): the template is at fault."""
-    return blocked(view, "TemplateInvalid", f"a trial Job was rejected: {message}", now)
+    return failed_plan(view, Reason.TEMPLATE_INVALID, f"a trial Job was rejected: {message}", now)
+
+
+def after_creation(view: SearchView, plan: Plan, creation: Creation, now: str) -> Plan | None:
+    """The status write the Jobs' creation calls for, on top of `plan`'s (whose status `view`
+    holds): a Job the API server rejected fails the search (the template is at fault); a
+    quota that refused one is the `QuotaExceeded` wait; once every Job of a plan could be
+    created again, that wait is over. None: nothing to write."""
+    if creation.rejected is not None:
+        return job_rejected(view, creation.rejected, now)
+    if creation.quota_job is not None:
+        return quota_refused(view, creation.quota_job, creation.quota_detail, creation.waiting, now)
+    if plan.create and view.status.holds(ConditionType.QUOTA_EXCEEDED):
+        return quota_cleared(view, now)
+    return None
 
 
 def quota_refused(view: SearchView, job: str, detail: str, waiting: int, now: str) -> Plan:
@@ -329,96 +381,101 @@ def quota_refused(view: SearchView, job: str, detail: str, waiting: int, now: st
     in the `QuotaExceeded` condition (and an event when it starts waiting), and creates the
     Job in a later reconcile, once collected Jobs have been deleted and the quota freed."""
     message = f"{waiting} trial Job(s) wait for quota; creating {job}: {detail}"
-    return _wait_condition(view, "QuotaExceeded", True, "JobQuota", message, now)
+    wait = Wait(True, Reason.JOB_QUOTA, message)
+    return _wait_condition(view, ConditionType.QUOTA_EXCEEDED, wait, now)
 
 
 def quota_cleared(view: SearchView, now: str) -> Plan:
     """Every Job of the last reconcile could be created: the quota wait is over."""
-    return _wait_condition(view, "QuotaExceeded", False, "JobsCreated", "no Job waits", now)
+    wait = Wait(False, Reason.JOBS_CREATED, "no Job waits")
+    return _wait_condition(view, ConditionType.QUOTA_EXCEEDED, wait, now)
 
 
-def _wait_condition(
-    view: SearchView, type: str, value: bool, reason: str, message: str, now: str
-) -> Plan:
+def _wait_condition(view: SearchView, type: ConditionType, wait: Wait, now: str) -> Plan:
     previous = view.status
     conditions = wait_conditions(
-        previous.get("conditions") or [],
-        {type: (value, reason, message)},
-        now=now,
-        generation=view.generation,
+        previous.conditions or [], {type: wait}, now=now, spec_generation=view.spec_generation
     )
-    status = {**previous, "conditions": conditions}
-    flipped = (condition(previous, type) or {}).get("status") != ("True" if value else "False")
-    events = (Event("Warning", type, message),) if value and flipped else ()
-    return Plan(status=status, changed=status != dict(previous), events=events)
+    status = previous.model_copy(update={"conditions": conditions})
+    flipped = previous.holds(type) != wait.holds
+    events = (Event("Warning", type, wait.message),) if wait.holds and flipped else ()
+    return Plan(status=status, changed=status != previous, events=events)
 
 
 def internal_error(view: SearchView, message: str, now: str) -> Plan:
     """A bug met this resource: record it and leave the resource alone until its spec changes,
     rather than failing again on every reconcile."""
-    return blocked(view, "InternalError", message, now)
+    return failed_plan(view, Reason.INTERNAL_ERROR, message, now)
 
 
 # --------------------------------------------------------------------------- gates
 
 
-def _failed_reason(status: Mapping[str, Any]) -> str | None:
-    cond = condition(status, "Failed")
-    return cond.get("reason") if cond and cond.get("status") == "True" else None
-
-
-def _finished(status: Mapping[str, Any]) -> bool:
-    phase = status.get("phase")
-    if phase == "Succeeded":
+def _finished(status: MergeSearchStatus) -> bool:
+    """Succeeded, or failed for good (a terminal reason, or one this operator does not know)."""
+    if status.phase is Phase.SUCCEEDED:
         return True
-    return phase == "Failed" and _failed_reason(status) not in RECOVERABLE
+    reason = status.failed_reason()
+    return status.phase is Phase.FAILED and not (isinstance(reason, Reason) and reason.recoverable)
 
 
-def _blocked(view: SearchView) -> bool:
-    """Failed for a reason the spec can fix, and the spec has not changed since."""
-    cond = condition(view.status, "Failed")
+def _awaits_repair(view: SearchView) -> bool:
+    """Failed for a reason the user can repair, and the spec has not changed since."""
+    status = view.status
+    reason = status.failed_reason()
+    cond = status.condition(ConditionType.FAILED)
     return (
-        view.status.get("phase") == "Failed"
-        and _failed_reason(view.status) in RECOVERABLE
+        status.phase is Phase.FAILED
+        and isinstance(reason, Reason)
+        and reason.recoverable
         and cond is not None
-        and cond.get("observedGeneration") == view.generation
+        and cond.observed_generation == view.spec_generation
     )
 
 
-def _retry_final_if_asked(view: SearchView, now: str) -> SearchView:
+def _retry_finalization_if_asked(view: SearchView, now: str) -> SearchView:
     """A search whose final evaluation failed, and whose retry annotation has a value not
     acted on yet: back to Running with a fresh final attempt (the engine state, the best
     trial and its scores were never lost)."""
     status = view.status
-    final = status.get("final") or {}
+    finalization = status.finalization or Finalization()
     asked = view.annotations.get(ANNOTATION_RETRY_FINAL)
     if (
         not asked
-        or _failed_reason(status) != "FinalizationFailed"
-        or final.get("retryRequest") == asked
+        or status.failed_reason() is not Reason.FINALIZATION_FAILED
+        or finalization.retry_request == asked
     ):
         return view
-    retry = {
-        **{k: v for k, v in final.items() if k not in ("error", "notBefore")},
-        "state": "Running",
-        "attempt": int(final.get("attempt") or 0) + 1,
-        "retryRequest": asked,
-    }
-    conditions = [c for c in status.get("conditions") or [] if c.get("type") != "Failed"]
-    reopened = {**status, "phase": "Running", "final": retry, "conditions": conditions}
-    reopened.pop("completionTime", None)
-    return SearchView(view.owner, view.generation, view.spec, reopened, view.annotations)
+    retry = finalization.model_copy(
+        update={
+            "error": None,
+            "not_before": None,
+            "state": "Running",
+            "attempt": (finalization.attempt or 0) + 1,
+            "retry_request": asked,
+        }
+    )
+    conditions = [c for c in status.conditions or () if c.type != ConditionType.FAILED]
+    reopened = status.model_copy(
+        update={
+            "phase": Phase.RUNNING,
+            "finalization": retry,
+            "conditions": conditions,
+            "completion_time": None,
+        }
+    )
+    return view.with_status(reopened)
 
 
-def _settled(view: SearchView, mine: Sequence[JobSummary], inbox: warm.Inbox) -> Plan:
+def _settled(view: SearchView, owned: Sequence[JobSummary], inbox: warm.Inbox) -> Plan:
     """A finished search: only make sure no trial Job or evaluator still runs."""
     delete = tuple(
         j.name
-        for j in mine
+        for j in owned
         if j.role in ("trial", warm.EVALUATOR_ROLE) and j.state == "active" and not j.deleting
     )
     return Plan(
-        status=dict(view.status),
+        status=view.status,
         changed=False,
         delete=delete,
         idle=True,
@@ -427,20 +484,20 @@ def _settled(view: SearchView, mine: Sequence[JobSummary], inbox: warm.Inbox) ->
     )
 
 
-def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> engine.EngineState:
-    data = previous.get("optimizer")
+def _load_state(previous: MergeSearchStatus, config: engine.EngineConfig) -> engine.EngineState:
+    data = previous.optimizer
     if not data:
         return engine.init(config)
     try:
         state = decode_state(data)
     except (ValidationError, ValueError, TypeError) as exc:
-        message = f"status.optimizer is unusable: {cut(str(exc))}"
-        raise StateInvalid("StateInvalid", message) from None
+        message = f"status.optimizer is unusable: {one_line(str(exc))}"
+        raise StateInvalid(Reason.STATE_INVALID, message) from None
     stored = state.config
     budgets = {k: getattr(config, k) for k in _BUDGETS}
     if stored.model_copy(update=budgets) != config:
         raise StateInvalid(
-            "SpecChanged",
+            Reason.SPEC_CHANGED,
             "the search state was made for another spec (only budgets may change while a "
             "search runs); delete and re-create the MergeSearch to start over",
         )
@@ -450,33 +507,46 @@ def _load_state(previous: Mapping[str, Any], config: engine.EngineConfig) -> eng
 # --------------------------------------------------------------------------- collecting results
 
 
-def _by_candidate(mine: Sequence[JobSummary], role: str, draft: _Draft) -> dict[str, JobSummary]:
+def _by_candidate(owned: Sequence[JobSummary], role: str, draft: _Draft) -> dict[str, JobSummary]:
     """Each candidate's Job of its current attempt (an earlier attempt's Job, still being
     deleted, is not it)."""
     out: dict[str, JobSummary] = {}
-    for job in mine:
+    for job in owned:
         if job.role == role and not job.deleting and job.attempt == draft.attempt(job.candidate):
             out[job.candidate] = job
     return out
 
 
 def _collect(
-    draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]], now: str
+    draft: _Draft, owned: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]], now: str
 ) -> None:
     """Tell the engine every finished active trial; a configuration error found by a trial
     (a checkpoint that cannot be fetched, checkpoints that cannot be merged, an unknown task)
     makes the search fail at once instead of burning the failure budget, and a transient
     one (the object store is down) runs the trial again after a backoff, untold."""
-    by_id = _by_candidate(mine, "trial", draft)
+    by_id = _by_candidate(owned, "trial", draft)
+    jobs = [by_id.get(cid) for cid in draft.active]
+    outcomes = [outcome_of(job, pods.get(job.name, ())) for job in jobs if job is not None]
+    finished = [outcome for outcome in outcomes if outcome is not None]
+    _tell_outcomes(draft, finished, now, again=lambda outcome: draft.delete.append(outcome.job))
+
+
+def _tell_outcomes(
+    draft: _Draft,
+    outcomes: Sequence[TrialOutcome],
+    now: str,
+    again: Callable[[TrialOutcome], None],
+) -> None:
+    """Tell the engine these finished trials, except those that failed for a transient reason:
+    they are scheduled again (`again` undoes their current attempt: deletes its Job, or
+    returns its lease) and not told. A failure that reveals a configuration error fails the
+    search."""
     first = draft.state.trials.succeeded == 0
     results: list[engine.Result] = []
-    for cid in draft.active:
-        job = by_id.get(cid)
-        outcome = outcome_of(job, pods.get(job.name, ())) if job else None
-        if outcome is None:
-            continue
+    for outcome in outcomes:
+        cid = outcome.candidate
         if _retry_later(draft, outcome, first, now):
-            draft.delete.append(outcome.job)
+            again(outcome)
             continue
         draft.retries.pop(cid, None)
         results.append(_engine_result(outcome))
@@ -491,7 +561,7 @@ def _tell(draft: _Draft, results: Sequence[engine.Result]) -> None:
         return
     draft.state, report = engine.tell_with_report(draft.state, results)
     done = {r.candidate_id for r in results}
-    draft.told = [*draft.told, *report.applied]
+    draft.applied = [*draft.applied, *report.applied]
     draft.active = [cid for cid in draft.active if cid not in done]
     if draft.leases is not None:
         for cid in done:
@@ -513,10 +583,10 @@ def _collect_warm(
     job_of = {cid: jobspec.job_name(owner, cid, draft.attempt(cid)) for cid in draft.active}
     outcomes, _ = warm.collect_posted(draft.active, inbox, job_of)
     draft.consumed = list(_posted(inbox))
-    told_ids = {o.candidate for o in outcomes}
-    for posted in inbox.results:  # the first posting of each told candidate
-        if posted.candidate in told_ids:
-            told_ids.discard(posted.candidate)
+    accepted = {o.candidate for o in outcomes}
+    for posted in inbox.results:  # the first posting of each accepted candidate
+        if posted.candidate in accepted:
+            accepted.discard(posted.candidate)
             draft.posted.append(posted)
     lost, released = warm.release_lost(
         draft.leases,
@@ -527,23 +597,15 @@ def _collect_warm(
         job_of=job_of,
     )
     draft.events.extend(Event("Warning", "EvaluatorLost", line) for line in released)
-    told = {o.candidate for o in outcomes}
-    outcomes += [o for o in lost if o.candidate not in told]
-    first = draft.state.trials.succeeded == 0
-    results: list[engine.Result] = []
-    for outcome in outcomes:
+    accepted = {o.candidate for o in outcomes}
+    outcomes += [o for o in lost if o.candidate not in accepted]
+    leases = draft.leases
+
+    def lease_again(outcome: TrialOutcome) -> None:  # an outage: lease it again later
         cid = outcome.candidate
-        if _retry_later(draft, outcome, first, now):  # an outage: lease it again later
-            draft.leases[cid] = warm.Lease(
-                cid, issued=draft.leases.get(cid, warm.Lease(cid)).issued
-            )
-            continue
-        draft.retries.pop(cid, None)
-        results.append(_engine_result(outcome))
-        if not outcome.succeeded:
-            draft.events.append(Event("Warning", "TrialFailed", f"{cid}: {outcome.reason}"))
-            draft.fatal = draft.fatal or classify_failure(outcome, first_trials=first)
-    _tell(draft, results)
+        leases[cid] = warm.Lease(cid, issued=leases.get(cid, warm.Lease(cid)).issued)
+
+    _tell_outcomes(draft, outcomes, now, again=lease_again)
 
 
 def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) -> bool:
@@ -553,15 +615,12 @@ def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) ->
         return False
     cid = outcome.candidate
     attempt = draft.attempt(cid) + 1
-    if attempt > RETRY_LIMIT:
+    if not runs_again(outcome.error_kind, attempt, first_trials=first):
         return False
     wait = backoff_s(attempt)
-    draft.retries[cid] = {
-        "trial": cid,
-        "attempt": attempt,
-        "notBefore": later(now, wait),
-        "reason": outcome.reason,
-    }
+    draft.retries[cid] = RetryEntry(
+        trial=cid, attempt=attempt, not_before=later(now, wait), reason=outcome.reason
+    )
     draft.events.append(
         Event(
             "Warning",
@@ -575,23 +634,22 @@ def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) ->
 def retryable(outcome: TrialOutcome, *, first_trials: bool) -> bool:
     """A failure whose kind's policy is RETRY (an outage), except storage that was never
     reached at all (no trial has succeeded yet): that is a misconfigured endpoint, fatal."""
-    kind = outcome.error_kind
-    if outcome.succeeded or kind is None or FAILURE_POLICY[kind] is not FailurePolicy.RETRY:
+    if outcome.succeeded:
         return False
-    return not (kind is FailureKind.STORAGE_UNAVAILABLE and first_trials)
+    return failure_policy(outcome.error_kind, first_trials=first_trials) is FailurePolicy.RETRY
 
 
 def _check_blockers(
-    draft: _Draft, mine: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]]
+    draft: _Draft, owned: Sequence[JobSummary], pods: Mapping[str, Sequence[PodSummary]]
 ) -> None:
     """Pods of active trials (and of the final Job, and in warm mode of the evaluator Job)
     that do not start: a configuration cause fails the search now; a transient one is the
     `TrialsBlocked` condition."""
-    current = {**_by_candidate(mine, "trial", draft), **_by_candidate(mine, "final", draft)}
-    wanted = [*draft.active, *([FINAL_CANDIDATE] if draft.final else [])]
+    current = {**_by_candidate(owned, "trial", draft), **_by_candidate(owned, "final", draft)}
+    wanted = [*draft.active, *([FINAL_CANDIDATE] if draft.finalization else [])]
     jobs = [current.get(cid) for cid in wanted]
     if draft.leases is not None:
-        jobs += [j for j in mine if j.role == warm.EVALUATOR_ROLE and not j.deleting]
+        jobs += [j for j in owned if j.role == warm.EVALUATOR_ROLE and not j.deleting]
     waiting = []
     for job in jobs:
         if job is None or job.state != "active":
@@ -605,9 +663,11 @@ def _check_blockers(
             waiting.append(blocker)
     if waiting:
         more = f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else ""
-        draft.waits["TrialsBlocked"] = (True, waiting[0].reason, waiting[0].message + more)
+        first = waiting[0]
+        draft.waits[ConditionType.TRIALS_BLOCKED] = Wait(True, first.reason, first.message + more)
     else:
-        draft.waits["TrialsBlocked"] = (False, "Running", "no trial pod is blocked")
+        message = "no trial pod is blocked"
+        draft.waits[ConditionType.TRIALS_BLOCKED] = Wait(False, Reason.PODS_RUNNING, message)
 
 
 def _engine_result(outcome: TrialOutcome) -> engine.Result:
@@ -617,20 +677,20 @@ def _engine_result(outcome: TrialOutcome) -> engine.Result:
 
 
 # The condition reason of each failure kind that fails a search (FAILURE_POLICY says which).
-FATAL_REASONS: dict[FailureKind, str] = {
-    FailureKind.INVALID_INPUT: "TrialRejected",
-    FailureKind.CHECKPOINT_UNAVAILABLE: "CheckpointUnavailable",
-    FailureKind.CHECKPOINT_INVALID: "CheckpointInvalid",
-    FailureKind.CHECKPOINTS_INCOMPATIBLE: "CheckpointsIncompatible",
-    FailureKind.UNKNOWN_TASK: "UnknownTask",
-    FailureKind.UNKNOWN_METRIC: "UnknownMetric",
-    FailureKind.DATA_MISSING: "DataMissing",
-    FailureKind.CONFIG: "ConfigInvalid",
-    FailureKind.OUT_OF_MEMORY: "OutOfMemory",
+FATAL_REASONS: dict[FailureKind, Reason] = {
+    FailureKind.INVALID_INPUT: Reason.TRIAL_REJECTED,
+    FailureKind.CHECKPOINT_UNAVAILABLE: Reason.CHECKPOINT_UNAVAILABLE,
+    FailureKind.CHECKPOINT_INVALID: Reason.CHECKPOINT_INVALID,
+    FailureKind.CHECKPOINTS_INCOMPATIBLE: Reason.CHECKPOINTS_INCOMPATIBLE,
+    FailureKind.UNKNOWN_TASK: Reason.UNKNOWN_TASK,
+    FailureKind.UNKNOWN_METRIC: Reason.UNKNOWN_METRIC,
+    FailureKind.DATA_MISSING: Reason.DATA_MISSING,
+    FailureKind.CONFIG: Reason.CONFIG_INVALID,
+    FailureKind.OUT_OF_MEMORY: Reason.OUT_OF_MEMORY,
 }
 
 
-def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[str, str] | None:
+def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[Reason, str] | None:
     """(reason, message) when a failed trial reveals a configuration error, else None.
 
     Decided from the runner's failure kind, never from message text: a kind whose policy is
@@ -641,29 +701,24 @@ def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[str,
     an outage.
     """
     kind = outcome.error_kind
-    if kind is None:
+    if kind is None or failure_policy(kind, first_trials=first_trials) is not FailurePolicy.FATAL:
         return None
-    message = f"trial {outcome.candidate}: {outcome.reason}"
-    if FAILURE_POLICY[kind] is FailurePolicy.FATAL:
-        return FATAL_REASONS[kind], message
-    if kind is FailureKind.STORAGE_UNAVAILABLE and first_trials:
-        return "StorageUnreachable", message
-    return None
+    unreachable = kind is FailureKind.STORAGE_UNAVAILABLE
+    reason = Reason.STORAGE_UNREACHABLE if unreachable else FATAL_REASONS[kind]
+    return reason, f"trial {outcome.candidate}: {outcome.reason}"
 
 
 # --------------------------------------------------------------------------- the preflight
-
-PREFLIGHT = "Preflight"
 
 
 def _preflight(
     draft: _Draft,
     view: SearchView,
     spec: MergeSearchSpec,
-    mine: Sequence[JobSummary],
+    owned: Sequence[JobSummary],
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
-) -> tuple[Phase, str, str] | None:
+) -> Verdict | None:
     """The search's preflight Job (mergerunner.preflight, CPU only) before any trial Job.
 
     Returns the phase to report while it runs or once it failed, None when trials may go: it
@@ -673,36 +728,38 @@ def _preflight(
     fails the search with the reason of its kind (`UnknownTask`, `DataMissing`, ...) and zero
     trial Jobs.
     """
-    passed = condition(view.status, PREFLIGHT)
-    if passed is not None and passed.get("status") == "True":
+    if view.status.holds(ConditionType.PREFLIGHT):
         return None
     if spec.objective.evaluator.backend == "analytic":
         return None
-    if draft.active or any(j.role in ("trial", "final") for j in mine):
+    if draft.active or any(j.role in ("trial", "final") for j in owned):
         return None
-    job = _by_candidate(mine, "preflight", draft).get(jobspec.PREFLIGHT_CANDIDATE)
+    job = _by_candidate(owned, "preflight", draft).get(jobspec.PREFLIGHT_CANDIDATE)
     outcome = outcome_of(job, pods.get(job.name, ())) if job else None
     if outcome is None:
         if job is None:
             draft.create.append(jobspec.build_preflight_job(view.owner, spec, settings))
         name = jobspec.job_name(view.owner, jobspec.PREFLIGHT_CANDIDATE)
         return (
-            "Pending",
-            PREFLIGHT,
+            Phase.PENDING,
+            Reason.PREFLIGHT,
             (f"preflight Job {name}: checkpoint headers, tasks, data and metrics before any trial"),
         )
     if outcome.succeeded:
-        draft.waits[PREFLIGHT] = (True, "Passed", f"preflight Job {outcome.job} passed")
+        message = f"preflight Job {outcome.job} passed"
+        draft.waits[ConditionType.PREFLIGHT] = Wait(True, Reason.PASSED, message)
         return None
     kind = outcome.error_kind
     if kind is FailureKind.STORAGE_UNAVAILABLE:
-        reason = "StorageUnreachable"
+        reason = Reason.STORAGE_UNREACHABLE
     else:
-        reason = FATAL_REASONS.get(kind, "PreflightFailed") if kind else "PreflightFailed"
+        reason = (
+            FATAL_REASONS.get(kind, Reason.PREFLIGHT_FAILED) if kind else Reason.PREFLIGHT_FAILED
+        )
     message = outcome.reason  # "preflight: <the cause>", the runner's failed step
-    draft.waits[PREFLIGHT] = (False, reason, message)
+    draft.waits[ConditionType.PREFLIGHT] = Wait(False, reason, message)
     draft.events.append(Event("Warning", "PreflightFailed", message))
-    return "Failed", reason, message
+    return Phase.FAILED, reason, message
 
 
 # --------------------------------------------------------------------------- advancing
@@ -712,50 +769,52 @@ def _advance(
     draft: _Draft,
     view: SearchView,
     spec: MergeSearchSpec,
-    mine: Sequence[JobSummary],
+    owned: Sequence[JobSummary],
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
     inbox: warm.Inbox,
     now: str,
-) -> tuple[Phase, str, str]:
+) -> Verdict:
     """Decide the phase and the Jobs to launch; returns (phase, reason, message)."""
     failed_evaluators = [
-        j for j in mine if j.role == warm.EVALUATOR_ROLE and j.state == "failed" and not j.deleting
+        j for j in owned if j.role == warm.EVALUATOR_ROLE and j.state == "failed" and not j.deleting
     ]
     if draft.leases is not None and failed_evaluators and draft.fatal is None:
         job = failed_evaluators[0]
-        draft.fatal = ("EvaluatorsFailed", f"evaluator Job {job.name}: {job.reason or 'failed'}")
+        message = f"evaluator Job {job.name}: {job.reason or 'failed'}"
+        draft.fatal = (Reason.EVALUATORS_FAILED, message)
     if draft.fatal is not None:
         _abandon(draft)
-        return "Failed", draft.fatal[0], draft.fatal[1]
+        return Phase.FAILED, draft.fatal[0], draft.fatal[1]
     finished, why = engine.done(draft.state)
     summary = engine.status(draft.state)
     if finished and summary.phase == "failed":
         _abandon(draft)
-        reason = _ENGINE_REASONS.get(why or "", "SearchFailed")
-        return "Failed", reason, summary.message or reason
+        reason = _ENGINE_REASONS.get(why or "", Reason.SEARCH_FAILED)
+        return Phase.FAILED, reason, summary.message or reason
     if finished:
         _abandon(draft)
-        return _finalize(draft, view, spec, mine, pods, settings, summary, now)
+        return _finalize(draft, view, spec, owned, pods, settings, summary, now)
     if spec.suspend:
         if draft.leases is not None:  # evaluators stop: their leases go back to the queue
             draft.leases = {
                 cid: warm.Lease(cid, issued=lease.issued) for cid, lease in draft.leases.items()
             }
-            return "Suspended", "Suspended", "evaluators stopped; nothing is leased"
-        return "Suspended", "Suspended", f"{len(draft.active)} trials still running; none started"
+            return Phase.SUSPENDED, Reason.SUSPENDED, "evaluators stopped; nothing is leased"
+        message = f"{len(draft.active)} trials still running; none started"
+        return Phase.SUSPENDED, Reason.SUSPENDED, message
     if draft.leases is not None:
-        _launch_warm(draft, view.owner, spec, mine, settings, inbox, now)
+        _launch_warm(draft, view.owner, spec, owned, settings, inbox, now)
     else:
-        _launch(draft, view.owner, spec, mine, settings, now)
-    started = any(j.started for j in mine) or summary.trials_succeeded + summary.trials_failed > 0
+        _launch(draft, view.owner, spec, owned, settings, now)
+    started = any(j.started for j in owned) or summary.trials_succeeded + summary.trials_failed > 0
     baselines = any(b["status"] in ("pending", "waiting") for b in summary.baselines)
-    reason = "Baselines" if baselines else "Searching"
+    reason = Reason.BASELINES if baselines else Reason.SEARCHING
     message = (
         f"generation {summary.generation}: {len(draft.active)} trials running, "
         f"{summary.trials_succeeded + summary.trials_failed} of {summary.trials_issued} finished"
     )
-    return ("Running" if started else "Pending"), reason, message
+    return (Phase.RUNNING if started else Phase.PENDING), reason, message
 
 
 def _abandon(draft: _Draft) -> None:
@@ -764,23 +823,32 @@ def _abandon(draft: _Draft) -> None:
     draft.retries = {}
 
 
+def _activate(
+    draft: _Draft, spec: MergeSearchSpec
+) -> tuple[dict[str, engine.Candidate], list[str]]:
+    """(the engine's pending candidates by id, those to make active now): active trials the
+    engine no longer waits for are dropped (with their retries), and new ones fill the room
+    spec.execution.parallelism leaves."""
+    pending = {c.id: c for c in engine.pending_candidates(draft.state)}
+    draft.active = [cid for cid in draft.active if cid in pending]
+    draft.retries = {cid: r for cid, r in draft.retries.items() if cid in draft.active}
+    room = spec.execution.parallelism - len(draft.active)
+    return pending, [cid for cid in pending if cid not in draft.active][: max(room, 0)]
+
+
 def _launch(
     draft: _Draft,
     owner: Owner,
     spec: MergeSearchSpec,
-    mine: Sequence[JobSummary],
+    owned: Sequence[JobSummary],
     settings: JobSettings,
     now: str,
 ) -> None:
     """Create the Jobs the engine's pending candidates lack, within the parallelism cap, and
     re-create (harmlessly) those of active trials that have no Job — a retried trial once
     its backoff is over."""
-    pending = {c.id: c for c in engine.pending_candidates(draft.state)}
-    draft.active = [cid for cid in draft.active if cid in pending]
-    draft.retries = {cid: r for cid, r in draft.retries.items() if cid in draft.active}
-    existing = _by_candidate(mine, "trial", draft)
-    room = spec.execution.parallelism - len(draft.active)
-    fresh = [cid for cid in pending if cid not in draft.active][: max(room, 0)]
+    pending, fresh = _activate(draft, spec)
+    existing = _by_candidate(owned, "trial", draft)
     missing = [cid for cid in draft.active if cid not in existing and draft.due(cid, now)]
     draft.active.extend(fresh)
     for cid in [*missing, *fresh]:
@@ -795,7 +863,7 @@ def _launch(
                 owner,
                 spec,
                 candidate_id=cid,
-                generation=candidate.generation,
+                cma_generation=candidate.generation,
                 document=doc,
                 settings=settings,
                 attempt=attempt,
@@ -807,7 +875,7 @@ def _launch_warm(
     draft: _Draft,
     owner: Owner,
     spec: MergeSearchSpec,
-    mine: Sequence[JobSummary],
+    owned: Sequence[JobSummary],
     settings: JobSettings,
     inbox: warm.Inbox,
     now: str,
@@ -816,13 +884,10 @@ def _launch_warm(
     without Jobs), keep the evaluator Job and its token Secret, and answer the evaluators
     that asked for work with a lease."""
     assert draft.leases is not None and settings.evaluator_key is not None
-    pending = {c.id: c for c in engine.pending_candidates(draft.state)}
-    draft.active = [cid for cid in draft.active if cid in pending]
-    draft.retries = {cid: r for cid, r in draft.retries.items() if cid in draft.active}
-    room = spec.execution.parallelism - len(draft.active)
-    draft.active.extend([cid for cid in pending if cid not in draft.active][: max(room, 0)])
+    pending, fresh = _activate(draft, spec)
+    draft.active.extend(fresh)
     draft.want_evaluators = True
-    running = [j for j in mine if j.role == warm.EVALUATOR_ROLE and not j.deleting]
+    running = [j for j in owned if j.role == warm.EVALUATOR_ROLE and not j.deleting]
     if not running:
         draft.secrets.append(warm.token_secret(owner, settings.evaluator_key))
         draft.create.append(warm.evaluator_job(owner, spec, settings))
@@ -846,78 +911,71 @@ def _finalize(
     draft: _Draft,
     view: SearchView,
     spec: MergeSearchSpec,
-    mine: Sequence[JobSummary],
+    owned: Sequence[JobSummary],
     pods: Mapping[str, Sequence[PodSummary]],
     settings: JobSettings,
     summary: engine.EngineStatus,
     now: str,
-) -> tuple[Phase, str, str]:
+) -> Verdict:
     """The search succeeded: evaluate the chosen merge (the confirmed winner, else the best) on
     held-out tasks and export it."""
     stop = summary.message or "search finished"
     best = engine.chosen(summary)
     if not (spec.objective.held_out or spec.output.uri) or best is None:
-        return "Succeeded", "Succeeded", stop
+        return Phase.SUCCEEDED, Reason.SUCCEEDED, stop
     owner = view.owner
     attempt = draft.attempt(FINAL_CANDIDATE)
     name = jobspec.job_name(owner, FINAL_CANDIDATE, attempt)
-    job = _by_candidate(mine, "final", draft).get(FINAL_CANDIDATE)
+    job = _by_candidate(owned, "final", draft).get(FINAL_CANDIDATE)
     outcome = outcome_of(job, pods.get(job.name, ())) if job else None
     if outcome is not None:
-        return _final_outcome(draft, outcome, stop, now)
-    if spec.suspend and draft.final is None:
-        return "Suspended", "Suspended", "search finished; the final evaluation waits"
-    previous = draft.final or {}
-    draft.final = {
-        **previous,
-        "job": name,
-        "trial": best["id"],
-        "state": previous.get("state") if previous.get("state") == "Retrying" else "Running",
-    }
+        return _finalization_outcome(draft, outcome, stop, now)
+    if spec.suspend and draft.finalization is None:
+        return Phase.SUSPENDED, Reason.SUSPENDED, "search finished; the final evaluation waits"
+    previous = draft.finalization or Finalization()
+    retrying = previous.state == "Retrying"
+    draft.finalization = previous.model_copy(
+        update={"job": name, "trial": best["id"], "state": "Retrying" if retrying else "Running"}
+    )
     if job is None and draft.due(FINAL_CANDIDATE, now):
-        draft.final["state"] = "Running"
-        draft.final.pop("notBefore", None)
-        doc = jobspec.trial_document(spec, name, best["weights"], settings, final=True)
+        draft.finalization = draft.finalization.model_copy(
+            update={"state": "Running", "not_before": None}
+        )
+        doc = jobspec.trial_document(spec, name, best["weights"], settings, finalization=True)
         draft.create.append(
             jobspec.build_job(
                 owner,
                 spec,
                 candidate_id=FINAL_CANDIDATE,
-                generation=None,
+                cma_generation=None,
                 document=doc,
                 settings=settings,
                 role="final",
                 attempt=attempt,
             )
         )
-    if draft.final["state"] == "Retrying":
-        why = draft.final.get("error", "")
-        return "Running", "Finalizing", f"{stop}; the final evaluation is retried ({why})"
-    return "Running", "Finalizing", f"{stop}; evaluating {best['id']} (Job {name})"
+    if draft.finalization.state == "Retrying":
+        why = draft.finalization.error or ""
+        return Phase.RUNNING, Reason.FINALIZING, f"{stop}; the final evaluation is retried ({why})"
+    return Phase.RUNNING, Reason.FINALIZING, f"{stop}; evaluating {best['id']} (Job {name})"
 
 
-def _final_outcome(
-    draft: _Draft, outcome: TrialOutcome, stop: str, now: str
-) -> tuple[Phase, str, str]:
-    final = dict(draft.final or {"job": outcome.job})
+def _finalization_outcome(draft: _Draft, outcome: TrialOutcome, stop: str, now: str) -> Verdict:
+    finalization = draft.finalization or Finalization(job=outcome.job)
     if not outcome.succeeded:
-        attempt = int(final.get("attempt") or 0) + 1
+        attempt = (finalization.attempt or 0) + 1
         kind = outcome.error_kind
-        policy = FAILURE_POLICY[kind] if kind is not None else FailurePolicy.COUNTED
-        again = (policy is FailurePolicy.RETRY and attempt <= RETRY_LIMIT) or (
-            policy is FailurePolicy.COUNTED and attempt < FINAL_ATTEMPTS
-        )
-        if again:
+        if runs_again(kind, attempt, finalization=True):
             wait = backoff_s(attempt)
-            draft.final = {
-                **final,
-                "state": "Retrying",
-                "attempt": attempt,
-                "notBefore": later(now, wait),
-                "error": outcome.reason,
-            }
-            if kind is not None:
-                draft.final["kind"] = str(kind)
+            draft.finalization = finalization.model_copy(
+                update={
+                    "state": "Retrying",
+                    "attempt": attempt,
+                    "not_before": later(now, wait),
+                    "error": outcome.reason,
+                    **({"kind": str(kind)} if kind is not None else {}),
+                }
+            )
             draft.delete.append(outcome.job)
             draft.due(FINAL_CANDIDATE, now)  # sets the wake-up
             draft.events.append(
@@ -928,17 +986,18 @@ def _final_outcome(
                     f"{wait:.0f} s",
                 )
             )
-            return "Running", "Finalizing", f"{stop}; the final evaluation is retried"
-        draft.final = {**final, "state": "Failed", "error": outcome.reason}
-        return "Failed", "FinalizationFailed", f"final evaluation failed: {outcome.reason}"
-    draft.final = {**final, "state": "Succeeded"}
+            return Phase.RUNNING, Reason.FINALIZING, f"{stop}; the final evaluation is retried"
+        draft.finalization = finalization.model_copy(
+            update={"state": "Failed", "error": outcome.reason}
+        )
+        message = f"final evaluation failed: {outcome.reason}"
+        return Phase.FAILED, Reason.FINALIZATION_FAILED, message
+    draft.finalization = finalization.model_copy(update={"state": "Succeeded"})
     draft.held_out = dict(outcome.held_out) or None
     if outcome.output_uri or outcome.digest:
-        draft.output = {
-            k: v for k, v in (("uri", outcome.output_uri), ("digest", outcome.digest)) if v
-        }
+        draft.output = OutputEntry(uri=outcome.output_uri or None, digest=outcome.digest or None)
     where = f"; merged model written to {outcome.output_uri}" if outcome.output_uri else ""
-    return "Succeeded", "Succeeded", f"{stop}{where}"
+    return Phase.SUCCEEDED, Reason.SUCCEEDED, f"{stop}{where}"
 
 
 # --------------------------------------------------------------------------- the plan
@@ -947,16 +1006,15 @@ def _final_outcome(
 def _plan(
     view: SearchView,
     draft: _Draft,
-    mine: Sequence[JobSummary],
-    phase: Phase,
-    reason: str,
-    message: str,
+    owned: Sequence[JobSummary],
+    verdict: Verdict,
     now: str,
     evaluators: Sequence[warm.EvaluatorPod] = (),
     spec: MergeSearchSpec | None = None,
     inbox: warm.Inbox | None = None,
 ) -> Plan:
     previous = view.status
+    phase, reason, message = verdict
     _storage_wait(draft)
     status = build_status(
         state=draft.state,
@@ -966,22 +1024,27 @@ def _plan(
         previous=previous,
         active=draft.active,
         now=now,
-        generation=view.generation,
-        final=draft.final,
+        spec_generation=view.spec_generation,
+        finalization=draft.finalization,
         output=draft.output,
         held_out=draft.held_out,
         retries=list(draft.retries.values()),
         waits=draft.waits,
     )
-    delete = [*dict.fromkeys([*draft.delete, *_collected(draft, mine, status)])]
+    delete = [*dict.fromkeys([*draft.delete, *_collected(draft, owned, status)])]
     if draft.leases is not None and spec is not None:
-        status["leases"] = warm.leases_status(draft.leases, draft.active)
-        status["evaluators"] = warm.evaluators_status(
-            draft.leases, evaluators, spec.execution.parallelism, (inbox or warm.Inbox()).fetched
+        fetched = (inbox or warm.Inbox()).fetched
+        status = status.model_copy(
+            update={
+                "leases": warm.leases_status(draft.leases, draft.active),
+                "evaluators": warm.evaluators_status(
+                    draft.leases, evaluators, spec.execution.parallelism, fetched
+                ),
+            }
         )
         delete += [
             j.name
-            for j in mine
+            for j in owned
             if j.role == warm.EVALUATOR_ROLE
             and not draft.want_evaluators
             and j.state == "active"
@@ -990,12 +1053,12 @@ def _plan(
     events = [*draft.events, *milestones(previous, status)]
     return Plan(
         status=status,
-        changed=status != dict(previous),
+        changed=status != previous,
         create=tuple(draft.create),
         delete=tuple(delete),
         events=tuple(events),
-        told=tuple(draft.told),
-        idle=phase in ("Succeeded", "Failed"),
+        applied=tuple(draft.applied),
+        idle=phase.ended,
         wake_after=draft.wake_after,
         secrets=tuple(draft.secrets),
         assignments=dict(draft.assignments),
@@ -1008,35 +1071,39 @@ def _plan(
 def _storage_wait(draft: _Draft) -> None:
     """The `StorageUnavailable` condition: True while a trial (or the final evaluation)
     waits to be retried after an object-store outage."""
-    final = draft.final or {}
-    final_waits = final.get("state") == "Retrying" and final.get("kind") == str(
+    finalization = draft.finalization or Finalization()
+    finalization_waits = finalization.state == "Retrying" and finalization.kind == str(
         FailureKind.STORAGE_UNAVAILABLE
     )
-    if draft.retries or final_waits:
-        ids = [*draft.retries, *([FINAL_CANDIDATE] if final_waits else [])]
-        first = draft.retries[ids[0]] if draft.retries else final
-        draft.waits["StorageUnavailable"] = (
+    if draft.retries or finalization_waits:
+        ids = [*draft.retries, *([FINAL_CANDIDATE] if finalization_waits else [])]
+        if draft.retries:
+            first = draft.retries[ids[0]]
+            error, not_before = first.reason, first.not_before
+        else:
+            error, not_before = finalization.error, finalization.not_before
+        draft.waits[ConditionType.STORAGE_UNAVAILABLE] = Wait(
             True,
-            "RetryingTrials",
+            Reason.RETRYING_TRIALS,
             f"{len(ids)} trial(s) wait for the object store ({', '.join(ids[:5])}); "
-            f"last error: {first.get('reason') or first.get('error')}; next attempt not "
-            f"before {first.get('notBefore')}",
+            f"last error: {error}; next attempt not before {not_before}",
         )
     else:
-        draft.waits["StorageUnavailable"] = (False, "Reachable", "no trial waits for storage")
+        message = "no trial waits for storage"
+        draft.waits[ConditionType.STORAGE_UNAVAILABLE] = Wait(False, Reason.REACHABLE, message)
 
 
-def _collected(draft: _Draft, mine: Sequence[JobSummary], status: Mapping[str, Any]) -> list[str]:
+def _collected(draft: _Draft, owned: Sequence[JobSummary], status: MergeSearchStatus) -> list[str]:
     """Trial Jobs no longer needed: every Job of a trial that is not active, except the Jobs
     of the most recent failures (`status.recentFailures`, at most 10), kept for `kubectl
     logs` whether the Job failed or completed without a usable result. While a quota refuses
     new Jobs, none are kept: a kept Job must never hold the quota a trial needs."""
     active = set(draft.active)
-    quota = (condition(status, "QuotaExceeded") or {}).get("status") == "True"
-    keep = set() if quota else {f.get("id") for f in status.get("recentFailures") or []}
+    quota = status.holds(ConditionType.QUOTA_EXCEEDED)
+    keep = set() if quota else {f.id for f in status.recent_failures or ()}
     return [
         j.name
-        for j in mine
+        for j in owned
         if j.role == "trial"
         and not j.deleting
         and j.candidate not in active

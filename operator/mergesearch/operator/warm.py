@@ -31,20 +31,23 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mergerunner.contract import ExitCode
+from mergerunner.contract import (
+    ENV_EVALUATOR_NAME,
+    ENV_EVALUATOR_TOKEN_FILE,
+    ENV_EVALUATOR_URL,
+    ExitCode,
+)
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
-from mergesearch.operator.observe import TrialOutcome, cut
+from mergesearch.operator.observe import TrialOutcome, outcome_of_result
+from mergesearch.operator.status import EvaluatorCounts, LeaseEntry, MergeSearchStatus, one_line
 from mergesearch.spec import MergeSearchSpec
 
 EVALUATOR_CANDIDATE = "evaluators"  # the evaluator Job's candidate part and annotation
 EVALUATOR_ROLE = "evaluator"
 TOKEN_SECRET_CANDIDATE = "evaluator-token"  # noqa: S105 - a name, not a secret
 TOKEN_KEY = "token"  # noqa: S105 - the key of the Secret
-ENV_URL = "MERGESEARCH_EVALUATOR_URL"
-ENV_NAME = "MERGESEARCH_EVALUATOR_NAME"
-ENV_TOKEN_FILE = "MERGESEARCH_EVALUATOR_TOKEN_FILE"  # noqa: S105 - a variable name
 TOKEN_DIR = "/var/run/secrets/mergesearch/evaluator"  # noqa: S105 - a mount path
 TOKEN_VOLUME = f"{jobspec.VOLUME_PREFIX}evaluator-token"
 # A lease whose holder the operator cannot see (a deleted pod, a Kueue suspension) is released
@@ -86,8 +89,8 @@ def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
     meta = body.get("metadata") or {}
     if (meta.get("labels") or {}).get(jobspec.LABEL_ROLE) != EVALUATOR_ROLE:
         return None
-    status = body.get("status") or {}
-    for container in status.get("containerStatuses") or []:
+    pod_status = body.get("status") or {}
+    for container in pod_status.get("containerStatuses") or []:
         if container.get("name") != jobspec.RUNNER_CONTAINER:
             continue
         terminated = (container.get("state") or {}).get("terminated")
@@ -99,8 +102,10 @@ def evaluator_pod(body: Mapping[str, Any]) -> EvaluatorPod | None:
                 exit_code=int(terminated.get("exitCode", -1)),
             )
         return EvaluatorPod(name=meta.get("name", ""), ready=bool(container.get("ready")))
-    failed = status.get("phase") in ("Failed", "Succeeded") or bool(meta.get("deletionTimestamp"))
-    return EvaluatorPod(name=meta.get("name", ""), terminated=failed, reason=status.get("reason"))
+    deleting = bool(meta.get("deletionTimestamp"))
+    ended = pod_status.get("phase") in ("Failed", "Succeeded") or deleting
+    name = meta.get("name", "")
+    return EvaluatorPod(name=name, terminated=ended, reason=pod_status.get("reason"))
 
 
 @dataclass(frozen=True)
@@ -136,30 +141,30 @@ class Lease:
     expires: str | None = None
     issued: int = 0
 
-    def to_status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"trial": self.trial, "issued": self.issued}
-        if self.evaluator:
-            out.update(evaluator=self.evaluator, since=self.since, expires=self.expires)
-        return out
+    def to_entry(self) -> LeaseEntry:
+        if not self.evaluator:
+            return LeaseEntry(trial=self.trial, issued=self.issued)
+        return LeaseEntry(
+            trial=self.trial,
+            issued=self.issued,
+            evaluator=self.evaluator,
+            since=self.since,
+            expires=self.expires,
+        )
 
     @classmethod
-    def from_status(cls, data: Mapping[str, Any]) -> Lease:
+    def of(cls, entry: LeaseEntry) -> Lease:
         return cls(
-            trial=str(data["trial"]),
-            evaluator=data.get("evaluator") or None,
-            since=data.get("since"),
-            expires=data.get("expires"),
-            issued=int(data.get("issued") or 0),
+            trial=entry.trial,
+            evaluator=entry.evaluator or None,
+            since=entry.since,
+            expires=entry.expires,
+            issued=entry.issued,
         )
 
 
-def read_leases(status: Mapping[str, Any]) -> dict[str, Lease]:
-    out: dict[str, Lease] = {}
-    for item in status.get("leases") or []:
-        if isinstance(item, Mapping) and item.get("trial"):
-            lease = Lease.from_status(item)
-            out[lease.trial] = lease
-    return out
+def read_leases(status: MergeSearchStatus) -> dict[str, Lease]:
+    return {entry.trial: Lease.of(entry) for entry in status.leases or () if entry.trial}
 
 
 @dataclass(frozen=True)
@@ -171,16 +176,6 @@ class Assignment:
     document: str
 
 
-@dataclass
-class Dispatch:
-    """Lease decisions of one reconcile (local to it)."""
-
-    leases: dict[str, Lease]
-    told: list[TrialOutcome] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    assignments: dict[str, Assignment] = field(default_factory=dict)
-
-
 def collect_posted(
     active: Sequence[str], inbox: Inbox, job_of: Mapping[str, str]
 ) -> tuple[list[TrialOutcome], list[str]]:
@@ -188,39 +183,17 @@ def collect_posted(
     candidate, once (the first in the inbox); any other is a duplicate. It need not come from
     the current holder: a lease re-issued after its holder looked lost may be answered by
     the first holder, and its answer is as good (the same document, a deterministic trial)."""
-    told: dict[str, TrialOutcome] = {}
+    accepted: dict[str, TrialOutcome] = {}
     ignored: list[str] = []
     for posted in inbox.results:
         cid = posted.candidate
         job = job_of.get(cid, "")
         # "?": a runner that could not read the document's id (as in a termination message)
-        if cid not in active or cid in told or posted.result.id not in (job, "?"):
+        if cid not in active or cid in accepted or posted.result.id not in (job, "?"):
             ignored.append(cid)
             continue
-        told[cid] = outcome_of_result(cid, job, posted.result)
-    return list(told.values()), ignored
-
-
-def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
-    """A posted TrialResult as the reconcile tells it (as a trial Job's would be)."""
-    base = {"candidate": candidate, "job": job}
-    if result.status == "succeeded":
-        return TrialOutcome(
-            **base,
-            succeeded=True,
-            held_in=dict(result.held_in),
-            held_out=dict(result.held_out),
-            fitness=result.fitness,
-            digest=result.digest,
-            output_uri=result.output_uri,
-        )
-    return TrialOutcome(
-        **base,
-        succeeded=False,
-        failed_step=result.failed_step,
-        error_kind=result.error_kind,
-        error=cut(result.error or "failed"),
-    )
+        accepted[cid] = outcome_of_result(cid, job, posted.result)
+    return list(accepted.values()), ignored
 
 
 def release_lost(
@@ -270,7 +243,7 @@ def release_lost(
                     succeeded=False,
                     failed_step="evaluate",
                     error_kind=kind,
-                    error=cut(f"{why}; issued {lease.issued} times"),
+                    error=one_line(f"{why}; issued {lease.issued} times"),
                 )
             )
         else:
@@ -315,9 +288,9 @@ def assign(
     return out
 
 
-def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[dict[str, Any]]:
+def leases_status(leases: Mapping[str, Lease], active: Sequence[str]) -> list[LeaseEntry]:
     """In `activeTrials` order: equal decisions give equal documents (no spurious writes)."""
-    return [leases[cid].to_status() for cid in active if cid in leases]
+    return [leases[cid].to_entry() for cid in active if cid in leases]
 
 
 def evaluators_status(
@@ -325,22 +298,20 @@ def evaluators_status(
     pods: Sequence[EvaluatorPod],
     parallelism: int,
     fetched: Mapping[str, int] | None = None,
-) -> dict[str, int]:
+) -> EvaluatorCounts:
     """status.evaluators: wanted, running (pods not terminated), ready, busy (holding a
     lease), and bytesFetched: what the running evaluators report having fetched (all of them
     together; 0 for an evaluator that found the node cache filled)."""
     running = [p for p in pods if not p.terminated]
-    out = {
-        "wanted": parallelism,
-        "running": len(running),
-        "ready": sum(1 for p in running if p.ready),
-        "busy": sum(1 for lease in leases.values() if lease.evaluator),
-    }
     names = {p.name for p in running}
     reported = [n for e, n in (fetched or {}).items() if e in names]
-    if reported:
-        out["bytesFetched"] = sum(reported)
-    return out
+    return EvaluatorCounts(
+        wanted=parallelism,
+        running=len(running),
+        ready=sum(1 for p in running if p.ready),
+        busy=sum(1 for lease in leases.values() if lease.evaluator),
+        bytes_fetched=sum(reported) if reported else None,
+    )
 
 
 # --------------------------------------------------------------------------- credentials
@@ -446,43 +417,24 @@ def evaluator_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettings) ->
     user_labels = (template["metadata"].get("labels") or {}).items()
     job_labels = {**{k: v for k, v in user_labels if k in KUEUE_LABELS}, **labels}
     parallelism = spec.execution.parallelism
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": job_labels,
-            "annotations": annotations,
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            "parallelism": parallelism,
-            "completions": parallelism,
-            # Each evaluator may be lost as often as a trial pod may be retried.
-            "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": jobspec.RUNNER_CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_CONFIG],
-                        },
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
-            "template": template,
-        },
+    job_spec = {
+        "parallelism": parallelism,
+        "completions": parallelism,
+        # Each evaluator may be lost as often as a trial pod may be retried.
+        "backoffLimit": parallelism * (spec.execution.backoff_limit + 1),
+        "podFailurePolicy": jobspec.pod_failure_policy([EXIT_CONFIG]),
+        "template": template,
     }
+    return jobspec.job_manifest(owner, name, job_labels, annotations, job_spec)
 
 
 def _evaluator_env(owner: Owner, settings: JobSettings) -> list[dict[str, Any]]:
     assert settings.evaluator_url
     return [
-        {"name": ENV_URL, "value": settings.evaluator_url.rstrip("/") + lease_path(owner)},
-        {"name": ENV_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": ENV_TOKEN_FILE, "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+        {
+            "name": ENV_EVALUATOR_URL,
+            "value": settings.evaluator_url.rstrip("/") + lease_path(owner),
+        },
+        {"name": ENV_EVALUATOR_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": ENV_EVALUATOR_TOKEN_FILE, "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
     ]
