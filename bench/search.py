@@ -96,8 +96,8 @@ class Scorer:
 
     def held_in(self, weights: np.ndarray) -> dict[str, float]:
         scores = self.evaluator.score([float(w) for w in weights])
-        self.merge_s.append(scores.merge_s)
-        self.evaluate_s.append(scores.evaluate_s)
+        self.merge_s.append(scores.timings.merge_s)
+        self.evaluate_s.append(scores.timings.evaluate_s)
         return scores.held_in
 
     def fitness(self, weights: np.ndarray) -> float:

@@ -205,8 +205,8 @@ def floors(dirs: list[Path], tasks_dir: Path) -> dict[str, Any]:
 
     from mergerunner.devices import load_placed, model_config, plan_for
     from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
-    from mergerunner.merge import ResidentMerger
     from mergerunner.placement import layout_of_merge
+    from mergerunner.resident_merge import ResidentMerger
     from mergerunner.trial import EvaluatorSpec, TaskSpec
 
     evaluator = EvaluatorSpec.model_validate(EVALUATOR)

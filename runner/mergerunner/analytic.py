@@ -15,7 +15,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-from mergerunner.trial import TaskSpec, TrialDocument, TrialResult, fitness_of
+from mergerunner.trial import TaskSpec, TrialDocument, TrialResult
 
 ANALYTIC_BACKEND = "analytic"
 _WIDTH = 0.5  # bump width: scores stay informative (far from 0) over the whole simplex
@@ -52,12 +52,10 @@ def analytic_digest(doc: TrialDocument) -> str:
 
 def run_analytic(doc: TrialDocument) -> TrialResult:
     """The trial's result under the analytic objective; no step can fail."""
-    held_in = scores(doc, doc.held_in)
-    return TrialResult(
-        id=doc.id,
-        status="succeeded",
-        held_in=held_in,
-        held_out=scores(doc, doc.held_out),
-        fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
+    return TrialResult.scored(
+        doc.id,
+        scores(doc, [*doc.held_in, *doc.held_out]),
+        held_in=doc.held_in,
+        held_out=doc.held_out,
         digest=analytic_digest(doc),
     )

@@ -41,19 +41,13 @@ from mergerunner.contract import ExitCode
 from mergerunner.run import (
     StepFailed,
     _Clock,
-    _describe,
-    custom_tasks_dir,
+    failed_result,
     fetch_bundle,
     run_trial,
+    scored_result,
+    task_suite,
 )
-from mergerunner.trial import (
-    FailureKind,
-    TrialDocument,
-    TrialResult,
-    failure_kind_of,
-    fitness_of,
-    parse_trial,
-)
+from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
 log = logging.getLogger(__name__)
 EXIT_DONE, EXIT_CONFIG = ExitCode.OK, ExitCode.BAD_INPUT
@@ -110,25 +104,8 @@ class WarmTrials:
             log.error("trial %s failed in step %s: %s", doc.id, failure.step, failure.cause)
             if failure.step == "fetch" or self._key is None:
                 self._key, self._state = None, {}
-            return TrialResult(
-                id=doc.id,
-                status="failed",
-                failed_step=failure.step,
-                error_kind=failure_kind_of(failure.cause),
-                error=_describe(failure.cause)[:2000],
-                timings=clock.timings(now() - start),
-            )
-        held_in = {t.task: scores[t.task] for t in doc.held_in}
-        return TrialResult(
-            id=doc.id,
-            status="succeeded",
-            held_in=held_in,
-            held_out={t.task: scores[t.task] for t in doc.held_out},
-            prompt=doc.evaluator.prompt_settings(),
-            fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
-            digest=digest,
-            timings=clock.timings(now() - start),
-        )
+            return failed_result(doc.id, failure, clock.timings(now() - start))
+        return scored_result(doc, scores, digest=digest, timings=clock.timings(now() - start))
 
     def _setup(self, doc: TrialDocument, clock: _Clock) -> None:
         """Fetch the checkpoints (once), hold their tensors, load one model in the trial's
@@ -136,10 +113,10 @@ class WarmTrials:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm, subset_options
+        from mergerunner.evaluate import compute_dtype, make_lm
         from mergerunner.fetch import _run, fetch_checkpoints_async
-        from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
+        from mergerunner.resident_merge import ResidentMerger
 
         self._key, self._state = None, {}
         with clock.step("fetch"):
@@ -159,15 +136,7 @@ class WarmTrials:
             model = load_placed(dirs[0], placement, dtype, trust=trust)
             tokenizer = AutoTokenizer.from_pretrained(dirs[0], trust_remote_code=trust)
             bundle = fetch_bundle(doc.datasets_uri, self.cache_dir) if doc.datasets_uri else None
-            suite = TaskSuite(
-                [*doc.held_in, *doc.held_out],
-                include_path=custom_tasks_dir(doc),
-                seed=doc.evaluator.seed,
-                evaluator=doc.evaluator,
-                bundle=bundle,
-                allow_code_execution=doc.allow_code_execution,
-                **subset_options(doc),
-            )
+            suite = task_suite(doc, bundle)
             lm = make_lm(model, tokenizer, doc.evaluator, device=placement.devices[0])
         self._state = {"merger": merger, "model": model, "suite": suite, "lm": lm}
         self._key = setup_key(doc)
@@ -203,14 +172,7 @@ def _rejected(candidate: str, text: str, exc: Exception) -> dict[str, Any]:
     doc_id = "?"
     with contextlib.suppress(ValueError, AttributeError):
         doc_id = str(json.loads(text).get("id", "?"))
-    result = TrialResult(
-        id=doc_id,
-        status="failed",
-        failed_step="input",
-        error_kind=FailureKind.INVALID_INPUT,
-        error=str(exc)[:2000],
-    )
-    return {"candidate": candidate, "result": result.to_wire()}
+    return {"candidate": candidate, "result": TrialResult.rejected(str(exc), doc_id).to_wire()}
 
 
 def serve(

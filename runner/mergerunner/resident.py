@@ -14,32 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mergerunner.evaluate import EvaluationError, TaskSuite, compute_dtype, make_lm
-from mergerunner.run import StepFailed, _Clock, _describe
-from mergerunner.trial import (
-    EvaluatorSpec,
-    FailureKind,
-    StepTimings,
-    Subset,
-    TaskSpec,
-    TrialResult,
-    failure_kind_of,
-    fitness_of,
-)
-
-
-@dataclass(frozen=True)
-class ResidentScores:
-    held_in: dict[str, float]
-    held_out: dict[str, float]
-    digest: str
-    merge_s: float
-    evaluate_s: float
-    subtasks: dict[str, float] = field(default_factory=dict)  # members of group entries
+from mergerunner.run import StepFailed, _Clock, failed_result
+from mergerunner.trial import EvaluatorSpec, FailureKind, Subset, TaskSpec, TrialResult
 
 
 class ResidentEvaluator:
@@ -69,8 +49,8 @@ class ResidentEvaluator:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
+        from mergerunner.resident_merge import ResidentMerger
 
         common = {
             "include_path": custom_tasks_dir,
@@ -90,6 +70,7 @@ class ResidentEvaluator:
         self.merge_dtype = dtype
         self.dtype = compute_dtype(dtype, "cuda" if gpus else "cpu")
         self.held_in_specs = list(held_in)
+        self.held_out_specs = list(held_out)
         # Checkpoint rows in host memory (pinned for fast copies when GPUs hold the model),
         # the model placed over every GPU by the same plan as a trial's.
         self.merger = ResidentMerger(list(checkpoint_dirs), pin_memory=bool(gpus))
@@ -108,9 +89,10 @@ class ResidentEvaluator:
         *,
         with_held_out: bool = False,
         subset: Subset = "search",
-    ) -> ResidentScores:
-        """Merge `weights` into the resident model and score it (held-in tasks on `subset`);
-        raises `StepFailed`."""
+        trial_id: str = "resident",
+    ) -> TrialResult:
+        """Merge `weights` into the resident model and score it (held-in tasks on `subset`),
+        as a succeeded trial's result; raises `StepFailed`."""
         import torch
 
         suite = self.held_in
@@ -118,6 +100,7 @@ class ResidentEvaluator:
             if self.confirmation is None:
                 raise ValueError("this evaluator was built without confirm=True")
             suite = self.confirmation
+        start = time.perf_counter()
         clock = _Clock()
         with clock.step("merge"), torch.no_grad():
             digest = self.merger.merge_into(self.model, weights, dtype=self.merge_dtype)
@@ -128,13 +111,16 @@ class ResidentEvaluator:
                 if with_held_out and self.held_out is not None
                 else None
             )
-        return ResidentScores(
-            held_in=inside.scores,
-            held_out=outside.scores if outside else {},
-            subtasks={**inside.subtasks, **(outside.subtasks if outside else {})},
+        subtasks = {**inside.subtasks, **(outside.subtasks if outside else {})}
+        return TrialResult.scored(
+            trial_id,
+            {**inside.scores, **(outside.scores if outside else {})},
+            held_in=self.held_in_specs,
+            held_out=self.held_out_specs if outside else (),
+            subtasks=subtasks or None,
+            prompt=self.spec.prompt_settings(),
             digest=digest,
-            merge_s=clock.times["merge"],
-            evaluate_s=clock.times["evaluate"],
+            timings=clock.timings(time.perf_counter() - start),
         )
 
     def trial(
@@ -148,30 +134,9 @@ class ResidentEvaluator:
         """One candidate as a trial result, the runner's type: a failed step is reported with
         its failure kind (never raised), so local mode decides from the same kinds as the
         operator."""
-        start = time.perf_counter()
         try:
-            scores = self.score(weights, with_held_out=with_held_out, subset=subset)
-        except StepFailed as failure:
-            return TrialResult(
-                id=trial_id,
-                status="failed",
-                failed_step=failure.step,
-                error_kind=failure_kind_of(failure.cause),
-                error=_describe(failure.cause),
+            return self.score(
+                weights, with_held_out=with_held_out, subset=subset, trial_id=trial_id
             )
-        timings = StepTimings(
-            merge_s=round(scores.merge_s, 4),
-            evaluate_s=round(scores.evaluate_s, 4),
-            total_s=round(time.perf_counter() - start, 4),
-        )
-        return TrialResult(
-            id=trial_id,
-            status="succeeded",
-            held_in=scores.held_in,
-            held_out=scores.held_out,
-            subtasks=scores.subtasks or None,
-            prompt=self.spec.prompt_settings(),
-            fitness=fitness_of(scores.held_in, self.held_in_specs),
-            digest=scores.digest,
-            timings=timings,
-        )
+        except StepFailed as failure:
+            return failed_result(trial_id, failure)

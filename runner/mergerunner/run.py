@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
+from mergerunner.contract import ENV_CUSTOM_TASKS
 from mergerunner.trial import (
     EvaluatorSpec,
     Step,
@@ -25,7 +26,6 @@ from mergerunner.trial import (
     TrialDocument,
     TrialResult,
     failure_kind_of,
-    fitness_of,
 )
 
 if TYPE_CHECKING:
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CUSTOM_TASKS_ENV = "MERGERUNNER_CUSTOM_TASKS_DIR"
+# The longest error text a failed step's result keeps (the termination message keeps less).
+ERROR_CHARS = 2000
 
 
 class StepFailed(Exception):
@@ -77,6 +78,33 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {text}"
 
 
+def failed_result(
+    trial_id: str, failure: StepFailed, timings: StepTimings | None = None
+) -> TrialResult:
+    """A trial whose step failed, reported with the kind its exception carries
+    (`failure_kind_of`): how a trial Job, a warm evaluator and local mode report a failure."""
+    return TrialResult.failed(
+        trial_id,
+        failure.step,
+        failure_kind_of(failure.cause),
+        _describe(failure.cause)[:ERROR_CHARS],
+        timings=timings or StepTimings(),
+    )
+
+
+def scored_result(doc: TrialDocument, scores: Mapping[str, float], **details: Any) -> TrialResult:
+    """A scored trial document: its held-in and held-out scores, the fitness, the instruct
+    settings the prompts were built with, and `details` (digest, timings, ...)."""
+    return TrialResult.scored(
+        doc.id,
+        scores,
+        held_in=doc.held_in,
+        held_out=doc.held_out,
+        prompt=doc.evaluator.prompt_settings(),
+        **details,
+    )
+
+
 def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = None) -> Path | None:
     """The document's customTasksDir, else $MERGERUNNER_CUSTOM_TASKS_DIR.
 
@@ -85,8 +113,24 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
     not part of what the trial evaluates.
     """
     env = os.environ if environ is None else environ
-    where = doc.custom_tasks_dir or env.get(CUSTOM_TASKS_ENV)
+    where = doc.custom_tasks_dir or env.get(ENV_CUSTOM_TASKS)
     return Path(where) if where else None
+
+
+def task_suite(doc: TrialDocument, bundle: Path | None) -> TaskSuite:
+    """The trial's held-in and held-out tasks, loaded once (a trial Job's, a warm evaluator's):
+    an unknown task, a metric its task does not report, missing data fail here."""
+    from mergerunner.evaluate import TaskSuite, subset_options
+
+    return TaskSuite(
+        [*doc.held_in, *doc.held_out],
+        include_path=custom_tasks_dir(doc),
+        seed=doc.evaluator.seed,
+        evaluator=doc.evaluator,
+        bundle=bundle,
+        allow_code_execution=doc.allow_code_execution,
+        **subset_options(doc),
+    )
 
 
 def fetch_bundle(uri: str, cache_dir: Path) -> Path:
@@ -168,7 +212,6 @@ def run_trial(
     """Run one trial and report it; never raises for a failure of a step."""
     if doc.evaluator.backend == ANALYTIC_BACKEND:
         return run_analytic(doc)  # benchmarking mode: no model at all (mergerunner.analytic)
-    from mergerunner.evaluate import TaskSuite, subset_options
     from mergerunner.fetch import check_destination, fetch_checkpoints, upload_directory
     from mergerunner.merge import merge_to_directory
     from mergerunner.server import check_server_tasks
@@ -188,15 +231,7 @@ def run_trial(
                 # Everything that can refuse the trial does so before the fetch and the merge:
                 # unknown tasks, metrics the tasks do not report, tasks the server cannot
                 # score; a model the devices cannot hold right after the fetch.
-                suite = TaskSuite(
-                    [*doc.held_in, *doc.held_out],
-                    include_path=custom_tasks_dir(doc),
-                    seed=doc.evaluator.seed,
-                    evaluator=doc.evaluator,
-                    bundle=bundle,
-                    allow_code_execution=doc.allow_code_execution,
-                    **subset_options(doc),
-                )
+                suite = task_suite(doc, bundle)
                 check_server_tasks(suite.output_types, doc.evaluator)
             with clock.step("fetch"):
                 dirs = fetch_checkpoints([c.uri for c in doc.checkpoints], cache_dir)
@@ -215,23 +250,11 @@ def run_trial(
                     output_uri = doc.output.uri
     except StepFailed as failure:
         log.error("trial %s failed in step %s: %s", doc.id, failure.step, failure.cause)
-        return TrialResult(
-            id=doc.id,
-            status="failed",
-            failed_step=failure.step,
-            error_kind=failure_kind_of(failure.cause),
-            error=_describe(failure.cause),
-            timings=clock.timings(now() - start),
-        )
-    held_in = {t.task: scores[t.task] for t in doc.held_in}
-    return TrialResult(
-        id=doc.id,
-        status="succeeded",
-        held_in=held_in,
-        held_out={t.task: scores[t.task] for t in doc.held_out},
+        return failed_result(doc.id, failure, clock.timings(now() - start))
+    return scored_result(
+        doc,
+        scores,
         subtasks=detailed.subtasks or None,
-        prompt=doc.evaluator.prompt_settings(),
-        fitness=fitness_of(held_in, doc.held_in) if doc.held_in else None,
         digest=report.digest,
         timings=clock.timings(now() - start),
         output_uri=output_uri,

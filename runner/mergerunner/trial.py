@@ -14,7 +14,7 @@ import math
 import random
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -36,6 +36,8 @@ TERMINATION_MESSAGE_LIMIT = 4000
 # The longest error text a termination message keeps, and the most a packed result may inflate
 # to when it is read back (a guard against a compression bomb in a pod's message).
 MESSAGE_ERROR_CHARS = 500
+# The longest error text a rejected trial document's result keeps (in the result file).
+INPUT_ERROR_CHARS = 2000
 MAX_PACKED_BYTES = 1 << 20
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -43,6 +45,7 @@ Step = Literal["input", "preflight", "fetch", "merge", "evaluate", "upload"]
 # Which examples the held-in tasks are scored on: the search's seeded subset, or the disjoint
 # confirmation subset that the search never saw (see mergerunner.evaluate.subset_indices).
 Subset = Literal["search", "confirmation"]
+Text = Annotated[str, StringConstraints(min_length=1)]  # a string that may not be empty
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
 GenValue = str | int | float | bool | list[str]
 
@@ -97,6 +100,51 @@ FAILURE_POLICY: dict[FailureKind, FailurePolicy] = {
 }
 
 
+# Trials that failed for a transient reason (FailurePolicy.RETRY: the object store could not be
+# reached) run again after a backoff and are not told to the search: RETRY_BASE_S doubling up
+# to RETRY_CAP_S, at most RETRY_LIMIT times per trial (15 s … 300 s: ~35 min in all), after
+# which the failure counts like any other. The finalization (held-out scores and export of the
+# chosen merge) that fails for a counted reason (a crash, a timeout) runs FINALIZATION_ATTEMPTS
+# times in all. The operator and local mode follow the same schedule.
+RETRY_BASE_S = 15.0
+RETRY_CAP_S = 300.0
+RETRY_LIMIT = 10
+FINALIZATION_ATTEMPTS = 3
+
+
+def failure_policy(kind: FailureKind | None, *, first_trials: bool = False) -> FailurePolicy:
+    """What a failed trial does to the search, for the operator and local mode alike: its
+    kind's `FAILURE_POLICY`; a failure without a kind counts. Storage that was never reached
+    at all (`first_trials`: no trial has succeeded yet) is a misconfigured endpoint, not an
+    outage: fatal."""
+    if kind is None:
+        return FailurePolicy.COUNTED
+    if kind is FailureKind.STORAGE_UNAVAILABLE and first_trials:
+        return FailurePolicy.FATAL
+    return FAILURE_POLICY[kind]
+
+
+def runs_again(
+    kind: FailureKind | None,
+    attempt: int,
+    *,
+    first_trials: bool = False,
+    finalization: bool = False,
+) -> bool:
+    """Whether a trial whose run number `attempt` (1, 2, …) failed with `kind` runs again: an
+    outage up to RETRY_LIMIT times; the final evaluation also after a counted failure, up to
+    FINALIZATION_ATTEMPTS runs in all."""
+    policy = failure_policy(kind, first_trials=first_trials)
+    if policy is FailurePolicy.RETRY:
+        return attempt <= RETRY_LIMIT
+    return finalization and policy is FailurePolicy.COUNTED and attempt < FINALIZATION_ATTEMPTS
+
+
+def backoff_s(attempt: int) -> float:
+    """The wait before retry number `attempt` (1, 2, …)."""
+    return min(RETRY_BASE_S * 2 ** max(attempt - 1, 0), RETRY_CAP_S)
+
+
 class TrialError(Exception):
     """An error that knows its failure kind. Runner errors subclass it or carry a
     `failure_kind` attribute, so the step that catches them reports the kind without reading
@@ -148,8 +196,7 @@ class CheckpointRef(_Document):
     """A checkpoint by name (used as the weight's key) and location."""
 
     name: Name = Field(description="Unique name of the checkpoint within the search.")
-    uri: str = Field(
-        min_length=1,
+    uri: Text = Field(
         description="s3://, gs://, az://, file:// or a local path to an HF-format directory.",
     )
 
@@ -157,10 +204,9 @@ class CheckpointRef(_Document):
 class TaskSpec(_Document):
     """One lm-evaluation-harness task and how to score it."""
 
-    task: str = Field(min_length=1, description="lm-eval task name (registry or custom YAML).")
-    metric: str = Field(
+    task: Text = Field(description="lm-eval task name (registry or custom YAML).")
+    metric: Text = Field(
         default="acc",
-        min_length=1,
         description='lm-eval metric key, optionally with its filter: "acc" or '
         '"exact_match,strict-match". Without a filter, the "none" filter is used.',
     )
@@ -280,9 +326,8 @@ class EvaluatorSpec(_Document):
         description="Format prompts with the tokenizer's chat template (true), or the named one "
         "of several (lm-eval's --apply_chat_template). For instruct checkpoints.",
     )
-    system_instruction: str | None = Field(
+    system_instruction: Text | None = Field(
         default=None,
-        min_length=1,
         description="System message put before every prompt (lm-eval's --system_instruction).",
     )
     fewshot_as_multiturn: bool | None = Field(
@@ -341,9 +386,8 @@ class TrialDocument(_Document):
     custom_tasks_dir: str | None = Field(
         default=None, description="Directory of lm-eval task YAMLs to register."
     )
-    datasets_uri: str | None = Field(
+    datasets_uri: Text | None = Field(
         default=None,
-        min_length=1,
         description="Data bundle (mergesearch datasets pack) holding the registry tasks' data.",
     )
     allow_code_execution: bool = Field(
@@ -440,6 +484,48 @@ class TrialResult(_Model):
     timings: StepTimings = Field(default_factory=StepTimings)
     output_uri: str | None = None
     truncated: bool = False
+
+    @classmethod
+    def scored(
+        cls,
+        trial_id: str,
+        scores: Mapping[str, float],
+        *,
+        held_in: Sequence[TaskSpec],
+        held_out: Sequence[TaskSpec] = (),
+        **details: Any,
+    ) -> TrialResult:
+        """A succeeded trial: the scores of its held-in and held-out tasks, and its fitness
+        (`fitness_of` the held-in scores; none without held-in tasks). `details` are the other
+        fields (digest, timings, prompt, ...)."""
+        inside = {t.task: scores[t.task] for t in held_in}
+        return cls(
+            id=trial_id,
+            status="succeeded",
+            held_in=inside,
+            held_out={t.task: scores[t.task] for t in held_out},
+            fitness=fitness_of(inside, held_in_weights(held_in)) if held_in else None,
+            **details,
+        )
+
+    @classmethod
+    def failed(
+        cls, trial_id: str, step: Step, kind: FailureKind, error: str, **details: Any
+    ) -> TrialResult:
+        """A failed trial: the step that failed, why as a kind, and the error's text."""
+        return cls(
+            id=trial_id,
+            status="failed",
+            failed_step=step,
+            error_kind=kind,
+            error=error,
+            **details,
+        )
+
+    @classmethod
+    def rejected(cls, error: str, trial_id: str = "?") -> TrialResult:
+        """A trial document that could not be read or was refused: a bad input, no step ran."""
+        return cls.failed(trial_id, "input", FailureKind.INVALID_INPUT, error[:INPUT_ERROR_CHARS])
 
     def to_json(self) -> str:
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
@@ -567,10 +653,21 @@ def finite_in_float32(value: float) -> bool:
     return True
 
 
-def fitness_of(scores: dict[str, float], held_in: list[TaskSpec]) -> float:
-    """Weighted mean of held-in scores: the paper's macro-average, with optional task weights."""
-    total = sum(t.weight for t in held_in)
-    return sum(t.weight * scores[t.task] for t in held_in) / total
+def fitness_of(scores: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """The number a search maximises: the weighted mean of the held-in scores (the paper's
+    macro-average, with optional task weights, `weights` by task name).
+
+    The one definition, for the runner's result, the engine and local mode alike. `math.fsum`
+    rounds each sum exactly once, so the figure does not depend on the order of the tasks (a
+    plain `sum` of 3 scores can differ in the last bit between two orders).
+    """
+    total = math.fsum(weight * scores[task] for task, weight in weights.items())
+    return total / math.fsum(weights.values())
+
+
+def held_in_weights(tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """The held-in tasks' weights by name, as `fitness_of` takes them."""
+    return {t.task: t.weight for t in tasks}
 
 
 def parse_trial(text: str) -> TrialDocument:

@@ -182,7 +182,7 @@ def score_exported(setup: Setup, into: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergerunner.evaluate import TaskSuite, make_lm
-    from mergerunner.trial import EvaluatorSpec, TaskSpec, fitness_of
+    from mergerunner.trial import EvaluatorSpec, TaskSpec, fitness_of, held_in_weights
 
     client = setup.s3.client()
     listing = client.list_objects_v2(Bucket=setup.bucket, Prefix="merged/good/")
@@ -202,7 +202,7 @@ def score_exported(setup: Setup, into: Path) -> dict[str, Any]:
     return {
         "held_in": suite_in,
         "held_out": suite_out,
-        "fitness": fitness_of(suite_in, held_in),
+        "fitness": fitness_of(suite_in, held_in_weights(held_in)),
         "confirmation": unseen.score(lm),
     }
 

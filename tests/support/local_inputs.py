@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergesearch.local.records import TrialRecord
+from mergesearch.local.records import TrialLogEntry
 
 
 def three_checkpoint_manifest(
@@ -25,10 +25,10 @@ def three_checkpoint_manifest(
     }
 
 
-def trial_record(rid: str, kind: str, fit: float, x: float, y: float, **kw: Any) -> TrialRecord:
+def trial_record(rid: str, kind: str, fit: float, x: float, y: float, **kw: Any) -> TrialLogEntry:
     """A succeeded trial `rid` of `kind` (baseline or search) with fitness `fit` and held-in
     scores x and y; `kw` sets any other field (held_out, subset, source...)."""
-    return TrialRecord(
+    return TrialLogEntry(
         id=rid,
         kind=kind,
         generation=-1 if kind == "baseline" else 0,

@@ -11,7 +11,7 @@ import pytest
 from mergesearch.engine import EngineConfig, ask, done, init, tell
 from mergesearch.engine.codec import encode_f8
 from mergesearch.engine.pareto import crowding_distances, dominates, insert
-from mergesearch.engine.records import TrialRecord
+from mergesearch.engine.records import ScoredTrial
 from mergesearch.engine.synthetic import SyntheticObjective
 
 pytestmark = pytest.mark.unit
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.unit
 TASKS = ("a", "b")
 
 
-def record(seq: int, a: float, b: float) -> TrialRecord:
-    return TrialRecord(
+def record(seq: int, a: float, b: float) -> ScoredTrial:
+    return ScoredTrial(
         id=f"t{seq}",
         seq=seq,
         kind="search",
@@ -31,8 +31,8 @@ def record(seq: int, a: float, b: float) -> TrialRecord:
     )
 
 
-def build(points: list[tuple[float, float]], limit: int = 100) -> tuple[TrialRecord, ...]:
-    front: tuple[TrialRecord, ...] = ()
+def build(points: list[tuple[float, float]], limit: int = 100) -> tuple[ScoredTrial, ...]:
+    front: tuple[ScoredTrial, ...] = ()
     for seq, (a, b) in enumerate(points):
         front = insert(front, record(seq, a, b), TASKS, limit)
     return front
@@ -87,7 +87,7 @@ def test_pruning_ties_drop_the_newest_and_the_protected_point_stays() -> None:
 def test_front_never_exceeds_its_limit_and_holds_only_non_dominated_points(limit: int) -> None:
     rng = np.random.default_rng(limit)
     points = [tuple(map(float, p)) for p in rng.random((200, 2))]
-    front: tuple[TrialRecord, ...] = ()
+    front: tuple[ScoredTrial, ...] = ()
     for seq, (a, b) in enumerate(points):
         front = insert(front, record(seq, a, b), TASKS, limit)
         assert len(front) <= limit

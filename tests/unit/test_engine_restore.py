@@ -13,6 +13,7 @@ import cma
 import numpy as np
 import pytest
 
+from mergerunner.trial import fitness_of
 from mergesearch.engine import (
     Candidate,
     EngineConfig,
@@ -26,7 +27,6 @@ from mergesearch.engine import (
 from mergesearch.engine.cmastate import NormalSource, StrategySettings, strategy_options
 from mergesearch.engine.engine import start_weights
 from mergesearch.engine.parameterization import make_parameterization
-from mergesearch.engine.records import fitness_of
 from mergesearch.engine.streams import main_generator
 from support.engine_runs import objective_for, roundtrip
 
@@ -139,7 +139,7 @@ def test_search_candidates_are_what_a_single_live_cma_run_asks(
         samples = live.ask()
         weights = [param.to_weights(np.asarray(x)) for x in samples]
         expected.append([w.tobytes() for w in weights])
-        fitness = [fitness_of(config, objective.scores(w)) for w in weights]
+        fitness = [fitness_of(objective.scores(w), config.task_weights) for w in weights]
         live.tell(samples, [-f for f in fitness])  # cma minimises
 
     seen: dict[int, dict[str, bytes]] = {}

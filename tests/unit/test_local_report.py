@@ -11,7 +11,7 @@ import matplotlib
 import pytest
 from matplotlib.text import Text
 
-from mergesearch.local.records import TrialRecord
+from mergesearch.local.records import TrialLogEntry
 from mergesearch.local.report import (
     _fitness_figure,
     _scores_figure,
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.unit
 NAMES = ["base", "sft-add", "sft-rev", "sft-sort", "sft-add-sort", "sft-rev-lowlr", "sft-mix"]
 
 
-def record(rid: str, kind: str, x: float, y: float, z: float) -> TrialRecord:
-    return TrialRecord(
+def record(rid: str, kind: str, x: float, y: float, z: float) -> TrialLogEntry:
+    return TrialLogEntry(
         id=rid,
         kind=kind,
         generation=-1 if kind == "baseline" else 0,
@@ -41,7 +41,7 @@ def record(rid: str, kind: str, x: float, y: float, z: float) -> TrialRecord:
     )
 
 
-def clustered() -> list[TrialRecord]:
+def clustered() -> list[TrialLogEntry]:
     """Single checkpoints bunched within a few examples of each other, as on a real pool."""
     singles = [
         record(f"b-each-{n}", "baseline", 0.20 + 0.01 * i, 0.15 + 0.01 * (i % 3), 0.5 - 0.01 * i)

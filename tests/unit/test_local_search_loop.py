@@ -197,3 +197,108 @@ def test_what_libraries_print_during_a_search_stays_off_stdout(
         print("Passed argument batch_size = auto. Detecting largest batch size")
     out, err = capsys.readouterr()
     assert out == "" and "Detecting largest batch size" in err
+
+
+# --------------------------------------------------------------------------- as on a cluster
+# A failing local trial is classified by mergerunner.trial's kinds and policy exactly as the
+# operator classifies a trial Job's (tests/unit/test_operator_reconcile.py): an outage runs the
+# trial again after the same backoff, uncounted; storage never reached is a misconfiguration;
+# the final evaluation is retried as the final Job is, then fails the search.
+
+
+class Scripted(FakeEvaluator):
+    """Fails the calls numbered in `failures` (1, 2, …) with their kind; scores the others."""
+
+    def __init__(self, failures: dict[int, FailureKind]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.ids: list[str] = []
+
+    def trial(
+        self, trial_id: str, weights: Any, *, with_held_out: bool = False, subset: str = "search"
+    ) -> TrialResult:
+        self.ids.append(trial_id)
+        kind = self.failures.get(self.calls + 1)
+        self.fail, self.after = kind, self.calls
+        return super().trial(trial_id, weights, with_held_out=with_held_out, subset=subset)
+
+
+def waiting(local: LocalSearch) -> list[float]:
+    waits: list[float] = []
+    local.sleep = waits.append
+    return waits
+
+
+def test_an_outage_runs_the_trial_again_after_a_backoff_uncounted(tmp_path: Path) -> None:
+    storage = FailureKind.STORAGE_UNAVAILABLE
+    fake = Scripted({3: storage, 4: storage})
+    local = search(tmp_path, fake)
+    waits = waiting(local)
+    state = local.run()
+    assert waits == [15, 30]
+    assert fake.ids[2] == fake.ids[3] == fake.ids[4]  # the same trial, run three times
+    assert state.trials.failed == 0 and engine.status(state).phase == "succeeded"
+    assert all(r.status == "succeeded" for r in local.records.values())
+
+
+def test_an_outage_retried_too_often_counts_as_a_failure(tmp_path: Path) -> None:
+    from mergerunner.trial import RETRY_LIMIT, backoff_s
+
+    runs = RETRY_LIMIT + 1
+    fake = Scripted({2 + i: FailureKind.STORAGE_UNAVAILABLE for i in range(runs)})
+    local = search(tmp_path, fake)
+    waits = waiting(local)
+    state = local.run()
+    assert waits == [backoff_s(a) for a in range(1, runs)]
+    assert waits[:6] == [15, 30, 60, 120, 240, 300]
+    assert len(set(fake.ids[1 : 1 + runs])) == 1
+    assert state.trials.failed == 1 and local.fatal is None
+    failed = [r for r in local.records.values() if r.status == "failed"]
+    assert [r.error_kind for r in failed] == ["storage-unavailable"]
+
+
+def test_storage_never_reached_before_any_success_is_a_misconfiguration(tmp_path: Path) -> None:
+    fake = Scripted({1: FailureKind.STORAGE_UNAVAILABLE})
+    local = search(tmp_path, fake)
+    waits = waiting(local)
+    local.run()
+    assert fake.calls == 1 and waits == []
+    assert local.fatal is not None and local.fatal.kind is FailureKind.STORAGE_UNAVAILABLE
+    assert local.records == {} and local.state.trials.failed == 0
+
+
+def finished(tmp_path: Path) -> LocalSearch:
+    local = search(tmp_path, FakeEvaluator())
+    local.run()
+    return local
+
+
+def test_the_final_evaluation_is_tried_three_times_then_fails_the_search(tmp_path: Path) -> None:
+    from mergerunner.trial import FINALIZATION_ATTEMPTS
+    from mergesearch.local.search import FinalEvaluationFailed
+
+    local = finished(tmp_path)
+    fake = Scripted({1: FailureKind.TIMEOUT, 2: FailureKind.INTERNAL, 3: FailureKind.INTERNAL})
+    local.evaluator = fake
+    waits = waiting(local)
+    with pytest.raises(FinalEvaluationFailed, match="final evaluation failed: evaluate: internal"):
+        local.finish()
+    assert fake.calls == FINALIZATION_ATTEMPTS == 3 and waits == [15, 30]
+    assert not local.paths.final.exists()
+
+    # A counted failure and then a success: the held-out scores of the chosen merge are kept.
+    local.evaluator = Scripted({1: FailureKind.SERVER_FAILED})
+    final = local.finish()
+    assert final["best"] == engine.chosen(engine.status(local.state))["id"]
+    assert json.loads(local.paths.final.read_text()) == final
+
+
+def test_a_fatal_kind_fails_the_final_evaluation_at_once(tmp_path: Path) -> None:
+    from mergesearch.local.search import FinalEvaluationFailed
+
+    local = finished(tmp_path)
+    local.evaluator = fake = Scripted({1: FailureKind.OUT_OF_MEMORY})
+    waits = waiting(local)
+    with pytest.raises(FinalEvaluationFailed, match="out-of-memory"):
+        local.finish()
+    assert fake.calls == 1 and waits == []

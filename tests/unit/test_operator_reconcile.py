@@ -502,7 +502,7 @@ def test_an_object_store_outage_is_retried_with_backoff_and_not_counted() -> Non
 
 
 def test_a_trial_retried_too_often_counts_as_a_failure() -> None:
-    from mergesearch.operator.reconcile import RETRY_LIMIT, backoff_s
+    from mergerunner.trial import RETRY_LIMIT, backoff_s
 
     cluster = Cluster(make_spec())
     cluster.step()

@@ -16,6 +16,7 @@ from mergerunner.trial import (
     TrialResult,
     failure_kind_of,
     fitness_of,
+    held_in_weights,
     parse_result_message,
     parse_trial,
 )
@@ -64,7 +65,8 @@ def test_bad_documents_are_rejected(change: dict, message: str) -> None:
 
 def test_fitness_is_the_weighted_held_in_mean() -> None:
     doc = parse_trial(json.dumps(DOC))
-    assert fitness_of({"add": 0.5, "rev": 1.0, "copy": 0.0}, doc.held_in) == pytest.approx(
+    weights = held_in_weights(doc.held_in)
+    assert fitness_of({"add": 0.5, "rev": 1.0, "copy": 0.0}, weights) == pytest.approx(
         (3 * 0.5 + 1.0) / 4
     )
 

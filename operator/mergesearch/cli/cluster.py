@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergerunner.contract import ExitCode
 from mergesearch.crd import PLURAL
-from mergesearch.local.records import TrialRecord
+from mergesearch.local.records import TrialLogEntry
 from mergesearch.local.summary import baseline_label
 from mergesearch.operator.status import MergeSearchStatus, Phase
 from mergesearch.spec import API_GROUP, API_VERSION
@@ -187,14 +187,14 @@ def score_rows(obj: Mapping[str, Any]) -> tuple[list[str], list[Row]]:
     return tasks, rows
 
 
-def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
+def records_from_status(obj: Mapping[str, Any]) -> list[TrialLogEntry]:
     """What a resource's (bounded) status still holds as trial records: the baselines, the
     Pareto front and the best. The per-trial history of a local run is not kept there."""
     status = _status(obj)
-    out: dict[str, TrialRecord] = {}
+    out: dict[str, TrialLogEntry] = {}
     for b in status.baselines or ():
         if b.outcome == "succeeded":
-            out[b.id] = TrialRecord(
+            out[b.id] = TrialLogEntry(
                 id=b.id,
                 kind="baseline",
                 generation=-1,
@@ -205,7 +205,7 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
             )
     for t in [*(status.pareto_front or ()), status.best]:
         if t and t.trial not in out:
-            out[t.trial] = TrialRecord(
+            out[t.trial] = TrialLogEntry(
                 id=t.trial,
                 kind=t.kind,
                 generation=t.generation or 0,
@@ -218,7 +218,7 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
         # a finalist not among the records above still shows beside its confirmation
         out.setdefault(
             c.trial,
-            TrialRecord(
+            TrialLogEntry(
                 id=c.trial,
                 kind=c.kind,
                 generation=-1 if c.kind == "baseline" else 0,
@@ -228,7 +228,7 @@ def records_from_status(obj: Mapping[str, Any]) -> list[TrialRecord]:
             ),
         )
     confirmations = [
-        TrialRecord(
+        TrialLogEntry(
             id="c-" + c.trial,
             kind=c.kind,
             generation=-1,

@@ -58,7 +58,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from mergerunner.storage import FetchError
-    from mergesearch.local.search import LocalInputError, LocalSearch, quiet_libraries
+    from mergesearch.local.search import (
+        FinalEvaluationFailed,
+        LocalInputError,
+        LocalSearch,
+        quiet_libraries,
+    )
     from mergesearch.spec import SpecError, load_manifest
 
     console = Console(stderr=True)
@@ -91,6 +96,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             return ExitCode.BAD_INPUT
         try:
             final = search.finish()
+        except FinalEvaluationFailed as exc:
+            console.print(f"[red]search failed:[/] {exc}")
+            console.print(f"state: {state_dir}  (fix the cause and run again to resume)")
+            return ExitCode.FAILED
         except (LocalInputError, FetchError, OSError) as exc:
             console.print(f"[red]export failed:[/] {exc}")
             return ExitCode.FAILED

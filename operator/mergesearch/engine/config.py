@@ -76,6 +76,11 @@ class EngineConfig(BaseModel):
     history_limit: int = Field(default=50, ge=1)
     pareto_limit: int = Field(default=16, ge=1)
 
+    @property
+    def task_weights(self) -> dict[str, float]:
+        """The held-in tasks' weights by name, as `mergerunner.trial.fitness_of` takes them."""
+        return {t.name: t.weight for t in self.tasks}
+
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks_from_mapping(cls, value: Any) -> Any:

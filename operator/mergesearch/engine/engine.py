@@ -47,8 +47,8 @@ from mergesearch.engine.records import (
     Candidate,
     Outcome,
     Result,
+    ScoredTrial,
     TellReport,
-    TrialRecord,
     score_result,
 )
 from mergesearch.engine.state import (
@@ -603,39 +603,35 @@ def _finalists(state: EngineState) -> list[ConfirmRecord]:
 
     Issued in that order, which is also the tie-break between equal confirmation scores.
     """
-    seq = state.trials.issued
-    out: list[ConfirmRecord] = []
-    for record in state.leaders:
-        out.append(
-            ConfirmRecord(
-                id=CONFIRM_PREFIX + record.id,
-                source=record.id,
-                kind="search",
-                generation=record.generation,
-                seq=seq + len(out),
-                status="pending",
-                weights=record.weights,
-                search_fitness=record.fitness,
-                search_scores=dict(record.scores),
-            )
-        )
+    sources: list[dict[str, Any]] = [
+        {
+            "source": r.id,
+            "kind": "search",
+            "generation": r.generation,
+            "weights": r.weights,
+            "search_fitness": r.fitness,
+            "search_scores": dict(r.scores),
+        }
+        for r in state.leaders
+    ]
     for b in state.baselines:
         if b.status != "succeeded" or b.same_as is not None:
             continue
         assert b.fitness is not None and b.scores is not None
-        out.append(
-            ConfirmRecord(
-                id=CONFIRM_PREFIX + b.id,
-                source=b.id,
-                kind="baseline",
-                baseline=b.kind,
-                seq=seq + len(out),
-                status="pending",
-                search_fitness=b.fitness,
-                search_scores=dict(b.scores),
-            )
+        sources.append(
+            {
+                "source": b.id,
+                "kind": "baseline",
+                "baseline": b.kind,
+                "search_fitness": b.fitness,
+                "search_scores": dict(b.scores),
+            }
         )
-    return out
+    seq = state.trials.issued
+    return [
+        ConfirmRecord(id=CONFIRM_PREFIX + s["source"], seq=seq + i, status="pending", **s)
+        for i, s in enumerate(sources)
+    ]
 
 
 def _confirm_weights(state: EngineState, record: ConfirmRecord) -> np.ndarray:
@@ -719,7 +715,7 @@ def _not_pending_reason(state: EngineState, cid: str) -> str:
     return "unknown candidate"
 
 
-def _record_success(state: EngineState, record: TrialRecord) -> EngineState:
+def _record_success(state: EngineState, record: ScoredTrial) -> EngineState:
     config = state.config
     best = state.best
     if (
@@ -768,7 +764,7 @@ def _tell_baseline(state: EngineState, index: int, outcome: Outcome) -> EngineSt
         updated = record.model_copy(
             update={"status": "succeeded", "fitness": outcome.fitness, "scores": outcome.scores}
         )
-        trial = TrialRecord(
+        trial = ScoredTrial(
             id=record.id,
             seq=record.seq,
             kind="baseline",
@@ -820,7 +816,7 @@ def _tell_slot(
     if not outcome.failed:
         assert outcome.fitness is not None
         row = _stored_rows(state)[slot.slot]
-        trial = TrialRecord(
+        trial = ScoredTrial(
             id=cid,
             seq=slot.seq,
             kind="search",

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from mergesearch.engine.records import TrialRecord
+from mergesearch.engine.records import ScoredTrial
 
 
-def _vector(record: TrialRecord, tasks: Sequence[str]) -> tuple[float, ...]:
+def _vector(record: ScoredTrial, tasks: Sequence[str]) -> tuple[float, ...]:
     return tuple(record.scores[t] for t in tasks)
 
 
@@ -30,7 +30,7 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     )
 
 
-def crowding_distances(front: Sequence[TrialRecord], tasks: Sequence[str]) -> list[float]:
+def crowding_distances(front: Sequence[ScoredTrial], tasks: Sequence[str]) -> list[float]:
     distances = [0.0] * len(front)
     for task in tasks:
         order = sorted(range(len(front)), key=lambda i: (front[i].scores[task], front[i].seq))
@@ -44,7 +44,7 @@ def crowding_distances(front: Sequence[TrialRecord], tasks: Sequence[str]) -> li
     return distances
 
 
-def _prune_one(front: list[TrialRecord], tasks: Sequence[str], protect: str | None) -> None:
+def _prune_one(front: list[ScoredTrial], tasks: Sequence[str], protect: str | None) -> None:
     distances = crowding_distances(front, tasks)
     candidates = [i for i in range(len(front)) if front[i].id != protect]
     victim = min(candidates, key=lambda i: (distances[i], -front[i].seq))
@@ -52,12 +52,12 @@ def _prune_one(front: list[TrialRecord], tasks: Sequence[str], protect: str | No
 
 
 def insert(
-    front: Sequence[TrialRecord],
-    record: TrialRecord,
+    front: Sequence[ScoredTrial],
+    record: ScoredTrial,
     tasks: Sequence[str],
     limit: int,
     protect: str | None = None,
-) -> tuple[TrialRecord, ...]:
+) -> tuple[ScoredTrial, ...]:
     """The front after offering `record`, sorted by issue order and at most `limit` long."""
     v = _vector(record, tasks)
     for point in front:

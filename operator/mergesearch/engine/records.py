@@ -10,6 +10,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mergerunner.trial import fitness_of
 from mergesearch.engine.codec import decode_f8
 from mergesearch.engine.config import EngineConfig
 
@@ -35,17 +36,6 @@ class Candidate:
     baseline: str | None = None
     subset: Subset = "search"
     source: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "generation": self.generation,
-            "baseline": self.baseline,
-            "subset": self.subset,
-            "source": self.source,
-            "weights": dict(self.weights),
-        }
 
 
 @dataclass(frozen=True)
@@ -88,8 +78,9 @@ class TellReport:
     ignored: tuple[tuple[str, str], ...]
 
 
-class TrialRecord(BaseModel):
-    """A succeeded trial kept in the state (the best one, the Pareto front).
+class ScoredTrial(BaseModel):
+    """A succeeded trial with its fitness, as the state keeps it (the best one, the leaders,
+    the Pareto front).
 
     `weights` are base64 float64 in the config's checkpoint order (see `codec`: exact and half
     the size of decimals, which matters with a Pareto front of 64-checkpoint merges); `seq` is
@@ -134,12 +125,6 @@ def _as_score(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def fitness_of(config: EngineConfig, scores: Mapping[str, float]) -> float:
-    """The weighted mean of held-in scores; `fsum` makes it exact-rounded and order-free."""
-    total = math.fsum(t.weight * scores[t.name] for t in config.tasks)
-    return total / math.fsum(t.weight for t in config.tasks)
-
-
 def score_result(config: EngineConfig, result: Result) -> Outcome:
     """Turn a result into an outcome; a result without usable held-in scores is a failure."""
     if result.failed:
@@ -154,4 +139,4 @@ def score_result(config: EngineConfig, result: Result) -> Outcome:
         if score is None:
             return Outcome(failed=True, reason=f"score for task {task.name!r} is not finite")
         held_in[task.name] = score
-    return Outcome(failed=False, fitness=fitness_of(config, held_in), scores=held_in)
+    return Outcome(failed=False, fitness=fitness_of(held_in, config.task_weights), scores=held_in)

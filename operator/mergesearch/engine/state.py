@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergesearch.engine.cmastate import CmaSnapshot
 from mergesearch.engine.config import BaselineKind, EngineConfig
-from mergesearch.engine.records import TrialRecord
+from mergesearch.engine.records import ScoredTrial
 
 FORMAT = "mergesearch.engine/v1"
 
@@ -159,12 +159,12 @@ class EngineState(_Frozen):
     search_stop: str | None = None
     baselines: tuple[BaselineRecord, ...] = ()
     trials: TrialCounters = TrialCounters()
-    best: TrialRecord | None = None
+    best: ScoredTrial | None = None
     # The best `config.confirm_top_k` search trials (fitness, then issue order), and the
     # confirmation trials once the search has ended (empty until then).
-    leaders: tuple[TrialRecord, ...] = ()
+    leaders: tuple[ScoredTrial, ...] = ()
     confirmations: tuple[ConfirmRecord, ...] = ()
-    pareto: tuple[TrialRecord, ...] = ()
+    pareto: tuple[ScoredTrial, ...] = ()
     history: tuple[GenerationSummary, ...] = ()
     worst_fitness: float | None = None
     best_reference: float | None = None

@@ -16,7 +16,10 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class TrialRecord:
+class TrialLogEntry:
+    """One finished trial as local mode's log keeps it (a line of trials.jsonl) and as the
+    reports draw it (`cli/cluster.py` builds the same entries from a resource's status)."""
+
     id: str
     kind: str  # "baseline" or "search"
     generation: int
@@ -39,25 +42,25 @@ class TrialRecord:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, line: str) -> TrialRecord:
+    def from_json(cls, line: str) -> TrialLogEntry:
         data: dict[str, Any] = json.loads(line)
         return cls(**data)
 
 
-def read_records(path: Path) -> list[TrialRecord]:
+def read_records(path: Path) -> list[TrialLogEntry]:
     """All complete records; a torn last line (a kill mid-write) is ignored, not fatal."""
     if not path.exists():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(TrialRecord.from_json(line))
+            records.append(TrialLogEntry.from_json(line))
         except (json.JSONDecodeError, TypeError):
             continue
     return records
 
 
-def append_record(path: Path, record: TrialRecord) -> None:
+def append_record(path: Path, record: TrialLogEntry) -> None:
     """Append and fsync, so a record on disk always precedes the state that counts it."""
     with path.open("a") as handle:
         handle.write(record.to_json() + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesearch.engine.pareto import dominates
-from mergesearch.local.records import TrialRecord
+from mergesearch.local.records import TrialLogEntry
 from mergesearch.local.summary import baseline_label, confirmed_fitness
 
 EACH_PREFIX = "b-each-"
@@ -36,7 +36,7 @@ def best_so_far(values: Sequence[float]) -> list[float]:
     return out
 
 
-def _succeeded(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+def _succeeded(records: Sequence[TrialLogEntry]) -> list[TrialLogEntry]:
     """Succeeded trials of the search itself (confirmation re-scores are drawn apart)."""
     return [
         r
@@ -45,7 +45,7 @@ def _succeeded(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     ]
 
 
-def confirmation_bars(records: Sequence[TrialRecord]) -> list[tuple[str, float, float]]:
+def confirmation_bars(records: Sequence[TrialLogEntry]) -> list[tuple[str, float, float]]:
     """(label, fitness on the search's examples, on unseen ones) per confirmed finalist."""
     searched = {r.id: r for r in _succeeded(records)}
     confirmed = confirmed_fitness(records)
@@ -60,7 +60,7 @@ def confirmation_bars(records: Sequence[TrialRecord]) -> list[tuple[str, float, 
     ]
 
 
-def draw_confirmation(records: Sequence[TrialRecord], path: Path) -> Path:
+def draw_confirmation(records: Sequence[TrialLogEntry], path: Path) -> Path:
     """The winner's curse made visible: the search's figures of its best are inflated."""
     import matplotlib.pyplot as plt
 
@@ -80,8 +80,8 @@ def draw_confirmation(records: Sequence[TrialRecord], path: Path) -> Path:
 
 
 def best_record(
-    records: Sequence[TrialRecord], best_weights: Mapping[str, float] | None = None
-) -> TrialRecord | None:
+    records: Sequence[TrialLogEntry], best_weights: Mapping[str, float] | None = None
+) -> TrialLogEntry | None:
     """The trial the search reports as its best: the one with its weights, else the fittest
     (the first of equals, as the engine keeps the first)."""
     done = _succeeded(records)
@@ -92,7 +92,7 @@ def best_record(
     return max(done, key=lambda r: r.fitness or 0.0, default=None)
 
 
-def best_name(best: TrialRecord, *, short: bool = False) -> str:
+def best_name(best: TrialLogEntry, *, short: bool = False) -> str:
     """How pictures name the best trial: a merge by its trial id; a baseline (the search found
     nothing better) by what it is, so it is not passed off as a merge."""
     if best.kind == "baseline":
@@ -100,7 +100,7 @@ def best_name(best: TrialRecord, *, short: bool = False) -> str:
     return "best merge" if short else f"best merge: {best.id}"
 
 
-def best_single(records: Sequence[TrialRecord]) -> TrialRecord | None:
+def best_single(records: Sequence[TrialLogEntry]) -> TrialLogEntry | None:
     """The best single checkpoint: claim (a) of the paper is measured against it."""
     singles = [r for r in _succeeded(records) if r.id.startswith(EACH_PREFIX)]
     return max(singles, key=lambda r: r.fitness or 0.0, default=None)
@@ -233,7 +233,7 @@ LINE_STYLES = {"best single": ("tab:red", "-"), "uniform": ("tab:green", "--")}
 MERGE_BEST_STYLE = ("tab:purple", "-.")
 
 
-def _fitness_figure(records: Sequence[TrialRecord], best: TrialRecord | None) -> Any:
+def _fitness_figure(records: Sequence[TrialLogEntry], best: TrialLogEntry | None) -> Any:
     import matplotlib.pyplot as plt
 
     done = _succeeded(records)
@@ -289,7 +289,7 @@ def _fitness_figure(records: Sequence[TrialRecord], best: TrialRecord | None) ->
 
 
 def draw_fitness(
-    records: Sequence[TrialRecord], path: Path, best_weights: Mapping[str, float] | None = None
+    records: Sequence[TrialLogEntry], path: Path, best_weights: Mapping[str, float] | None = None
 ) -> Path:
     """Every trial's fitness in run order, the best so far, a line for the best single
     checkpoint, the uniform merge and merge-best, and the best merge starred."""
@@ -319,7 +319,7 @@ def draw_weights(weights: dict[str, float], path: Path) -> Path:
 
 
 def _scores_figure(
-    records: Sequence[TrialRecord], tasks: Sequence[str], best: TrialRecord | None
+    records: Sequence[TrialLogEntry], tasks: Sequence[str], best: TrialLogEntry | None
 ) -> Any:
     import matplotlib.pyplot as plt
 
@@ -333,7 +333,7 @@ def _scores_figure(
     for ax, (a, b) in zip(axes[0], pairs, strict=True):
 
         def xy(
-            rs: Sequence[TrialRecord], a: str = a, b: str = b
+            rs: Sequence[TrialLogEntry], a: str = a, b: str = b
         ) -> tuple[list[float], list[float]]:
             return [r.held_in[a] for r in rs], [r.held_in[b] for r in rs]
 
@@ -377,7 +377,7 @@ def _scores_figure(
 
 
 def draw_scores(
-    records: Sequence[TrialRecord],
+    records: Sequence[TrialLogEntry],
     tasks: Sequence[str],
     path: Path,
     best_weights: Mapping[str, float] | None = None,
@@ -393,7 +393,10 @@ def draw_scores(
 
 
 def draw_all(
-    records: Sequence[TrialRecord], best_weights: dict[str, float], tasks: Sequence[str], out: Path
+    records: Sequence[TrialLogEntry],
+    best_weights: dict[str, float],
+    tasks: Sequence[str],
+    out: Path,
 ) -> list[Path]:
     import matplotlib
 

@@ -17,22 +17,31 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, TrialResult
+from mergerunner.contract import MODEL_FILES
+from mergerunner.trial import (
+    FailureKind,
+    FailurePolicy,
+    TrialResult,
+    backoff_s,
+    failure_policy,
+    runs_again,
+)
 from mergesearch import engine
-from mergesearch.engine.records import fitness_of
-from mergesearch.local.records import TrialRecord, append_record, read_records, write_json_atomic
+from mergesearch.local.records import TrialLogEntry, append_record, read_records, write_json_atomic
 from mergesearch.searchconfig import engine_config
 from mergesearch.spec import MergeSearch, MergeSearchSpec
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+# The id of the finalization's trial: the held-out scores of the chosen merge.
+FINALIZATION_TRIAL = "final"
 
 
 class LocalInputError(Exception):
@@ -105,9 +114,7 @@ def save_state(paths: StatePaths, spec: MergeSearchSpec, state: engine.EngineSta
     )
 
 
-def record_of(
-    candidate: engine.Candidate, result: TrialResult, fitness: float | None
-) -> TrialRecord:
+def record_of(candidate: engine.Candidate, result: TrialResult) -> TrialLogEntry:
     """A finished trial as the log keeps it, from the runner's result type."""
     common = {
         "id": candidate.id,
@@ -119,13 +126,13 @@ def record_of(
     }
     if result.status != "succeeded":
         kind = result.error_kind.value if result.error_kind else None
-        return TrialRecord(**common, status="failed", error=result.error, error_kind=kind)
-    return TrialRecord(
+        return TrialLogEntry(**common, status="failed", error=result.error, error_kind=kind)
+    return TrialLogEntry(
         **common,
         status="succeeded",
         held_in=dict(result.held_in),
         held_out=dict(result.held_out),
-        fitness=fitness,
+        fitness=result.fitness,
         merge_s=result.timings.merge_s,
         evaluate_s=result.timings.evaluate_s,
         digest=result.digest,
@@ -133,7 +140,7 @@ def record_of(
     )
 
 
-def result_of(record: TrialRecord) -> engine.Result:
+def result_of(record: TrialLogEntry) -> engine.Result:
     if record.status != "succeeded":
         return engine.Result(candidate_id=record.id, failed=True, reason=record.error)
     return engine.Result(candidate_id=record.id, scores=record.held_in)
@@ -156,17 +163,28 @@ class FatalFailure:
         return f"trial {self.trial} failed ({self.kind.value}): {self.error}"
 
 
-def fatal_failure(result: TrialResult) -> FatalFailure | None:
-    """The fatal failure a trial result reveals, decided from its kind (FAILURE_POLICY)."""
+def fatal_failure(result: TrialResult, *, first_trials: bool = False) -> FatalFailure | None:
+    """The fatal failure a trial result reveals, decided from its kind as the operator decides
+    (`mergerunner.trial.failure_policy`: storage never reached before any success is fatal)."""
     kind = result.error_kind
     if result.status == "succeeded" or kind is None:
         return None
-    if FAILURE_POLICY[kind] is not FailurePolicy.FATAL:
+    if failure_policy(kind, first_trials=first_trials) is not FailurePolicy.FATAL:
         return None
     return FatalFailure(trial=result.id, kind=kind, error=result.error or kind.value)
 
 
-Progress = Callable[[engine.EngineState, TrialRecord | None], None]
+class FinalEvaluationFailed(Exception):
+    """The final evaluation of the chosen merge failed (after the retries its kind allows, as
+    on a cluster): the search fails, as its resource would with `FinalizationFailed`."""
+
+    def __init__(self, result: TrialResult) -> None:
+        step = f"{result.failed_step}: " if result.failed_step else ""
+        super().__init__(f"final evaluation failed: {step}{result.error or 'failed'}")
+        self.result = result
+
+
+Progress = Callable[[engine.EngineState, TrialLogEntry | None], None]
 
 
 class LocalSearch:
@@ -203,6 +221,7 @@ class LocalSearch:
         self.fatal: FatalFailure | None = None
         self.destination: str | None = None  # what spec.output.uri holds: "empty" or "model"
         self.overwrite_output = overwrite_output
+        self.sleep: Callable[[float], None] = time.sleep  # the wait before a retry
 
     @property
     def output_uri(self) -> str:
@@ -332,17 +351,36 @@ class LocalSearch:
 
     # -- the loop --------------------------------------------------------------------------
     def evaluate(self, candidate: engine.Candidate) -> TrialResult:
-        """One candidate, as the runner reports a trial: a failure is data, never raised."""
+        """One candidate, as the runner reports a trial: a failure is data, never raised. A
+        failure whose kind is an outage runs again after a backoff, as on a cluster."""
         weights = [candidate.weights[name] for name in self.config.checkpoints]
-        result = self.evaluator.trial(
+        return self._run_trial(
             candidate.id,
             weights,
             with_held_out=candidate.kind == "baseline" and candidate.subset == "search",
             subset=candidate.subset,
         )
-        if result.status != "succeeded":
-            log.warning("trial %s failed (%s): %s", candidate.id, result.error_kind, result.error)
-        return result
+
+    def _run_trial(self, trial_id: str, weights: list[float], **options: Any) -> TrialResult:
+        """`evaluator.trial`, run again while `runs_again` says so (the operator's schedule:
+        outages RETRY_LIMIT times; the final evaluation also after a counted failure)."""
+        first = self.state.trials.succeeded == 0
+        finalization = trial_id == FINALIZATION_TRIAL
+        attempt = 0
+        while True:
+            result = self.evaluator.trial(trial_id, weights, **options)
+            attempt += 1
+            if result.status == "succeeded":
+                return result
+            kind = result.error_kind
+            log.warning("trial %s failed (%s): %s", trial_id, kind, result.error)
+            if not runs_again(
+                kind, attempt, first_trials=first and not finalization, finalization=finalization
+            ):
+                return result
+            wait = backoff_s(attempt)
+            log.warning("trial %s runs again in %.0f s (attempt %d)", trial_id, wait, attempt + 1)
+            self.sleep(wait)
 
     def run(self, progress: Progress | None = None) -> engine.EngineState:
         """Evaluate candidates until the engine is done or a trial fails fatally.
@@ -359,11 +397,11 @@ class LocalSearch:
             record = self.records.get(candidate.id)
             if record is None:
                 result = self.evaluate(candidate)
-                self.fatal = fatal_failure(result)
+                first = self.state.trials.succeeded == 0
+                self.fatal = fatal_failure(result, first_trials=first)
                 if self.fatal is not None:
                     break
-                fitness = fitness_of(self.config, result.held_in) if result.held_in else None
-                record = record_of(candidate, result, fitness)
+                record = record_of(candidate, result)
                 append_record(self.paths.trials, record)
                 self.records[record.id] = record
             self.state = engine.tell(self.state, [result_of(record)])
@@ -384,8 +422,10 @@ class LocalSearch:
             final = json.loads(self.paths.final.read_text())
         if final.get("best") != best["id"]:
             weights = [best["weights"][n] for n in self.config.checkpoints]
-            scores = self.evaluator.score(weights, with_held_out=True)
-            final = {"best": best["id"], "heldOut": scores.held_out, "digest": scores.digest}
+            result = self._run_trial(FINALIZATION_TRIAL, weights, with_held_out=True)
+            if result.status != "succeeded":
+                raise FinalEvaluationFailed(result)
+            final = {"best": best["id"], "heldOut": result.held_out, "digest": result.digest}
             write_json_atomic(self.paths.final, final)
         uri = self.spec.output.uri
         if uri and final.get("output", {}).get("uri") != self.output_uri:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
-from mergesearch.local.records import TrialRecord
+from mergesearch.local.records import TrialLogEntry
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def baseline_label(trial_id: str) -> str:
     return trial_id.removeprefix("b-each-").removeprefix("b-")
 
 
-def confirmed_fitness(records: Sequence[TrialRecord]) -> dict[str, float]:
+def confirmed_fitness(records: Sequence[TrialLogEntry]) -> dict[str, float]:
     """Trial id → its fitness on the confirmation examples, for the trials confirmed."""
     return {
         r.source: r.fitness
@@ -74,7 +74,7 @@ def confirmed_fitness(records: Sequence[TrialRecord]) -> dict[str, float]:
 
 
 def table_rows(
-    records: Sequence[TrialRecord], best_id: str | None, best_held_out: Mapping[str, float]
+    records: Sequence[TrialLogEntry], best_id: str | None, best_held_out: Mapping[str, float]
 ) -> list[Row]:
     """Baselines in the order they ran, then the chosen merge; both fitnesses side by side."""
     confirmed = confirmed_fitness(records)
@@ -99,7 +99,7 @@ def table_rows(
 
 
 def check_claims(
-    records: Sequence[TrialRecord],
+    records: Sequence[TrialLogEntry],
     best_id: str,
     best_weights: Mapping[str, float],
     best_held_out: Mapping[str, float],

@@ -88,7 +88,6 @@ class TrialOutcome:
     succeeded: bool
     held_in: dict[str, float] = field(default_factory=dict)
     held_out: dict[str, float] = field(default_factory=dict)
-    fitness: float | None = None
     digest: str | None = None
     output_uri: str | None = None
     failed_step: str | None = None
@@ -282,7 +281,8 @@ _JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
 
 def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
     """A runner's result as the reconcile tells it, whichever way it came back (a trial
-    Job's termination message, or a warm evaluator's post)."""
+    Job's termination message, or a warm evaluator's post). The runner's fitness is not kept:
+    the engine computes it from the held-in scores with the same `fitness_of`."""
     if result.status == "succeeded":
         return TrialOutcome(
             candidate,
@@ -290,7 +290,6 @@ def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOut
             succeeded=True,
             held_in=dict(result.held_in),
             held_out=dict(result.held_out),
-            fitness=result.fitness,
             digest=result.digest,
             output_uri=result.output_uri,
         )

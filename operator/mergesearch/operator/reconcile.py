@@ -31,7 +31,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy
+from mergerunner.trial import (
+    FailureKind,
+    FailurePolicy,
+    backoff_s,
+    failure_policy,
+    runs_again,
+)
 from mergesearch import engine
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator import podpolicy, warm
@@ -66,15 +72,8 @@ from mergesearch.spec import MergeSearchSpec, SpecError, cluster_errors, parse_s
 # `kubectl annotate msearch NAME mergesearch.io/retry-finalization=<any new value>` runs a
 # failed final evaluation again (docs/operator.md).
 ANNOTATION_RETRY_FINAL = "mergesearch.io/retry-finalization"
-# Trials that failed for a transient reason (FailurePolicy.RETRY: the object store could not
-# be reached) run again after a backoff and are not told to the engine: RETRY_BASE_S doubling
-# up to RETRY_CAP_S, at most RETRY_LIMIT times per trial (15 s … 300 s: ~35 min in all), after
-# which the failure counts like any other. A final evaluation that fails for a counted reason
-# (a crash, a timeout) is tried FINALIZATION_ATTEMPTS times in all.
-RETRY_BASE_S = 15.0
-RETRY_CAP_S = 300.0
-RETRY_LIMIT = 10
-FINALIZATION_ATTEMPTS = 3
+# The retry schedule of failed trials and of the final evaluation (RETRY_LIMIT, backoff_s,
+# FINALIZATION_ATTEMPTS) is the trial contract's, shared with local mode (mergerunner.trial).
 # A pod or a Job that shows no progress for this long has its Warning events read (the shell
 # does it: FailedMount, FailedCreate have no other trace).
 STUCK_S = 15.0
@@ -226,11 +225,6 @@ def parse_time(text: str) -> datetime:
 
 def later(now: str, seconds: float) -> str:
     return (parse_time(now) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def backoff_s(attempt: int) -> float:
-    """The wait before retry number `attempt` (1, 2, …)."""
-    return min(RETRY_BASE_S * 2 ** max(attempt - 1, 0), RETRY_CAP_S)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -621,7 +615,7 @@ def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) ->
         return False
     cid = outcome.candidate
     attempt = draft.attempt(cid) + 1
-    if attempt > RETRY_LIMIT:
+    if not runs_again(outcome.error_kind, attempt, first_trials=first):
         return False
     wait = backoff_s(attempt)
     draft.retries[cid] = RetryEntry(
@@ -640,10 +634,9 @@ def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) ->
 def retryable(outcome: TrialOutcome, *, first_trials: bool) -> bool:
     """A failure whose kind's policy is RETRY (an outage), except storage that was never
     reached at all (no trial has succeeded yet): that is a misconfigured endpoint, fatal."""
-    kind = outcome.error_kind
-    if outcome.succeeded or kind is None or FAILURE_POLICY[kind] is not FailurePolicy.RETRY:
+    if outcome.succeeded:
         return False
-    return not (kind is FailureKind.STORAGE_UNAVAILABLE and first_trials)
+    return failure_policy(outcome.error_kind, first_trials=first_trials) is FailurePolicy.RETRY
 
 
 def _check_blockers(
@@ -708,14 +701,11 @@ def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[Reas
     an outage.
     """
     kind = outcome.error_kind
-    if kind is None:
+    if kind is None or failure_policy(kind, first_trials=first_trials) is not FailurePolicy.FATAL:
         return None
-    message = f"trial {outcome.candidate}: {outcome.reason}"
-    if FAILURE_POLICY[kind] is FailurePolicy.FATAL:
-        return FATAL_REASONS[kind], message
-    if kind is FailureKind.STORAGE_UNAVAILABLE and first_trials:
-        return Reason.STORAGE_UNREACHABLE, message
-    return None
+    unreachable = kind is FailureKind.STORAGE_UNAVAILABLE
+    reason = Reason.STORAGE_UNREACHABLE if unreachable else FATAL_REASONS[kind]
+    return reason, f"trial {outcome.candidate}: {outcome.reason}"
 
 
 # --------------------------------------------------------------------------- the preflight
@@ -975,11 +965,7 @@ def _finalization_outcome(draft: _Draft, outcome: TrialOutcome, stop: str, now: 
     if not outcome.succeeded:
         attempt = (finalization.attempt or 0) + 1
         kind = outcome.error_kind
-        policy = FAILURE_POLICY[kind] if kind is not None else FailurePolicy.COUNTED
-        again = (policy is FailurePolicy.RETRY and attempt <= RETRY_LIMIT) or (
-            policy is FailurePolicy.COUNTED and attempt < FINALIZATION_ATTEMPTS
-        )
-        if again:
+        if runs_again(kind, attempt, finalization=True):
             wait = backoff_s(attempt)
             draft.finalization = finalization.model_copy(
                 update={
