@@ -23,6 +23,10 @@ last result of generation g-1 done → the first lease of generation g, both on 
 and the writes counted include the per-search evaluator Job and token Secret. Writes
 bench/results/operator_warm.json.
 
+With `--client NAME` the operator's own API client (operator/kube.py) is replaced by one of
+bench/kube_candidates.py's (the official clients), everything else alike; bench/kube_client.py
+runs this once per candidate for docs/operator.md's comparison.
+
 Writes bench/results/operator.json. Noisy machines: compare runs, don't quote single numbers.
 """
 
@@ -40,16 +44,20 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "operator"), str(ROOT / "runner")]
 
+from mergesearch.engine.engine import CONFIRM_PREFIX  # noqa: E402
+from mergesearch.operator.jobs import LABEL_CANDIDATE  # noqa: E402
 from support.cluster import ApiClient, KubeCluster  # noqa: E402
 from support.net import free_port  # noqa: E402
 from support.nodeagent import NodeAgent  # noqa: E402
-from support.operator_proc import ANALYTIC_TRIALS, Searches, running_operator  # noqa: E402
+from support.operator_proc import ANALYTIC_TRIALS, OperatorProcess, Searches, running_operator  # noqa: E402
 
 NAMESPACE = "bench"
 RESULT = ROOT / "bench" / "results" / "operator.json"
@@ -156,6 +164,10 @@ class JobWatch(threading.Thread):
         meta = job["metadata"]
         name = meta["name"]
         labels = meta.get("labels") or {}
+        if labels.get(LABEL_CANDIDATE, "").startswith(CONFIRM_PREFIX):
+            # A finalist scored again after the search (its generation's label, but no part
+            # of that generation's turnaround).
+            return
         if name not in self.created:
             search = (meta.get("annotations") or {}).get("mergesearch.io/search-name", "")
             self.created[name] = (search, labels.get("mergesearch.io/iteration", ""), now)
@@ -183,6 +195,26 @@ class JobWatch(threading.Thread):
         return out
 
 
+@contextmanager
+def operator_client(client: str) -> Iterator[None]:
+    """Operators started in the block run with `client` as their API client (`aiohttp`: the
+    operator as shipped), through bench/kube_candidates.py."""
+    if client == "aiohttp":
+        yield
+        return
+    original = OperatorProcess.command
+
+    def command(self: OperatorProcess) -> list[str]:
+        python, _, _, *flags = original(self)  # python -m mergesearch.operator FLAGS
+        return [python, str(ROOT / "bench" / "kube_candidates.py"), client, *flags]
+
+    OperatorProcess.command = command  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        OperatorProcess.command = original  # type: ignore[method-assign]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -197,7 +229,13 @@ def operator_writes(delta: dict[tuple[str, str, str], float]) -> dict[str, float
     }
 
 
-def run(searches_n: int, generations: int, population: int, mode: str = "jobs") -> dict[str, Any]:
+def run(
+    searches_n: int,
+    generations: int,
+    population: int,
+    mode: str = "jobs",
+    client: str = "aiohttp",
+) -> dict[str, Any]:
     env: dict[str, str] = dict(ANALYTIC_TRIALS)
     key_dir = tempfile.TemporaryDirectory(prefix="mergesearch-bench-key-")
     if mode == "warm":
@@ -213,6 +251,7 @@ def run(searches_n: int, generations: int, population: int, mode: str = "jobs") 
         api = cluster.api()
         with (
             NodeAgent(api, namespaces=[NAMESPACE], max_running=48, poll_interval_s=0.1) as agent,
+            operator_client(client),
             running_operator(cluster, [NAMESPACE], env=env, poll_seconds=30) as operator,
         ):
             searches = Searches(cluster, NAMESPACE)
@@ -249,6 +288,7 @@ def run(searches_n: int, generations: int, population: int, mode: str = "jobs") 
     reads = delta.get(("GET", "mergesearches", ""), 0.0)
     return {
         "mode": mode,
+        **({"client": client} if client != "aiohttp" else {}),
         "searches": searches_n,
         "generations": generations,
         "population": population,
@@ -274,10 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--population", type=int, default=4)
     parser.add_argument("--mode", choices=["jobs", "warm"], default="jobs")
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "kubernetes.aio", "kubernetes_asyncio", "kubernetes+thread"],
+        default="aiohttp",
+        help="the operator's API client (bench/kube_candidates.py); default: its own",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.client != "aiohttp" and args.out is None:
+        parser.error("--client: give --out (operator.json holds the operator as shipped)")
     args.out = args.out or (RESULT_WARM if args.mode == "warm" else RESULT)
-    result = run(args.searches, args.generations, args.population, args.mode)
+    result = run(args.searches, args.generations, args.population, args.mode, args.client)
     print(json.dumps(result, indent=2))
     targets = {
         "turnaround_p99_s < 2": result["turnaround_p99_s"] < 2,

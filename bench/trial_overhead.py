@@ -51,6 +51,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -58,9 +59,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [
@@ -92,6 +94,8 @@ CHECKPOINTS = 8
 TASK, METRIC, LIMIT = "toy_rev", "exact_match", 2
 EVALUATOR = {"device": "cpu", "batchSize": 8, "seed": 1}
 STORED_DTYPE = MERGE_DTYPE = "bfloat16"
+T = TypeVar("T")
+TRIAL_JOB = re.compile(r"-g\d+-c\d+$")  # a trial Job's name ends with its candidate id
 TOY_VOCAB = 44  # the toy tokenizer's ids: the model's vocabulary must hold them
 
 
@@ -197,16 +201,17 @@ def make_checkpoints(root: Path, shape: Shape, toy: Path) -> list[Path]:
 # --------------------------------------------------------------------------- floors
 
 
-def floors(dirs: list[Path], tasks_dir: Path) -> dict[str, Any]:
-    """Local mode's in-place merge (with the content digest it computes) and the scoring time,
-    at the searches' shapes and dtypes, the model loaded and placed as local mode does."""
+def floors(dirs: list[Path], tasks_dir: Path, score: bool = True) -> dict[str, Any]:
+    """Local mode's in-place merge (with the content digest it computes) and the scoring time
+    (when `score`), at the searches' shapes and dtypes, the model loaded and placed as local
+    mode does."""
     import torch
     from transformers import AutoTokenizer
 
     from mergerunner.devices import load_placed, model_config, plan_for
     from mergerunner.evaluate import TaskSuite, compute_dtype, make_lm
-    from mergerunner.merge import ResidentMerger
     from mergerunner.placement import layout_of_merge
+    from mergerunner.resident_merge import ResidentMerger
     from mergerunner.trial import EvaluatorSpec, TaskSpec
 
     evaluator = EvaluatorSpec.model_validate(EVALUATOR)
@@ -217,30 +222,34 @@ def floors(dirs: list[Path], tasks_dir: Path) -> dict[str, Any]:
     model = load_placed(dirs[0], placement, dtype, trust=False)
     tokenizer = AutoTokenizer.from_pretrained(dirs[0])
     weights = [1 / len(dirs)] * len(dirs)
-    merges, scores = [], []
+    merges, merge_cpus, scores = [], [], []
     suite = TaskSuite([TaskSpec(task=TASK, metric=METRIC, limit=LIMIT)], include_path=tasks_dir)
     lm = make_lm(model, tokenizer, evaluator, progress=False)
     for i in range(3):
         mix = [w * (1 + 0.1 * ((i + j) % 3)) for j, w in enumerate(weights)]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             merger.merge_into(model, [m / sum(mix) for m in mix], dtype=MERGE_DTYPE)
         merges.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        suite.score(lm)
-        scores.append(time.perf_counter() - start)
+        merge_cpus.append(time.process_time() - cpu)
+        if score:
+            start = time.perf_counter()
+            suite.score(lm)
+            scores.append(time.perf_counter() - start)
     return {
-        "local_merge_s": statistics.median(merges),
-        "local_merge_samples_s": merges,
-        "scoring_s": statistics.median(scores),
+        "merge_s": merges,
+        "merge_cpu_s": merge_cpus,
+        "scoring_s": scores,
         "peak_rss_bytes": peak_rss(),
     }
 
 
-def floors_apart(dirs: list[Path], tasks_dir: Path) -> dict[str, Any]:
-    """`floors` in a child process: its resident checkpoints are freed when it ends."""
+def apart(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a child process: what it holds (the generator's tensors, the
+    floors' resident checkpoints: gigabytes) is returned to the system when it ends, before
+    the searches' pods need the memory."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(floors, (dirs, tasks_dir))
+        return pool.apply(function, args)
 
 
 # --------------------------------------------------------------------------- the machine
@@ -383,10 +392,11 @@ class WarmTimes:
     setup: list[float]
     handovers: list[float]
     merges: list[float]
+    merge_cpus: list[float]
 
 
 def warm_overheads(per_pod: dict[str, list[dict[str, Any]]]) -> WarmTimes:
-    times = WarmTimes([], [], [], [])
+    times = WarmTimes([], [], [], [], [])
     for records in per_pod.values():
         for previous, record in zip([None, *records], records, strict=False):
             t = record["timings"]
@@ -396,6 +406,7 @@ def warm_overheads(per_pod: dict[str, list[dict[str, Any]]]) -> WarmTimes:
                 continue
             times.handovers.append(record["leasedAt"] - previous["doneAt"])
             times.merges.append(t.get("mergeS", 0.0))
+            times.merge_cpus.append(record.get("mergeCpuS", 0.0))
             times.steady.append(times.handovers[-1] + other)
     return times
 
@@ -403,7 +414,9 @@ def warm_overheads(per_pod: dict[str, list[dict[str, Any]]]) -> WarmTimes:
 def searches(
     dirs: list[Path], tasks: dict[str, str], scratch: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Both searches on one control plane, S3 server and node; what they measured."""
+    """Both searches on one control plane, S3 server and node, and the floors measured just
+    before and just after the warm search (on a shared machine the load drifts: the two
+    bracket the warm trials in time). Each holds 8 checkpoints resident: one at a time."""
     node_cache = scratch / "node-cache"
     node_cache.mkdir()
     env = {
@@ -418,7 +431,6 @@ def searches(
     ):
         bucket = s3.create_bucket()
         uris = upload_checkpoints(s3, bucket, {d.name: d for d in dirs})
-        shutil.rmtree(scratch / "ckpt")  # in S3 now, and the floors are measured: disk back
         namespace = "overhead"
         cluster.create_namespace(namespace)
         api = cluster.api()
@@ -432,20 +444,46 @@ def searches(
             jobs_status = made.wait_phase("jobs", ["Succeeded", "Failed"], 3600)
             time.sleep(2)  # the last Job's Complete condition follows the search's status
             clock.stop.set()
+            machine.phase = "floors"
+            before = apart(floors, dirs, scratch / "tasks")
+            print(f"floors before the warm search: {before}", flush=True)
+            shutil.rmtree(scratch / "ckpt")  # in S3; the evaluators fetch the node cache's copy
             machine.phase = "warm"
             made.create("warm", spec(uris, s3, "warm", args.warm_parallelism, args.warm_trials))
             warm_status = made.wait_phase("warm", ["Succeeded", "Failed"], 3600)
             machine.phase = "teardown"
+            evaluators_gone(api, namespace)
             per_pod = evaluator_records(agent, namespace)
+        machine.phase = "floors"
+        cached = sorted(f.parent for f in node_cache.rglob("model.safetensors"))
+        after = apart(floors, cached, scratch / "tasks", False) if cached else None
+        print(f"floors after the warm search: {after}", flush=True)
     for name, status in (("jobs", jobs_status), ("warm", warm_status)):
         if status["phase"] != "Succeeded":
             raise SystemExit(f"{name} search: {status.get('conditions')}")
-    walls = [
-        clock.completed[n] - clock.created[n]
-        for n in clock.completed
-        if not n.endswith("-evaluators")
-    ]
-    return {"walls": walls, "per_pod": per_pod}
+    # Trial Jobs only (`…-g000-c01`): not the preflight Job, which reads headers only.
+    walls = {
+        n: clock.completed[n] - clock.created[n]
+        for n in sorted(clock.completed)
+        if TRIAL_JOB.search(n)
+    }
+    return {"walls": walls, "per_pod": per_pod, "floors": [before, *([after] if after else [])]}
+
+
+def evaluators_gone(api: ApiClient, namespace: str, timeout_s: float = 300) -> None:
+    """Wait until no evaluator pod runs (they exit when told the search is done): their
+    resident checkpoints must be freed before the next floor loads its own."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pods = api.get(f"/api/v1/namespaces/{namespace}/pods")["items"]
+        if not any(
+            "-evaluators-" in p["metadata"]["name"]
+            and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+            for p in pods
+        ):
+            return
+        time.sleep(1.0)
+    raise SystemExit("the evaluator pods did not end after the warm search")
 
 
 def run(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
@@ -456,53 +494,62 @@ def run(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="mergesearch-overhead-"))
     try:
         started = time.monotonic()
-        dirs = make_checkpoints(scratch / "ckpt", shape, Path(toy))
+        dirs = apart(make_checkpoints, scratch / "ckpt", shape, Path(toy))
         checkpoint_bytes = sum(f.stat().st_size for d in dirs for f in d.iterdir())
         generated = time.monotonic() - started
         tasks = portable_tasks(pool.tasks_dir, [TASK], scratch / "tasks")
-        machine.phase = "floors"
-        measured = floors_apart(dirs, scratch / "tasks")
-        print(f"floors: {measured}", flush=True)
-        machine.phase = "setup"
         observed = searches(dirs, tasks, scratch, args)
     finally:
         machine.stop.set()
         shutil.rmtree(scratch, ignore_errors=True)
-    per_pod, walls = observed["per_pod"], observed["walls"]
+    per_pod, walls = observed["per_pod"], list(observed["walls"].values())
+    measured = {
+        key: [v for floor in observed["floors"] for v in floor[key]]
+        for key in ("merge_s", "merge_cpu_s", "scoring_s")
+    }
+    local_merge = statistics.median(measured["merge_s"])
+    local_merge_cpu = statistics.median(measured["merge_cpu_s"])
     warm = warm_overheads(per_pod)
     fetched = sum(max((r["bytesFetched"] for r in recs), default=0) for recs in per_pod.values())
-    scoring = measured["scoring_s"]
+    scoring = statistics.median(measured["scoring_s"])
     jobs_overhead = statistics.median(walls) - scoring
     warm_overhead = statistics.median(warm.steady)
     rounded = lambda values: [round(v, 3) for v in values]  # noqa: E731
     return {
         "jobs_overhead_s": round(jobs_overhead, 3),
         "warm_overhead_s": round(warm_overhead, 3),
-        "local_merge_s": round(measured["local_merge_s"], 3),
+        "local_merge_s": round(local_merge, 3),
         "s3_bytes_per_search": fetched,
         "checkpoint_bytes": checkpoint_bytes,
         "nodes": 1,
         "jobs_s3_bytes_per_search": checkpoint_bytes * len(walls),
         "scoring_s": round(scoring, 3),
-        "local_merge_samples_s": rounded(measured["local_merge_samples_s"]),
+        "local_merge_samples_s": rounded(measured["merge_s"]),
         "warm_setup_s": rounded(warm.setup),
         "warm_overhead_samples_s": rounded(warm.steady),
         "warm_merge_samples_s": rounded(warm.merges),
         "warm_handover_samples_s": rounded(warm.handovers),
-        "jobs_trial_wall_s": rounded(walls),
+        "jobs_trial_wall_s": {n: round(w, 3) for n, w in observed["walls"].items()},
         "evaluators": len(per_pod),
         "ratios": {
-            "warm_over_local_merge": round(warm_overhead / measured["local_merge_s"], 2),
+            "warm_over_local_merge": round(warm_overhead / local_merge, 2),
             "jobs_over_warm": round(jobs_overhead / warm_overhead, 1),
             "s3_copies_per_node": round(fetched / checkpoint_bytes, 3),
         },
         "targets": {"warm_over_local_merge": "<= 1.5", "jobs_over_warm": ">= 5"},
+        # The same merge in CPU seconds (one thread): what the load average cannot stretch.
+        # The floor and the warm trials run minutes apart, at whatever load the machine has.
+        "merge_cpu_s": {
+            "local": round(local_merge_cpu, 3),
+            "warm": round(statistics.median(warm.merge_cpus), 3),
+            "warm_over_local": round(statistics.median(warm.merge_cpus) / local_merge_cpu, 2),
+        },
         "memory": {
             "evaluator_peak_rss_bytes": [
                 max((r.get("peakRssBytes", 0) for r in recs), default=0)
                 for recs in per_pod.values()
             ],
-            "floors_peak_rss_bytes": measured["peak_rss_bytes"],
+            "floors_peak_rss_bytes": [f["peak_rss_bytes"] for f in observed["floors"]],
             "bench_peak_rss_bytes": peak_rss(),
         },
         "machine": machine.summary(),

@@ -19,11 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergerunner.contract import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
 from mergerunner.trial import FailureKind
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 
 # The output head that `tie_word_embeddings` shares with the input embedding, and the names the
 # input embedding has in the architectures transformers ships (Llama/Mistral/Qwen, GPT-2,
@@ -277,14 +274,14 @@ def weights_entry(names: Iterable[str]) -> str | None:
     the index. A directory holding both is read as its single file, by the layout reader here,
     by the fetch (from a listing) and by every loader."""
     available = set(names)
-    if SINGLE_FILE in available:
-        return SINGLE_FILE
+    if WEIGHTS_FILE in available:
+        return WEIGHTS_FILE
     return INDEX_FILE if INDEX_FILE in available else None
 
 
 def weights_files(path: Path) -> tuple[str, ...]:
     """`weights_entry` of a local directory, as a tuple (empty when there is neither)."""
-    present = [n for n in (SINGLE_FILE, INDEX_FILE) if (path / n).is_file()]
+    present = [n for n in (WEIGHTS_FILE, INDEX_FILE) if (path / n).is_file()]
     entry = weights_entry(present)
     return (entry,) if entry else ()
 
@@ -295,8 +292,8 @@ def read_layout(path: Path) -> CheckpointLayout:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: not a directory")
     found = weights_files(path)
-    if found == (SINGLE_FILE,):
-        tensors, _ = read_safetensors_header(path / SINGLE_FILE)
+    if found == (WEIGHTS_FILE,):
+        tensors, _ = read_safetensors_header(path / WEIGHTS_FILE)
     elif found == (INDEX_FILE,):
         tensors = _read_sharded(path, path / INDEX_FILE)
     else:
@@ -306,7 +303,7 @@ def read_layout(path: Path) -> CheckpointLayout:
                 f"checkpoint {path}: only pickle-based weights found ({', '.join(pickled)}); "
                 "these are refused because loading them can run code. Convert to safetensors."
             )
-        raise CheckpointError(f"checkpoint {path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        raise CheckpointError(f"checkpoint {path}: no {WEIGHTS_FILE} and no {INDEX_FILE}")
     embedding = _find_embedding(tensors)
     return CheckpointLayout(path, tensors, _ties_head(path, tensors, embedding), embedding)
 

@@ -20,18 +20,28 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from mergerunner.contract import ExitCode
+from mergerunner.contract import (
+    ENV_CACHE,
+    ENV_EVALUATOR_NAME,
+    ENV_EVALUATOR_TOKEN_FILE,
+    ENV_EVALUATOR_URL,
+    ENV_RESULT,
+    ENV_TERMINATION_LOG,
+    ENV_TRIAL,
+    TERMINATION_LOG,
+    ExitCode,
+)
 from mergerunner.shutdown import run_then_exit
 from mergerunner.trial import TrialDocument, TrialResult, parse_trial
 
 EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAILED, ExitCode.BAD_INPUT
-DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+DEFAULT_TERMINATION_LOG = Path(TERMINATION_LOG)
 
 
 def _read_document(args: argparse.Namespace) -> str:
     if args.trial:
         return Path(args.trial).read_text()
-    text = os.environ.get("MERGERUNNER_TRIAL")
+    text = os.environ.get(ENV_TRIAL)
     if not text:
         raise ValueError("no trial document: pass --trial FILE or set MERGERUNNER_TRIAL")
     return text
@@ -144,9 +154,7 @@ def _cmd_evaluator(args: argparse.Namespace) -> int:
 
 def _cache_dir(args: argparse.Namespace) -> Path:
     return Path(
-        args.cache_dir
-        or os.environ.get("MERGERUNNER_CACHE_DIR")
-        or Path.home() / ".cache" / "mergerunner"
+        args.cache_dir or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "mergerunner"
     )
 
 
@@ -165,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one trial document")
     run.add_argument("--trial", help="trial document (JSON); default: $MERGERUNNER_TRIAL")
-    run.add_argument("--result", default=os.environ.get("MERGERUNNER_RESULT"), help="result file")
+    run.add_argument("--result", default=os.environ.get(ENV_RESULT), help="result file")
     run.add_argument(
         "--termination-log",
-        default=os.environ.get("MERGERUNNER_TERMINATION_LOG"),
+        default=os.environ.get(ENV_TERMINATION_LOG),
         help="termination-message path (default: /dev/termination-log when it exists)",
     )
     run.add_argument("--cache-dir", help="checkpoint cache (default: $MERGERUNNER_CACHE_DIR)")
@@ -179,26 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a search's checkpoints (headers only), backend, tasks, data and metrics",
     )
     preflight.add_argument("--trial", help="trial document (JSON); default: $MERGERUNNER_TRIAL")
-    preflight.add_argument("--result", default=os.environ.get("MERGERUNNER_RESULT"))
-    preflight.add_argument(
-        "--termination-log", default=os.environ.get("MERGERUNNER_TERMINATION_LOG")
-    )
+    preflight.add_argument("--result", default=os.environ.get(ENV_RESULT))
+    preflight.add_argument("--termination-log", default=os.environ.get(ENV_TERMINATION_LOG))
     preflight.add_argument("--cache-dir", help="cache (default: $MERGERUNNER_CACHE_DIR)")
     preflight.set_defaults(func=_cmd_preflight)
     warm = sub.add_parser("evaluator", help="a warm evaluator: lease and run many trials")
     warm.add_argument(
         "--endpoint",
-        default=os.environ.get("MERGESEARCH_EVALUATOR_URL"),
+        default=os.environ.get(ENV_EVALUATOR_URL),
         help="the operator's lease URL (default: $MERGESEARCH_EVALUATOR_URL)",
     )
     warm.add_argument(
         "--token-file",
-        default=os.environ.get("MERGESEARCH_EVALUATOR_TOKEN_FILE"),
+        default=os.environ.get(ENV_EVALUATOR_TOKEN_FILE),
         help="the search's bearer token (default: $MERGESEARCH_EVALUATOR_TOKEN_FILE)",
     )
     warm.add_argument(
         "--name",
-        default=os.environ.get("MERGESEARCH_EVALUATOR_NAME") or os.uname().nodename,
+        default=os.environ.get(ENV_EVALUATOR_NAME) or os.uname().nodename,
         help="this evaluator's name, its pod's (default: $MERGESEARCH_EVALUATOR_NAME)",
     )
     warm.add_argument("--cache-dir", help="checkpoint cache (default: $MERGERUNNER_CACHE_DIR)")

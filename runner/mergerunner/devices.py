@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mergerunner.checkpoint import CONFIG_FILE, read_layout
+from mergerunner.checkpoint import read_layout
+from mergerunner.contract import CONFIG_FILE
 from mergerunner.placement import (
     CPU,
     DeviceSpec,

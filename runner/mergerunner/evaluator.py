@@ -74,6 +74,9 @@ class WarmTrials:
     work_dir: Path | None = None
     bytes_fetched: int = 0
     trials: int = 0
+    # The last in-place merge's CPU seconds (this process): on a shared machine a wall time
+    # moves with the load, the CPU time of a one-thread merge much less (bench/trial_overhead).
+    merge_cpu_s: float = 0.0
     _key: str | None = None
     _state: dict[str, Any] = field(default_factory=dict)
 
@@ -95,9 +98,11 @@ class WarmTrials:
                 self._setup(doc, clock)
             state = self._state
             with clock.step("merge"):
+                cpu = time.process_time()
                 digest = state["merger"].merge_into(
                     state["model"], doc.weight_vector(), dtype=doc.dtype
                 )
+                self.merge_cpu_s = time.process_time() - cpu
             with clock.step("evaluate"):
                 scores = state["suite"].score(state["lm"])
         except StepFailed as failure:
@@ -115,8 +120,8 @@ class WarmTrials:
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
         from mergerunner.evaluate import compute_dtype, make_lm
         from mergerunner.fetch import _run, fetch_checkpoints_async
-        from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
+        from mergerunner.resident_merge import ResidentMerger
 
         self._key, self._state = None, {}
         with clock.step("fetch"):
@@ -237,14 +242,16 @@ def trial_record(
     trial_id: str, leased_at: float, result: TrialResult, trials: WarmTrials
 ) -> dict[str, Any]:
     """One log line per trial (`MERGERUNNER_LOG_LEVEL=INFO`): when it was leased and done,
-    the step timings, the bytes this evaluator has fetched so far and its peak resident set
-    (the checkpoints it holds plus the model: what a pod's memory request must cover)."""
+    the step timings, the merge's CPU time, the bytes this evaluator has fetched so far and
+    its peak resident set (the checkpoints it holds plus the model: what a pod's memory
+    request must cover)."""
     return {
         "trial": trial_id,
         "status": result.status,
         "leasedAt": round(leased_at, 4),
         "doneAt": round(time.time(), 4),
         "timings": result.timings.to_wire(),
+        "mergeCpuS": round(trials.merge_cpu_s, 4),
         "bytesFetched": trials.bytes_fetched,
         "peakRssBytes": peak_rss_bytes(),
     }

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from blake3 import blake3
 
 from mergerunner.checkpoint import (
-    CONFIG_FILE,
     PICKLE_SUFFIXES,
     CheckpointError,
     read_layout,
     weights_entry,
 )
+from mergerunner.contract import CONFIG_FILE, INDEX_FILE, MODEL_FILES, WEIGHTS_FILE
 from mergerunner.storage import (
     FetchError,
     Location,
@@ -71,9 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = CONFIG_FILE
 MANIFEST_NAME = ".fetch-manifest.json"
 MANIFEST_VERSION = 1
 # Everything a loader needs besides the weights: config, generation config, tokenizer files
@@ -169,14 +166,14 @@ def _store_identity(location: Location, config: StorageConfig | None) -> str:
 
 def is_aux_file(name: str) -> bool:
     """A top-level non-weight file a loader may read (config, tokenizer, generation config)."""
-    return "/" not in name and name != INDEX_NAME and name.endswith(AUX_SUFFIXES)
+    return "/" not in name and name != INDEX_FILE and name.endswith(AUX_SUFFIXES)
 
 
 def is_model_file(name: str) -> bool:
     """A top-level file of a model: weights (safetensors or pickles), the index, config and
     tokenizer files. An export replaces all of them together."""
     return "/" not in name and (
-        name.endswith((".safetensors", *PICKLE_SUFFIXES)) or name == INDEX_NAME or is_aux_file(name)
+        name.endswith((".safetensors", *PICKLE_SUFFIXES)) or name == INDEX_FILE or is_aux_file(name)
     )
 
 
@@ -187,7 +184,7 @@ def files_to_replace(existing: Iterable[str]) -> list[str]:
     next to new ones). A destination without a model keeps everything (it may be a shared
     prefix holding other things)."""
     names = set(existing)
-    if WEIGHTS_NAME not in names and INDEX_NAME not in names:
+    if WEIGHTS_FILE not in names and INDEX_FILE not in names:
         return []
     return sorted(name for name in names if is_model_file(name))
 
@@ -197,7 +194,7 @@ def upload_batches(files: Sequence[str]) -> list[list[str]]:
     so that a reader that waits for config.json finds everything, and an index never names a
     shard that is not there yet."""
     weights = [n for n in files if n.endswith(".safetensors")]
-    last = [n for n in files if n == CONFIG_NAME]
+    last = [n for n in files if n == CONFIG_FILE]
     rest = [n for n in files if n not in weights and n not in last]
     return [batch for batch in (weights, rest, last) if batch]
 
@@ -230,10 +227,10 @@ def shard_names(uri: str, index_text: str | bytes) -> list[str]:
         weight_map = json.loads(index_text)["weight_map"]
     except (ValueError, KeyError, TypeError) as error:
         raise FetchError(
-            uri, "invalid-checkpoint", f"{INDEX_NAME} is unreadable: {error}"
+            uri, "invalid-checkpoint", f"{INDEX_FILE} is unreadable: {error}"
         ) from error
     if not isinstance(weight_map, dict) or not weight_map:
-        raise FetchError(uri, "invalid-checkpoint", f"{INDEX_NAME} has an empty weight_map")
+        raise FetchError(uri, "invalid-checkpoint", f"{INDEX_FILE} has an empty weight_map")
     shards = sorted({str(shard) for shard in weight_map.values()})
     for shard in shards:
         if (
@@ -243,7 +240,7 @@ def shard_names(uri: str, index_text: str | bytes) -> list[str]:
             or not shard.endswith(".safetensors")
         ):
             raise FetchError(
-                uri, "invalid-checkpoint", f"{INDEX_NAME} names an invalid shard {shard!r}"
+                uri, "invalid-checkpoint", f"{INDEX_FILE} names an invalid shard {shard!r}"
             )
     return shards
 
@@ -257,27 +254,27 @@ def plan_checkpoint(uri: str, names: Iterable[str], shards: Sequence[str] | None
     available = set(names)
     aux = sorted(name for name in available if is_aux_file(name))
     entry = weights_entry(available)
-    if entry == WEIGHTS_NAME:
-        return [WEIGHTS_NAME, *aux]
+    if entry == WEIGHTS_FILE:
+        return [WEIGHTS_FILE, *aux]
     if entry is None:
         found = ", ".join(sorted(available)[:8]) or "nothing"
         raise FetchError(
             uri,
             "invalid-checkpoint",
-            f"not a safetensors checkpoint: no {WEIGHTS_NAME} nor {INDEX_NAME} (found {found})",
+            f"not a safetensors checkpoint: no {WEIGHTS_FILE} nor {INDEX_FILE} (found {found})",
         )
     if shards is None:
         raise ValueError("the index's shards are needed to plan a sharded checkpoint")
     missing = [shard for shard in shards if shard not in available]
     if missing:
         raise FetchError(
-            uri, "invalid-checkpoint", f"{INDEX_NAME} names missing shard(s): {', '.join(missing)}"
+            uri, "invalid-checkpoint", f"{INDEX_FILE} names missing shard(s): {', '.join(missing)}"
         )
-    return [*shards, INDEX_NAME, *aux]
+    return [*shards, INDEX_FILE, *aux]
 
 
 def needs_sharded_plan(names: Iterable[str]) -> bool:
-    return weights_entry(names) == INDEX_NAME
+    return weights_entry(names) == INDEX_FILE
 
 
 def manifest_entry(
@@ -477,16 +474,17 @@ async def _list_top_level(
         listing = await obstore.list_with_delimiter_async(store, None)
     except Exception as error:
         raise storage_error(uri, error, config) from error
-    objects = {}
-    for meta in listing["objects"]:
-        name = meta["path"]
-        objects[name] = RemoteObject(
-            name=name,
-            size=int(meta["size"]),
-            etag=normalise_etag(meta.get("e_tag")),
-            modified=meta["last_modified"].isoformat(),
-        )
-    return objects
+    return {meta["path"]: _remote_object(meta) for meta in listing["objects"]}
+
+
+def _remote_object(meta: Mapping[str, Any]) -> RemoteObject:
+    """An object of a listing, as obstore describes it."""
+    return RemoteObject(
+        name=meta["path"],
+        size=int(meta["size"]),
+        etag=normalise_etag(meta.get("e_tag")),
+        modified=meta["last_modified"].isoformat(),
+    )
 
 
 async def _download(
@@ -732,14 +730,7 @@ class _CheckpointSync:
         self.bytes_downloaded = 0
 
     async def run(self) -> FetchResult:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        async with _file_lock(
-            self.lock_path,
-            self.uri,
-            self.transfer.lock_timeout_s,
-            progress=lambda: allocated_bytes(self.directory),
-        ):
-            store = make_store(self.location, self.config)
+        async with self._locked() as store:
             listing = await _list_top_level(store, self.uri, self.config)
             if not listing:
                 raise FetchError(self.uri, "not-found", "no objects under this prefix")
@@ -747,15 +738,37 @@ class _CheckpointSync:
             self.manifest = _read_manifest(self.directory)
             try:
                 plan = await self._plan(store, listing)
-                stale = [name for name in plan if not self._current(listing[name])]
-                for name in stale:
-                    self._forget(listing[name])
-                await _gather(self._fetch_one(store, listing[name]) for name in stale)
-                self.manifest = {name: self.manifest[name] for name in plan}
+                await self._bring_up_to_date(store, listing, plan)
                 _prune(self.directory, plan)
             finally:
                 _write_manifest(self.directory, self.uri, self.manifest)
             self._check_headers()
+        return self._result(plan)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[ObjectStore]:
+        """Hold the cache entry's lock (waiting while another process fills it), then give a
+        store to read the remote prefix with."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        async with _file_lock(
+            self.lock_path,
+            self.uri,
+            self.transfer.lock_timeout_s,
+            progress=lambda: allocated_bytes(self.directory),
+        ):
+            yield make_store(self.location, self.config)
+
+    async def _bring_up_to_date(
+        self, store: ObjectStore, listing: Mapping[str, RemoteObject], plan: Sequence[str]
+    ) -> None:
+        """Download the planned files that are not current; the manifest keeps only the plan."""
+        stale = [name for name in plan if not self._current(listing[name])]
+        for name in stale:
+            self._forget(listing[name])
+        await _gather(self._fetch_one(store, listing[name]) for name in stale)
+        self.manifest = {name: self.manifest[name] for name in plan}
+
+    def _result(self, plan: Sequence[str]) -> FetchResult:
         reused = tuple(name for name in plan if name not in self.downloaded)
         return FetchResult(
             self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
@@ -764,11 +777,11 @@ class _CheckpointSync:
     async def _plan(self, store: ObjectStore, listing: Mapping[str, RemoteObject]) -> list[str]:
         if not needs_sharded_plan(listing):
             return plan_checkpoint(self.uri, listing, None)
-        index = listing[INDEX_NAME]
+        index = listing[INDEX_FILE]
         if not self._current(index):
             self._forget(index)
             await self._fetch_one(store, index)
-        text = (self.directory / INDEX_NAME).read_bytes()
+        text = (self.directory / INDEX_FILE).read_bytes()
         return plan_checkpoint(self.uri, listing, shard_names(self.uri, text))
 
     def _forget(self, remote: RemoteObject) -> None:
@@ -826,13 +839,7 @@ async def _list_tree(
     try:
         async for batch in obstore.list(store, None, chunk_size=1000):
             for meta in batch:
-                name = meta["path"]
-                objects[name] = RemoteObject(
-                    name=name,
-                    size=int(meta["size"]),
-                    etag=normalise_etag(meta.get("e_tag")),
-                    modified=meta["last_modified"].isoformat(),
-                )
+                objects[meta["path"]] = _remote_object(meta)
     except Exception as error:
         raise storage_error(uri, error, config) from error
     return objects
@@ -873,31 +880,17 @@ class _TreeSync(_CheckpointSync):
         self.required = required
 
     async def run(self) -> FetchResult:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        async with _file_lock(
-            self.lock_path,
-            self.uri,
-            self.transfer.lock_timeout_s,
-            progress=lambda: allocated_bytes(self.directory),
-        ):
-            store = make_store(self.location, self.config)
+        async with self._locked() as store:
             listing = await _list_tree(store, self.uri, self.config)
             plan = plan_tree(self.uri, listing, self.required)
             self.directory.mkdir(exist_ok=True)
             self.manifest = _read_manifest(self.directory)
             try:
-                stale = [name for name in plan if not self._current(listing[name])]
-                for name in stale:
-                    self._forget(listing[name])
-                await _gather(self._fetch_one(store, listing[name]) for name in stale)
-                self.manifest = {name: self.manifest[name] for name in plan}
+                await self._bring_up_to_date(store, listing, plan)
                 _prune_tree(self.directory, plan)
             finally:
                 _write_manifest(self.directory, self.uri, self.manifest)
-        reused = tuple(name for name in plan if name not in self.downloaded)
-        return FetchResult(
-            self.uri, self.directory, tuple(self.downloaded), reused, self.bytes_downloaded
-        )
+        return self._result(plan)
 
 
 def fetch_tree(
@@ -932,7 +925,7 @@ def validate_local(location: Location) -> FetchResult:
         raise FetchError(location.uri, "not-found", "no such directory")
     try:
         names = [entry.name for entry in path.iterdir() if entry.is_file()]
-        index = (path / INDEX_NAME).read_bytes() if needs_sharded_plan(names) else None
+        index = (path / INDEX_FILE).read_bytes() if needs_sharded_plan(names) else None
     except OSError as error:
         raise FetchError(location.uri, "io", f"cannot read the directory: {error}") from error
     shards = shard_names(location.uri, index) if index is not None else None
@@ -1009,7 +1002,6 @@ def fetch_checkpoint_result(
     return _run(fetch_checkpoints_async([uri], cache_dir, config=config, part_size=part_size))[0]
 
 
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 Destination = Literal["empty", "model"]
 
 

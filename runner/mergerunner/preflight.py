@@ -30,10 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergerunner.checkpoint import (
-    CONFIG_FILE,
-    INDEX_FILE,
     MAX_HEADER_BYTES,
-    SINGLE_FILE,
     CheckpointError,
     CheckpointLayout,
     MergePlan,
@@ -42,6 +39,7 @@ from mergerunner.checkpoint import (
     plan_merge,
     read_weight_map,
 )
+from mergerunner.contract import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
 from mergerunner.storage import FetchError, StorageConfig, make_store, parse_uri, storage_error
 from mergerunner.trial import (
     FailureKind,
@@ -164,8 +162,8 @@ async def remote_layout(
     cfg: Any = {}
     if CONFIG_FILE in names:
         cfg = await _json(store, uri, CONFIG_FILE, names[CONFIG_FILE], stats)
-    if SINGLE_FILE in names:
-        tensors = await _header(store, uri, SINGLE_FILE, names[SINGLE_FILE], stats)
+    if WEIGHTS_FILE in names:
+        tensors = await _header(store, uri, WEIGHTS_FILE, names[WEIGHTS_FILE], stats)
     elif INDEX_FILE in names:
         raw = await _get(store, uri, INDEX_FILE, None, stats)
         weight_map = _weight_map(uri, raw)
@@ -179,7 +177,7 @@ async def remote_layout(
         if absent:
             raise CheckpointError(f"{uri}: tensor {absent[0]!r} is in the index but no shard")
     else:
-        raise CheckpointError(f"checkpoint {uri}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        raise CheckpointError(f"checkpoint {uri}: no {WEIGHTS_FILE} and no {INDEX_FILE}")
     return layout_of(Path(uri), tensors, cfg if isinstance(cfg, dict) else {}, source=uri)
 
 

@@ -49,8 +49,8 @@ class ResidentEvaluator:
         from transformers import AutoTokenizer
 
         from mergerunner.devices import load_placed, model_config, plan_for, visible_devices
-        from mergerunner.merge import ResidentMerger
         from mergerunner.placement import layout_of_merge
+        from mergerunner.resident_merge import ResidentMerger
 
         common = {
             "include_path": custom_tasks_dir,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergerunner.analytic import run_analytic
+from mergerunner.contract import ENV_CUSTOM_TASKS
 from mergerunner.trial import (
     ANALYTIC_BACKEND,
     EvaluatorSpec,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CUSTOM_TASKS_ENV = "MERGERUNNER_CUSTOM_TASKS_DIR"
 # The longest error text a failed step's result keeps (the termination message keeps less).
 ERROR_CHARS = 2000
 
@@ -114,7 +114,7 @@ def custom_tasks_dir(doc: TrialDocument, environ: Mapping[str, str] | None = Non
     not part of what the trial evaluates.
     """
     env = os.environ if environ is None else environ
-    where = doc.custom_tasks_dir or env.get(CUSTOM_TASKS_ENV)
+    where = doc.custom_tasks_dir or env.get(ENV_CUSTOM_TASKS)
     return Path(where) if where else None
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from mergerunner.contract import ENV_CREDENTIALS
 from mergerunner.trial import FailureKind
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-CREDENTIALS_DIR_VAR = "MERGESEARCH_CREDENTIALS_DIR"
 
 AWS_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 AWS_SETTING_KEYS = (
@@ -208,7 +208,7 @@ class StorageConfig:
         (with its session token) is taken as a whole from one source, never one half from each.
         """
         env = os.environ if environ is None else environ
-        directory = credentials_dir or env.get(CREDENTIALS_DIR_VAR) or None
+        directory = credentials_dir or env.get(ENV_CREDENTIALS) or None
         files = read_secret_dir(Path(directory)) if directory else {}
         merged = {**files, **{k: v for k, v in env.items() if k in SECRET_FILE_NAMES and v}}
         pair_source = env if env.get("AWS_ACCESS_KEY_ID") else files
@@ -273,7 +273,7 @@ def read_secret_dir(directory: Path) -> dict[str, str]:
     newline added by whoever created the secret, which is never part of a key.
     """
     if not directory.is_dir():
-        raise FetchError(str(directory), "config", f"{CREDENTIALS_DIR_VAR} is not a directory")
+        raise FetchError(str(directory), "config", f"{ENV_CREDENTIALS} is not a directory")
     values = {}
     for name in SECRET_FILE_NAMES:
         path = directory / name

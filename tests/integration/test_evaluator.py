@@ -51,6 +51,8 @@ def test_warm_trials_equal_one_job_trials_and_fetch_once(
         else:
             assert hot.timings.fetch_s == 0.0  # resident: nothing fetched or loaded again
             assert warm.bytes_fetched == fetched
+            # A merge on one thread: CPU time, positive, within its wall time (+ a tick).
+            assert 0 < warm.merge_cpu_s <= hot.timings.merge_s + 0.02
     assert digests[0] != digests[1]
     # A second evaluator on the same node (the same cache directory) fetches 0 bytes.
     neighbour = WarmTrials(cache_dir=node_cache)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mergerunner.fetch import (
-    INDEX_NAME,
+    INDEX_FILE,
     MANIFEST_NAME,
-    WEIGHTS_NAME,
+    WEIGHTS_FILE,
     FetchError,
     FetchResult,
     fetch_checkpoint,
@@ -32,7 +33,7 @@ from mergerunner.fetch import (
     fetch_checkpoints,
     upload_directory,
 )
-from mergerunner.storage import CREDENTIALS_DIR_VAR, StorageConfig
+from mergerunner.storage import ENV_CREDENTIALS, StorageConfig
 from support.s3server import SeaweedS3, free_ports
 from support.search_inputs import upload_tree
 
@@ -60,7 +61,7 @@ def tensors(seed: int, names: list[str]) -> dict[str, np.ndarray]:
 
 def write_single(directory: Path, seed: int = 0, *, pickles: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors(seed, ["embed.weight", "lm_head.weight"]), str(directory / WEIGHTS_NAME))
+    save_file(tensors(seed, ["embed.weight", "lm_head.weight"]), str(directory / WEIGHTS_FILE))
     for name, text in AUX_FILES.items():
         (directory / name).write_text(text)
     for name, data in (PICKLES if pickles else {}).items():
@@ -76,7 +77,7 @@ def write_sharded(directory: Path, seed: int = 0) -> Path:
         save_file(tensors(seed + number, names), str(directory / shard))
         weight_map.update(dict.fromkeys(names, shard))
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index))
+    (directory / INDEX_FILE).write_text(json.dumps(index))
     for name, text in AUX_FILES.items():
         (directory / name).write_text(text)
     return directory
@@ -124,10 +125,34 @@ def single_uri(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> 
     return f"s3://{bucket}/{base}/single/"
 
 
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A checkpoint as uploaded: its URI, and its objects to change behind the fetcher's back."""
+
+    server: SeaweedS3
+    bucket: str
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def put(self, source: Path, name: str) -> None:
+        self.server.client().upload_file(str(source), self.bucket, f"{self.prefix}/{name}")
+
+    def delete(self, name: str) -> None:
+        self.server.client().delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
+
+
 @pytest.fixture
-def sharded_uri(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> str:
+def sharded(s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path) -> RemoteCheckpoint:
     upload_tree(s3_server, bucket, write_sharded(tmp_path / "src-sharded"), f"{base}/sharded")
-    return f"s3://{bucket}/{base}/sharded"
+    return RemoteCheckpoint(s3_server, bucket, f"{base}/sharded")
+
+
+@pytest.fixture
+def sharded_uri(sharded: RemoteCheckpoint) -> str:
+    return sharded.uri
 
 
 @pytest.fixture
@@ -144,10 +169,10 @@ def test_fetch_single_file_checkpoint(
 ) -> None:
     result = fetch_checkpoint_result(single_uri, tmp_path / "cache", config=config)
     names = {p.name for p in result.path.iterdir()}
-    assert names == {WEIGHTS_NAME, *AUX_FILES, MANIFEST_NAME}  # no pickles
-    assert sorted(result.downloaded) == sorted([WEIGHTS_NAME, *AUX_FILES])
+    assert names == {WEIGHTS_FILE, *AUX_FILES, MANIFEST_NAME}  # no pickles
+    assert sorted(result.downloaded) == sorted([WEIGHTS_FILE, *AUX_FILES])
     assert result.path.parent == tmp_path / "cache"
-    assert_same_tensors(result.path / WEIGHTS_NAME, tmp_path / "src-single" / WEIGHTS_NAME)
+    assert_same_tensors(result.path / WEIGHTS_FILE, tmp_path / "src-single" / WEIGHTS_FILE)
     for name, text in AUX_FILES.items():
         assert (result.path / name).read_text() == text
     assert not list(result.path.glob(".*.part-*"))
@@ -173,7 +198,7 @@ def test_fetch_sharded_checkpoint(sharded_uri: str, config: StorageConfig, tmp_p
     result = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
     assert {p.name for p in result.path.iterdir()} == {
         *SHARDS,
-        INDEX_NAME,
+        INDEX_FILE,
         *AUX_FILES,
         MANIFEST_NAME,
     }
@@ -184,20 +209,15 @@ def test_fetch_sharded_checkpoint(sharded_uri: str, config: StorageConfig, tmp_p
 
 
 def test_changed_remote_object_is_fetched_again(
-    s3_server: SeaweedS3,
-    bucket: str,
-    base: str,
-    sharded_uri: str,
-    config: StorageConfig,
-    tmp_path: Path,
+    sharded: RemoteCheckpoint, config: StorageConfig, tmp_path: Path
 ) -> None:
-    first = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    first = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     before = file_identity(first.path)
     replacement = tmp_path / "replacement.safetensors"
     save_file(tensors(99, ["layers.1.weight", "layers.1.bias"]), str(replacement))
-    s3_server.client().upload_file(str(replacement), bucket, f"{base}/sharded/{SHARDS[1]}")
+    sharded.put(replacement, SHARDS[1])
 
-    second = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    second = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     assert second.downloaded == (SHARDS[1],)
     assert_same_tensors(second.path / SHARDS[1], replacement)
     after = file_identity(second.path)
@@ -209,32 +229,26 @@ def test_locally_damaged_copy_is_fetched_again(
     single_uri: str, config: StorageConfig, tmp_path: Path
 ) -> None:
     first = fetch_checkpoint_result(single_uri, tmp_path / "cache", config=config)
-    with (first.path / WEIGHTS_NAME).open("r+b") as handle:
+    with (first.path / WEIGHTS_FILE).open("r+b") as handle:
         handle.truncate(10)
     second = fetch_checkpoint_result(single_uri, tmp_path / "cache", config=config)
-    assert second.downloaded == (WEIGHTS_NAME,)
-    assert_same_tensors(second.path / WEIGHTS_NAME, tmp_path / "src-single" / WEIGHTS_NAME)
+    assert second.downloaded == (WEIGHTS_FILE,)
+    assert_same_tensors(second.path / WEIGHTS_FILE, tmp_path / "src-single" / WEIGHTS_FILE)
 
 
 def test_layout_change_prunes_old_files(
-    s3_server: SeaweedS3,
-    bucket: str,
-    base: str,
-    sharded_uri: str,
-    config: StorageConfig,
-    tmp_path: Path,
+    sharded: RemoteCheckpoint, config: StorageConfig, tmp_path: Path
 ) -> None:
-    first = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    first = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     single = write_single(tmp_path / "now-single", seed=5, pickles=False)
-    client = s3_server.client()
-    for name in [*SHARDS, INDEX_NAME]:
-        client.delete_object(Bucket=bucket, Key=f"{base}/sharded/{name}")
-    client.upload_file(str(single / WEIGHTS_NAME), bucket, f"{base}/sharded/{WEIGHTS_NAME}")
+    for name in [*SHARDS, INDEX_FILE]:
+        sharded.delete(name)
+    sharded.put(single / WEIGHTS_FILE, WEIGHTS_FILE)
 
-    second = fetch_checkpoint_result(sharded_uri, tmp_path / "cache", config=config)
+    second = fetch_checkpoint_result(sharded.uri, tmp_path / "cache", config=config)
     assert second.path == first.path
-    assert second.downloaded == (WEIGHTS_NAME,)
-    assert {p.name for p in second.path.iterdir()} == {WEIGHTS_NAME, *AUX_FILES, MANIFEST_NAME}
+    assert second.downloaded == (WEIGHTS_FILE,)
+    assert {p.name for p in second.path.iterdir()} == {WEIGHTS_FILE, *AUX_FILES, MANIFEST_NAME}
 
 
 def test_large_files_in_ranged_parts_and_multipart_objects(
@@ -243,7 +257,7 @@ def test_large_files_in_ranged_parts_and_multipart_objects(
     from boto3.s3.transfer import TransferConfig
 
     source = write_single(tmp_path / "src", pickles=False)
-    big = tmp_path / "src" / WEIGHTS_NAME
+    big = tmp_path / "src" / WEIGHTS_FILE
     rng = np.random.default_rng(3)
     save_file({f"t{i}": rng.standard_normal((64, 64), np.float32) for i in range(64)}, str(big))
     multipart = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
@@ -258,7 +272,7 @@ def test_large_files_in_ranged_parts_and_multipart_objects(
         f"s3://{bucket}/{base}/big/", tmp_path / "cache", config=config, part_size=256 * 2**10
     )
     assert big.stat().st_size > 4 * 256 * 2**10  # so it really came in several ranged parts
-    assert_same_tensors(result.path / WEIGHTS_NAME, big)
+    assert_same_tensors(result.path / WEIGHTS_FILE, big)
     assert (result.path / "tokenizer.json").read_bytes() == padded.read_bytes()
 
 
@@ -269,8 +283,8 @@ def test_several_checkpoints_at_once(
         [single_uri, sharded_uri, single_uri], tmp_path / "cache", config=config
     )
     assert paths[0] == paths[2] != paths[1]
-    assert (paths[0] / WEIGHTS_NAME).is_file()
-    assert (paths[1] / INDEX_NAME).is_file()
+    assert (paths[0] / WEIGHTS_FILE).is_file()
+    assert (paths[1] / INDEX_FILE).is_file()
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -361,13 +375,13 @@ def test_upload_directory_round_trip(
     uri = f"s3://{bucket}/{base}/merged/run-1/"
 
     uploaded = upload_directory(source, uri, config=config)
-    assert set(uploaded) == {*SHARDS, INDEX_NAME, *AUX_FILES, "results/scores.json"}
+    assert set(uploaded) == {*SHARDS, INDEX_FILE, *AUX_FILES, "results/scores.json"}
     assert uploaded[-1] == "config.json"
 
     fetched = fetch_checkpoint(uri, tmp_path / "cache", config=config)
     for shard in SHARDS:
         assert_same_tensors(fetched / shard, source / shard)
-    assert (fetched / INDEX_NAME).read_text() == (source / INDEX_NAME).read_text()
+    assert (fetched / INDEX_FILE).read_text() == (source / INDEX_FILE).read_text()
 
 
 def test_upload_to_a_local_directory(tmp_path: Path) -> None:
@@ -375,7 +389,7 @@ def test_upload_to_a_local_directory(tmp_path: Path) -> None:
     target = tmp_path / "out" / "model"
     upload_directory(source, f"file://{target}")
     assert fetch_checkpoint(str(target), tmp_path / "cache") == target
-    assert_same_tensors(target / WEIGHTS_NAME, source / WEIGHTS_NAME)
+    assert_same_tensors(target / WEIGHTS_FILE, source / WEIGHTS_FILE)
 
 
 def test_upload_with_wrong_key_is_access_denied(
@@ -401,9 +415,9 @@ def test_credentials_from_a_mounted_secret_directory(
     secret_dir.mkdir()
     for key, value in s3_server.env().items():
         (secret_dir / key).write_text(value + "\n")
-    config = StorageConfig.from_env({CREDENTIALS_DIR_VAR: str(secret_dir)})
+    config = StorageConfig.from_env({ENV_CREDENTIALS: str(secret_dir)})
     path = fetch_checkpoint(single_uri, tmp_path / "cache", config=config)
-    assert (path / WEIGHTS_NAME).is_file()
+    assert (path / WEIGHTS_FILE).is_file()
 
 
 def test_concurrent_fetches_in_threads_share_one_copy(
@@ -426,7 +440,7 @@ def test_concurrent_fetches_in_threads_share_one_copy(
     assert errors == []
     assert len({result.path for result in results}) == 1
     assert sum(bool(result.downloaded) for result in results) == 1
-    assert_same_tensors(results[0].path / WEIGHTS_NAME, tmp_path / "src-single" / WEIGHTS_NAME)
+    assert_same_tensors(results[0].path / WEIGHTS_FILE, tmp_path / "src-single" / WEIGHTS_FILE)
 
 
 FETCH_IN_CHILD = """
@@ -459,7 +473,7 @@ def test_concurrent_fetches_in_processes_configured_from_env(
         outputs.append(json.loads(stdout))
     assert len({output["path"] for output in outputs}) == 1
     downloads = sorted(name for output in outputs for name in output["downloaded"])
-    assert downloads == sorted([*SHARDS, INDEX_NAME, *AUX_FILES])  # each file exactly once
+    assert downloads == sorted([*SHARDS, INDEX_FILE, *AUX_FILES])  # each file exactly once
     path = Path(outputs[0]["path"])
     for shard in SHARDS:
         assert_same_tensors(path / shard, tmp_path / "src-sharded" / shard)

@@ -18,9 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from mergerunner.fetch import (
     DIGEST_ATTRIBUTE,
-    INDEX_NAME,
+    INDEX_FILE,
     MANIFEST_NAME,
-    WEIGHTS_NAME,
+    WEIGHTS_FILE,
     FetchError,
     fetch_checkpoint,
     upload_directory,
@@ -57,7 +57,7 @@ def _model(directory: Path, seed: int, *, rows: int = 64, sharded: bool = False)
     }
     (directory / "config.json").write_text(json.dumps({"model_type": "toy", "seed": seed}))
     if not sharded:
-        save_file(tensors, str(directory / WEIGHTS_NAME))
+        save_file(tensors, str(directory / WEIGHTS_FILE))
         return directory
     names = sorted(tensors)
     weight_map = {}
@@ -65,7 +65,7 @@ def _model(directory: Path, seed: int, *, rows: int = 64, sharded: bool = False)
         shard = f"model-{i:05d}-of-00002.safetensors"
         save_file({n: tensors[n] for n in part}, str(directory / shard))
         weight_map.update(dict.fromkeys(part, shard))
-    (directory / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    (directory / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     return directory
 
 
@@ -77,7 +77,7 @@ def test_a_truncated_checkpoint_in_the_store_is_named_by_its_uri(
     s3_server: SeaweedS3, bucket: str, base: str, tmp_path: Path
 ) -> None:
     source = _model(tmp_path / "src", 0)
-    weights = source / WEIGHTS_NAME
+    weights = source / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-100])
     client = s3_server.client()
     for path in source.iterdir():
@@ -97,7 +97,7 @@ def test_our_uploads_carry_a_digest_and_a_damaged_download_is_refused(
     source = _model(tmp_path / "src", 1, rows=1100)  # 17 MiB: a 2-part multipart upload
     uri = f"s3://{bucket}/{base}/ours/"
     upload_directory(source, uri, config=_config(s3_server))
-    head = s3_server.client().head_object(Bucket=bucket, Key=f"{base}/ours/{WEIGHTS_NAME}")
+    head = s3_server.client().head_object(Bucket=bucket, Key=f"{base}/ours/{WEIGHTS_FILE}")
     assert head["ETag"].endswith('-2"') and DIGEST_ATTRIBUTE in head["Metadata"]
 
     host, port = s3_server.endpoint.removeprefix("http://").split(":")
@@ -108,8 +108,8 @@ def test_our_uploads_carry_a_digest_and_a_damaged_download_is_refused(
         assert proxy.flips == 1
         assert e.value.failure_kind is FailureKind.STORAGE_UNAVAILABLE  # retried
         path = fetch_checkpoint(uri, tmp_path / "cache", config=damaged)  # the retry is whole
-    assert (path / WEIGHTS_NAME).read_bytes() == (source / WEIGHTS_NAME).read_bytes()
-    assert _manifest(path)[WEIGHTS_NAME]["verified"] == "blake3-attribute"
+    assert (path / WEIGHTS_FILE).read_bytes() == (source / WEIGHTS_FILE).read_bytes()
+    assert _manifest(path)[WEIGHTS_FILE]["verified"] == "blake3-attribute"
 
 
 def test_another_clients_multipart_object_is_verified_by_its_part_etags(
@@ -125,8 +125,8 @@ def test_another_clients_multipart_object_is_verified_by_its_part_etags(
     with TamperingProxy((host, int(port))) as proxy:
         path = fetch_checkpoint(uri, tmp_path / "cache", config=_config(s3_server, proxy.endpoint))
         assert proxy.flips == 1  # the first copy was damaged; the second matched the ETag
-    assert (path / WEIGHTS_NAME).read_bytes() == (source / WEIGHTS_NAME).read_bytes()
-    entry = _manifest(path)[WEIGHTS_NAME]
+    assert (path / WEIGHTS_FILE).read_bytes() == (source / WEIGHTS_FILE).read_bytes()
+    entry = _manifest(path)[WEIGHTS_FILE]
     assert entry["verified"] == "multipart-etag" and entry["etag"].endswith("-3")
 
 
@@ -142,9 +142,9 @@ def test_a_refetch_must_match_the_digest_recorded_at_first_fetch(
     with TamperingProxy((host, int(port)), flip_at=600_000, damage=False) as proxy:
         config = _config(s3_server, proxy.endpoint)  # one endpoint, one cache entry
         path = fetch_checkpoint(uri, tmp_path / "cache", config=config)
-        recorded = _manifest(path)[WEIGHTS_NAME]
+        recorded = _manifest(path)[WEIGHTS_FILE]
         assert recorded["verified"] == "md5-etag" and len(recorded["blake3"]) == 64
-        (path / WEIGHTS_NAME).unlink()  # lost locally: fetched again, the same object
+        (path / WEIGHTS_FILE).unlink()  # lost locally: fetched again, the same object
         proxy.damage = True
         with pytest.raises(FetchError, match="differs from the digest recorded when it was first"):
             fetch_checkpoint(uri, tmp_path / "cache", config=config)
@@ -170,8 +170,8 @@ def test_an_export_replaces_the_model_at_its_destination(
         names = {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]}
     else:
         names = {p.name for p in Path(uri).iterdir()}
-    assert names == {WEIGHTS_NAME, "config.json", "README.md"}
+    assert names == {WEIGHTS_FILE, "config.json", "README.md"}
     fetched = fetch_checkpoint(uri, tmp_path / "cache", config=config)
-    got, want = load_file(str(fetched / WEIGHTS_NAME)), load_file(str(new / WEIGHTS_NAME))
+    got, want = load_file(str(fetched / WEIGHTS_FILE)), load_file(str(new / WEIGHTS_FILE))
     assert all(np.array_equal(got[k], want[k]) for k in want)
     assert json.loads((fetched / "config.json").read_text())["seed"] == 5

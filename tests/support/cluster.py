@@ -286,21 +286,44 @@ def controller_manager_command(bindir: Path, kubeconfig: Path, pki: Pki) -> list
 
 
 # ---------------------------------------------------------------------------------------------
-# A minimal REST client (the `kubernetes` package is not a dependency of the project)
+# A REST client by path, on the official `kubernetes` client's transport
 
 
 @dataclass(frozen=True)
 class ApiClient:
-    """JSON over HTTPS to the apiserver, authenticated by a client certificate or a bearer token.
-
-    A new connection per request: simpler than sharing one across threads, and cheap on loopback.
+    """JSON to and from the apiserver by path, authenticated by a client certificate or a bearer
+    token. Tests speak in the API's paths and JSON documents (the manifests the operator builds
+    are dicts too), so the calls are by path; the transport is the official client's
+    (`kubernetes.client.ApiClient`: its TLS set-up, auth header and pooled urllib3 connections,
+    safe to share across the node agent's threads).
     """
 
     host: str
     port: int
-    ssl_context: ssl.SSLContext
+    ca_cert: Path
+    cert: Path | None = None
+    key: Path | None = None
     token: str | None = None
     timeout_s: float = 30.0
+    _client: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from kubernetes import client
+
+        configuration = client.Configuration()
+        configuration.host = f"https://{self.host}:{self.port}"
+        configuration.ssl_ca_cert = str(self.ca_cert)
+        if self.cert and self.key:
+            configuration.cert_file, configuration.key_file = str(self.cert), str(self.key)
+        if self.token:
+            configuration.api_key = {"BearerToken": self.token}
+            configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        object.__setattr__(self, "_client", client.ApiClient(configuration))
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """For a raw stream (a benchmark's watch, timed on receipt of each line)."""
+        return client_ssl_context(self.ca_cert, self.cert, self.key)
 
     def request(
         self,
@@ -312,22 +335,12 @@ class ApiClient:
     ) -> Any:
         if query:
             path = f"{path}?{urllib.parse.urlencode(query)}"
-        headers = {"Accept": "application/json"}
-        payload = None
-        if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = content_type
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        conn = http.client.HTTPSConnection(
-            self.host, self.port, context=self.ssl_context, timeout=self.timeout_s
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        request = self._client.param_serialize(
+            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
         )
-        try:
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-            data = response.read().decode()
-        finally:
-            conn.close()
+        response = self._client.call_api(*request, _request_timeout=self.timeout_s)
+        data = response.read().decode()
         if response.status >= 400:
             raise ApiError(method, path, response.status, data)
         return json.loads(data) if data else None
@@ -422,6 +435,7 @@ class KubeCluster:
     bindir: Path | None = None
     services: list[Service] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _apis: dict[str | None, ApiClient] = field(default_factory=dict, repr=False)
 
     # Set by __enter__.
     pki: Pki = field(init=False)
@@ -514,6 +528,7 @@ class KubeCluster:
             conn.close()
 
     def _apiserver_ready(self) -> bool:
+        """One plain probe per poll (no client retries: the server may not listen yet)."""
         try:
             conn = http.client.HTTPSConnection(
                 "127.0.0.1", self.ports.apiserver, context=self._admin_ssl(), timeout=5
@@ -541,9 +556,16 @@ class KubeCluster:
     # -- public helpers ------------------------------------------------------------------------
 
     def api(self, token: str | None = None) -> ApiClient:
-        """A REST client as the admin (client certificate) or as the bearer of `token`."""
-        context = client_ssl_context(self.pki.ca_cert) if token else self._admin_ssl()
-        return ApiClient("127.0.0.1", self.ports.apiserver, context, token=token)
+        """A REST client as the admin (client certificate) or as the bearer of `token`; one per
+        identity, so its pooled connections are reused across calls."""
+        if token not in self._apis:
+            pki, port = self.pki, self.ports.apiserver
+            self._apis[token] = (
+                ApiClient("127.0.0.1", port, pki.ca_cert, token=token)
+                if token
+                else ApiClient("127.0.0.1", port, pki.ca_cert, pki.admin_cert, pki.admin_key)
+            )
+        return self._apis[token]
 
     def kubectl(
         self,
@@ -628,6 +650,7 @@ class KubeCluster:
         for service in reversed(self.services):
             service.stop()
         self.services.clear()
+        self._apis.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -98,6 +98,7 @@ def test_each_trial_is_logged_with_its_timings(
     record = json.loads(line.split(" ", 1)[1])
     assert record["trial"] == "job-c0" and record["status"] == "succeeded"
     assert record["doneAt"] >= record["leasedAt"] and "mergeS" in record["timings"]
+    assert record["mergeCpuS"] == 0.0  # an analytic trial merges nothing
     assert record["bytesFetched"] == 0
     # This process's high-water mark, in bytes (ru_maxrss is in kilobytes: 1024 times less).
     # The kernel folds per-thread RSS counts into it lazily, so it may trail by a few pages.

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mergerunner.fetch import (
-    INDEX_NAME,
-    WEIGHTS_NAME,
+    INDEX_FILE,
+    WEIGHTS_FILE,
     FetchError,
     RemoteObject,
     cache_key,
@@ -74,7 +74,7 @@ def test_cache_key_separates_prefixes_endpoints_and_schemes() -> None:
         ("model.ckpt", False),
         ("modeling_custom.py", False),
         ("adapter_model.safetensors", False),
-        (INDEX_NAME, False),
+        (INDEX_FILE, False),
         ("sub/config.json", False),
     ],
 )
@@ -83,29 +83,29 @@ def test_aux_file_selection_never_takes_pickles(name: str, wanted: bool) -> None
 
 
 def test_single_file_plan_takes_weights_and_aux_only() -> None:
-    names = [WEIGHTS_NAME, *AUX, "pytorch_model.bin", "optimizer.pt", "README.md"]
+    names = [WEIGHTS_FILE, *AUX, "pytorch_model.bin", "optimizer.pt", "README.md"]
     plan = plan_checkpoint("s3://b/x/", names, None)
-    assert plan[0] == WEIGHTS_NAME
-    assert sorted(plan) == sorted([WEIGHTS_NAME, *AUX])
+    assert plan[0] == WEIGHTS_FILE
+    assert sorted(plan) == sorted([WEIGHTS_FILE, *AUX])
 
 
 def test_single_file_wins_over_index() -> None:
-    names = [WEIGHTS_NAME, INDEX_NAME, "model-00001-of-00002.safetensors", *AUX]
-    assert plan_checkpoint("u", names, None) == [WEIGHTS_NAME, *sorted(AUX)]
+    names = [WEIGHTS_FILE, INDEX_FILE, "model-00001-of-00002.safetensors", *AUX]
+    assert plan_checkpoint("u", names, None) == [WEIGHTS_FILE, *sorted(AUX)]
 
 
 def test_sharded_plan_takes_index_and_named_shards() -> None:
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    names = [INDEX_NAME, *shards, "stray.safetensors", *AUX]
+    names = [INDEX_FILE, *shards, "stray.safetensors", *AUX]
     plan = plan_checkpoint("u", names, shards)
     assert plan[:2] == shards
-    assert set(plan) == {INDEX_NAME, *shards, *AUX}
+    assert set(plan) == {INDEX_FILE, *shards, *AUX}
 
 
 def test_missing_shard_is_named() -> None:
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     with pytest.raises(FetchError) as caught:
-        plan_checkpoint("s3://b/x/", [INDEX_NAME, shards[0]], shards)
+        plan_checkpoint("s3://b/x/", [INDEX_FILE, shards[0]], shards)
     assert caught.value.kind == "invalid-checkpoint"
     assert "model-00002-of-00002.safetensors" in str(caught.value)
     assert "s3://b/x/" in str(caught.value)
@@ -224,9 +224,9 @@ def make_local_checkpoint(directory: Path, *, sharded: bool) -> Path:
         shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
         for shard in shards:
             (directory / shard).write_bytes(b"\0" * 8)
-        (directory / INDEX_NAME).write_text(index_text({"a": shards[0], "b": shards[1]}))
+        (directory / INDEX_FILE).write_text(index_text({"a": shards[0], "b": shards[1]}))
     else:
-        (directory / WEIGHTS_NAME).write_bytes(b"\0" * 8)
+        (directory / WEIGHTS_FILE).write_bytes(b"\0" * 8)
     return directory
 
 

@@ -10,7 +10,7 @@ from obstore.exceptions import PermissionDeniedError
 from obstore.store import AzureStore, GCSStore, S3Store
 
 from mergerunner.storage import (
-    CREDENTIALS_DIR_VAR,
+    ENV_CREDENTIALS,
     FetchError,
     Location,
     StorageConfig,
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.unit
 def _no_ambient_cloud_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """obstore reads AWS_/GOOGLE_/AZURE_ variables itself; a developer's own must not leak in."""
     for name in list(os.environ):
-        if name.startswith(("AWS_", "GOOGLE_", "AZURE_")) or name == CREDENTIALS_DIR_VAR:
+        if name.startswith(("AWS_", "GOOGLE_", "AZURE_")) or name == ENV_CREDENTIALS:
             monkeypatch.delenv(name)
 
 
@@ -144,7 +144,7 @@ def test_from_secret_dir_like_a_mounted_kubernetes_secret(tmp_path: Path) -> Non
             "unrelated-key": "ignored",
         },
     )
-    config = StorageConfig.from_env({CREDENTIALS_DIR_VAR: str(secret_dir)})
+    config = StorageConfig.from_env({ENV_CREDENTIALS: str(secret_dir)})
     assert config.access_key_id == "AKFILE"
     assert config.secret_access_key == "file-secret"
     assert config.endpoint == "http://object-store:8333"
@@ -162,7 +162,7 @@ def test_env_wins_over_files_and_key_pairs_are_never_mixed(tmp_path: Path) -> No
         },
     )
     env = {
-        CREDENTIALS_DIR_VAR: str(secret_dir),
+        ENV_CREDENTIALS: str(secret_dir),
         "AWS_ACCESS_KEY_ID": "AKENV",
         "AWS_SECRET_ACCESS_KEY": "env-secret",
         "AWS_ENDPOINT_URL": "http://from-env:2",
@@ -181,9 +181,9 @@ def test_explicit_credentials_dir_argument(tmp_path: Path) -> None:
 
 def test_missing_credentials_dir_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(FetchError) as caught:
-        StorageConfig.from_env({CREDENTIALS_DIR_VAR: str(tmp_path / "absent")})
+        StorageConfig.from_env({ENV_CREDENTIALS: str(tmp_path / "absent")})
     assert caught.value.kind == "config"
-    assert CREDENTIALS_DIR_VAR in str(caught.value)
+    assert ENV_CREDENTIALS in str(caught.value)
 
 
 def test_secrets_never_appear_in_repr() -> None:
@@ -207,7 +207,7 @@ def test_google_and_azure_settings_from_env_and_files(tmp_path: Path) -> None:
     )
     config = StorageConfig.from_env(
         {
-            CREDENTIALS_DIR_VAR: str(secret_dir),
+            ENV_CREDENTIALS: str(secret_dir),
             "AZURE_STORAGE_ACCOUNT_NAME": "acct",
             "AZURE_STORAGE_ACCOUNT_KEY": "a2V5",
         }

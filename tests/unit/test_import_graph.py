@@ -11,6 +11,7 @@ that is a module, else to the package `pkg` itself.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -186,6 +187,47 @@ def test_the_runner_never_imports_the_operator_package() -> None:
     assert not wrong
 
 
+# What each part may never import: the modes stay apart (the command line sits above both), and
+# the engine stands on nothing of the modes or the resource.
+NEVER_IMPORTS = {
+    "mergesearch.operator": ("mergesearch.local", "mergesearch.cli"),
+    "mergesearch.local": ("mergesearch.operator", "mergesearch.cli"),
+    "mergesearch.engine": (
+        "mergesearch.operator",
+        "mergesearch.local",
+        "mergesearch.cli",
+        "mergesearch.spec",
+    ),
+}
+# The operator side meets the runner only through the trial contract.
+CONTRACT = ("mergerunner.trial", "mergerunner.contract")
+
+
+@pytest.mark.parametrize("part", sorted(NEVER_IMPORTS))
+def test_the_modes_stay_apart(part: str) -> None:
+    graph = import_graph()
+    wrong = {
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if _within(name, [part])
+        for target in targets
+        if _within(target, NEVER_IMPORTS[part])
+    }
+    assert sorted(wrong) == []
+
+
+@pytest.mark.parametrize(
+    "part",
+    ["mergesearch.operator", "mergesearch.engine", "mergesearch.spec", "mergesearch.crd"],
+)
+def test_the_operator_side_meets_the_runner_only_through_the_contract(part: str) -> None:
+    graph = import_graph()
+    members = [name for name in graph if _within(name, [part])]
+    reached = set().union(*(reachable(graph, name) for name in members))
+    runner = {n for n in reached if _within(n, ["mergerunner"])}
+    assert sorted(runner - set(CONTRACT)) == []
+
+
 @pytest.mark.parametrize("core", PURE_CORE)
 def test_the_pure_core_never_reaches_a_shell(core: str) -> None:
     graph = import_graph()
@@ -205,3 +247,24 @@ def test_what_the_operator_imports_never_pulls_torch(core: str) -> None:
     members = [name for name in graph if _within(name, [core])]
     reached = set().union(*(reachable(graph, name) for name in members))
     assert sorted(n for n in reached if _within(n, ["torch", "transformers", "lm_eval"])) == []
+
+
+def test_the_module_map_lists_every_module_under_its_folder() -> None:
+    """docs/modules.md has a section per package folder (its heading names the folder) whose
+    table names each of the folder's modules, so a newcomer can check the map against the tree."""
+    text = (ROOT / "docs" / "modules.md").read_text()
+    sections = {}
+    for part in text.split("\n## ")[1:]:
+        heading, _, body = part.partition("\n")
+        folder = re.search(r"`([\w/]+/)`", heading)
+        if folder:
+            sections[folder.group(1)] = set(re.findall(r"^\| `([\w.]+\.py)` \|", body, re.M))
+    missing = []
+    for path in module_files().values():
+        folder = path.parent.relative_to(ROOT).as_posix() + "/"
+        listed = sections.get(folder)
+        if listed is None:
+            missing.append(f"no section for {folder}")
+        elif path.name != "__init__.py" and path.name not in listed:
+            missing.append(f"{folder}{path.name}")
+    assert sorted(set(missing)) == []

@@ -11,15 +11,10 @@ from blake3 import blake3
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergerunner import merge
+from mergerunner import digest, stream, writer
 from mergerunner.checkpoint import CheckpointError, CheckpointMismatch
-from mergerunner.merge import (
-    RECIPE_KEY,
-    MergeWeightsError,
-    encode_header,
-    merge_to_directory,
-    validate_weights,
-)
+from mergerunner.merge import MergeWeightsError, merge_to_directory, validate_weights
+from mergerunner.writer import RECIPE_KEY, encode_header
 from support.checkpoint_files import write_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -118,9 +113,9 @@ def test_merge_of_many_checkpoints(tmp_path: Path, n: int) -> None:
 def test_chunked_tensors_give_the_unchunked_result(tmp_path: Path, monkeypatch) -> None:
     dirs = _checkpoints(tmp_path, 3)
     weights = [0.2, 0.3, 0.5]
-    monkeypatch.setattr(merge, "DIGEST_BLOCK", 7)  # tensors of several digest blocks
+    monkeypatch.setattr(digest, "DIGEST_BLOCK", 7)  # tensors of several digest blocks
     whole = merge_to_directory(dirs, weights, tmp_path / "whole")
-    monkeypatch.setattr(merge, "stream_geometry", lambda *_: (21, 7))  # windows of 3 chunks
+    monkeypatch.setattr(stream, "stream_geometry", lambda *_: (21, 7))  # windows of 3 chunks
     chunked = merge_to_directory(dirs, weights, tmp_path / "chunked")
     serial = merge_to_directory(dirs, weights, tmp_path / "serial", threads=1)
     wide = merge_to_directory(dirs, weights, tmp_path / "wide", threads=4)
@@ -134,12 +129,12 @@ def test_digest_is_of_the_written_tensors_block_by_block(
 ) -> None:
     """The streamed digest, hashed by several workers in any order, equals content_digest of
     the tensors read back, and is BLAKE3 of (prefix, BLAKE3 of each block) in name order."""
-    monkeypatch.setattr(merge, "DIGEST_BLOCK", block)
-    monkeypatch.setattr(merge, "stream_geometry", lambda *_: (2 * block, block))
+    monkeypatch.setattr(digest, "DIGEST_BLOCK", block)
+    monkeypatch.setattr(stream, "stream_geometry", lambda *_: (2 * block, block))
     dirs = _checkpoints(tmp_path, 3)
     report = merge_to_directory(dirs, [0.2, 0.3, 0.5], tmp_path / "out", threads=3)
     tensors = sorted(_load(tmp_path / "out").items())
-    assert report.digest == merge.content_digest(tensors)
+    assert report.digest == digest.content_digest(tensors)
     by_hand = blake3()
     for name, tensor in tensors:
         by_hand.update(json.dumps([name, "BF16", list(tensor.shape)]).encode() + b"\n")
@@ -262,7 +257,7 @@ def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_failure_while_writing_leaves_no_output(tmp_path: Path, monkeypatch, threads: int) -> None:
     dirs = _checkpoints(tmp_path, 2)
     calls = []
-    write = merge._Outputs.write
+    write = writer.ShardOutputs.write
 
     def fails_on_the_fifth(self, span, raw) -> None:
         calls.append(span)
@@ -270,9 +265,9 @@ def test_failure_while_writing_leaves_no_output(tmp_path: Path, monkeypatch, thr
             raise OSError("disk full")
         write(self, span, raw)
 
-    monkeypatch.setattr(merge, "DIGEST_BLOCK", 8)
-    monkeypatch.setattr(merge, "stream_geometry", lambda *_: (16, 8))  # many windows
-    monkeypatch.setattr(merge._Outputs, "write", fails_on_the_fifth)
+    monkeypatch.setattr(digest, "DIGEST_BLOCK", 8)
+    monkeypatch.setattr(stream, "stream_geometry", lambda *_: (16, 8))  # many windows
+    monkeypatch.setattr(writer.ShardOutputs, "write", fails_on_the_fifth)
     with pytest.raises(OSError, match="disk full"):
         merge_to_directory(dirs, [0.5, 0.5], tmp_path / "out", threads=threads)
     _assert_nothing_written(tmp_path, {"ckpt0", "ckpt1"})

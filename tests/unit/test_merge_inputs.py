@@ -10,14 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mergerunner.arithmetic import NonFiniteMerge
 from mergerunner.checkpoint import CheckpointError
-from mergerunner.merge import (
-    MergeWeightsError,
-    NonFiniteMerge,
-    ResidentMerger,
-    merge_to_directory,
-    validate_weights,
-)
+from mergerunner.merge import MergeWeightsError, merge_to_directory, validate_weights
+from mergerunner.resident_merge import ResidentMerger
 from mergerunner.trial import FAILURE_POLICY, FailureKind, FailurePolicy, failure_kind_of
 
 pytestmark = pytest.mark.unit

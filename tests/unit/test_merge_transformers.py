@@ -11,12 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from mergerunner.merge import (  # noqa: E402
-    MergeWeightsError,
-    ModelMismatch,
-    ResidentMerger,
-    merge_to_directory,
-)
+from mergerunner.merge import MergeWeightsError, merge_to_directory  # noqa: E402
+from mergerunner.resident_merge import ModelMismatch, ResidentMerger  # noqa: E402
 
 # Importing transformers and building models takes seconds on a busy machine.
 pytestmark = [pytest.mark.unit, pytest.mark.slow]

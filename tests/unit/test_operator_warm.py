@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from test_operator_reconcile import OWNER, Cluster, good_runner, make_spec
 
+from mergerunner.contract import ENV_EVALUATOR_NAME, ENV_EVALUATOR_URL
 from mergerunner.trial import TrialResult, parse_trial
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator import warm
@@ -361,10 +362,10 @@ def test_the_evaluator_pod_is_the_hardened_trial_pod_with_the_evaluator_command(
     assert security["allowPrivilegeEscalation"] is False
     env = {e["name"]: e for e in runner["env"]}
     assert jobspec.ENV_TRIAL not in env
-    assert env[warm.ENV_URL]["value"] == (
+    assert env[ENV_EVALUATOR_URL]["value"] == (
         "http://operator.ms:8443/v1/namespaces/team-a/mergesearches/demo/lease"
     )
-    assert env[warm.ENV_NAME]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env[ENV_EVALUATOR_NAME]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[warm.TOKEN_VOLUME]["secret"] == {"secretName": warm.token_secret_name(OWNER)}
     assert volumes["mergesearch-storage-credentials"]["secret"] == {"secretName": "s3-creds"}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergerunner.contract import MODEL_FILES
 from mergerunner.trial import (
     FailureKind,
     FailurePolicy,
@@ -39,7 +40,6 @@ from mergesearch.spec import MergeSearch, MergeSearchSpec
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 # The id of the finalization's trial: the held-out scores of the chosen merge.
 FINALIZATION_TRIAL = "final"
 

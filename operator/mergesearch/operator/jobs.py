@@ -24,7 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mergerunner.contract import ExitCode
+from mergerunner.contract import (
+    ENV_CACHE,
+    ENV_CREDENTIALS,
+    ENV_CUSTOM_TASKS,
+    ENV_TRIAL,
+    TERMINATION_LOG,
+    ExitCode,
+)
 from mergerunner.trial import (
     ANALYTIC_BACKEND,
     CheckpointRef,
@@ -61,10 +68,6 @@ _CANDIDATE_PART = 28
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 # Operator-owned environment variables and volumes: the template cannot override them.
-ENV_TRIAL = "MERGERUNNER_TRIAL"
-ENV_CACHE = "MERGERUNNER_CACHE_DIR"
-ENV_CREDENTIALS = "MERGESEARCH_CREDENTIALS_DIR"
-ENV_CUSTOM_TASKS = "MERGERUNNER_CUSTOM_TASKS_DIR"
 VOLUME_PREFIX = "mergesearch-"
 DEFAULT_IMAGE_ENV = "MERGESEARCH_RUNNER_IMAGE"
 SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
@@ -517,7 +520,7 @@ def _runner_container(
         args=[],
         env=[*reserved, *kept_env],
         volumeMounts=mounts,
-        terminationMessagePath="/dev/termination-log",
+        terminationMessagePath=TERMINATION_LOG,
         terminationMessagePolicy="File",
     )
     return _harden_container(runner)

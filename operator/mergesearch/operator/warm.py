@@ -31,7 +31,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mergerunner.contract import ExitCode
+from mergerunner.contract import (
+    ENV_EVALUATOR_NAME,
+    ENV_EVALUATOR_TOKEN_FILE,
+    ENV_EVALUATOR_URL,
+    ExitCode,
+)
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
@@ -43,9 +48,6 @@ EVALUATOR_CANDIDATE = "evaluators"  # the evaluator Job's candidate part and ann
 EVALUATOR_ROLE = "evaluator"
 TOKEN_SECRET_CANDIDATE = "evaluator-token"  # noqa: S105 - a name, not a secret
 TOKEN_KEY = "token"  # noqa: S105 - the key of the Secret
-ENV_URL = "MERGESEARCH_EVALUATOR_URL"
-ENV_NAME = "MERGESEARCH_EVALUATOR_NAME"
-ENV_TOKEN_FILE = "MERGESEARCH_EVALUATOR_TOKEN_FILE"  # noqa: S105 - a variable name
 TOKEN_DIR = "/var/run/secrets/mergesearch/evaluator"  # noqa: S105 - a mount path
 TOKEN_VOLUME = f"{jobspec.VOLUME_PREFIX}evaluator-token"
 # A lease whose holder the operator cannot see (a deleted pod, a Kueue suspension) is released
@@ -429,7 +431,10 @@ def evaluator_job(owner: Owner, spec: MergeSearchSpec, settings: JobSettings) ->
 def _evaluator_env(owner: Owner, settings: JobSettings) -> list[dict[str, Any]]:
     assert settings.evaluator_url
     return [
-        {"name": ENV_URL, "value": settings.evaluator_url.rstrip("/") + lease_path(owner)},
-        {"name": ENV_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": ENV_TOKEN_FILE, "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+        {
+            "name": ENV_EVALUATOR_URL,
+            "value": settings.evaluator_url.rstrip("/") + lease_path(owner),
+        },
+        {"name": ENV_EVALUATOR_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": ENV_EVALUATOR_TOKEN_FILE, "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
     ]
