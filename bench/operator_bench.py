@@ -4,8 +4,9 @@
 
 Starts its own control plane (tests/support/cluster.py), a node agent that runs up to 48 trial
 pods at once, and the operator as its own process with the RBAC ServiceAccount's credentials;
-creates N MergeSearches whose trials use the runner's benchmarking mode
-(`evaluator.backend: analytic`: no model, a trial is a ~0.5 s process), and measures:
+creates N MergeSearches whose trials use the benchmarking objective (the operator started
+with MERGESEARCH_BENCHMARK_OBJECTIVE=analytic: no model, a trial is a ~0.5 s process), and
+measures:
 
 - generation turnaround: from the moment the last Job of generation g-1 is seen Complete to
   the moment the first Job of generation g is seen created, both from one watch on the Jobs
@@ -56,7 +57,7 @@ from mergesearch.operator.jobs import LABEL_CANDIDATE  # noqa: E402
 from support.cluster import ApiClient, KubeCluster  # noqa: E402
 from support.net import free_port  # noqa: E402
 from support.nodeagent import NodeAgent  # noqa: E402
-from support.operator_proc import OperatorProcess, Searches, running_operator  # noqa: E402
+from support.operator_proc import ANALYTIC_TRIALS, OperatorProcess, Searches, running_operator  # noqa: E402
 
 NAMESPACE = "bench"
 RESULT = ROOT / "bench" / "results" / "operator.json"
@@ -82,8 +83,7 @@ def spec(generations: int, population: int, mode: str = "jobs") -> dict[str, Any
     return {
         "checkpoints": [{"name": n, "uri": f"s3://unused/{n}/"} for n in ("a", "b", "c")],
         "objective": {
-            "heldIn": [{"task": "one"}, {"task": "two"}],
-            "evaluator": {"backend": "analytic"},
+            "heldIn": [{"task": "one", "limit": 8}, {"task": "two", "limit": 8}],
         },
         "search": {"populationSize": population, "maxGenerations": generations, "seed": 5},
         "execution": execution,
@@ -236,12 +236,12 @@ def run(
     mode: str = "jobs",
     client: str = "aiohttp",
 ) -> dict[str, Any]:
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(ANALYTIC_TRIALS)
     key_dir = tempfile.TemporaryDirectory(prefix="mergesearch-bench-key-")
     if mode == "warm":
         port = free_port()
         (Path(key_dir.name) / "key").write_text(uuid.uuid4().hex)
-        env = {
+        env |= {
             "MERGESEARCH_EVALUATOR_PORT": str(port),
             "MERGESEARCH_EVALUATOR_URL": f"http://127.0.0.1:{port}",
             "MERGESEARCH_EVALUATOR_KEY_FILE": str(Path(key_dir.name) / "key"),

@@ -266,8 +266,6 @@ class MergeSearchSpec(_Spec):
         objective = info.data.get("objective")
         if not search.confirm.enabled or objective is None:
             return search
-        if objective.evaluator.backend == "analytic":  # no examples at all
-            return search
         unlimited = [i for i, t in enumerate(objective.held_in) if t.limit is None]
         if unlimited:
             fields = ", ".join(f"objective.heldIn[{i}].limit" for i in unlimited[:3])

@@ -6,7 +6,9 @@ trials that finish at once and give the same score for the same weights every ti
 score is a smooth bump over the weight vector, centred on a point that depends only on the task
 name and the checkpoint names. The optimum lies inside the simplex, so a working search beats
 every single checkpoint, as on real models. It is selected only by that explicit backend value
-and never by a default, so a real search cannot end up in it by accident.
+of a trial document, never by a default, and a MergeSearch's spec cannot ask for it: only an
+operator started for benchmarks writes it (`TrialEvaluatorSpec`), so a real search cannot end
+up in it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections.abc import Sequence
 
 from mergerunner.trial import TaskSpec, TrialDocument, TrialResult
 
-ANALYTIC_BACKEND = "analytic"
 _WIDTH = 0.5  # bump width: scores stay informative (far from 0) over the whole simplex
 
 

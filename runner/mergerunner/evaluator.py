@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
+from mergerunner.analytic import run_analytic
 from mergerunner.contract import ExitCode
 from mergerunner.run import (
     StepFailed,
@@ -47,7 +47,7 @@ from mergerunner.run import (
     scored_result,
     task_suite,
 )
-from mergerunner.trial import TrialDocument, TrialResult, parse_trial
+from mergerunner.trial import ANALYTIC_BACKEND, TrialDocument, TrialResult, parse_trial
 
 log = logging.getLogger(__name__)
 EXIT_DONE, EXIT_CONFIG = ExitCode.OK, ExitCode.BAD_INPUT

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mergerunner.analytic import ANALYTIC_BACKEND, run_analytic
+from mergerunner.analytic import run_analytic
 from mergerunner.contract import ENV_CUSTOM_TASKS
 from mergerunner.trial import (
+    ANALYTIC_BACKEND,
     EvaluatorSpec,
     Step,
     StepTimings,

@@ -266,13 +266,11 @@ class ServerSpec(_Document):
 class EvaluatorSpec(_Document):
     """How the runner evaluates a merged model."""
 
-    backend: Literal["hf", "vllm", "openai", "analytic"] = Field(
+    backend: Literal["hf", "vllm", "openai"] = Field(
         default="hf",
         description='"hf": transformers in-process through lm-eval, the model placed over every '
         'GPU of the pod; "vllm" or "openai": an inference server started on the merged model '
-        '(see server). "analytic" is the benchmarking mode: no checkpoint is '
-        "fetched or merged and no model is evaluated; the weights are scored by a fixed analytic "
-        "function (docs/trial-contract.md). Never use it for a real search.",
+        "(see server).",
     )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default="auto", description='Batch size (at least 1) or "auto".'
@@ -366,6 +364,37 @@ class EvaluatorSpec(_Document):
         }
 
 
+ANALYTIC_BACKEND = "analytic"
+
+
+class TrialEvaluatorSpec(EvaluatorSpec):
+    """The evaluator as a trial document carries it: a search's `objective.evaluator`, or the
+    benchmarking objective `analytic` (`mergerunner.analytic`).
+
+    `analytic` fetches, merges and evaluates nothing and scores the weights with a fixed
+    function, so that benchmarks of the operator and its recovery tests run trials in a blink.
+    It is no value of a MergeSearch's spec (nor of its CRD): only an operator started for
+    benchmarks (`MERGESEARCH_BENCHMARK_OBJECTIVE=analytic`, docs/trial-contract.md) or a
+    benchmark writing trial documents itself asks for it, so no real search can run on it.
+    """
+
+    backend: Literal["hf", "vllm", "openai", "analytic"] = Field(  # type: ignore[assignment]
+        default="hf",
+        description='As a search\'s evaluator.backend, or "analytic": the benchmarking '
+        "objective (no checkpoint fetched or merged, no model evaluated).",
+    )
+
+    @classmethod
+    def of(cls, evaluator: EvaluatorSpec) -> TrialEvaluatorSpec:
+        """A search's evaluator as its trial documents carry it: the same settings, hence the
+        same canonical JSON."""
+        return cls.model_validate(evaluator.model_dump())
+
+    @classmethod
+    def analytic(cls) -> TrialEvaluatorSpec:
+        return cls(backend=ANALYTIC_BACKEND)
+
+
 class OutputSpec(_Document):
     """Where the runner writes the merged model and full results, if anywhere."""
 
@@ -393,7 +422,7 @@ class TrialDocument(_Document):
     allow_code_execution: bool = Field(
         default=False, description="Let code tasks (mbpp, humaneval) run generated programs."
     )
-    evaluator: EvaluatorSpec = Field(default_factory=EvaluatorSpec)
+    evaluator: TrialEvaluatorSpec = Field(default_factory=TrialEvaluatorSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     subset: Subset | None = Field(
         default=None,

@@ -19,15 +19,14 @@ import yaml
 from support.cluster import KubeCluster, kubeconfig_document, write_kubeconfig
 from support.net import free_ports
 from support.nodeagent import NodeAgent
-from support.operator_proc import Searches, running_operator
+from support.operator_proc import ANALYTIC_TRIALS, Searches, running_operator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 SPEC: dict[str, Any] = {
     "checkpoints": [{"name": n, "uri": f"s3://unused/{n}/"} for n in ("alpha", "beta", "gamma")],
     "objective": {
-        "heldIn": [{"task": "task-one"}, {"task": "task-two"}],
-        "evaluator": {"backend": "analytic"},
+        "heldIn": [{"task": "task-one", "limit": 8}, {"task": "task-two", "limit": 8}],
     },
     "search": {"populationSize": 4, "maxGenerations": 2, "seed": 5},
 }
@@ -38,7 +37,7 @@ def finished(k8s_cluster: KubeCluster, k8s_node_agent: NodeAgent) -> dict[str, A
     namespace = f"cli-{uuid.uuid4().hex[:6]}"
     k8s_cluster.create_namespace(namespace)
     searches = Searches(k8s_cluster, namespace)
-    with running_operator(k8s_cluster, [namespace]):
+    with running_operator(k8s_cluster, [namespace], env=ANALYTIC_TRIALS):
         searches.create("cli-demo", SPEC)
         status = searches.wait_phase("cli-demo", ["Succeeded", "Failed"], 180)
     assert status["phase"] == "Succeeded", status.get("conditions")

@@ -1,7 +1,8 @@
 """Failure modes that used to lose a search or hang it, on the real control plane.
 
 The operator runs as its own process with the RBAC ServiceAccount's credentials; trials run
-in the runner's benchmarking mode (`evaluator.backend: analytic`), so a search takes seconds.
+on the benchmarking objective (the operator started with `ANALYTIC_TRIALS`), so a search takes
+seconds.
 Each test plays one fault the way a cluster produces it: a ResourceQuota on Jobs, a Secret or
 ConfigMap that does not exist (the node agent answers as a kubelet does: FailedMount, the pod
 left ContainerCreating), a LimitRange that makes the Job controller's pod creation fail, a pod
@@ -19,7 +20,7 @@ import pytest
 
 from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
-from support.operator_proc import OperatorFactory, Searches, operator_factory
+from support.operator_proc import ANALYTIC_TRIALS, OperatorFactory, Searches, operator_factory
 from support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -30,10 +31,10 @@ MISBEHAVING_RUNNER = Path(__file__).resolve().parents[1] / "support" / "crashing
 
 
 def analytic_spec(**execution: Any) -> dict[str, Any]:
-    """Three checkpoints that are never fetched (analytic mode), 13 trials or so."""
+    """Three checkpoints that are never fetched (analytic trials), 13 trials or so."""
     return {
         "checkpoints": [{"name": n, "uri": f"s3://unused/{n}/"} for n in CHECKPOINTS],
-        "objective": {"heldIn": [{"task": "task-one"}], "evaluator": {"backend": "analytic"}},
+        "objective": {"heldIn": [{"task": "task-one", "limit": 8}]},
         "search": {"populationSize": 4, "maxGenerations": 2, "seed": 5},
         "execution": {"parallelism": 4, "backoffLimit": 0, **execution},
     }
@@ -85,7 +86,7 @@ def test_a_job_quota_smaller_than_parallelism_slows_the_search_but_never_stops_i
         "the quota controller to fill in the quota's status",
     )
     searches = Searches(k8s_cluster, namespace)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     searches.create("squeezed", analytic_spec(parallelism=4))
     waiting = wait_for(
         lambda: (
@@ -114,7 +115,7 @@ def test_a_trial_job_that_completes_without_a_result_is_kept(
     namespace = new_namespace(k8s_cluster, "empty")
     searches = Searches(k8s_cluster, namespace)
     command = f"python {MISBEHAVING_RUNNER} empty:g000-c02"
-    operator_factory([namespace], env={"MERGESEARCH_RUNNER_COMMAND": command})
+    operator_factory([namespace], env={"MERGESEARCH_RUNNER_COMMAND": command, **ANALYTIC_TRIALS})
     searches.create("silent", analytic_spec())
     status = searches.wait_phase("silent", ["Succeeded", "Failed"], 300)
     assert status["phase"] == "Succeeded", status.get("conditions")
@@ -147,7 +148,7 @@ def test_a_missing_secret_or_configmap_fails_the_search_at_once_naming_it(
 ) -> None:
     namespace = new_namespace(k8s_cluster, "missing")
     searches = Searches(k8s_cluster, namespace)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     spec = analytic_spec()
     if field == "storage":
         spec["storage"] = {"secretRef": {"name": name}}
@@ -193,7 +194,7 @@ def test_pods_refused_by_admission_fail_the_search_before_any_trial_runs(
         },
     )
     searches = Searches(k8s_cluster, namespace)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     resources = {"requests": {"cpu": "2"}, "limits": {"cpu": "2"}}
     spec = analytic_spec(
         template={"spec": {"containers": [{"name": "runner", "resources": resources}]}}
@@ -213,7 +214,7 @@ def test_trial_pods_are_admitted_under_pod_security_restricted(
         k8s_cluster, "restricted", {"pod-security.kubernetes.io/enforce": "restricted"}
     )
     searches = Searches(k8s_cluster, namespace)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     searches.create("strict", analytic_spec())
     status = searches.wait_phase("strict", ["Failed", "Succeeded"], 300)
     assert status["phase"] == "Succeeded", status.get("conditions")
@@ -224,7 +225,7 @@ def test_an_unschedulable_trial_waits_and_says_why(
 ) -> None:
     namespace = new_namespace(k8s_cluster, "nofit")
     searches = Searches(k8s_cluster, namespace)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     gpus = {"limits": {"nvidia.com/gpu": "64"}}
     spec = analytic_spec(template={"spec": {"containers": [{"name": "runner", "resources": gpus}]}})
     searches.create("huge", spec)
@@ -257,7 +258,9 @@ def test_a_failed_final_evaluation_is_retried_then_retried_on_request(
     namespace = new_namespace(k8s_cluster, "final")
     searches = Searches(k8s_cluster, namespace)
     command = f"python {MISBEHAVING_RUNNER} final"
-    broken = operator_factory([namespace], env={"MERGESEARCH_RUNNER_COMMAND": command})
+    broken = operator_factory(
+        [namespace], env={"MERGESEARCH_RUNNER_COMMAND": command, **ANALYTIC_TRIALS}
+    )
     spec = analytic_spec()
     spec["objective"]["heldOut"] = [{"task": "task-two"}]
     searches.create("export", spec)
@@ -270,7 +273,7 @@ def test_a_failed_final_evaluation_is_retried_then_retried_on_request(
     assert reasons.count("FinalizationRetried") == 2
     broken.stop()
 
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     k8s_cluster.kubectl(
         "annotate", "-n", namespace, "msearch", "export", "mergesearch.io/retry-finalization=1"
     )
@@ -303,7 +306,7 @@ def test_the_finalizer_of_an_earlier_version_is_removed(
         "spec": spec,
     }
     k8s_cluster.api().create(searches.path, body)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     wait_for(
         lambda: not searches.get("old")["metadata"].get("finalizers"),
         60,

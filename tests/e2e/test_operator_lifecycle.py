@@ -1,11 +1,11 @@
 """The operator's life-cycle guarantees, on the real control plane, with instant trials.
 
 The operator runs as its own process with the RBAC ServiceAccount's credentials; trials run
-in the runner's benchmarking mode (`evaluator.backend: analytic`, docs/trial-contract.md), so a
-whole search takes seconds and its result is a pure function of the spec and the seed. That
-makes "the same result as an uninterrupted run" an exact comparison: suspending, SIGKILLing
-the operator mid-generation or failing a trial must not change which candidates are asked,
-evaluate one twice, or lose one.
+on the benchmarking objective (the operator started with `ANALYTIC_TRIALS`,
+docs/trial-contract.md), so a whole search takes seconds and its result is a pure function of
+the spec and the seed. That makes "the same result as an uninterrupted run" an exact
+comparison: suspending, SIGKILLing the operator mid-generation or failing a trial must not
+change which candidates are asked, evaluate one twice, or lose one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 from support.cluster import ApiError, KubeCluster
 from support.nodeagent import NodeAgent
 from support.operator_proc import (
+    ANALYTIC_TRIALS,
     OperatorFactory,
     Searches,
     operator_factory,
@@ -35,15 +36,18 @@ __all__ = ["operator_factory"]  # the fixture, imported so that pytest finds it 
 POPULATION, GENERATIONS, CHECKPOINTS = 4, 3, ("alpha", "beta", "gamma")
 BASELINES = len(CHECKPOINTS) + 2  # each checkpoint, uniform, merge-best
 FAILING_CANDIDATE = "g000-c01"
+LIMIT = 8  # examples per task: the analytic objective reads none, confirmation needs a limit
 
 
 def analytic_spec(**execution: Any) -> dict[str, Any]:
-    """Three checkpoints that are never fetched (analytic mode), two tasks, 17 trials."""
+    """Three checkpoints that are never fetched (analytic trials), two tasks, 17 trials."""
     return {
         "checkpoints": [{"name": n, "uri": f"s3://unused/{n}/"} for n in CHECKPOINTS],
         "objective": {
-            "heldIn": [{"task": "task-one"}, {"task": "task-two", "weight": 2}],
-            "evaluator": {"backend": "analytic"},
+            "heldIn": [
+                {"task": "task-one", "limit": LIMIT},
+                {"task": "task-two", "weight": 2, "limit": LIMIT},
+            ],
         },
         "search": {"populationSize": POPULATION, "maxGenerations": GENERATIONS, "seed": 11},
         "execution": {"parallelism": 4, **execution},
@@ -115,7 +119,7 @@ def reference(k8s_cluster: KubeCluster, k8s_node_agent: NodeAgent) -> dict[str, 
     """An uninterrupted run of `analytic_spec()`, with an operator of its own."""
     namespace = new_namespace(k8s_cluster, "ref")
     searches = Searches(k8s_cluster, namespace)
-    with running_operator(k8s_cluster, [namespace]):
+    with running_operator(k8s_cluster, [namespace], env=ANALYTIC_TRIALS):
         searches.create("ref", analytic_spec())
         status = searches.wait_phase("ref", ["Succeeded", "Failed"], 180)
     assert status["phase"] == "Succeeded", status.get("conditions")
@@ -148,7 +152,7 @@ def test_sigkill_mid_generation_changes_nothing(
     the uninterrupted run, each candidate's Job created once with one pod, no trial lost."""
     namespace = new_namespace(k8s_cluster, "kill")
     searches = Searches(k8s_cluster, namespace)
-    operator = operator_factory([namespace])
+    operator = operator_factory([namespace], env=ANALYTIC_TRIALS)
     searches.create("crash", analytic_spec())
     kills = 0
     searched = trials_run(reference) - len(reference["confirmation"])
@@ -182,7 +186,7 @@ def test_suspend_stops_launching_and_resume_finishes_the_same(
 ) -> None:
     namespace = new_namespace(k8s_cluster, "susp")
     searches = Searches(k8s_cluster, namespace)
-    operator_factory([namespace])
+    operator_factory([namespace], env=ANALYTIC_TRIALS)
     searches.create("pause", analytic_spec(parallelism=2))
     wait_for(
         lambda: (searches.status("pause").get("trials") or {}).get("finished", 0) >= 4,
@@ -231,7 +235,10 @@ def test_failed_trial_is_penalised_and_deletion_collects_everything(
     searches = Searches(k8s_cluster, namespace)
     operator_factory(
         [namespace],
-        env={"MERGESEARCH_RUNNER_COMMAND": f"python {CRASHING_RUNNER} {FAILING_CANDIDATE}"},
+        env={
+            "MERGESEARCH_RUNNER_COMMAND": f"python {CRASHING_RUNNER} {FAILING_CANDIDATE}",
+            **ANALYTIC_TRIALS,
+        },
     )
     spec = analytic_spec(backoffLimit=0)
     spec["search"]["failurePolicy"] = "penalize"
@@ -267,7 +274,7 @@ def test_deleting_a_running_search_collects_running_trials(
 ) -> None:
     namespace = new_namespace(k8s_cluster, "del")
     searches = Searches(k8s_cluster, namespace)
-    operator = operator_factory([namespace])
+    operator = operator_factory([namespace], env=ANALYTIC_TRIALS)
     searches.create("doomed", analytic_spec())
     wait_for(lambda: searches.jobs("doomed"), 60, "the first trial Jobs")
     searches.delete("doomed")

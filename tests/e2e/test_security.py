@@ -27,7 +27,7 @@ import pytest
 
 from mergesearch.operator import jobs as jobspec
 from support.cluster import ApiClient, ApiError, KubeCluster
-from support.operator_proc import OperatorProcess
+from support.operator_proc import ANALYTIC_TRIALS, OperatorProcess
 from support.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -57,7 +57,7 @@ class Setup:
 def search(name: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "checkpoints": [{"name": n, "uri": f"s3://unused/{n}/"} for n in ("a", "b", "c")],
-        "objective": {"heldIn": [{"task": "t"}], "evaluator": {"backend": "analytic"}},
+        "objective": {"heldIn": [{"task": "t", "limit": 8}]},
         "search": {"populationSize": 4, "maxGenerations": 1},
         "execution": {"parallelism": 1},
     }
@@ -144,7 +144,10 @@ def setup(k8s_cluster: KubeCluster) -> Iterator[Setup]:
     alice = bind_user(k8s_cluster, team, "alice")
     with tempfile.TemporaryDirectory(prefix="mergesearch-sec-") as tmp:
         operator = OperatorProcess(
-            kubeconfig, [team], Path(tmp), {"MERGESEARCH_TRIAL_SERVICE_ACCOUNT": TRIAL_SA}
+            kubeconfig,
+            [team],
+            Path(tmp),
+            {"MERGESEARCH_TRIAL_SERVICE_ACCOUNT": TRIAL_SA, **ANALYTIC_TRIALS},
         )
         operator.poll_seconds = 2.0
         operator.start()

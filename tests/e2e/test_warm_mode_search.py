@@ -3,9 +3,9 @@
 The operator runs as its own process with the RBAC ServiceAccount's credentials and serves the
 evaluator endpoint; the node agent runs the evaluator Job's pods as `mergerunner evaluator`
 processes (slowed per trial by tests/support/slow_evaluator.py so that a kill catches one
-holding a lease). Trials use the benchmarking objective (`evaluator.backend: analytic`), so
-a search's result is a pure function of its spec and seed: a warm search must end exactly as
-a one-Job-per-trial search does, whatever is killed on the way.
+holding a lease). Trials use the benchmarking objective (the operator started with
+`ANALYTIC_TRIALS`), so a search's result is a pure function of its spec and seed: a warm search
+must end exactly as a one-Job-per-trial search does, whatever is killed on the way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from test_operator_lifecycle import (
 from support.cluster import KubeCluster
 from support.nodeagent import NodeAgent
 from support.operator_proc import (
+    ANALYTIC_TRIALS,
     OperatorFactory,
     Searches,
     evaluator_endpoint_env,
@@ -49,9 +50,11 @@ PARALLELISM = 2  # evaluators; the session's node agent runs 4 pods at a time
 
 @pytest.fixture
 def warm_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The operator's environment for serving evaluators on a free loopback port."""
+    """The operator's environment for serving evaluators on a free loopback port (analytic
+    trials)."""
     yield {
         **evaluator_endpoint_env(tmp_path / "evaluator-key"),
+        **ANALYTIC_TRIALS,
         "MERGESEARCH_EVALUATOR_COMMAND": f"{sys.executable} {SLOW_EVALUATOR} 0.4",
     }
 

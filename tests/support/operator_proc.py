@@ -34,6 +34,10 @@ OPERATOR_NAMESPACE = "mergesearch-system"
 OPERATOR_ACCOUNT = "mergesearch-operator"
 MS_PATH = "/apis/mergesearch.io/v1alpha1/namespaces/{ns}/mergesearches"
 STOP_GRACE_S = 10.0
+# An operator started with this environment runs every trial on the benchmarking objective
+# (mergerunner.analytic: no checkpoint fetched, no model, a trial in a blink). It is the
+# deployment's choice, never a spec's: the e2e tests of the operator's own behaviour use it.
+ANALYTIC_TRIALS = {"MERGESEARCH_BENCHMARK_OBJECTIVE": "analytic"}
 
 
 def apply_crd(cluster: KubeCluster) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mergerunner.analytic import run_analytic, task_score
-from mergerunner.trial import EvaluatorSpec, TrialDocument
+from mergerunner.trial import EvaluatorSpec, TrialDocument, TrialEvaluatorSpec
 
 pytestmark = pytest.mark.unit
 
@@ -17,7 +17,7 @@ def doc(backend: str = "analytic", **weights: float) -> TrialDocument:
         weights=weights or {"a": 0.3, "b": 0.7},
         held_in=[{"task": "t1"}, {"task": "t2", "weight": 2}],
         held_out=[{"task": "t3"}],
-        evaluator=EvaluatorSpec(backend=backend),
+        evaluator=TrialEvaluatorSpec(backend=backend),
     )
 
 

@@ -119,6 +119,15 @@ def test_the_best_column_is_the_operators_4_decimal_string() -> None:
     assert best == {"name": "Best", "type": "string", "jsonPath": ".status.bestFitness"}
 
 
+def test_the_backends_offered_are_those_a_search_runs_on() -> None:
+    """Not the benchmarking objective (`analytic`): an operator started for benchmarks writes
+    it into trial documents (MERGESEARCH_BENCHMARK_OBJECTIVE); a user cannot ask for it."""
+    evaluator = spec_schema()["properties"]["objective"]["properties"]["evaluator"]
+    backend = evaluator["properties"]["backend"]
+    assert backend["enum"] == ["hf", "vllm", "openai"]
+    assert "analytic" not in backend["description"]
+
+
 def test_the_pod_template_is_never_defaulted() -> None:
     """A default `spec: {}` would turn a bare pod spec ({containers}) into a PodTemplateSpec
     whose containers are ignored."""

@@ -177,6 +177,26 @@ def test_the_trial_document_travels_in_env_with_its_digest() -> None:
     assert build(make_spec()) == job  # deterministic, byte for byte
 
 
+def test_the_document_carries_the_search_evaluator_or_else_the_benchmark_objective() -> None:
+    spec = make_spec(
+        objective={
+            "heldIn": [{"task": "gsm8k", "limit": 50}],
+            "evaluator": {"backend": "vllm", "batchSize": 8, "genKwargs": {"temperature": 0}},
+        }
+    )
+    doc = jobspec.trial_document(spec, "j", {"sft_a": 0.5, "po-b": 0.5}, SETTINGS)
+    assert doc.evaluator.to_wire() == spec.objective.evaluator.to_wire()  # the same JSON
+
+    # Only the operator's deployment (benchmarks, recovery tests) picks the analytic objective:
+    # the spec cannot (tests/unit/test_spec.py, test_crd.py).
+    benchmark = JobSettings.from_env({"MERGESEARCH_BENCHMARK_OBJECTIVE": "analytic"})
+    assert benchmark.analytic_trials and not JobSettings.from_env({}).analytic_trials
+    doc = jobspec.trial_document(spec, "j", {"sft_a": 0.5, "po-b": 0.5}, benchmark)
+    assert doc.evaluator.backend == "analytic"
+    with pytest.raises(ValueError, match="MERGESEARCH_BENCHMARK_OBJECTIVE='hf'"):
+        JobSettings.from_env({"MERGESEARCH_BENCHMARK_OBJECTIVE": "hf"})
+
+
 def test_the_final_document_scores_held_out_tasks_and_exports() -> None:
     spec = make_spec()
     doc = jobspec.trial_document(

@@ -112,6 +112,7 @@ class Cluster:
     max_unfinished: int = 0
     now: str = NOW
     annotations: dict[str, str] = field(default_factory=dict)
+    settings: JobSettings = SETTINGS
 
     def view(self) -> SearchView:
         spec = copy.deepcopy(self.spec)
@@ -120,7 +121,7 @@ class Cluster:
 
     def reconcile(self) -> Plan:
         jobs = list(self.summaries.values())
-        return reconcile(self.view(), jobs, self.pods, SETTINGS, self.now)
+        return reconcile(self.view(), jobs, self.pods, self.settings, self.now)
 
     def step(self) -> Plan:
         plan = self.reconcile()
@@ -999,11 +1000,18 @@ def test_a_failed_preflight_fails_the_search_with_zero_trial_jobs(
 
 
 def test_the_analytic_benchmark_backend_needs_no_preflight() -> None:
-    cluster = Cluster(make_spec(**{"objective.evaluator": {"backend": "analytic"}}), status={})
+    analytic = replace(SETTINGS, analytic_trials=True)  # MERGESEARCH_BENCHMARK_OBJECTIVE
+    cluster = Cluster(make_spec(), status={}, settings=analytic)
     plan = cluster.step()
     assert plan.create and all(
         m["metadata"]["labels"][jobspec.LABEL_ROLE] == "trial" for m in plan.create
     )
+    runners = [m["spec"]["template"]["spec"]["containers"][0] for m in plan.create]
+    documents = [
+        json.loads(next(e["value"] for e in r["env"] if e["name"] == jobspec.ENV_TRIAL))
+        for r in runners
+    ]
+    assert {d["evaluator"]["backend"] for d in documents} == {"analytic"}
 
 
 # --------------------------------------------------------------------------- reasons, finality

@@ -159,6 +159,8 @@ def _objective(**evaluator: Any) -> dict[str, Any]:
         ({"objective": _objective(batchSize="big")}, "spec.objective.evaluator.batchSize"),
         ({"objective": _objective(device="gpu")}, "spec.objective.evaluator.device"),
         ({"objective": _objective(device="cuda:x")}, "spec.objective.evaluator.device"),
+        # The benchmarking objective is the operator's deployment's choice, never a spec's.
+        ({"objective": _objective(backend="analytic")}, "spec.objective.evaluator.backend"),
         ({"storage": {"secretRef": {"name": "My_Secret"}}}, "spec.storage.secretRef.name"),
         (
             {"objective": {"heldIn": [{"task": "a"}], "customTasks": {"configMapRef": BAD_REF}}},

@@ -32,7 +32,15 @@ from mergerunner.contract import (
     TERMINATION_LOG,
     ExitCode,
 )
-from mergerunner.trial import CheckpointRef, OutputSpec, Subset, TaskSpec, TrialDocument
+from mergerunner.trial import (
+    ANALYTIC_BACKEND,
+    CheckpointRef,
+    OutputSpec,
+    Subset,
+    TaskSpec,
+    TrialDocument,
+    TrialEvaluatorSpec,
+)
 from mergesearch.entrypoints import EVALUATOR_COMMAND, PREFLIGHT_COMMAND, RUNNER_COMMAND
 from mergesearch.operator import podpolicy
 from mergesearch.spec import API_GROUP, API_VERSION, KIND, MergeSearchSpec
@@ -68,6 +76,9 @@ SERVICE_ACCOUNT_ENV = "MERGESEARCH_TRIAL_SERVICE_ACCOUNT"
 EVALUATOR_URL_ENV = "MERGESEARCH_EVALUATOR_URL"
 EVALUATOR_KEY_FILE_ENV = "MERGESEARCH_EVALUATOR_KEY_FILE"
 NODE_CACHE_ENV = "MERGESEARCH_NODE_CACHE_DIR"
+# Benchmarks and recovery tests only: `analytic` makes every trial document this operator writes
+# use the benchmarking objective (mergerunner.analytic) instead of the search's evaluator.
+BENCHMARK_OBJECTIVE_ENV = "MERGESEARCH_BENCHMARK_OBJECTIVE"
 RUNNER_REPOSITORY = "ghcr.io/mergesearch/mergesearch-runner"
 
 
@@ -106,6 +117,8 @@ class JobSettings:
     evaluator_key: bytes | None = field(default=None, repr=False)
     # A host directory for a node-local checkpoint cache shared by evaluators (opt-in).
     node_cache_dir: str | None = None
+    # Benchmarks only: trials score the weights with mergerunner.analytic, no model at all.
+    analytic_trials: bool = False
 
     @property
     def serves_evaluators(self) -> bool:
@@ -126,6 +139,12 @@ class JobSettings:
         account = env.get(SERVICE_ACCOUNT_ENV) or podpolicy.DEFAULT_SERVICE_ACCOUNT
         key_file = env.get(EVALUATOR_KEY_FILE_ENV)
         key = Path(key_file).read_bytes().strip() if key_file else None
+        objective = env.get(BENCHMARK_OBJECTIVE_ENV) or None
+        if objective not in (None, ANALYTIC_BACKEND):
+            raise ValueError(
+                f"{BENCHMARK_OBJECTIVE_ENV}={objective!r}: the only benchmarking objective is "
+                f"{ANALYTIC_BACKEND!r} (unset it for real searches)"
+            )
         return cls(
             default_image=image,
             command=command,
@@ -135,6 +154,7 @@ class JobSettings:
             evaluator_url=env.get(EVALUATOR_URL_ENV) or None,
             evaluator_key=key or None,
             node_cache_dir=env.get(NODE_CACHE_ENV) or None,
+            analytic_trials=objective == ANALYTIC_BACKEND,
         )
 
 
@@ -245,7 +265,11 @@ def trial_document(
         dtype=spec.merge.dtype,
         held_in=held_in,
         held_out=held_out,
-        evaluator=objective.evaluator,
+        evaluator=(
+            TrialEvaluatorSpec.analytic()
+            if settings.analytic_trials
+            else TrialEvaluatorSpec.of(objective.evaluator)
+        ),
         datasets_uri=objective.datasets.uri if objective.datasets else None,
         allow_code_execution=objective.allow_code_execution,
         output=output,

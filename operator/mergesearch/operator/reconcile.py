@@ -723,14 +723,14 @@ def _preflight(
 
     Returns the phase to report while it runs or once it failed, None when trials may go: it
     passed (condition `Preflight=True`, kept in the status so a restart never repeats it), or
-    the search has no model to check (the analytic benchmark backend), or trials of this
+    the operator runs the benchmarking objective (no model to check), or trials of this
     search already exist (a search started before the operator had a preflight). A failure
     fails the search with the reason of its kind (`UnknownTask`, `DataMissing`, ...) and zero
     trial Jobs.
     """
     if view.status.holds(ConditionType.PREFLIGHT):
         return None
-    if spec.objective.evaluator.backend == "analytic":
+    if settings.analytic_trials:
         return None
     if draft.active or any(j.role in ("trial", "final") for j in owned):
         return None
