@@ -13,7 +13,8 @@ hits them all alike):
 - `aiohttp`: the operator's client (operator/kube.py's `KubeClient`, kopf's credentials);
 - `kubernetes.aio`: the asyncio client inside the official `kubernetes` package (typed API
   classes; Job and pod models deserialised, then `to_dict()`, as the operator reads dicts);
-- `kubernetes_asyncio`: the separately maintained asyncio port, if installed;
+- `kubernetes_asyncio`: the separately maintained asyncio port, when installed (it is not in
+  the lock: kopf imports it at start wherever it is; the committed figures used 36.1.0);
 - `kubernetes+thread`: the synchronous official client, each call in `asyncio.to_thread`.
 
 Measured per call: wall latency (p50/p99) and this process's CPU time (all threads); then

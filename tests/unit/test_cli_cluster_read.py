@@ -5,6 +5,7 @@ tests/e2e/test_cli_status.py)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,12 @@ def test_server_errors_read_as_kubectl_prints_them() -> None:
     bare = ApiException(status=503, reason="Service Unavailable")
     bare.body = "upstream down"
     assert _server_said(bare) == "Error from server (Service Unavailable): upstream down"
+
+
+def test_without_the_kubernetes_package_the_extra_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator image leaves the package out (docs/operator.md, "API client")."""
+    monkeypatch.setitem(sys.modules, "kubernetes", None)
+    with pytest.raises(ClusterReadError, match=r"mergesearch\[cluster\]"):
+        api_client()

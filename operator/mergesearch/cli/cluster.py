@@ -51,8 +51,13 @@ def _context_namespace(context: Mapping[str, Any] | None) -> str | None:
 def api_client(context: str | None = None) -> tuple[ApiClient, str]:
     """An `ApiClient` for the kubeconfig's context (or the pod's service account) and the
     namespace that context names ("default" when it names none), as kubectl would pick."""
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
+    try:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+    except ImportError as exc:
+        raise ClusterReadError(
+            "reading the cluster needs the kubernetes package: pip install 'mergesearch[cluster]'"
+        ) from exc
 
     paths = _kubeconfig_paths()
     in_cluster = not any(p.exists() for p in paths) and "KUBERNETES_SERVICE_HOST" in os.environ
