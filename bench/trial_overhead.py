@@ -80,6 +80,7 @@ from support.operator_proc import (  # noqa: E402
     evaluator_endpoint_env,
     running_operator,
 )
+from support.polling import wait_for  # noqa: E402
 from support.s3server import SeaweedS3  # noqa: E402
 from support.search_inputs import (  # noqa: E402
     STORE_SECRET,
@@ -473,17 +474,21 @@ def searches(
 def evaluators_gone(api: ApiClient, namespace: str, timeout_s: float = 300) -> None:
     """Wait until no evaluator pod runs (they exit when told the search is done): their
     resident checkpoints must be freed before the next floor loads its own."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def none_left() -> bool:
         pods = api.get(f"/api/v1/namespaces/{namespace}/pods")["items"]
-        if not any(
+        return not any(
             "-evaluators-" in p["metadata"]["name"]
             and (p.get("status") or {}).get("phase") in ("Pending", "Running")
             for p in pods
-        ):
-            return
-        time.sleep(1.0)
-    raise SystemExit("the evaluator pods did not end after the warm search")
+        )
+
+    def still_running() -> SystemExit:
+        return SystemExit("the evaluator pods did not end after the warm search")
+
+    wait_for(
+        none_left, timeout_s, "the evaluator pods to end", interval_s=1.0, failure=still_running
+    )
 
 
 def run(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:

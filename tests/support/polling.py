@@ -18,7 +18,7 @@ def wait_for(
     what: str = "",
     *,
     interval_s: float = 0.25,
-    failure: Callable[[], Exception] | None = None,
+    failure: Callable[[], BaseException] | None = None,
 ) -> Any:
     """Polls until `condition()` returns something truthy, and returns that value. Once
     `timeout_s` has passed it raises `failure()` (made then, so that it can carry a server's
