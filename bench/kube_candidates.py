@@ -141,19 +141,23 @@ class _Official:
 
         return dict(await self._call("PUT", f"{PLURAL}/status", call))
 
+    async def _create(self, resource: str, call: Any) -> bool:
+        """True when created, False when the object exists (as the shipped client answers)."""
+        try:
+            await self._call("POST", resource, call)
+        except ApiError as exc:
+            if exc.already_exists:
+                return False
+            raise
+        return True
+
     async def create_job(self, manifest: dict[str, Any]) -> bool:
         async def call(api: Any) -> Any:
             batch = self._apis(api)[1]
             namespace = manifest["metadata"]["namespace"]
             return await self._run(batch.create_namespaced_job, namespace, manifest)
 
-        try:
-            await self._call("POST", "jobs", call)
-        except ApiError as exc:
-            if exc.already_exists:
-                return False
-            raise
-        return True
+        return await self._create("jobs", call)
 
     async def create_secret(self, manifest: dict[str, Any]) -> bool:
         async def call(api: Any) -> Any:
@@ -161,13 +165,7 @@ class _Official:
             namespace = manifest["metadata"]["namespace"]
             return await self._run(core.create_namespaced_secret, namespace, manifest)
 
-        try:
-            await self._call("POST", "secrets", call)
-        except ApiError as exc:
-            if exc.already_exists:
-                return False
-            raise
-        return True
+        return await self._create("secrets", call)
 
     async def delete_job(self, namespace: str, name: str) -> bool:
         async def call(api: Any) -> Any:
