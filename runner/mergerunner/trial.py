@@ -539,9 +539,16 @@ class TrialResult(_Model):
 
     @classmethod
     def failed(
-        cls, trial_id: str, step: Step, kind: FailureKind, error: str, **details: Any
+        cls,
+        trial_id: str,
+        step: Step | None,
+        kind: FailureKind | None,
+        error: str,
+        **details: Any,
     ) -> TrialResult:
-        """A failed trial: the step that failed, why as a kind, and the error's text."""
+        """A failed trial: the step that failed, why as a kind, and the error's text. Step
+        and kind are None only where no runner said (a pod killed before it could write a
+        result: the operator then knows what Kubernetes reports, and no more)."""
         return cls(
             id=trial_id,
             status="failed",
@@ -555,6 +562,15 @@ class TrialResult(_Model):
     def rejected(cls, error: str, trial_id: str = "?") -> TrialResult:
         """A trial document that could not be read or was refused: a bad input, no step ran."""
         return cls.failed(trial_id, "input", FailureKind.INVALID_INPUT, error[:INPUT_ERROR_CHARS])
+
+    @property
+    def summary(self) -> str:
+        """How it ended, for a log line, an event or a condition: "succeeded", or the failed
+        step and the error ("merge: tensor model.norm.weight is NaN")."""
+        if self.status == "succeeded":
+            return "succeeded"
+        step = f"{self.failed_step}: " if self.failed_step else ""
+        return f"{step}{self.error or 'failed'}"
 
     def to_json(self) -> str:
         return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))

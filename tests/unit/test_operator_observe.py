@@ -123,7 +123,7 @@ def test_outcomes() -> None:
     done = JobSummary("job-1", "u", "g000-c00", "trial", "succeeded")
     good = PodSummary("p", "job-1", 0, None, result(), "t2")
     outcome = outcome_of(done, [good])
-    assert outcome is not None and outcome.succeeded and outcome.held_in == {"t": 0.5}
+    assert outcome is not None and outcome.succeeded and outcome.result.held_in == {"t": 0.5}
     garbled = outcome_of(done, [PodSummary("p", "job-1", 0, None, "oops", "t")])
     assert garbled is not None and not garbled.succeeded and "not JSON" in garbled.reason
     assert outcome_of(done, []).reason == "no terminated pod found for the Job"
@@ -137,7 +137,7 @@ def test_outcomes() -> None:
         "t",
     )
     out = outcome_of(failed, [step])
-    assert out is not None and out.failed_step == "merge" and out.reason == "merge: boom"
+    assert out is not None and out.result.failed_step == "merge" and out.reason == "merge: boom"
     active = JobSummary("job-1", "u", "g000-c00", "trial", "active")
     assert outcome_of(active, [good]) is None
 

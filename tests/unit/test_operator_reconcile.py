@@ -531,16 +531,17 @@ def test_an_outage_before_any_success_is_a_misconfigured_endpoint() -> None:
 def test_classify_failure_decides_from_the_kind_never_from_the_message() -> None:
     from mergesearch.operator.observe import TrialOutcome
 
+    def failed(step: str | None, kind: FailureKind | None, error: str) -> TrialOutcome:
+        return TrialOutcome("g000-c01", "j", TrialResult.failed("j", step, kind, error))
+
     # A message that reads like a configuration error but carries no fatal kind is counted.
-    untyped = TrialOutcome("g000-c01", "j", False, failed_step="evaluate", error="unknown task")
-    disk = TrialOutcome(
-        "g000-c01", "j", False, failed_step="merge", error_kind=K.INTERNAL, error="disk full"
-    )
-    nan = TrialOutcome("g000-c01", "j", False, failed_step="merge", error_kind=K.NON_FINITE)
+    untyped = failed("evaluate", None, "unknown task")
+    disk = failed("merge", K.INTERNAL, "disk full")
+    nan = failed("merge", K.NON_FINITE, "failed")
     assert classify_failure(untyped, first_trials=True) is None
     assert classify_failure(disk, first_trials=True) is None
     assert classify_failure(nan, first_trials=True) is None
-    worded = TrialOutcome("g000-c01", "j", False, error_kind=K.UNKNOWN_TASK, error="reworded")
+    worded = failed(None, K.UNKNOWN_TASK, "reworded")
     assert classify_failure(worded, first_trials=False) is not None
 
 

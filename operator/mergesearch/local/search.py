@@ -179,8 +179,7 @@ class FinalEvaluationFailed(Exception):
     on a cluster): the search fails, as its resource would with `FinalizationFailed`."""
 
     def __init__(self, result: TrialResult) -> None:
-        step = f"{result.failed_step}: " if result.failed_step else ""
-        super().__init__(f"final evaluation failed: {step}{result.error or 'failed'}")
+        super().__init__(f"final evaluation failed: {result.summary}")
         self.result = result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -81,26 +81,24 @@ class PodSummary:
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """A finished trial: its scores, or why it failed (`failed_step` as the runner says)."""
+    """A finished trial: the runner's result, bound to the candidate and the Job (or warm
+    lease) it answers. The result's own `id` is what the runner read ("?" when it could not
+    read the document), so the binding is kept beside it, not inside it. Where no runner
+    result exists (a pod killed for memory, a Job past its deadline) the result is made here
+    from what Kubernetes reports, with no failed step."""
 
     candidate: str
     job: str
-    succeeded: bool
-    held_in: dict[str, float] = field(default_factory=dict)
-    held_out: dict[str, float] = field(default_factory=dict)
-    digest: str | None = None
-    output_uri: str | None = None
-    failed_step: str | None = None
-    error_kind: FailureKind | None = None
-    error: str | None = None
+    result: TrialResult
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result.status == "succeeded"
 
     @property
     def reason(self) -> str:
         """One line for the engine's failure record, events and the status."""
-        if self.succeeded:
-            return "succeeded"
-        step = f"{self.failed_step}: " if self.failed_step else ""
-        return one_line(f"{step}{self.error or 'failed'}")
+        return one_line(self.result.summary)
 
 
 # --------------------------------------------------------------------------- Jobs
@@ -255,52 +253,32 @@ def outcome_of(job: JobSummary, pods: Iterable[PodSummary]) -> TrialOutcome | No
         for pod in (p for p in pods if p.exit_code == 0):
             result, problem = parse_result(pod.message, job.name)
             if result is not None and result.status == "succeeded":
-                return outcome_of_result(job.candidate, job.name, result)
+                return TrialOutcome(job.candidate, job.name, result)
             problems.append(problem or "the runner reported a failure but exited 0")
         error = problems[0] if problems else "no terminated pod found for the Job"
-        return TrialOutcome(job.candidate, job.name, succeeded=False, error=error)
+        return _without_result(job, None, error)
     for pod in pods:
         result, _ = parse_result(pod.message, job.name)
         if result is not None and result.status == "failed":
-            return outcome_of_result(job.candidate, job.name, result)
-    base = {"candidate": job.candidate, "job": job.name}
+            return TrialOutcome(job.candidate, job.name, result)
     detail = [job.reason or "Job failed"]
     kind = _JOB_FAILURE_KINDS.get(job.reason or "")
     if pods:
         pod = pods[0]
         detail.append(f"pod {pod.name}: {pod.reason or 'Error'} (exit code {pod.exit_code})")
         kind = _POD_FAILURE_KINDS.get(pod.reason or "", kind)
-    return TrialOutcome(**base, succeeded=False, error_kind=kind, error=one_line("; ".join(detail)))
+    return _without_result(job, kind, one_line("; ".join(detail)))
+
+
+def _without_result(job: JobSummary, kind: FailureKind | None, error: str) -> TrialOutcome:
+    """A failed Job that left no runner result: what Kubernetes says, as a failed result."""
+    return TrialOutcome(job.candidate, job.name, TrialResult.failed(job.name, None, kind, error))
 
 
 # Failures that leave no runner result, by the reason Kubernetes gives: a container killed for
 # memory will be killed again at the same limit; a trial past its deadline counts as failed.
 _POD_FAILURE_KINDS = {"OOMKilled": FailureKind.OUT_OF_MEMORY}
 _JOB_FAILURE_KINDS = {"DeadlineExceeded": FailureKind.TIMEOUT}
-
-
-def outcome_of_result(candidate: str, job: str, result: TrialResult) -> TrialOutcome:
-    """A runner's result as the reconcile tells it, whichever way it came back (a trial
-    Job's termination message, or a warm evaluator's post). The runner's fitness is not kept:
-    the engine computes it from the held-in scores with the same `fitness_of`."""
-    if result.status == "succeeded":
-        return TrialOutcome(
-            candidate,
-            job,
-            succeeded=True,
-            held_in=dict(result.held_in),
-            held_out=dict(result.held_out),
-            digest=result.digest,
-            output_uri=result.output_uri,
-        )
-    return TrialOutcome(
-        candidate,
-        job,
-        succeeded=False,
-        failed_step=result.failed_step,
-        error_kind=result.error_kind,
-        error=one_line(result.error or "failed"),
-    )
 
 
 # --------------------------------------------------------------------------- pods that do not start

@@ -615,7 +615,7 @@ def _retry_later(draft: _Draft, outcome: TrialOutcome, first: bool, now: str) ->
         return False
     cid = outcome.candidate
     attempt = draft.attempt(cid) + 1
-    if not runs_again(outcome.error_kind, attempt, first_trials=first):
+    if not runs_again(outcome.result.error_kind, attempt, first_trials=first):
         return False
     wait = backoff_s(attempt)
     draft.retries[cid] = RetryEntry(
@@ -636,7 +636,8 @@ def retryable(outcome: TrialOutcome, *, first_trials: bool) -> bool:
     reached at all (no trial has succeeded yet): that is a misconfigured endpoint, fatal."""
     if outcome.succeeded:
         return False
-    return failure_policy(outcome.error_kind, first_trials=first_trials) is FailurePolicy.RETRY
+    policy = failure_policy(outcome.result.error_kind, first_trials=first_trials)
+    return policy is FailurePolicy.RETRY
 
 
 def _check_blockers(
@@ -672,7 +673,7 @@ def _check_blockers(
 
 def _engine_result(outcome: TrialOutcome) -> engine.Result:
     if outcome.succeeded:
-        return engine.Result(outcome.candidate, scores=dict(outcome.held_in))
+        return engine.Result(outcome.candidate, scores=dict(outcome.result.held_in))
     return engine.Result(outcome.candidate, failed=True, reason=outcome.reason)
 
 
@@ -700,7 +701,7 @@ def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[Reas
     reached is fatal only among the first trials (none succeeded yet): later it is more likely
     an outage.
     """
-    kind = outcome.error_kind
+    kind = outcome.result.error_kind
     if kind is None or failure_policy(kind, first_trials=first_trials) is not FailurePolicy.FATAL:
         return None
     unreachable = kind is FailureKind.STORAGE_UNAVAILABLE
@@ -749,7 +750,7 @@ def _preflight(
         message = f"preflight Job {outcome.job} passed"
         draft.waits[ConditionType.PREFLIGHT] = Wait(True, Reason.PASSED, message)
         return None
-    kind = outcome.error_kind
+    kind = outcome.result.error_kind
     if kind is FailureKind.STORAGE_UNAVAILABLE:
         reason = Reason.STORAGE_UNREACHABLE
     else:
@@ -964,7 +965,7 @@ def _finalization_outcome(draft: _Draft, outcome: TrialOutcome, stop: str, now: 
     finalization = draft.finalization or Finalization(job=outcome.job)
     if not outcome.succeeded:
         attempt = (finalization.attempt or 0) + 1
-        kind = outcome.error_kind
+        kind = outcome.result.error_kind
         if runs_again(kind, attempt, finalization=True):
             wait = backoff_s(attempt)
             draft.finalization = finalization.model_copy(
@@ -993,10 +994,11 @@ def _finalization_outcome(draft: _Draft, outcome: TrialOutcome, stop: str, now: 
         message = f"final evaluation failed: {outcome.reason}"
         return Phase.FAILED, Reason.FINALIZATION_FAILED, message
     draft.finalization = finalization.model_copy(update={"state": "Succeeded"})
-    draft.held_out = dict(outcome.held_out) or None
-    if outcome.output_uri or outcome.digest:
-        draft.output = OutputEntry(uri=outcome.output_uri or None, digest=outcome.digest or None)
-    where = f"; merged model written to {outcome.output_uri}" if outcome.output_uri else ""
+    result = outcome.result
+    draft.held_out = dict(result.held_out) or None
+    if result.output_uri or result.digest:
+        draft.output = OutputEntry(uri=result.output_uri or None, digest=result.digest or None)
+    where = f"; merged model written to {result.output_uri}" if result.output_uri else ""
     return Phase.SUCCEEDED, Reason.SUCCEEDED, f"{stop}{where}"
 
 

@@ -40,7 +40,7 @@ from mergerunner.contract import (
 from mergerunner.trial import FailureKind, TrialResult
 from mergesearch.operator import jobs as jobspec
 from mergesearch.operator.jobs import JobSettings, Owner
-from mergesearch.operator.observe import TrialOutcome, outcome_of_result
+from mergesearch.operator.observe import TrialOutcome
 from mergesearch.operator.status import EvaluatorCounts, LeaseEntry, MergeSearchStatus, one_line
 from mergesearch.spec import MergeSearchSpec
 
@@ -192,7 +192,7 @@ def collect_posted(
         if cid not in active or cid in accepted or posted.result.id not in (job, "?"):
             ignored.append(cid)
             continue
-        accepted[cid] = outcome_of_result(cid, job, posted.result)
+        accepted[cid] = TrialOutcome(cid, job, posted.result)
     return list(accepted.values()), ignored
 
 
@@ -236,14 +236,14 @@ def release_lost(
             continue
         if kind is FailureKind.OUT_OF_MEMORY or lease.issued >= max_issues:
             del leases[cid]
+            job = job_of.get(cid, "")
             failed.append(
                 TrialOutcome(
-                    candidate=cid,
-                    job=job_of.get(cid, ""),
-                    succeeded=False,
-                    failed_step="evaluate",
-                    error_kind=kind,
-                    error=one_line(f"{why}; issued {lease.issued} times"),
+                    cid,
+                    job,
+                    TrialResult.failed(
+                        job, "evaluate", kind, one_line(f"{why}; issued {lease.issued} times")
+                    ),
                 )
             )
         else:
