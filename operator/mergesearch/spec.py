@@ -370,14 +370,23 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
 
 def cluster_errors(spec: MergeSearchSpec) -> list[str]:
     """What a valid spec may not ask of a cluster (one "field: problem" line each): a local
-    directory of custom tasks means nothing in a trial pod."""
+    directory of custom tasks means nothing in a trial pod; a warm evaluator scores its
+    resident model in-process, so it has no server backend (it would fail its first lease
+    only after fetching every checkpoint: refused here, before any pod)."""
+    errors = []
     custom = spec.objective.custom_tasks
     if custom is not None and custom.path is not None:
-        return [
+        errors.append(
             "spec.objective.customTasks.path: a local directory works in local mode only; "
             "on a cluster put the task files in a ConfigMap and use customTasks.configMapRef"
-        ]
-    return []
+        )
+    backend = spec.objective.evaluator.backend
+    if spec.execution.mode == "warm" and backend != "hf":
+        errors.append(
+            f"spec.execution.mode: warm evaluators score in-process with backend hf; backend "
+            f"{backend} (spec.objective.evaluator.backend) runs in trial Jobs: use mode: jobs"
+        )
+    return errors
 
 
 def parse_manifest(data: Any, source: str = "manifest") -> MergeSearch:

@@ -193,3 +193,17 @@ def test_custom_tasks_from_a_path_are_local_only() -> None:
         "customTasks": {"configMapRef": {"name": "tasks.v1"}},
     }
     assert cluster_errors(parse_manifest(with_spec(objective=cm)).spec) == []
+
+
+def test_warm_evaluators_refuse_a_server_backend() -> None:
+    """A warm evaluator scores in-process: a server backend would fail its first lease after
+    the whole fetch, so the spec is refused before any pod."""
+    server = {"command": ["serve", "{model}"], "promptLogprobs": True}
+    objective = _objective(backend="openai", server=server)
+    warm = with_spec(objective=objective, execution={"mode": "warm"})
+    (error,) = cluster_errors(parse_manifest(warm).spec)
+    assert error.startswith("spec.execution.mode: ") and "backend openai" in error
+    jobs = with_spec(objective=objective, execution={"mode": "jobs"})
+    assert cluster_errors(parse_manifest(jobs).spec) == []
+    hf = with_spec(objective=_objective(), execution={"mode": "warm"})
+    assert cluster_errors(parse_manifest(hf).spec) == []

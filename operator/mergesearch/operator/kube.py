@@ -1,6 +1,6 @@
 """A thin asyncio client for the API calls kopf does not make for us.
 
-kopf watches, indexes, patches its finalizer and posts events; reading a MergeSearch
+kopf watches, indexes and posts events; reading a MergeSearch
 fresh, replacing its status under a resourceVersion precondition, and creating, deleting and
 listing Jobs and pods are ours. This is a few requests, made with aiohttp — already installed
 as kopf's own HTTP library — with the credentials kopf's login produced (`kopf.ConnectionInfo`:
