@@ -20,7 +20,13 @@ seed by seed (paired differences against Optuna's CMA-ES with a 90% t interval).
 Also measured: how a local trial's time splits between merging into the resident model (plus
 the engine's bookkeeping) and evaluation.
 
-    python bench/search.py [--seeds 10] [--budgets 25,50,100] [--limit 50] [--sigma0 S]
+    python bench/search.py [--seeds 10] [--first-seed 0] [--budgets 25,50,100] [--limit 50]
+                           [--sigma0 S] [--methods cmaes,random,optuna_cmaes]
+
+A variant of ours changes one engine setting, e.g. `--methods
+"cmaes[start=best-baseline],cmaes[population=6],optuna_cmaes"`: the ideas are measured against
+Optuna on the same seeds, and an idea chosen on some seeds is checked on others
+(`--first-seed`).
 
 Writes bench/results/search.json and prints a table.
 """
@@ -113,14 +119,36 @@ class Scorer:
         return statistics.fmean(scores.held_out.values())
 
 
-def run_ours(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[np.ndarray]]:
+# Engine settings a variant of ours may change (`cmaes[start=best-baseline]`), by the
+# spec's name: the ideas measured against the defaults, on the same seeds.
+VARIANT_SETTINGS = {"start": str, "population": int, "sigma0": float}
+
+
+def parse_method(name: str) -> tuple[str, dict[str, Any]]:
+    """`cmaes[population=6;sigma0=0.5]` → ("cmaes", {"population_size": 6, "sigma0": 0.5})."""
+    base, _, rest = name.partition("[")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.rstrip("]").split(";")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_SETTINGS or base != "cmaes":
+            raise SystemExit(f"unknown variant setting {key!r} in {name!r}")
+        field = "population_size" if key == "population" else key
+        overrides[field] = VARIANT_SETTINGS[key](value)
+    if base not in ("cmaes", "random", "optuna_cmaes"):
+        raise SystemExit(f"unknown method {name!r}")
+    return base, overrides
+
+
+def run_ours(
+    scorer: Scorer, seed: int, budget: int, **overrides: Any
+) -> tuple[list[float], list[np.ndarray]]:
     """Best-so-far fitness and weights after each evaluation; also times the engine."""
     config = engine.EngineConfig(
         checkpoints=tuple(scorer.names),
         tasks=tuple(engine.HeldInTask(name=t) for t in scorer.heldin),
-        sigma0=SIGMA0,
         seed=seed,
         max_trials=budget,
+        **{"sigma0": SIGMA0, **overrides},
     )
     state = engine.init(config)
     trace: list[float] = []
@@ -149,7 +177,9 @@ def run_ours(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[
     return trace, best_w
 
 
-def run_random(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[np.ndarray]]:
+def run_random(
+    scorer: Scorer, seed: int, budget: int, **_: Any
+) -> tuple[list[float], list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     trace, best_w, best = [], [], (-1.0, None)
     for _ in range(budget):
@@ -162,7 +192,9 @@ def run_random(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], lis
     return trace, best_w
 
 
-def run_optuna(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], list[np.ndarray]]:
+def run_optuna(
+    scorer: Scorer, seed: int, budget: int, **_: Any
+) -> tuple[list[float], list[np.ndarray]]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -188,6 +220,14 @@ def run_optuna(scorer: Scorer, seed: int, budget: int) -> tuple[list[float], lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed … first-seed+seeds-1"
+    )
+    parser.add_argument(
+        "--methods",
+        default="cmaes,random,optuna_cmaes",
+        help="comma-separated; a variant of ours: cmaes[start=best-baseline;population=6]",
+    )
     parser.add_argument("--budgets", default="25,50,100")
     parser.add_argument("--limit", type=int, default=50, help="examples per task")
     parser.add_argument("--sigma0", type=float, default=SIMPLEX_SIGMA0, help="for both CMA-ES")
@@ -200,14 +240,16 @@ def main() -> None:
     global SIGMA0
     SIGMA0 = args.sigma0
 
-    methods = {"cmaes": run_ours, "random": run_random, "optuna_cmaes": run_optuna}
+    runners = {"cmaes": run_ours, "random": run_random, "optuna_cmaes": run_optuna}
+    methods = {m: parse_method(m) for m in args.methods.split(",")}
     results: dict[str, Any] = {m: {str(b): {"runs": []} for b in budgets} for m in methods}
     ours_split: list[tuple[float, float, float, int]] = []
     started = time.monotonic()
-    for seed in range(args.seeds):
-        for method, fn in methods.items():
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
+        for method, (base, overrides) in methods.items():
             merge_mark = len(scorer.merge_s)
-            trace, best_w = fn(scorer, seed, max(budgets))
+            trace, best_w = runners[base](scorer, seed, max(budgets), **overrides)
             if method == "cmaes":
                 merge = sum(scorer.merge_s[merge_mark:])
                 evaluate = sum(scorer.evaluate_s[merge_mark:])
@@ -236,7 +278,7 @@ def main() -> None:
                 confirmed_sd=statistics.stdev(confirmed) if len(confirmed) > 1 else 0.0,
                 heldout=statistics.fmean(r["heldout"] for r in runs),
             )
-            if method != "optuna_cmaes":
+            if method != "optuna_cmaes" and "optuna_cmaes" in results:
                 theirs = {
                     r["seed"]: r["confirmed"] for r in results["optuna_cmaes"][str(b)]["runs"]
                 }
@@ -245,11 +287,13 @@ def main() -> None:
                 )
     # the moonshot: ours at half the budget against Optuna's at the largest
     top, half = max(budgets), max(budgets) // 2
-    if str(half) in results["cmaes"]:
+    ours = [m for m, (base, _) in methods.items() if base == "cmaes"]
+    if str(half) in results[ours[0] if ours else "-"] and "optuna_cmaes" in results:
         theirs = {r["seed"]: r["confirmed"] for r in results["optuna_cmaes"][str(top)]["runs"]}
-        results["cmaes"][f"{half}_vs_optuna_{top}"] = paired(
-            [r["confirmed"] - theirs[r["seed"]] for r in results["cmaes"][str(half)]["runs"]]
-        )
+        for method in ours:
+            results[method][f"{half}_vs_optuna_{top}"] = paired(
+                [r["confirmed"] - theirs[r["seed"]] for r in results[method][str(half)]["runs"]]
+            )
 
     baselines = {}
     n = len(scorer.names)
@@ -279,20 +323,13 @@ def main() -> None:
         "heldout": scorer.held_out(uniform),
     }
 
-    merge = sum(s[0] for s in ours_split)
-    evaluate = sum(s[1] for s in ours_split)
-    bookkeeping = sum(s[2] for s in ours_split)
     summary = {
         **results,
         "baselines": baselines,
         "seeds": args.seeds,
+        "first_seed": args.first_seed,
         "scored_on": "confirmation",
-        "merge_fraction": (merge + bookkeeping) / (merge + evaluate + bookkeeping),
-        "trial_split_s": {
-            "merge": merge / sum(s[3] for s in ours_split),
-            "evaluate": evaluate / sum(s[3] for s in ours_split),
-            "bookkeeping": bookkeeping / sum(s[3] for s in ours_split),
-        },
+        **trial_split(ours_split),
         "settings": {
             "pool": f"toy paper preset {pool.key}",
             "checkpoints": n,
@@ -315,14 +352,34 @@ def main() -> None:
             for b in budgets
         )
         print(f"{method:<14}{cells}")
-    for b in budgets:
-        diff = results["cmaes"][str(b)]["paired_diff_vs_optuna"]
-        print(
-            f"ours - optuna @{b} (confirmed): {diff['mean']:+.4f} "
-            f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]"
-        )
+    for method in ours if "optuna_cmaes" in results else ():
+        for b in budgets:
+            diff = results[method][str(b)]["paired_diff_vs_optuna"]
+            print(
+                f"{method} - optuna @{b} (confirmed): {diff['mean']:+.4f} "
+                f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]"
+            )
     print(f"best baseline  {best_baseline:.4f}   uniform {baselines['uniform']['fitness']:.4f}")
-    print(f"merge + bookkeeping fraction of a trial: {summary['merge_fraction']:.3%}")
+    if "merge_fraction" in summary:
+        print(f"merge + bookkeeping fraction of a trial: {summary['merge_fraction']:.3%}")
+
+
+def trial_split(ours_split: list[tuple[float, float, float, int]]) -> dict[str, Any]:
+    """How ours' local trial splits between merging (plus the engine) and evaluating."""
+    if not ours_split:
+        return {}
+    merge = sum(s[0] for s in ours_split)
+    evaluate = sum(s[1] for s in ours_split)
+    bookkeeping = sum(s[2] for s in ours_split)
+    trials = sum(s[3] for s in ours_split)
+    return {
+        "merge_fraction": (merge + bookkeeping) / (merge + evaluate + bookkeeping),
+        "trial_split_s": {
+            "merge": merge / trials,
+            "evaluate": evaluate / trials,
+            "bookkeeping": bookkeeping / trials,
+        },
+    }
 
 
 if __name__ == "__main__":
