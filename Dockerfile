@@ -55,19 +55,22 @@ RUN python -m venv /opt/venv \
          pip install --no-cache-dir -c requirements/dev.lock ".[runner]"; \
        fi
 
-# ----------------------------------------------------------------------------- operator image
-FROM base AS operator
+# ----------------------------------------------------------------------------- what both images share
+FROM base AS image
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
-LABEL org.opencontainers.image.title="mergesearch-operator" \
-      org.opencontainers.image.description="MergeSearch operator: CMA-ES search over linear merges of LLM checkpoints on Kubernetes" \
-      org.opencontainers.image.version="${VERSION}" \
+LABEL org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/mergesearch/mergesearch" \
       org.opencontainers.image.vendor="MergeSearch"
+
+# ----------------------------------------------------------------------------- operator image
+FROM image AS operator
+LABEL org.opencontainers.image.title="mergesearch-operator" \
+      org.opencontainers.image.description="MergeSearch operator: CMA-ES search over linear merges of LLM checkpoints on Kubernetes"
 COPY --from=operator-build /opt/venv /opt/venv
 USER 65532:65532
 WORKDIR /tmp
@@ -77,18 +80,9 @@ ENTRYPOINT ["python", "-m", "mergesearch.operator"]
 CMD ["--all-namespaces"]
 
 # ----------------------------------------------------------------------------- runner image
-FROM base AS runner
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
+FROM image AS runner
 LABEL org.opencontainers.image.title="mergesearch-runner" \
-      org.opencontainers.image.description="MergeSearch trial runner: fetch checkpoints, merge, evaluate with lm-evaluation-harness" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/mergesearch/mergesearch" \
-      org.opencontainers.image.vendor="MergeSearch"
+      org.opencontainers.image.description="MergeSearch trial runner: fetch checkpoints, merge, evaluate with lm-evaluation-harness"
 COPY --from=runner-build /opt/venv /opt/venv
 # Models and datasets come from the trial's object store and the task YAMLs, never the Hub.
 ENV HF_HUB_OFFLINE=1 \

@@ -46,6 +46,13 @@ def instruction(stage: str, name: str) -> list[str]:
     return [args for inst, args in stages()[stage] if inst == name]
 
 
+def inherited(stage: str, name: str) -> list[str]:
+    """`name`'s lines in `stage` and the stages it is built FROM (LABELs are inherited)."""
+    lines = stages()[stage]
+    parent = lines[0][1].split(" AS ")[0].strip()
+    return (inherited(parent, name) if parent in stages() else []) + instruction(stage, name)
+
+
 def exec_form(stage: str, name: str) -> list[str]:
     values = instruction(stage, name)
     assert len(values) == 1, f"{stage}: one {name} expected, found {values}"
@@ -92,7 +99,7 @@ def test_images_run_unprivileged_with_oci_labels() -> None:
     for target in ("operator", "runner"):
         users = instruction(target, "USER")
         assert users and users[-1].split(":")[0] not in ("0", "root"), target
-        labels = " ".join(instruction(target, "LABEL"))
+        labels = " ".join(inherited(target, "LABEL"))
         for key in ("title", "description", "version", "revision", "source", "licenses"):
             assert f"org.opencontainers.image.{key}=" in labels, (target, key)
     ports = " ".join(instruction("operator", "EXPOSE")).split()
