@@ -164,6 +164,20 @@ class Creation:
     rejected: str | None = None
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """What one reconcile decides from, read once: the resource, its parsed spec, the Jobs it
+    owns and their pods, the operator's settings, what warm evaluators posted, and the time."""
+
+    view: SearchView
+    spec: MergeSearchSpec
+    owned: Sequence[JobSummary]
+    pods: Mapping[str, Sequence[PodSummary]]
+    settings: JobSettings
+    inbox: warm.Inbox
+    now: str
+
+
 @dataclass
 class _Draft:
     """The decisions of one reconcile while they are being made (local to `reconcile`)."""
@@ -303,7 +317,8 @@ def reconcile(
         draft.leases = warm.read_leases(previous)
     if not previous.optimizer and podpolicy.missing_requests(spec.execution.template):
         draft.events.append(NO_REQUESTS)
-    gate = _preflight(draft, view, spec, owned, pods, settings)
+    seen = _Seen(view, spec, owned, pods, settings, inbox, now)
+    gate = _preflight(draft, seen)
     if gate is not None:  # no trial Job before the preflight passed
         return _plan(view, draft, owned, gate, now)
     try:
@@ -311,7 +326,7 @@ def reconcile(
         if draft.leases is not None:
             _collect_warm(draft, view.owner, spec, inbox, evaluators, now)
         _check_blockers(draft, owned, pods)
-        verdict = _advance(draft, view, spec, owned, pods, settings, inbox, now)
+        verdict = _advance(draft, seen)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         # A pod template Kubernetes would refuse anyway (a malformed structure), caught here
         # rather than as a crash: the template is the only free-form part of the spec.
@@ -712,14 +727,7 @@ def classify_failure(outcome: TrialOutcome, *, first_trials: bool) -> tuple[Reas
 # --------------------------------------------------------------------------- the preflight
 
 
-def _preflight(
-    draft: _Draft,
-    view: SearchView,
-    spec: MergeSearchSpec,
-    owned: Sequence[JobSummary],
-    pods: Mapping[str, Sequence[PodSummary]],
-    settings: JobSettings,
-) -> Verdict | None:
+def _preflight(draft: _Draft, seen: _Seen) -> Verdict | None:
     """The search's preflight Job (mergerunner.preflight, CPU only) before any trial Job.
 
     Returns the phase to report while it runs or once it failed, None when trials may go: it
@@ -729,6 +737,7 @@ def _preflight(
     fails the search with the reason of its kind (`UnknownTask`, `DataMissing`, ...) and zero
     trial Jobs.
     """
+    view, spec, owned, pods, settings = seen.view, seen.spec, seen.owned, seen.pods, seen.settings
     if view.status.holds(ConditionType.PREFLIGHT):
         return None
     if settings.analytic_trials:
@@ -766,17 +775,10 @@ def _preflight(
 # --------------------------------------------------------------------------- advancing
 
 
-def _advance(
-    draft: _Draft,
-    view: SearchView,
-    spec: MergeSearchSpec,
-    owned: Sequence[JobSummary],
-    pods: Mapping[str, Sequence[PodSummary]],
-    settings: JobSettings,
-    inbox: warm.Inbox,
-    now: str,
-) -> Verdict:
+def _advance(draft: _Draft, seen: _Seen) -> Verdict:
     """Decide the phase and the Jobs to launch; returns (phase, reason, message)."""
+    view, spec, owned, settings = seen.view, seen.spec, seen.owned, seen.settings
+    inbox, now = seen.inbox, seen.now
     failed_evaluators = [
         j for j in owned if j.role == warm.EVALUATOR_ROLE and j.state == "failed" and not j.deleting
     ]
@@ -795,7 +797,7 @@ def _advance(
         return Phase.FAILED, reason, summary.message or reason
     if finished:
         _abandon(draft)
-        return _finalize(draft, view, spec, owned, pods, settings, summary, now)
+        return _finalize(draft, seen, summary)
     if spec.suspend:
         if draft.leases is not None:  # evaluators stop: their leases go back to the queue
             draft.leases = {
@@ -908,18 +910,11 @@ def _launch_warm(
         draft.assignments[evaluator] = warm.Assignment(cid, jobspec.document_json(doc))
 
 
-def _finalize(
-    draft: _Draft,
-    view: SearchView,
-    spec: MergeSearchSpec,
-    owned: Sequence[JobSummary],
-    pods: Mapping[str, Sequence[PodSummary]],
-    settings: JobSettings,
-    summary: engine.EngineStatus,
-    now: str,
-) -> Verdict:
+def _finalize(draft: _Draft, seen: _Seen, summary: engine.EngineStatus) -> Verdict:
     """The search succeeded: evaluate the chosen merge (the confirmed winner, else the best) on
     held-out tasks and export it."""
+    view, spec, owned, pods, settings = seen.view, seen.spec, seen.owned, seen.pods, seen.settings
+    now = seen.now
     stop = summary.message or "search finished"
     best = engine.chosen(summary)
     if not (spec.objective.held_out or spec.output.uri) or best is None:
