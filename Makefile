@@ -32,7 +32,8 @@ bench-merge:
 	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/merge.py
 
 bench-search:
-	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/search.py
+	@v=$$(scripts/env.sh) && "$$v/bin/python" -P bench/search.py --seeds 20 \
+		--methods 'cmaes,random,optuna_cmaes,cmaes[sigma0=0.5]'
 
 bench-evaluator:
 	@v=$$(scripts/env.sh) && nice -n 10 "$$v/bin/python" -P bench/evaluator.py

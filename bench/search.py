@@ -20,7 +20,7 @@ seed by seed (paired differences against Optuna's CMA-ES with a 90% t interval).
 Also measured: how a local trial's time splits between merging into the resident model (plus
 the engine's bookkeeping) and evaluation.
 
-    python bench/search.py [--seeds 10] [--first-seed 0] [--budgets 25,50,100] [--limit 50]
+    python bench/search.py [--seeds 20] [--first-seed 0] [--budgets 25,50,100] [--limit 50]
                            [--sigma0 S] [--methods cmaes,random,optuna_cmaes]
 
 A variant of ours changes one engine setting, e.g. `--methods
@@ -225,7 +225,7 @@ def run_optuna(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument(
         "--first-seed", type=int, default=0, help="seeds first-seed … first-seed+seeds-1"
     )
