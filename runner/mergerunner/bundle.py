@@ -260,14 +260,23 @@ def missing_for(needs: TaskNeeds, manifest: BundleManifest, root: Path) -> list[
 def activate(root: Path, environ: MutableMapping[str, str] | None = None) -> None:
     """Point the datasets library, NLTK and the hub client at the bundle; force offline mode.
 
+    The bundle is only read. The datasets library writes a lock file beside every dataset it
+    loads from its cache, and HF_HOME gets its module cache, so both point at a scratch mirror
+    of the bundle's tree: the same directories, holding symbolic links to the bundle's files
+    (a few dozen links for the paper's suite; no data is copied). A bundle on a read-only
+    volume then works, pods sharing one node cache do not write into each other's copy, and
+    the verified cache stays as it was fetched. NLTK only reads its directory.
+
     The libraries read these variables at import; when one is already imported (a local search
     that loaded lm-eval for another reason), its module-level settings are updated as well.
     """
     env = os.environ if environ is None else environ
     root = Path(root).resolve()
-    env["HF_DATASETS_CACHE"] = str(root / DATASETS_DIR)
+    scratch = _scratch_for(root)
+    datasets_cache = _mirror(root / DATASETS_DIR, scratch / DATASETS_DIR)
+    env["HF_DATASETS_CACHE"] = str(datasets_cache)
     env["NLTK_DATA"] = str(root / NLTK_DIR)
-    env["HF_HOME"] = str(root / HF_HOME_DIR)
+    env["HF_HOME"] = str(_mirror(root / HF_HOME_DIR, scratch / HF_HOME_DIR))
     env.update(OFFLINE_ENV)
     if environ is not None:
         return
@@ -276,7 +285,7 @@ def activate(root: Path, environ: MutableMapping[str, str] | None = None) -> Non
     if "datasets" in sys.modules:
         import datasets.config as dconfig
 
-        dconfig.HF_DATASETS_CACHE = root / DATASETS_DIR
+        dconfig.HF_DATASETS_CACHE = datasets_cache
         dconfig.HF_HUB_OFFLINE = True
         dconfig.HF_DATASETS_OFFLINE = True
     if "nltk" in sys.modules:
@@ -284,6 +293,33 @@ def activate(root: Path, environ: MutableMapping[str, str] | None = None) -> Non
 
         if str(root / NLTK_DIR) not in nltk.data.path:
             nltk.data.path.insert(0, str(root / NLTK_DIR))
+
+
+# One private scratch directory per bundle and process (mkdtemp: mode 0700, an unpredictable
+# name, so no other user of the machine can plant links in it).
+_SCRATCH: dict[Path, Path] = {}
+
+
+def _scratch_for(root: Path) -> Path:
+    if root not in _SCRATCH:
+        _SCRATCH[root] = Path(tempfile.mkdtemp(prefix="mergesearch-bundle-"))
+    return _SCRATCH[root]
+
+
+def _mirror(source: Path, target: Path) -> Path:
+    """`target`: `source`'s directories, with a symbolic link to each of its files."""
+    target.mkdir(parents=True, exist_ok=True)
+    if not source.is_dir():
+        return target
+    for directory, subdirs, files in os.walk(source):
+        here = target / Path(directory).relative_to(source)
+        for name in subdirs:
+            (here / name).mkdir(exist_ok=True)
+        for name in files:
+            link = here / name
+            if not link.is_symlink():
+                link.symlink_to(Path(directory) / name)
+    return target
 
 
 # --------------------------------------------------------------------------- writing a bundle

@@ -242,3 +242,26 @@ def test_the_readme_manifest_is_valid_and_its_bundle_packs(
     assert pack(out, sources, extra=("--from-manifest", str(path))) == 0
     named = {t.task for t in (*manifest.spec.objective.held_in, *manifest.spec.objective.held_out)}
     assert set(read_manifest(out).tasks) == named
+
+
+def test_the_bundle_is_only_read(bundle: Path, tmp_path: Path) -> None:
+    """Loading every paper task writes nothing into the bundle (the datasets library's lock
+    files and module cache go to a scratch mirror), so a bundle on a read-only volume or
+    shared by concurrent pods works, and the verified cache stays as fetched."""
+    import shutil
+
+    from mergerunner.evaluate import TaskSuite
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+
+    def tree() -> dict[str, tuple[int, int]]:
+        return {
+            str(p.relative_to(copy)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(copy.rglob("*"))
+        }
+
+    before = tree()
+    suite = TaskSuite(specs(), bundle=copy, allow_code_execution=True)
+    assert set(suite.task_names) == {"gsm8k", "mbpp", "ifeval", "leaderboard_musr"}
+    assert tree() == before
