@@ -34,6 +34,17 @@ def _immutable(what: str) -> list[dict[str, str]]:
 
 
 _RULES: dict[str, list[dict[str, str]]] = {
+    "spec": [
+        {
+            # The same refusal as spec.cluster_errors, at `kubectl apply`: a warm evaluator
+            # scores its resident model in-process (hf); a server backend runs in trial Jobs.
+            "rule": "!has(self.execution) || !has(self.execution.mode) "
+            "|| self.execution.mode != 'warm' || !has(self.objective.evaluator) "
+            "|| !has(self.objective.evaluator.backend) || self.objective.evaluator.backend == 'hf'",
+            "message": "execution.mode: warm evaluators score in-process with evaluator.backend "
+            "hf; a server backend (vllm, openai) runs in trial Jobs: use mode jobs",
+        }
+    ],
     "spec.checkpoints": [
         {
             "rule": "self.all(c, self.exists_one(d, d.name == c.name))",

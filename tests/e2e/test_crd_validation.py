@@ -140,6 +140,13 @@ INVALID = [
         "spec.execution.template.spec.containers",
     ),
     ({"execution": {"template": {"containers": "runner"}}}, "spec.execution.template.containers"),
+    (
+        {
+            "objective": {"heldIn": [{"task": "t"}], "evaluator": {"backend": "vllm"}},
+            "execution": {"mode": "warm"},
+        },
+        "warm evaluators score in-process with evaluator.backend hf",
+    ),
 ]  # fmt: skip
 
 
